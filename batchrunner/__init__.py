@@ -1,0 +1,23 @@
+"""batchrunner: run a model deployed as a REST inference service over a whole dataset.
+
+Imports flow one way, down this list; a module imports only from those above it:
+
+    errors      the BatchRunnerError tree
+    items       plain data passed between stages (Batch, Outcome)
+    job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
+    sources     one reader per input kind (tabular)
+    protocols   request encoding, response decoding (modelarts)
+    retry       pure retry decisions
+    limiter     concurrency bound
+    auth        token sources and masking
+    client      the only module that imports the aiohttp client
+    report      latency histogram, summary
+    sink        the run's journal of finished batches; assembly into one Parquet file
+    service     the embedded reference service (the only user of aiohttp.web)
+    runner      the asyncio pipeline
+    cli         the typer app: the only place that prints or exits
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

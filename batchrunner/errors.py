@@ -1,0 +1,93 @@
+"""The one tree of errors batchrunner raises.
+
+Library code raises these; only ``cli.py`` turns them into a message and an exit code.
+Every message says what failed, where (setting, file, line, column, key), and what to do.
+
+    BatchRunnerError                  base of everything we raise on purpose
+    ├── JobError                      the job is invalid: exit 2, nothing was sent
+    │   ├── SettingError              a setting is unknown, mistyped or out of range
+    │   └── InputError                the input is missing, unreadable or lacks a column
+    ├── RequestError                  one request failed; its rows become error rows
+    ├── ServiceError                  the service answered in a way that stops the whole run
+    │   └── AuthError                 the token was refused (401/403): exit 3
+    ├── CoverageError                 the output would lose or double an input item; not committed
+    └── LockedError                   another run of this job holds its lock: exit 75
+
+A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
+retried or becomes the error rows of its batch (see ``retry``).
+"""
+
+from __future__ import annotations
+
+
+class BatchRunnerError(Exception):
+    """Base class of every error batchrunner raises on purpose."""
+
+    exit_code = 1
+
+
+class JobError(BatchRunnerError):
+    """The job (settings or input) is invalid; raised before any request is sent."""
+
+    exit_code = 2
+
+
+class SettingError(JobError):
+    """A job setting is unknown, of the wrong type, or out of range."""
+
+
+class InputError(JobError):
+    """The input is missing or unreadable, or lacks a column the job asks for."""
+
+
+class RequestError(BatchRunnerError):
+    """One request failed: raised by the client and the protocol codec, caught by the runner.
+
+    ``kind`` is a short stable name for summaries (``http_503``, ``timeout``, ``bad_response``);
+    ``retryable`` says whether sending the same request again may succeed; ``retry_after`` is
+    the wait the service asked for, in seconds, if it asked; ``fatal`` means no request can
+    succeed (the token is refused) and the run stops.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        retryable: bool,
+        fatal: bool = False,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+        self.fatal = fatal
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ServiceError(BatchRunnerError):
+    """The service answered in a way that makes going on pointless (raised mid-run)."""
+
+    exit_code = 3
+
+
+class AuthError(ServiceError):
+    """The service refused the token (HTTP 401 or 403)."""
+
+
+class CoverageError(BatchRunnerError):
+    """Committing would lose or double input items; the output is not written."""
+
+    exit_code = 1
+
+
+class LockedError(BatchRunnerError):
+    """Another run of the same job holds its lock."""
+
+    exit_code = 75

@@ -1,0 +1,54 @@
+"""Plain data passed between the pipeline's stages: what is sent, and what came back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One unit of work: the rows (or the file) of one request, in input order.
+
+    ``seq`` is the batch's position in the input (0-based); the output is assembled in
+    ``seq`` order, and a batch is finished or not as a whole.
+    """
+
+    seq: int
+    keys: Sequence[str]
+    rows: pa.RecordBatch | None = None  # tabular: the JSON-safe columns sent in req_data
+    path: Path | None = None  # file input: the file sent as multipart
+    kept: pa.RecordBatch | None = None  # the input columns copied into the output (keep_input)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one request's rows: their results, or the reason they failed.
+
+    ``results`` holds one JSON object per row when the request succeeded; when it failed
+    it is None and ``error`` / ``error_kind`` say why, for every row of ``batch``.
+    """
+
+    batch: Batch
+    results: list[dict[str, Any]] | None
+    error: str | None = None
+    error_kind: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    request_uuid: str | None = None
+    latencies_ms: Sequence[float] = field(default_factory=tuple)  # every attempt's latency
+
+    @property
+    def ok(self) -> bool:
+        return self.results is not None
