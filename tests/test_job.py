@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from batchrunner.errors import SettingError
+from batchrunner.job import fingerprint, load_job, parse_assignment, resolve_output_path
+
+MINIMAL = """
+name = "t"
+[input]
+path = "data.csv"
+[service]
+url = "https://gw.example/v1/infers/abc"
+"""
+
+
+def job_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str, **kwargs: object) -> str:
+    with pytest.raises(SettingError) as caught:
+        load_job(job_file(tmp_path, text), **kwargs)  # type: ignore[arg-type]
+    return str(caught.value)
+
+
+def test_minimal_job_gets_defaults(tmp_path: Path) -> None:
+    job = load_job(job_file(tmp_path, MINIMAL))
+    assert job.batch.size == 50
+    assert job.batch.concurrency == 8
+    assert job.service.timeout == 40.0
+    assert job.service.verify_tls is True
+    assert job.output.path == "out/{name}.parquet"
+    assert job.max_error_rate == 0.0
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    job = load_job(job_file(tmp_path, MINIMAL))
+    with pytest.raises(Exception, match="frozen"):
+        job.batch.size = 3  # type: ignore[misc]
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + "[batch]\nsise = 10\n")
+    assert "unknown setting batch.sise (did you mean 'size'?)" in message
+    assert "known settings here: size, concurrency" in message
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + "[bacth]\nsize = 10\n")
+    assert "unknown setting bacth (did you mean 'batch'?)" in message
+
+
+def test_out_of_range_value_names_setting_and_value(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + "[batch]\nsize = 0\n")
+    assert "batch.size: input should be greater than or equal to 1, got 0" in message
+
+
+def test_wrong_type_names_setting(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + '[batch]\nconcurrency = "many"\n')
+    assert "batch.concurrency: input should be a valid integer" in message
+    assert "got 'many'" in message
+
+
+def test_missing_required_setting(tmp_path: Path) -> None:
+    message = error_of(tmp_path, 'name = "t"\n[input]\npath = "x.csv"\n')
+    assert "service: required setting is missing" in message
+
+
+def test_bad_url(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL.replace("https://gw.example/v1/infers/abc", "gw/abc"))
+    assert "service.url: must be an http(s) URL" in message
+
+
+def test_invalid_toml_names_file_and_line(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + "[batch\n")
+    assert "job.toml: not valid TOML" in message
+    assert "(at line 7, column 7)" in message
+
+
+def test_missing_job_file() -> None:
+    with pytest.raises(SettingError, match=r"job file not found: nowhere\.toml"):
+        load_job("nowhere.toml")
+
+
+def test_env_expansion(tmp_path: Path) -> None:
+    text = MINIMAL.replace('"data.csv"', '"${DATA_DIR}/data.csv"')
+    text = text.replace('name = "t"', 'name = "${NAME:-nightly}"')
+    job = load_job(job_file(tmp_path, text), environ={"DATA_DIR": "/srv"})
+    assert job.input.path == "/srv/data.csv"
+    assert job.name == "nightly"
+
+
+def test_missing_env_variable_names_setting(tmp_path: Path) -> None:
+    text = MINIMAL.replace('"data.csv"', '"${DATA_DIR}/data.csv"')
+    message = error_of(tmp_path, text, environ={})
+    assert "input.path: environment variable DATA_DIR is not set" in message
+
+
+def test_overrides_and_assignments(tmp_path: Path) -> None:
+    job = load_job(
+        job_file(tmp_path, MINIMAL),
+        overrides={"batch.size": 7, "service.url": None, "input.path": "other.csv"},
+        assignments=["batch.concurrency=3", "service.verify_tls=false", "output.path=o.parquet"],
+    )
+    assert job.batch.size == 7
+    assert job.batch.concurrency == 3
+    assert job.service.verify_tls is False
+    assert job.input.path == "other.csv"
+    assert job.output.path == "o.parquet"
+    assert job.service.url.startswith("https://")  # None overrides nothing
+
+
+def test_assignment_to_unknown_setting_is_refused(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL, assignments=["batch.concurency=3"])
+    assert "did you mean 'concurrency'" in message
+
+
+@pytest.mark.parametrize("bad", ["batch.size", "=3", "no dots=1"])
+def test_malformed_assignment(bad: str) -> None:
+    with pytest.raises(SettingError, match=r"expected section\.key=value"):
+        parse_assignment(bad)
+
+
+def test_assignment_values_are_toml_or_text() -> None:
+    assert parse_assignment("batch.size=100") == ("batch.size", 100)
+    assert parse_assignment("input.columns=['a', 'b']") == ("input.columns", ["a", "b"])
+    assert parse_assignment("output.path=out/x.parquet") == ("output.path", "out/x.parquet")
+
+
+def test_job_without_file_takes_name_from_input() -> None:
+    job = load_job(
+        None, overrides={"input.path": "data/scores.csv", "service.url": "embedded:iris"}
+    )
+    assert job.name == "scores"
+    assert job.service.embedded_model == "iris"
+
+
+def test_output_templates(tmp_path: Path) -> None:
+    text = MINIMAL + '[output]\npath = "out/{name}-{date}-{time}-{run_id}.parquet"\n'
+    job = load_job(job_file(tmp_path, text))
+    path = resolve_output_path(job, datetime(2026, 11, 27, 2, 0, 5), "r1")
+    assert path == Path("out/t-2026-11-27-020005-r1.parquet")
+
+
+def test_unknown_output_placeholder(tmp_path: Path) -> None:
+    job = load_job(job_file(tmp_path, MINIMAL + '[output]\npath = "out/{day}.parquet"\n'))
+    with pytest.raises(SettingError, match=r"output.path: unknown placeholder \{day\}"):
+        resolve_output_path(job, datetime.now(), "r")
+
+
+def test_fingerprint_follows_what_makes_a_job_the_same(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("a\n1\n")
+    job = load_job(job_file(tmp_path, MINIMAL))
+    same = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.concurrency=99"])
+    other = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=99"])
+    assert fingerprint(job, [data]) == fingerprint(same, [data])
+    assert fingerprint(job, [data]) != fingerprint(other, [data])
+    before = fingerprint(job, [data])
+    data.write_text("a\n1\n2\n")
+    assert fingerprint(job, [data]) != before
