@@ -1,0 +1,141 @@
+"""The HTTP client: the only module that imports the aiohttp client.
+
+One ``aiohttp.ClientSession`` per run, TLS verified by default, the token sent in the
+``X-Auth-Token`` header and nowhere else. Network failures come out as ``RequestError``
+(``timeout``, ``connection``, ``tls``); HTTP answers of any status come back as
+``Response`` for the protocol codec to judge.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from batchrunner import __version__
+from batchrunner.auth import Secret
+from batchrunner.errors import RequestError, SettingError
+from batchrunner.retry import parse_retry_after
+
+USER_AGENT = f"batchrunner/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """An HTTP answer, whatever its status."""
+
+    status: int
+    body: bytes
+    retry_after: float | None
+    latency_ms: float
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class ServiceClient:
+    """Posts request bodies to one service URL. Use as ``async with ServiceClient(...)``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: Secret | None,
+        *,
+        timeout: float = 40.0,
+        connect_timeout: float = 10.0,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+        max_connections: int = 100,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._ssl = _ssl_setting(verify_tls, ca_bundle)
+        self._max_connections = max_connections
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
+        headers = {"User-Agent": USER_AGENT}
+        if self._token is not None:
+            headers["X-Auth-Token"] = self._token.reveal()
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers, timeout=self._timeout
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def set_token(self, token: Secret) -> None:
+        """Send ``token`` from now on (a refreshed token after a 401)."""
+        self._token = token
+        if self._session is not None:
+            self._session.headers["X-Auth-Token"] = token.reveal()
+
+    async def post(self, body: bytes | aiohttp.FormData, content_type: str | None) -> Response:
+        """POST ``body`` to the service and read the whole answer."""
+        if self._session is None:
+            raise RuntimeError("ServiceClient used outside 'async with'")
+        headers = {"Content-Type": content_type} if content_type else None
+        started = self._clock()
+        try:
+            async with self._session.post(self.url, data=body, headers=headers) as answer:
+                payload = await answer.read()
+                return Response(
+                    status=answer.status,
+                    body=payload,
+                    retry_after=parse_retry_after(answer.headers.get("Retry-After")),
+                    latency_ms=(self._clock() - started) * 1000.0,
+                )
+        except TimeoutError:
+            elapsed = self._clock() - started
+            raise RequestError(
+                f"no complete answer within {elapsed:.1f} s (service.timeout)",
+                kind="timeout",
+                retryable=True,
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise RequestError(
+                f"TLS certificate of {exc.host} not trusted: {exc.certificate_error}; "
+                "set service.ca_bundle to your CA file (or service.verify_tls = false)",
+                kind="tls",
+                retryable=False,
+                fatal=True,
+            ) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise RequestError(
+                f"the answer was cut off: {exc}", kind="connection", retryable=True
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise RequestError(
+                f"connection failed: {exc.__class__.__name__}: {exc}",
+                kind="connection",
+                retryable=True,
+            ) from None
+
+
+def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:
+    if not verify_tls:
+        return False
+    if ca_bundle:
+        if not Path(ca_bundle).is_file():
+            raise SettingError(f"service.ca_bundle: no such file: {ca_bundle}")
+        return ssl.create_default_context(cafile=ca_bundle)
+    return True

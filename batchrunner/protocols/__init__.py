@@ -1,0 +1,1 @@
+"""Request encoding and response decoding, one module per protocol (``modelarts`` first)."""

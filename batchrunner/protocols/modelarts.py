@@ -1,0 +1,153 @@
+"""The ModelArts real-time service protocol: text input (``req_data``) and its answers.
+
+Encoding turns a batch's Arrow rows into the JSON body; decoding checks the answer's shape
+before anything is joined back to rows: ``data.resp_data`` must be a list of objects exactly
+as long as ``req_data``, else the whole batch fails (results are never shifted onto other
+rows). ``classify_failure`` reads a non-2xx answer (gateway ``APIG.*``, platform
+``ModelArts.*``, model ``MR.*`` codes, or an HTML page) into a ``RequestError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import re
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from batchrunner.errors import RequestError
+
+JSON_CONTENT_TYPE = "application/json"
+
+# The gateway answers these when the backend is busy or down: worth another try.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 401/403: the token is refused; every other request will be refused too.
+FATAL_STATUSES = frozenset({401, 403})
+# ModelArts.42xx / 45xx: throttling, circuit breaker, backend timeouts: transient.
+_TRANSIENT_CODE = re.compile(r"^ModelArts\.4[25]\d\d$")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"cannot send a value of type {type(value).__name__} as JSON")
+
+
+def rows_to_records(rows: pa.RecordBatch) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts, built column by column (much faster than row by row)."""
+    names = rows.schema.names
+    columns = [column.to_pylist() for column in rows.columns]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def encode_text(rows: pa.RecordBatch, request_uuid: str) -> bytes:
+    """The request body for text input: ``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``."""
+    body = {"meta": {"uuid": request_uuid}, "data": {"req_data": rows_to_records(rows)}}
+    return orjson.dumps(body, default=_json_default)
+
+
+def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str, Any]]:
+    """The ``resp_data`` items of a 2xx answer, checked against the request's shape."""
+    document = _parse_json(body, 200)
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, dict) or "resp_data" not in data:
+        raise _bad_response(f"the answer has no data.resp_data (keys: {_keys(document)})")
+    results = data["resp_data"]
+    if not isinstance(results, list):
+        raise _bad_response(f"data.resp_data is {_a(results)}, not a list")
+    if len(results) != expected:
+        raise _bad_response(
+            f"data.resp_data has {len(results)} items for {expected} rows sent; "
+            "results cannot be matched to rows"
+        )
+    for position, item in enumerate(results):
+        if not isinstance(item, dict):
+            raise _bad_response(f"data.resp_data[{position}] is {_a(item)}, not an object")
+    meta = document.get("meta")
+    echoed = meta.get("uuid") if isinstance(meta, dict) else None
+    if echoed and echoed != request_uuid:
+        raise _bad_response(
+            f"meta.uuid {echoed!r} does not match the request's {request_uuid!r}: "
+            "the answer belongs to another request"
+        )
+    return results
+
+
+def classify_failure(status: int, body: bytes, retry_after: float | None = None) -> RequestError:
+    """A ``RequestError`` describing a non-2xx answer: its kind, and whether to retry."""
+    code, detail = _error_fields(body)
+    text = f"HTTP {status}"
+    if code:
+        text += f" {code}"
+    if detail:
+        text += f": {detail}"
+    if status in FATAL_STATUSES:
+        return RequestError(
+            f"{text} (the service refused the token: check that it is valid and not expired)",
+            kind="auth",
+            retryable=False,
+            fatal=True,
+            http_status=status,
+        )
+    if code and code.startswith("MR."):
+        return RequestError(text, kind="model_error", retryable=False, http_status=status)
+    retryable = status in RETRYABLE_STATUSES or bool(code and _TRANSIENT_CODE.match(code))
+    return RequestError(
+        text,
+        kind=f"http_{status}",
+        retryable=retryable,
+        http_status=status,
+        retry_after=retry_after,
+    )
+
+
+def _parse_json(body: bytes, status: int) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise RequestError(
+            f"HTTP {status} with a body that is not JSON: {_snippet(body)}",
+            kind="not_json",
+            # A gateway's error page or a cut-off body: another try usually gets through.
+            retryable=True,
+            http_status=status,
+        ) from None
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        snippet = _snippet(body)
+        return None, f"non-JSON body: {snippet}" if snippet else None
+    if not isinstance(document, dict):
+        return None, _snippet(body)
+    code = document.get("error_code")
+    detail = document.get("error_msg") or document.get("message")
+    return (str(code) if code else None), (str(detail) if detail else None)
+
+
+def _snippet(body: bytes, limit: int = 160) -> str:
+    text = body.decode("utf-8", errors="replace")
+    text = re.sub(r"<[^>]*>", " ", text)  # an HTML error page: keep its words
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keys(document: Any) -> str:
+    if isinstance(document, dict):
+        return ", ".join(map(str, document)) or "none"
+    return f"not an object but {_a(document)}"
+
+
+def _a(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _bad_response(message: str) -> RequestError:
+    return RequestError(message, kind="bad_response", retryable=False, http_status=200)

@@ -1,0 +1,62 @@
+"""Pure retry decisions: send a failed request again? After how long?
+
+No I/O and no clock of its own: the caller passes the attempt number, the failure and a
+random source, so every decision is testable without a network or a sleep.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from batchrunner.errors import RequestError
+
+# A Retry-After beyond this is not honoured as-is: a service asking for an hour is broken,
+# and a batch job must not sleep through the night on its word.
+MAX_RETRY_AFTER = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter, at most ``max_attempts`` sends."""
+
+    max_attempts: int = 5
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def delay(self, attempt: int, failure: RequestError, rng: random.Random) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+        ``attempt`` counts from 1 (the attempt that just failed). Full jitter (a uniform
+        draw up to the exponential cap) spreads retries of many requests that failed at
+        once; a ``Retry-After`` from the service is a floor.
+        """
+        if failure.fatal or not failure.retryable or attempt >= self.max_attempts:
+            return None
+        cap = min(self.maximum, self.initial * 2 ** (attempt - 1))
+        wait = rng.uniform(0.0, cap)
+        if failure.retry_after is not None:
+            wait = max(wait, min(failure.retry_after, MAX_RETRY_AFTER))
+        return wait
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
