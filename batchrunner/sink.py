@@ -1,0 +1,356 @@
+"""Where results go: a journal of finished batches, then one Parquet file in input order.
+
+While the run goes, each finished batch becomes one Arrow record batch appended to a journal
+part (Arrow IPC stream files in a state folder beside the output), in the order batches
+finish: nothing is held back, so a crash loses only what was in flight. At the end,
+``assemble`` streams the parts back, puts batches in input order with a small reordering
+heap, checks that every batch is there exactly once with all its rows, merges the schemas
+(a field that appears later is added; types that disagree become JSON text), and writes the
+Parquet file aside before renaming it into place.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrunner.errors import CoverageError
+from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
+
+SEQ = "_seq"  # the batch's position: in the journal only, never in the output
+
+#: The columns every output has, in this order, before the result fields.
+RESERVED = pa.schema(
+    [
+        ("_key", pa.string()),
+        ("_status", pa.string()),
+        ("_error", pa.string()),
+        ("_error_kind", pa.string()),
+        ("_http_status", pa.int32()),
+        ("_attempts", pa.int32()),
+        ("_latency_ms", pa.float64()),
+        ("_request_uuid", pa.string()),
+    ]
+)
+RESULT_SUFFIX = "_result"
+SUMMARY_METADATA_KEY = b"batchrunner.summary"
+ROW_GROUP_ROWS = 64 * 1024
+
+
+# --- one outcome as a table ------------------------------------------------------------------
+
+
+def outcome_table(outcomes: Sequence[Outcome], kept_names: Sequence[str] = ()) -> pa.RecordBatch:
+    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``."""
+    parts = [_single_outcome_table(outcome, kept_names) for outcome in outcomes]
+    if len(parts) == 1:
+        return parts[0]
+    schema = merge_schemas([part.schema for part in parts])
+    return pa.concat_batches([conform(part, schema) for part in parts])
+
+
+def _single_outcome_table(outcome: Outcome, kept_names: Sequence[str]) -> pa.RecordBatch:
+    batch = outcome.batch
+    n = len(batch)
+    columns: dict[str, pa.Array] = {
+        SEQ: pa.repeat(pa.scalar(batch.seq, pa.int64()), n),
+        "_key": pa.array(batch.keys, pa.string()),
+        "_status": _constant(STATUS_OK if outcome.ok else STATUS_ERROR, pa.string(), n),
+        "_error": _constant(outcome.error, pa.string(), n),
+        "_error_kind": _constant(outcome.error_kind, pa.string(), n),
+        "_http_status": _constant(outcome.http_status, pa.int32(), n),
+        "_attempts": _constant(outcome.attempts, pa.int32(), n),
+        "_latency_ms": _constant(outcome.latency_ms, pa.float64(), n),
+        "_request_uuid": _constant(outcome.request_uuid, pa.string(), n),
+    }
+    taken = set(columns) | set(kept_names)
+    if outcome.results is not None:
+        for name, values in _result_columns(outcome.results).items():
+            columns[_result_name(name, taken)] = values
+    if batch.kept is not None:
+        for name, column in zip(batch.kept.schema.names, batch.kept.columns, strict=True):
+            columns[name] = column
+    return pa.RecordBatch.from_pydict(columns)
+
+
+def _result_name(name: str, taken: set[str]) -> str:
+    # A result field never overwrites a reserved or kept input column: it moves aside.
+    while name in taken or name == SEQ:
+        name += RESULT_SUFFIX
+    return name
+
+
+def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    if value is None:
+        return pa.nulls(n, type_)
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
+def _result_columns(results: list[dict[str, Any]]) -> dict[str, pa.Array]:
+    names: dict[str, None] = {}
+    first = results[0].keys() if results else ()
+    if all(item.keys() == first for item in results):
+        names = dict.fromkeys(first)
+    else:
+        for item in results:
+            names.update(dict.fromkeys(item))
+    return {name: _to_array([item.get(name) for item in results]) for name in names}
+
+
+def _to_array(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        # Values whose types disagree (a number here, a string there): keep them all, as JSON.
+        return pa.array([_json_text(value) for value in values], pa.string())
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return orjson.dumps(value, default=str).decode()
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+
+def merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """The type that holds values of both: null yields, numbers widen, else JSON text."""
+    if a == b:
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_null(b):
+        return a
+    if _is_number(a) and _is_number(b):
+        return pa.float64() if pa.types.is_floating(a) or pa.types.is_floating(b) else pa.int64()
+    return pa.string()
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(type_) or pa.types.is_floating(type_))
+
+
+def merge_schemas(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """Fields in order of first appearance, each with a type that holds all its values."""
+    types: dict[str, pa.DataType] = {}
+    for schema in schemas:
+        for field in schema:
+            known = types.get(field.name)
+            types[field.name] = field.type if known is None else merge_types(known, field.type)
+    return pa.schema([(name, type_) for name, type_ in types.items()])
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with exactly ``schema``'s fields: missing ones null, others converted."""
+    if batch.schema.equals(schema):
+        return batch
+    arrays = []
+    for field in schema:
+        index = batch.schema.get_field_index(field.name)
+        if index < 0:
+            arrays.append(pa.nulls(batch.num_rows, field.type))
+        else:
+            arrays.append(_convert(batch.column(index), field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _convert(column: pa.Array, type_: pa.DataType) -> pa.Array:
+    if column.type == type_:
+        return column
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), type_)
+    if pa.types.is_string(type_):
+        return pa.array([_json_text(value) for value in column.to_pylist()], pa.string())
+    return column.cast(type_)
+
+
+# --- the journal ---------------------------------------------------------------------------------
+
+
+class Journal:
+    """Appends finished batches to Arrow IPC stream parts in ``directory``.
+
+    Every append goes straight to the file (no user-space buffer), so a killed process
+    leaves every finished batch readable. A new part starts only when a batch brings a field
+    or type the current part's schema cannot hold.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._next_part = len(list(directory.glob("part-*.arrows")))
+        self.rows_written = 0
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        if self._schema is not None and _fits(batch.schema, self._schema):
+            batch = conform(batch, self._schema)
+        else:
+            schema = batch.schema
+            if self._schema is not None:
+                schema = merge_schemas([self._schema, batch.schema])
+            self._open_part(schema)
+            batch = conform(batch, schema)
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        self.rows_written += batch.num_rows
+
+    def _open_part(self, schema: pa.Schema) -> None:
+        self.close()
+        path = self.directory / f"part-{self._next_part:06d}.arrows"
+        self._next_part += 1
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._schema = schema
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+            _fsync(self.directory)
+        self._schema = None
+
+
+def _fits(schema: pa.Schema, target: pa.Schema) -> bool:
+    for field in schema:
+        index = target.get_field_index(field.name)
+        if index < 0:
+            return False
+        wanted = target.field(index).type
+        if field.type != wanted and not pa.types.is_null(field.type):
+            return False
+    return True
+
+
+def journal_parts(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part-*.arrows"))
+
+
+def _read_parts(parts: Sequence[Path]) -> Iterator[pa.RecordBatch]:
+    for part in parts:
+        with pa.OSFile(str(part), "rb") as source:
+            reader = pa.ipc.open_stream(source)
+            yield from reader
+
+
+# --- assembly ------------------------------------------------------------------------------------
+
+
+def assemble(
+    journal_dir: Path,
+    output: Path,
+    rows_per_batch: array[int],
+    *,
+    metadata: Mapping[bytes, bytes] | None = None,
+) -> int:
+    """Write the journal's batches, in input order, to ``output`` (written aside, renamed).
+
+    ``rows_per_batch[seq]`` is how many rows batch ``seq`` had when read: the proof that
+    nothing is lost or doubled. Raises ``CoverageError`` (and writes nothing) otherwise.
+    Returns the number of rows written.
+    """
+    parts = journal_parts(journal_dir)
+    schemas = []
+    for part in parts:
+        with pa.OSFile(str(part), "rb") as source:
+            schemas.append(pa.ipc.open_stream(source).schema)
+    merged = merge_schemas([RESERVED, *schemas])
+    result_fields = [f for f in merged if f.name not in RESERVED.names and f.name != SEQ]
+    schema = pa.schema([*RESERVED, *result_fields], metadata=dict(metadata or {}))
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    written = 0
+    try:
+        with pq.ParquetWriter(str(temporary), schema) as writer:
+            pending: list[pa.RecordBatch] = []
+            pending_rows = 0
+            for batch in _in_input_order(_read_parts(parts), rows_per_batch):
+                pending.append(conform(batch.drop_columns([SEQ]), schema))
+                pending_rows += batch.num_rows
+                if pending_rows >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.Table.from_batches(pending, schema))
+                    written += pending_rows
+                    pending, pending_rows = [], 0
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, schema))
+                written += pending_rows
+        _fsync(temporary)
+        os.replace(temporary, output)
+        _fsync(output.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return written
+
+
+def _in_input_order(
+    batches: Iterator[pa.RecordBatch], rows_per_batch: array[int]
+) -> Iterator[pa.RecordBatch]:
+    # Batches finish out of order, but never far out of it (the runner bounds how far
+    # ahead of the oldest unfinished batch it may start): a small heap puts them back.
+    expected = len(rows_per_batch)
+    heap: list[tuple[int, int, pa.RecordBatch]] = []
+    next_seq = 0
+    tiebreak = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        seq = batch.column(0)[0].as_py()
+        if seq < next_seq or seq >= expected:
+            raise CoverageError(_coverage_message(f"batch {seq} appears twice or was not read"))
+        heapq.heappush(heap, (seq, tiebreak, batch))
+        tiebreak += 1
+        while heap and heap[0][0] == next_seq:
+            _, _, ready = heapq.heappop(heap)
+            if heap and heap[0][0] == next_seq:
+                raise CoverageError(_coverage_message(f"batch {next_seq} appears twice"))
+            if ready.num_rows != rows_per_batch[next_seq]:
+                raise CoverageError(
+                    _coverage_message(
+                        f"batch {next_seq} has {ready.num_rows} result rows "
+                        f"for {rows_per_batch[next_seq]} input rows"
+                    )
+                )
+            yield ready
+            next_seq += 1
+    if heap or next_seq != expected:
+        missing = next_seq
+        raise CoverageError(_coverage_message(f"batch {missing} (of {expected}) has no results"))
+
+
+def _coverage_message(detail: str) -> str:
+    return (
+        f"the results do not cover the input exactly once: {detail}. "
+        "The output was not written; the journal is kept for inspection."
+    )
+
+
+def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
+    """Write a JSON document aside and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    os.replace(temporary, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename), to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import re
+from array import array
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrunner.errors import CoverageError
+from batchrunner.items import Batch, Outcome
+from batchrunner.sink import (
+    RESERVED,
+    SUMMARY_METADATA_KEY,
+    Journal,
+    assemble,
+    conform,
+    journal_parts,
+    merge_types,
+    outcome_table,
+)
+
+
+def batch(seq: int, keys: list[str], kept: pa.RecordBatch | None = None) -> Batch:
+    return Batch(
+        seq, keys, rows=pa.RecordBatch.from_pydict({"x": list(range(len(keys)))}), kept=kept
+    )
+
+
+def ok(seq: int, keys: list[str], results: list[dict[str, object]]) -> Outcome:
+    return Outcome(
+        batch(seq, keys),
+        results,
+        http_status=200,
+        attempts=1,
+        latency_ms=1.5,
+        request_uuid=f"u{seq}",
+    )
+
+
+def failed(seq: int, keys: list[str]) -> Outcome:
+    return Outcome(
+        batch(seq, keys), None, error="HTTP 503", error_kind="http_503", http_status=503, attempts=5
+    )
+
+
+def test_outcome_table_columns() -> None:
+    table = outcome_table([ok(3, ["a", "b"], [{"label": "x"}, {"label": "y"}])])
+    assert table.schema.names[:9] == ["_seq", *RESERVED.names]
+    assert table.to_pydict()["_seq"] == [3, 3]
+    assert table.to_pydict()["label"] == ["x", "y"]
+    assert table.to_pydict()["_status"] == ["ok", "ok"]
+    assert table.to_pydict()["_request_uuid"] == ["u3", "u3"]
+
+
+def test_error_outcome_has_reason_and_no_results() -> None:
+    row = outcome_table([failed(0, ["a"])]).to_pylist()[0]
+    assert row["_status"] == "error"
+    assert row["_error"] == "HTTP 503"
+    assert row["_error_kind"] == "http_503"
+    assert row["_attempts"] == 5
+
+
+def test_mixed_types_within_a_batch_become_json_text() -> None:
+    table = outcome_table([ok(0, ["a", "b"], [{"v": 1}, {"v": "one"}])])
+    assert table.column("v").to_pylist() == ["1", '"one"']
+
+
+def test_result_field_never_overwrites_reserved_or_kept_columns() -> None:
+    kept = pa.RecordBatch.from_pydict({"x": [10]})
+    outcome = Outcome(batch(0, ["a"], kept=kept), [{"x": 99, "_status": "mine"}], attempts=1)
+    row = outcome_table([outcome], kept_names=["x"]).to_pylist()[0]
+    assert row["x"] == 10
+    assert row["x_result"] == 99
+    assert row["_status"] == "ok"
+    assert row["_status_result"] == "mine"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "merged"),
+    [
+        (pa.int64(), pa.int64(), pa.int64()),
+        (pa.null(), pa.string(), pa.string()),
+        (pa.int64(), pa.float64(), pa.float64()),
+        (pa.int32(), pa.int64(), pa.int64()),
+        (pa.int64(), pa.string(), pa.string()),
+        (pa.list_(pa.float64()), pa.struct([("a", pa.int64())]), pa.string()),
+    ],
+)
+def test_merge_types(a: pa.DataType, b: pa.DataType, merged: pa.DataType) -> None:
+    assert merge_types(a, b) == merged
+
+
+def test_conform_adds_missing_fields_and_converts() -> None:
+    schema = pa.schema([("a", pa.float64()), ("b", pa.string()), ("c", pa.string())])
+    source = pa.RecordBatch.from_pydict({"a": [1, 2], "b": [[1], None]})
+    result = conform(source, schema).to_pydict()
+    assert result == {"a": [1.0, 2.0], "b": ["[1]", None], "c": [None, None]}
+
+
+def journal_of(tmp_path: Path, tables: list[pa.RecordBatch]) -> Path:
+    journal = Journal(tmp_path / "state")
+    for table in tables:
+        journal.append(table)
+    journal.close()
+    return tmp_path / "state"
+
+
+def test_assemble_restores_input_order_and_merges_schemas(tmp_path: Path) -> None:
+    outcomes = [
+        ok(0, ["a", "b"], [{"label": "a"}, {"label": "b"}]),
+        ok(2, ["e"], [{"label": "c", "extra": 1.5}]),
+        failed(1, ["c", "d"]),
+    ]
+    state = journal_of(tmp_path, [outcome_table([o]) for o in outcomes])
+    assert len(journal_parts(state)) == 2  # 'extra' appeared: a new part; the rest fit
+    output = tmp_path / "out" / "result.parquet"
+    written = assemble(state, output, array("q", [2, 2, 1]), metadata={SUMMARY_METADATA_KEY: b"{}"})
+    assert written == 5
+    table = pq.read_table(output)
+    assert table.column("_key").to_pylist() == ["a", "b", "c", "d", "e"]
+    assert table.column("label").to_pylist() == ["a", "b", None, None, "c"]
+    assert table.column("extra").to_pylist() == [None, None, None, None, 1.5]
+    assert table.column("_status").to_pylist() == ["ok", "ok", "error", "error", "ok"]
+    assert "_seq" not in table.schema.names
+    assert table.schema.metadata[SUMMARY_METADATA_KEY] == b"{}"
+    assert not list(output.parent.glob(".*tmp*"))
+
+
+def test_types_that_disagree_across_batches_become_json_text(tmp_path: Path) -> None:
+    state = journal_of(
+        tmp_path,
+        [outcome_table([ok(0, ["a"], [{"v": 1}])]), outcome_table([ok(1, ["b"], [{"v": [1, 2]}])])],
+    )
+    output = tmp_path / "o.parquet"
+    assemble(state, output, array("q", [1, 1]))
+    assert pq.read_table(output).column("v").to_pylist() == ["1", "[1,2]"]
+
+
+def test_empty_run_writes_the_key_columns(tmp_path: Path) -> None:
+    output = tmp_path / "o.parquet"
+    assert assemble(journal_of(tmp_path, []), output, array("q")) == 0
+    table = pq.read_table(output)
+    assert table.num_rows == 0
+    assert table.schema.names == RESERVED.names
+
+
+@pytest.mark.parametrize(
+    ("seqs", "rows", "message"),
+    [
+        ([0, 0], [1, 1], "batch 0 appears twice"),
+        ([0], [1, 1], "batch 1 (of 2) has no results"),
+        ([1], [1, 1], "batch 0 (of 2) has no results"),
+        ([0, 2], [1, 1], "batch 2 appears twice or was not read"),
+        ([0, 1], [1, 2], "batch 1 has 1 result rows for 2 input rows"),
+    ],
+)
+def test_assemble_refuses_to_lose_or_double(
+    tmp_path: Path, seqs: list[int], rows: list[int], message: str
+) -> None:
+    state = journal_of(tmp_path, [outcome_table([ok(s, [f"k{s}"], [{}])]) for s in seqs])
+    output = tmp_path / "o.parquet"
+    with pytest.raises(CoverageError, match=re.escape(message)):
+        assemble(state, output, array("q", rows))
+    assert not output.exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_journal_survives_an_unclosed_writer(tmp_path: Path) -> None:
+    # A killed process never closes its part: every appended batch is still readable.
+    journal = Journal(tmp_path / "state")
+    for seq in range(3):
+        journal.append(outcome_table([ok(seq, [f"k{seq}"], [{"v": seq}])]))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for part in journal_parts(tmp_path / "state"):
+        (copy / part.name).write_bytes(part.read_bytes())
+    journal.close()
+    output = tmp_path / "o.parquet"
+    assemble(copy, output, array("q", [1, 1, 1]))
+    assert pq.read_table(output).column("v").to_pylist() == [0, 1, 2]
