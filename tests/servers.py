@@ -1,0 +1,103 @@
+"""Small purpose-built HTTP servers for tests: real aiohttp servers on loopback, each in a
+thread of its own (the command under test runs its own event loop in the main thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Call:
+    """One request the server received: its number (from 0), headers and parsed body."""
+
+    number: int
+    headers: dict[str, str]
+    body: Any
+    request: web.Request
+
+
+@dataclass
+class ThreadedServer:
+    handler: Handler
+    path: str = "/v1/infers/test"
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+        if not self._ready.wait(5):
+            raise RuntimeError("test server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = raw
+        call = Call(len(self.calls), dict(request.headers), body, request)
+        self.calls.append(call)
+        return await self.handler(call)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_post(self.path, self._handle)
+        runner = web.AppRunner(
+            app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.1
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+
+def answer(call: Call, **extra: Any) -> web.Response:
+    """A well-formed ModelArts answer: each record echoed with a ``score`` = its position."""
+    records = call.body["data"]["req_data"]
+    results = [{**record, "score": position, **extra} for position, record in enumerate(records)]
+    meta = {"uuid": call.body.get("meta", {}).get("uuid", "")}
+    return web.json_response({"meta": meta, "data": {"resp_data": results}})
+
+
+def gateway_error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    body = {"error_code": code, "error_msg": message, "request_id": "0" * 32}
+    return web.json_response(body, status=status, headers=headers)
