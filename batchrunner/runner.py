@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from array import array
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,21 +31,18 @@ import orjson
 
 from batchrunner.auth import Secret, mask_headers, resolve_token
 from batchrunner.client import ServiceClient
-from batchrunner.errors import AuthError, BatchRunnerError, RequestError, ServiceError
+from batchrunner.dispatch import Dispatcher, Sleep
+from batchrunner.errors import BatchRunnerError, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import Job, fingerprint, resolve_output_path
 from batchrunner.limiter import ConcurrencyLimiter
-from batchrunner.protocols.modelarts import (
-    JSON_CONTENT_TYPE,
-    classify_failure,
-    decode_text,
-    encode_text,
-)
+from batchrunner.protocols import Codec
+from batchrunner.protocols.modelarts import TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sink import write_json_atomically as write_summary
-from batchrunner.sources.tabular import TabularSource, open_tabular
+from batchrunner.sources import Source, open_tabular
 
 log = logging.getLogger("batchrunner")
 
@@ -55,8 +52,6 @@ OUTCOME_ABORTED = "aborted"
 NOT_SENT = "not_sent"
 # How many failed batches are logged one by one before the log only counts them.
 LOGGED_FAILURES = 20
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +81,7 @@ class Plan:
     first_request: bytes | None
 
 
-def open_source(job: Job) -> TabularSource:
+def open_source(job: Job) -> Source:
     """Open and check the job's input (raises ``InputError`` before anything is sent)."""
     return open_tabular(
         job.input.path,
@@ -111,9 +106,11 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     batches = None if rows is None else -(-rows // job.batch.size)
     first = next(source.iter_batches(job.batch.size, limit=limit), None)
     body = None
-    if first is not None and first.rows is not None:
-        body = encode_text(first.rows, str(uuid.uuid4()))
-    headers = {"X-Auth-Token": "<token>", "Content-Type": JSON_CONTENT_TYPE}
+    headers = {"X-Auth-Token": "<token>"}
+    if first is not None:
+        request = codec_for(job).encode(first, str(uuid.uuid4()))
+        body = request.body
+        headers["Content-Type"] = request.content_type
     now = datetime.now()
     return Plan(
         job=job,
@@ -127,6 +124,11 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         headers=mask_headers(headers),
         first_request=body,
     )
+
+
+def codec_for(job: Job) -> Codec:
+    """The codec of the job's protocol and input kind."""
+    return TextCodec()
 
 
 def new_run_id(started: datetime) -> str:
@@ -183,7 +185,6 @@ class Runner:
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
-        self._fatal: RequestError | None = None  # a fatal answer: no request may follow it
         self._started_clock = 0.0
 
     # --- the run ------------------------------------------------------------------------------
@@ -279,9 +280,7 @@ class Runner:
         await stack.enter_async_context(client)
         return client, url
 
-    async def _pipeline(
-        self, source: TabularSource, client: ServiceClient, journal: Journal
-    ) -> None:
+    async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
         concurrency = self.job.batch.concurrency
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -289,7 +288,16 @@ class Runner:
             async with asyncio.TaskGroup() as group:
                 reporter = group.create_task(self._report()) if self._on_progress else None
                 group.create_task(self._read(source, batches))
-                group.create_task(self._dispatch(batches, outcomes, client))
+                dispatcher = Dispatcher(
+                    client,
+                    codec_for(self.job),
+                    self._limiter,
+                    self._policy,
+                    self.stats,
+                    sleep=self._sleep,
+                    rng=self._rng,
+                )
+                group.create_task(self._dispatch(batches, outcomes, dispatcher))
                 await group.create_task(self._write(outcomes, journal))
                 if reporter is not None:
                     reporter.cancel()
@@ -300,7 +308,7 @@ class Runner:
                 raise
             raise _first_leaf(matched) from None
 
-    async def _read(self, source: TabularSource, batches: asyncio.Queue[Batch | None]) -> None:
+    async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
         iterator = source.iter_batches(self.job.batch.size, limit=self.limit)
         # Reading and converting happens in a worker thread, a few batches per hop, so the
         # event loop keeps sending while pyarrow parses (it releases the GIL).
@@ -321,81 +329,21 @@ class Runner:
         self,
         batches: asyncio.Queue[Batch | None],
         outcomes: asyncio.Queue[list[Outcome] | None],
-        client: ServiceClient,
+        dispatcher: Dispatcher,
     ) -> None:
         async with asyncio.TaskGroup() as requests:
             while (batch := await batches.get()) is not None:
                 await self._window.wait_for_room(batch.seq)
-                requests.create_task(self._complete(batch, client, outcomes))
+                requests.create_task(self._complete(batch, dispatcher, outcomes))
         await outcomes.put(None)
 
     async def _complete(
         self,
         batch: Batch,
-        client: ServiceClient,
+        dispatcher: Dispatcher,
         outcomes: asyncio.Queue[list[Outcome] | None],
     ) -> None:
-        outcome = await self.send(batch, client)
-        await outcomes.put([outcome])
-
-    async def send(self, batch: Batch, client: ServiceClient) -> Outcome:
-        """Send one batch until it succeeds or its retries run out; fatal answers raise."""
-        assert batch.rows is not None
-        latencies: list[float] = []
-        attempt = 0
-        while True:
-            attempt += 1
-            request_uuid = str(uuid.uuid4())
-            body = encode_text(batch.rows, request_uuid)
-            http_status: int | None = None
-            async with self._limiter:
-                if self._fatal is not None:
-                    raise self._fatal_error(self._fatal)
-                try:
-                    self.stats.requests += 1
-                    response = await client.post(body, JSON_CONTENT_TYPE)
-                    http_status = response.status
-                    latencies.append(response.latency_ms)
-                    self.stats.latency.add(response.latency_ms)
-                    if not response.ok:
-                        raise classify_failure(response.status, response.body, response.retry_after)
-                    results = decode_text(response.body, len(batch), request_uuid)
-                    return Outcome(
-                        batch,
-                        results,
-                        http_status=response.status,
-                        attempts=attempt,
-                        latency_ms=response.latency_ms,
-                        request_uuid=request_uuid,
-                        latencies_ms=latencies,
-                    )
-                except RequestError as failure:
-                    error = failure
-                    if error.fatal:
-                        # Set before the limiter lets the next request go: none follows.
-                        self._fatal = error
-            if error.fatal:
-                raise self._fatal_error(error)
-            delay = self._policy.delay(attempt, error, self._rng)
-            if delay is None:
-                return Outcome(
-                    batch,
-                    None,
-                    error=error.message,
-                    error_kind=error.kind,
-                    http_status=http_status,
-                    attempts=attempt,
-                    latency_ms=latencies[-1] if latencies else None,
-                    request_uuid=request_uuid,
-                    latencies_ms=latencies,
-                )
-            self.stats.retries += 1
-            log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
-            await self._sleep(delay)
-
-    @staticmethod
-    def _fatal_error(error: RequestError) -> ServiceError:
-        return AuthError(error.message) if error.kind == "auth" else ServiceError(error.message)
+        await outcomes.put(await dispatcher.send(batch))
 
     async def _write(self, outcomes: asyncio.Queue[list[Outcome] | None], journal: Journal) -> None:
         while (finished := await outcomes.get()) is not None:
@@ -431,7 +379,7 @@ class Runner:
     def _kept_names(batch: Batch) -> list[str]:
         return batch.kept.schema.names if batch.kept is not None else []
 
-    def _record_not_sent(self, source: TabularSource, journal: Journal, reason: str) -> None:
+    def _record_not_sent(self, source: Source, journal: Journal, reason: str) -> None:
         # After a fatal answer the output still covers every input row: those that were
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"

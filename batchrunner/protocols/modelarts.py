@@ -18,6 +18,8 @@ import orjson
 import pyarrow as pa
 
 from batchrunner.errors import RequestError
+from batchrunner.items import Batch
+from batchrunner.protocols import EncodedRequest
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -103,6 +105,18 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
         http_status=status,
         retry_after=retry_after,
     )
+
+
+class TextCodec:
+    """Text input: a batch's rows as ``req_data``, the answer's ``resp_data`` back."""
+
+    def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
+        if batch.rows is None:
+            raise ValueError("text input needs rows: this batch carries a file")
+        return EncodedRequest(encode_text(batch.rows, request_uuid), JSON_CONTENT_TYPE)
+
+    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
+        return decode_text(body, len(batch), request_uuid)
 
 
 def _parse_json(body: bytes, status: int) -> Any:

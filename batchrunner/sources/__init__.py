@@ -8,6 +8,44 @@ before any request is sent), then streams: memory does not grow with the input's
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from batchrunner.items import Batch
 from batchrunner.sources.tabular import FORMATS, TabularSource, json_safe, open_tabular
 
-__all__ = ["FORMATS", "TabularSource", "json_safe", "open_tabular"]
+__all__ = ["FORMATS", "Source", "TabularSource", "json_safe", "open_tabular"]
+
+
+class Source(Protocol):
+    """What the runner needs of an input, whatever its kind."""
+
+    @property
+    def paths(self) -> Sequence[Path]:
+        """The input's files (their identity makes the job's fingerprint)."""
+        ...
+
+    @property
+    def format(self) -> str:
+        """A short name of the input's kind, for people: csv, parquet, jsonl, images."""
+        ...
+
+    @property
+    def send_columns(self) -> Sequence[str]:
+        """The fields sent per item (for file input: the form field)."""
+        ...
+
+    def count_rows(self) -> int | None:
+        """The number of items if it is cheap to know (metadata, a listing), else None."""
+        ...
+
+    def scan_count(self) -> int:
+        """The number of items, reading the whole input if need be."""
+        ...
+
+    def iter_batches(
+        self, size: int, *, limit: int | None = None, start_seq: int = 0
+    ) -> Iterator[Batch]:
+        """``Batch``es of ``size`` items in input order; seqs as in a full run."""
+        ...
