@@ -25,6 +25,11 @@ from batchrunner.errors import SettingError
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
+DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
+
+#: The two kinds of input, and the protocol input each is sent as.
+TABULAR = "tabular"  # rows, as text input (req_data)
+IMAGES = "images"  # one file per request, as file input (multipart/form-data)
 
 
 class _Settings(BaseModel):
@@ -32,13 +37,38 @@ class _Settings(BaseModel):
 
 
 class InputSettings(_Settings):
-    """``[input]``: what is read, and which fields of each row are sent."""
+    """``[input]``: what is read, and which fields of each row are sent.
+
+    ``format = "images"`` (or a folder, glob or manifest of images, see ``sources``) makes
+    an image job; ``extensions``, ``recursive`` and ``follow_links`` apply to it alone, as
+    ``id_column``, ``columns`` and ``csv_delimiter`` apply to tables alone.
+    """
 
     path: str
-    format: Literal["csv", "parquet", "jsonl"] | None = None
+    format: Literal["csv", "parquet", "jsonl", "images"] | None = None
     id_column: str | None = None
     columns: tuple[str, ...] | None = None
     csv_delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    extensions: tuple[str, ...] | None = None  # None: the common image types
+    recursive: bool = True
+    follow_links: bool = False
+
+    @field_validator("extensions")
+    @classmethod
+    def _check_extensions(cls, extensions: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if extensions is None:
+            return None
+        if not extensions:
+            raise ValueError('list at least one extension, e.g. [".jpg", ".png"]')
+        normalized = []
+        for extension in extensions:
+            # ".JPG", "jpg" and ".jpg" all mean the same: matching ignores case.
+            name = extension.strip().lower()
+            name = name if name.startswith(".") else "." + name
+            if len(name) < 2 or "/" in name or "." in name[1:] or any(c.isspace() for c in name):
+                raise ValueError(f'{extension!r} is not a file extension such as ".jpg"')
+            normalized.append(name)
+        return tuple(dict.fromkeys(normalized))
 
 
 class ServiceSettings(_Settings):
@@ -52,6 +82,19 @@ class ServiceSettings(_Settings):
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
     ca_bundle: str | None = None
+    # File input: the model's input parameter the file goes under (curl -F 'images=@x.png').
+    file_field: str = "images"
+    # The largest request body the service takes; a file whose request would be larger
+    # becomes an error row without being sent (the gateway would answer 413).
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+
+    @field_validator("file_field")
+    @classmethod
+    def _check_file_field(cls, name: str) -> str:
+        # It is written into a quoted header parameter: no quotes, backslashes or controls.
+        if not name or re.search(r'["\\\x00-\x1f\x7f]', name):
+            raise ValueError("must be a form field name without quotes or control characters")
+        return name
 
     @field_validator("url")
     @classmethod
@@ -268,11 +311,14 @@ def _did_you_mean(location: tuple[int | str, ...]) -> str:
 # --- identity ------------------------------------------------------------------------------
 
 
-def fingerprint(job: Job, input_files: Iterable[Path]) -> str:
+def fingerprint(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -> str:
     """What makes two runs "the same job": a resumed run must match its predecessor's.
 
-    Input identity (paths, sizes, modification times), URL, protocol, batch size and the
-    columns sent. Not the token, concurrency or output path: those may change between runs.
+    Input identity (paths, sizes, modification times; for an image folder, the folder
+    itself), URL, protocol, batch size and what decides what is sent: the columns of a
+    table (``kind`` ``TABULAR``); the extensions, walk, form field and body limit of an image
+    job (``IMAGES``, always one file per request). Not the token, concurrency or output
+    path: those may change between runs.
     """
     files = []
     for path in input_files:
@@ -281,13 +327,58 @@ def fingerprint(job: Job, input_files: Iterable[Path]) -> str:
     identity = {
         "url": job.service.url,
         "protocol": job.service.protocol,
-        "batch_size": job.batch.size,
+        "batch_size": 1 if kind == IMAGES else job.batch.size,
         "columns": job.input.columns,
         "id_column": job.input.id_column,
         "format": job.input.format,
         "files": files,
     }
+    if kind == IMAGES:
+        identity["images"] = {
+            "extensions": job.input.extensions,
+            "recursive": job.input.recursive,
+            "follow_links": job.input.follow_links,
+            "file_field": job.service.file_field,
+            "max_body_bytes": job.service.max_body_bytes,
+        }
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+# Settings that mean something for one input kind only: given for the other kind, they are
+# a mistake (a job pointed at the wrong input), never silently ignored.
+_IMAGE_ONLY = ("input.extensions", "input.recursive", "input.follow_links", "service.file_field")
+_TABLE_ONLY = ("input.id_column", "input.columns", "input.csv_delimiter", "output.keep_input")
+
+
+def _given(job: Job, dotted: str) -> bool:
+    section, key = dotted.split(".")
+    settings: BaseModel = getattr(job, section)
+    return key in settings.model_fields_set
+
+
+def check_input_kind(job: Job, kind: str, path: str) -> None:
+    """Refuse settings that do not apply to the input's kind (``TABULAR`` or ``IMAGES``).
+
+    ``path`` is the input as found, for the message. Image input sends one file per
+    request, so an explicit ``batch.size`` other than 1 is refused; left out, it is 1.
+    """
+    if kind == IMAGES:
+        wrong = [dotted for dotted in _TABLE_ONLY if _given(job, dotted)]
+        if _given(job, "batch.size") and job.batch.size != 1:
+            wrong.append("batch.size")
+        what, reason = "image input", "each file is sent as it is, one file per request"
+    else:
+        wrong = [dotted for dotted in _IMAGE_ONLY if _given(job, dotted)]
+        what, reason = "a table", "they apply to image input only"
+    if not wrong:
+        return
+    message = (
+        f"input.path {path!r} is read as {what}, so {', '.join(wrong)} cannot be used "
+        f"({reason}); remove {'it' if len(wrong) == 1 else 'them'}"
+    )
+    if job.input.format is None:
+        message += f", or set input.format if {path!r} is not {what}"
+    raise SettingError(message)
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")

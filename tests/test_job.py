@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import SettingError
-from batchrunner.job import fingerprint, load_job, parse_assignment, resolve_output_path
+from batchrunner.job import (
+    IMAGES,
+    TABULAR,
+    check_input_kind,
+    fingerprint,
+    load_job,
+    parse_assignment,
+    resolve_output_path,
+)
 
 MINIMAL = """
 name = "t"
@@ -165,3 +173,65 @@ def test_fingerprint_follows_what_makes_a_job_the_same(tmp_path: Path) -> None:
     before = fingerprint(job, [data])
     data.write_text("a\n1\n2\n")
     assert fingerprint(job, [data]) != before
+
+
+def test_image_settings_are_normalized(tmp_path: Path) -> None:
+    job = load_job(
+        job_file(tmp_path, MINIMAL),
+        assignments=['input.extensions=["JPG", ".Png", ".jpg"]', "service.file_field=file"],
+    )
+    assert job.input.extensions == (".jpg", ".png")
+    assert job.service.file_field == "file"
+    default = load_job(job_file(tmp_path, MINIMAL))
+    assert (default.input.extensions, default.input.recursive, default.input.follow_links) == (
+        None,
+        True,
+        False,
+    )
+    assert (default.service.file_field, default.service.max_body_bytes) == ("images", 12582912)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("input.extensions=[]", "input.extensions: list at least one extension"),
+        ('input.extensions=["a/b"]', "input.extensions: 'a/b' is not a file extension"),
+        ('input.extensions=["tar.gz"]', "input.extensions: 'tar.gz' is not a file extension"),
+        ('service.file_field="a\\"b"', "service.file_field: must be a form field name without"),
+        ("service.file_field=''", "service.file_field: must be a form field name without"),
+        ("service.max_body_bytes=10", "service.max_body_bytes: input should be greater than"),
+    ],
+)
+def test_bad_image_settings(tmp_path: Path, assignment: str, message: str) -> None:
+    assert message in error_of(tmp_path, MINIMAL, assignments=[assignment])
+
+
+def test_fingerprint_of_image_jobs_follows_what_is_sent(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    job = load_job(job_file(tmp_path, MINIMAL))
+    assert fingerprint(job, [folder], kind=IMAGES) != fingerprint(job, [folder])
+    same = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=1"])
+    assert fingerprint(job, [folder], kind=IMAGES) == fingerprint(same, [folder], kind=IMAGES)
+    for change in ("service.file_field=file", "input.follow_links=true", "input.recursive=false",
+                   "service.max_body_bytes=2048", 'input.extensions=[".png"]'):  # fmt: skip
+        other = load_job(job_file(tmp_path, MINIMAL), assignments=[change])
+        assert fingerprint(other, [folder], kind=IMAGES) != fingerprint(job, [folder], kind=IMAGES)
+
+
+def test_check_input_kind(tmp_path: Path) -> None:
+    plain = load_job(job_file(tmp_path, MINIMAL))
+    check_input_kind(plain, IMAGES, "x")
+    check_input_kind(plain, TABULAR, "x")
+    one = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=1"])
+    check_input_kind(one, IMAGES, "x")
+    explicit = load_job(
+        job_file(tmp_path, MINIMAL),
+        assignments=["input.format=images", "input.id_column=id"],
+    )
+    with pytest.raises(SettingError) as caught:
+        check_input_kind(explicit, IMAGES, "x")
+    assert str(caught.value) == (
+        "input.path 'x' is read as image input, so input.id_column cannot be used "
+        "(each file is sent as it is, one file per request); remove it"
+    )
