@@ -1,9 +1,15 @@
 """Sending one batch until it has an outcome: limiter, codec, client, retries.
 
-``Dispatcher.send`` is the whole life of a batch on the wire: encode (a fresh ``meta.uuid``
-per attempt), wait for a slot in the limiter, post, judge the answer, and either return the
-rows' results, retry after the policy's delay, or give up with error rows. A fatal answer
-(the token refused, TLS broken) raises, and no request starts after it.
+``Dispatcher.send`` is the whole life of a batch on the wire: wait for a slot in the
+limiter, encode (a fresh ``meta.uuid`` per attempt), post, judge the answer, and either
+return the rows' results, retry after the policy's delay, or give up with error rows. A
+fatal answer (the token refused, TLS broken) raises, and no request starts after it.
+
+Encoding happens once a slot is held, so at most ``concurrency`` request bodies (files of up
+to ``service.max_body_bytes``) are in memory at once; a batch that carries a file is encoded
+in a worker thread, since reading it may block. When the codec refuses a batch before
+sending (a file too large or unreadable), the batch becomes error rows at once, with the
+codec's error and the number of requests really sent (0 unless an earlier attempt failed).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from batchrunner.client import ServiceClient
 from batchrunner.errors import AuthError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.limiter import ConcurrencyLimiter
-from batchrunner.protocols import Codec
+from batchrunner.protocols import Codec, EncodedRequest
 from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
@@ -60,12 +66,18 @@ class Dispatcher:
         attempt = 0
         while True:
             attempt += 1
-            request_uuid = str(uuid.uuid4())
-            request = self._codec.encode(batch, request_uuid)
+            # What the row reports is this attempt's: its answer's status, its request's id.
             http_status: int | None = None
+            sent_uuid: str | None = None
             async with self._limiter:
                 if self._fatal is not None:
                     raise _fatal_error(self._fatal)
+                try:
+                    request = await self._encode(batch)
+                except RequestError as unfit:
+                    # Nothing of this attempt was sent; the same item would fail the same way.
+                    return self._failed(batch, unfit, attempt - 1, None, None, latencies)
+                sent_uuid = request.request_uuid
                 try:
                     self._stats.requests += 1
                     response = await self._client.post(request.body, request.content_type)
@@ -74,14 +86,14 @@ class Dispatcher:
                     self._stats.latency.add(response.latency_ms)
                     if not response.ok:
                         raise classify_failure(response.status, response.body, response.retry_after)
-                    results = self._codec.decode(response.body, batch, request_uuid)
+                    results = self._codec.decode(response.body, batch, request.request_uuid or "")
                     return Outcome(
                         batch,
                         results,
                         http_status=response.status,
                         attempts=attempt,
                         latency_ms=response.latency_ms,
-                        request_uuid=request_uuid,
+                        request_uuid=sent_uuid,
                         latencies_ms=latencies,
                     )
                 except RequestError as failure:
@@ -93,20 +105,37 @@ class Dispatcher:
                 raise _fatal_error(error)
             delay = self._policy.delay(attempt, error, self._rng)
             if delay is None:
-                return Outcome(
-                    batch,
-                    None,
-                    error=error.message,
-                    error_kind=error.kind,
-                    http_status=http_status,
-                    attempts=attempt,
-                    latency_ms=latencies[-1] if latencies else None,
-                    request_uuid=request_uuid,
-                    latencies_ms=latencies,
-                )
+                return self._failed(batch, error, attempt, http_status, sent_uuid, latencies)
             self._stats.retries += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._sleep(delay)
+
+    async def _encode(self, batch: Batch) -> EncodedRequest:
+        request_uuid = str(uuid.uuid4())
+        if batch.path is not None:
+            return await asyncio.to_thread(self._codec.encode, batch, request_uuid)
+        return self._codec.encode(batch, request_uuid)
+
+    @staticmethod
+    def _failed(
+        batch: Batch,
+        error: RequestError,
+        attempts: int,
+        http_status: int | None,
+        request_uuid: str | None,
+        latencies: list[float],
+    ) -> Outcome:
+        return Outcome(
+            batch,
+            None,
+            error=error.message,
+            error_kind=error.kind,
+            http_status=http_status,
+            attempts=attempts,
+            latency_ms=latencies[-1] if latencies else None,
+            request_uuid=request_uuid,
+            latencies_ms=latencies,
+        )
 
 
 def _fatal_error(error: RequestError) -> ServiceError:

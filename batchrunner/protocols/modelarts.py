@@ -1,10 +1,18 @@
-"""The ModelArts real-time service protocol: text input (``req_data``) and its answers.
+"""The ModelArts real-time service protocol: text input, file input, and their answers.
 
-Encoding turns a batch's Arrow rows into the JSON body; decoding checks the answer's shape
-before anything is joined back to rows: ``data.resp_data`` must be a list of objects exactly
-as long as ``req_data``, else the whole batch fails (results are never shifted onto other
-rows). ``classify_failure`` reads a non-2xx answer (gateway ``APIG.*``, platform
-``ModelArts.*``, model ``MR.*`` codes, or an HTML page) into a ``RequestError``.
+Text input: encoding turns a batch's Arrow rows into the JSON body; decoding checks the
+answer's shape before anything is joined back to rows: ``data.resp_data`` must be a list of
+objects exactly as long as ``req_data``, else the whole batch fails (results are never
+shifted onto other rows).
+
+File input: one file per request, as multipart/form-data under the model's input name
+(``images``); the answer is one JSON object, the file's result as it came (the model
+decides its fields: ``predicted_label`` and ``scores`` for classifiers). The protocol has
+no ``meta.uuid`` for files, so none is sent. A file too large for one request, or that
+cannot be read, fails without being sent.
+
+``classify_failure`` reads a non-2xx answer (gateway ``APIG.*``, platform ``ModelArts.*``,
+model ``MR.*`` codes, or an HTML page) into a ``RequestError``.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ import pyarrow as pa
 
 from batchrunner.errors import RequestError
 from batchrunner.items import Batch
+from batchrunner.job import DEFAULT_MAX_BODY_BYTES
 from batchrunner.protocols import EncodedRequest
+from batchrunner.protocols.multipart import choose_boundary, file_part, read_file, too_large
 
 JSON_CONTENT_TYPE = "application/json"
+DEFAULT_FILE_FIELD = "images"  # the vendor's examples: curl -F 'images=@test.png'
 
 # The gateway answers these when the backend is busy or down: worth another try.
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -113,10 +124,61 @@ class TextCodec:
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
         if batch.rows is None:
             raise ValueError("text input needs rows: this batch carries a file")
-        return EncodedRequest(encode_text(batch.rows, request_uuid), JSON_CONTENT_TYPE)
+        body = encode_text(batch.rows, request_uuid)
+        return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid)
 
     def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
         return decode_text(body, len(batch), request_uuid)
+
+
+class FileCodec:
+    """File input: the batch's one file as multipart/form-data; the answer object back.
+
+    ``file_field`` is the form field (the model's input name); a request body is never
+    larger than ``max_body_bytes``: a file that would make it larger is refused unsent.
+    """
+
+    def __init__(
+        self, file_field: str = DEFAULT_FILE_FIELD, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ) -> None:
+        self.file_field = file_field
+        self.max_body_bytes = max_body_bytes
+
+    def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
+        """Read the file and build the form; ``RequestError`` if it is too large or unreadable."""
+        path = batch.path
+        if path is None:
+            raise ValueError("file input needs a file: this batch carries rows")
+        name = path.name
+        form = file_part(self.file_field, name, choose_boundary(request_uuid, b""))
+        content = read_file(path, self.max_body_bytes - form.envelope_bytes)
+        boundary = choose_boundary(request_uuid, content)
+        if boundary != form.boundary:  # the file holds the first choice: rebuild
+            form = file_part(self.file_field, name, boundary)
+        body = form.body(content)
+        if len(body) > self.max_body_bytes:  # only a longer boundary can get here
+            raise too_large(len(content), self.max_body_bytes - form.envelope_bytes)
+        preview = (
+            form.head.decode("utf-8", errors="replace")
+            + f"<{len(content):,} bytes of {name}>"
+            + form.tail.decode("ascii")
+        ).replace("\r\n", "\n")
+        return EncodedRequest(body, form.content_type, request_uuid=None, preview=preview)
+
+    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
+        """The answer's JSON object, as it came, as the one result of the file."""
+        return [decode_file(body)]
+
+
+def decode_file(body: bytes) -> dict[str, Any]:
+    """The result of a 2xx file-input answer: the whole JSON object, fields untouched."""
+    document = _parse_json(body, 200)
+    if not isinstance(document, dict):
+        raise _bad_response(
+            f"the answer is {_a(document)}, not a JSON object; file input answers one object "
+            "per file"
+        )
+    return document
 
 
 def _parse_json(body: bytes, status: int) -> Any:
