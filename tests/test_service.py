@@ -162,8 +162,10 @@ def test_model_refuses_a_bad_record(record: Any, message: str) -> None:
 
 def test_load_model_is_cached_and_names_the_known_models() -> None:
     assert load_model("iris") is load_model("iris")
-    assert MODEL_NAMES == ("iris",)
-    with pytest.raises(ValueError, match="unknown model 'tulips'; the known models are: iris"):
+    assert MODEL_NAMES == ("iris", "colors")
+    with pytest.raises(
+        ValueError, match="unknown model 'tulips'; the known models are: iris, colors"
+    ):
         load_model("tulips")
 
 

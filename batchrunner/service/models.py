@@ -6,10 +6,11 @@ A model is one of two kinds, matching the two input kinds of the protocol (``PRO
   returns one result object per record, in order;
 - a :class:`FileModel` scores the one file of a file-input (multipart) request.
 
-Only ``iris`` exists now: a Gaussian naive Bayes classifier fitted at first use on the
-classic 150-row iris data set shipped in ``data/iris.csv``. It is plain Python on purpose
-(no numpy): the service must run wherever batchrunner runs, and the per-record cost is a
-few dozen float operations.
+``iris`` (here) is a Gaussian naive Bayes classifier fitted at first use on the classic
+150-row iris data set shipped in ``data/iris.csv``. It is plain Python on purpose (no
+numpy): the service must run wherever batchrunner runs, and the per-record cost is a few
+dozen float operations. ``colors`` (in ``colors.py``, loaded only when asked for, as it
+needs Pillow) names the dominant colour of an image.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class FileModel(ABC):
     """A model for file input: one multipart file in, one result object out.
 
     ``input_name`` is the form field the file must come under (the vendor's examples use
-    ``images``). No file model exists yet; the ``colors`` image classifier will be one.
+    ``images``). ``predict_file`` may run in a worker thread: decoding a large image takes
+    long enough to stall every other request if it ran on the event loop.
     """
 
     name: str
@@ -269,9 +271,16 @@ def _load_iris() -> IrisModel:
     return IrisModel.fit_csv(DATA_DIR / "iris.csv")
 
 
-# One loader per model name; a new model (``colors``) is one more entry here.
+def _load_colors() -> Model:
+    from batchrunner.service.colors import ColorsModel  # Pillow, imported when needed
+
+    return ColorsModel()
+
+
+# One loader per model name.
 _LOADERS: dict[str, Callable[[], Model]] = {
     "iris": _load_iris,
+    "colors": _load_colors,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_LOADERS)
