@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from array import array
 from pathlib import Path
 
@@ -180,3 +181,20 @@ def test_journal_survives_an_unclosed_writer(tmp_path: Path) -> None:
     output = tmp_path / "o.parquet"
     assemble(copy, output, array("q", [1, 1, 1]))
     assert pq.read_table(output).column("v").to_pylist() == [0, 1, 2]
+
+
+def test_result_columns_are_built_without_searching_for_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pyarrow's type inference imports dateutil on every call; when it is not installed,
+    # each failed import searched sys.path again (~80 us, paid per result column per batch).
+    searched: list[str] = []
+
+    class Spy:
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            searched.append(name)
+
+    monkeypatch.setattr(sys, "meta_path", [Spy(), *sys.meta_path])
+    results = [{"label": "rose", "scores": [["rose", 0.9]], "n": 1}]
+    outcome_table([ok(0, ["a"], results)])
+    assert searched == []
