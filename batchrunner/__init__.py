@@ -5,15 +5,17 @@ Imports flow one way, down this list; a module imports only from those above it:
     errors      the BatchRunnerError tree
     items       plain data passed between stages (Batch, Outcome)
     job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
-    sources     one reader per input kind (tabular)
-    protocols   request encoding, response decoding (modelarts)
+    sources     one reader per input kind (tabular; images: folders, globs, manifests)
+    protocols   request encoding, response decoding (modelarts: text and file input;
+                multipart: one-file form bodies)
     retry       pure retry decisions
     limiter     concurrency bound
     auth        token sources and masking
     client      the only module that imports the aiohttp client
     report      latency histogram, summary
     sink        the run's journal of finished batches; assembly into one Parquet file
-    service     the embedded reference service (the only user of aiohttp.web)
+    dispatch    one batch's life on the wire: encode, limiter, post, retries
+    service     the embedded reference service, iris and colors (the only user of aiohttp.web)
     runner      the asyncio pipeline
     cli         the typer app: the only place that prints or exits
 """

@@ -174,7 +174,9 @@ def validate(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="The model to serve: iris.")] = "iris",
+    model: Annotated[
+        str, typer.Option(help="The model to serve: iris (text input) or colors (images).")
+    ] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
 ) -> None:
@@ -222,8 +224,8 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"job:          {job.name}",
         f"input:        {shown_files} ({plan.format})",
         f"sends:        {', '.join(plan.send_columns)}",
-        f"key:          {job.input.id_column or 'row number'}",
-        f"rows:         {rows} in {batches} requests of up to {job.batch.size}",
+        f"key:          {plan.key}",
+        f"rows:         {rows} in {batches} requests of up to {plan.batch_size}",
         f"service:      {plan.url} ({job.service.protocol}), {job.batch.concurrency} in flight",
         f"output:       {plan.output}",
     ]
@@ -232,12 +234,16 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         typer.echo(f"\nfirst request: POST {plan.url}")
         for name, value in plan.headers.items():
             typer.echo(f"  {name}: {value}")
-        if plan.first_request is None:
+        if plan.first_request_error is not None:
+            typer.echo(f"  (the first item would not be sent: {plan.first_request_error})")
+        elif plan.first_request is None:
             typer.echo("  (no rows: nothing would be sent)")
         else:
-            body = orjson.dumps(
-                orjson.loads(plan.first_request), option=orjson.OPT_INDENT_2
-            ).decode()
+            body = plan.first_request_preview
+            if body is None:
+                body = orjson.dumps(
+                    orjson.loads(plan.first_request), option=orjson.OPT_INDENT_2
+                ).decode()
             if len(body) > SHOWN_BODY_CHARS:
                 body = body[:SHOWN_BODY_CHARS] + f"\n  ... ({len(body):,} characters in all)"
             typer.echo(body)

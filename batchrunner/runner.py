@@ -32,17 +32,17 @@ import orjson
 from batchrunner.auth import Secret, mask_headers, resolve_token
 from batchrunner.client import ServiceClient
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, ServiceError
+from batchrunner.errors import BatchRunnerError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import Job, fingerprint, resolve_output_path
+from batchrunner.job import IMAGES, TABULAR, Job, check_input_kind, fingerprint, resolve_output_path
 from batchrunner.limiter import ConcurrencyLimiter
 from batchrunner.protocols import Codec
-from batchrunner.protocols.modelarts import TextCodec
+from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sink import write_json_atomically as write_summary
-from batchrunner.sources import Source, open_tabular
+from batchrunner.sources import Source, input_kind, open_images, open_tabular
 
 log = logging.getLogger("batchrunner")
 
@@ -70,32 +70,63 @@ class Plan:
     """What a run would do: shown by ``validate`` and ``run --dry-run``; nothing is sent."""
 
     job: Job
+    kind: str  # TABULAR or IMAGES
     files: list[Path]
     format: str
     send_columns: list[str]
+    key: str  # what each row's key is, for people
     rows: int | None
+    batch_size: int  # items per request (image input: 1)
     batches: int | None
     output: Path
     url: str
     headers: dict[str, str]
     first_request: bytes | None
+    first_request_preview: str | None = None  # a body that is not text, as shown to people
+    first_request_error: str | None = None  # why the first item would not be sent
 
 
 def open_source(job: Job) -> Source:
-    """Open and check the job's input (raises ``InputError`` before anything is sent)."""
+    """Open and check the job's input (raises ``InputError`` before anything is sent).
+
+    A folder, glob or manifest of images (or ``input.format = "images"``) is image input;
+    anything else is a table. Settings that do not apply to the kind found are refused.
+    """
+    settings = job.input
+    kind = input_kind(settings.path, settings.format, settings.extensions)
+    check_input_kind(job, kind, settings.path)
+    if kind == IMAGES:
+        return open_images(
+            settings.path,
+            extensions=settings.extensions,
+            recursive=settings.recursive,
+            follow_links=settings.follow_links,
+        )
     return open_tabular(
-        job.input.path,
-        format=job.input.format,
-        id_column=job.input.id_column,
-        columns=job.input.columns,
+        settings.path,
+        format=settings.format,
+        id_column=settings.id_column,
+        columns=settings.columns,
         keep_input=job.output.keep_input,
-        csv_delimiter=job.input.csv_delimiter,
+        csv_delimiter=settings.csv_delimiter,
     )
+
+
+def kind_of(source: Source) -> str:
+    """``IMAGES`` for image input, else ``TABULAR``."""
+    return IMAGES if source.format == IMAGES else TABULAR
+
+
+def batch_size_for(job: Job, kind: str) -> int:
+    """Items per request: ``batch.size`` rows for a table, one file for image input."""
+    return 1 if kind == IMAGES else job.batch.size
 
 
 def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     """Check the job, its token source and its input, and describe the run; send nothing."""
     source = open_source(job)
+    kind = kind_of(source)
+    size = batch_size_for(job, kind)
     if job.service.embedded_model is None:
         resolve_token(job.service)  # a missing token is an error now, not at the first request
     rows = source.count_rows()
@@ -103,31 +134,49 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         rows = source.scan_count()
     if rows is not None and limit is not None:
         rows = min(rows, limit)
-    batches = None if rows is None else -(-rows // job.batch.size)
-    first = next(source.iter_batches(job.batch.size, limit=limit), None)
-    body = None
+    batches = None if rows is None else -(-rows // size)
+    first = next(source.iter_batches(size, limit=limit), None)
+    body = preview = refused = None
     headers = {"X-Auth-Token": "<token>"}
     if first is not None:
-        request = codec_for(job).encode(first, str(uuid.uuid4()))
-        body = request.body
-        headers["Content-Type"] = request.content_type
+        try:
+            request = codec_for(job, kind).encode(first, str(uuid.uuid4()))
+        except RequestError as exc:
+            refused = f"{first.keys[0]}: {exc.message}"
+        else:
+            body, preview = request.body, request.preview
+            headers["Content-Type"] = request.content_type
+    if kind == IMAGES:
+        sends = [f"each file as form field {job.service.file_field!r} (multipart/form-data)"]
+        key = "the file's path relative to the input folder"
+    else:
+        sends = list(source.send_columns)
+        key = job.input.id_column or "row number"
     now = datetime.now()
     return Plan(
         job=job,
+        kind=kind,
         files=list(source.paths),
         format=source.format,
-        send_columns=list(source.send_columns),
+        send_columns=sends,
+        key=key,
         rows=rows,
+        batch_size=size,
         batches=batches,
         output=resolve_output_path(job, now, new_run_id(now)),
         url=job.service.url,
         headers=mask_headers(headers),
         first_request=body,
+        first_request_preview=preview,
+        first_request_error=refused,
     )
 
 
-def codec_for(job: Job) -> Codec:
-    """The codec of the job's protocol and input kind."""
+def codec_for(job: Job, kind: str) -> Codec:
+    """The codec of the job's protocol and input kind: text input for tables, file input
+    for images."""
+    if kind == IMAGES:
+        return FileCodec(job.service.file_field, job.service.max_body_bytes)
     return TextCodec()
 
 
@@ -182,6 +231,8 @@ class Runner:
         )
         self._limiter = ConcurrencyLimiter(job.batch.concurrency)
         self._window = _Window(size=max(64, 4 * job.batch.concurrency))
+        self._kind = TABULAR  # known once the source is open
+        self._batch_size = job.batch.size
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
@@ -192,13 +243,15 @@ class Runner:
     async def run(self) -> RunResult:
         job = self.job
         source = open_source(job)
+        self._kind = kind_of(source)
+        self._batch_size = batch_size_for(job, self._kind)
         token = None if job.service.embedded_model else resolve_token(job.service)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
         state_dir = output.with_name(output.name + ".state")
         summary_path = output.with_name(output.name + ".summary.json")
-        job_fingerprint = fingerprint(job, source.paths)
+        job_fingerprint = fingerprint(job, source.paths, kind=self._kind)
         if state_dir.exists():
             shutil.rmtree(state_dir)  # resuming from it is not supported yet: start fresh
         journal = Journal(state_dir)
@@ -207,7 +260,7 @@ class Runner:
         url = job.service.url
         log.info(
             "run %s: %s -> %s via %s (batch %d, concurrency %d)",
-            run_id, job.input.path, output, url, job.batch.size, job.batch.concurrency,
+            run_id, job.input.path, output, url, self._batch_size, job.batch.concurrency,
         )  # fmt: skip
         try:
             async with AsyncExitStack() as stack:
@@ -290,7 +343,7 @@ class Runner:
                 group.create_task(self._read(source, batches))
                 dispatcher = Dispatcher(
                     client,
-                    codec_for(self.job),
+                    codec_for(self.job, self._kind),
                     self._limiter,
                     self._policy,
                     self.stats,
@@ -309,10 +362,11 @@ class Runner:
             raise _first_leaf(matched) from None
 
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
-        iterator = source.iter_batches(self.job.batch.size, limit=self.limit)
+        iterator = source.iter_batches(self._batch_size, limit=self.limit)
         # Reading and converting happens in a worker thread, a few batches per hop, so the
-        # event loop keeps sending while pyarrow parses (it releases the GIL).
-        per_hop = max(1, 4096 // self.job.batch.size)
+        # event loop keeps sending while pyarrow parses (it releases the GIL) or the walk
+        # lists folders.
+        per_hop = max(1, 4096 // self._batch_size)
         while True:
             chunk = await asyncio.to_thread(_take, iterator, per_hop)
             for batch in chunk:
@@ -368,10 +422,7 @@ class Runner:
                 continue
             self._failures_logged += 1
             if self._failures_logged <= LOGGED_FAILURES:
-                log.warning(
-                    "batch %d (%d rows from key %s) failed after %d attempts: %s",
-                    seq, rows, outcome.batch.keys[0], outcome.attempts, message,
-                )  # fmt: skip
+                _log_failure(outcome)
             elif self._failures_logged == LOGGED_FAILURES + 1:
                 log.warning("more batches failed; the summary counts them all")
 
@@ -383,7 +434,7 @@ class Runner:
         # After a fatal answer the output still covers every input row: those that were
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"
-        for batch in source.iter_batches(self.job.batch.size, limit=self.limit):
+        for batch in source.iter_batches(self._batch_size, limit=self.limit):
             if batch.seq < len(self._finished) and self._finished[batch.seq]:
                 continue
             if batch.seq >= len(self._rows_per_batch):
@@ -403,6 +454,17 @@ class Runner:
         return self.stats.snapshot(
             self._limiter.statistics().in_flight, time.perf_counter() - self._started_clock
         )
+
+
+def _log_failure(outcome: Outcome) -> None:
+    batch = outcome.batch
+    if outcome.attempts == 0:  # refused before sending: a file too large or unreadable
+        log.warning("key %s was not sent: %s", batch.keys[0], outcome.error)
+        return
+    log.warning(
+        "batch %d (%d rows from key %s) failed after %d attempts: %s",
+        batch.seq, len(batch), batch.keys[0], outcome.attempts, outcome.error,
+    )  # fmt: skip
 
 
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:
