@@ -52,6 +52,9 @@ RESERVED = pa.schema(
 RESULT_SUFFIX = "_result"
 SUMMARY_METADATA_KEY = b"batchrunner.summary"
 ROW_GROUP_ROWS = 64 * 1024
+# Batches waiting for their row group are merged this many at a time: a batch of one row
+# (an image) costs kilobytes as separate Arrow buffers, and a row group holds 65,536 of them.
+MERGE_BATCHES = 1024
 
 
 # --- one outcome as a table ------------------------------------------------------------------
@@ -291,6 +294,8 @@ def assemble(
             for batch in _in_input_order(_read_parts(parts), rows_per_batch):
                 pending.append(conform(batch.drop_columns([SEQ]), schema))
                 pending_rows += batch.num_rows
+                if len(pending) >= MERGE_BATCHES:
+                    pending = [pa.concat_batches(pending)]
                 if pending_rows >= ROW_GROUP_ROWS:
                     writer.write_table(pa.Table.from_batches(pending, schema))
                     written += pending_rows
