@@ -84,7 +84,9 @@ def run(
         str | None, typer.Option(help="Output Parquet path ({name} {date} {time} {run_id}).")
     ] = None,
     url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per request.")] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Only the first N items (to try a job).")
@@ -260,7 +262,8 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"sends:        {', '.join(plan.send_columns)}",
         f"key:          {job.input.id_column or 'row number'}",
         f"rows:         {rows} in {batches} requests of up to {job.batch.size}",
-        f"service:      {plan.url} ({job.service.protocol}), {job.batch.concurrency} in flight",
+        f"service:      {plan.url} ({job.service.protocol}), "
+        f"{_describe_concurrency(job)} in flight",
         f"output:       {plan.output}",
     ]
     typer.echo("\n".join(lines))
@@ -278,6 +281,18 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
                 body = body[:SHOWN_BODY_CHARS] + f"\n  ... ({len(body):,} characters in all)"
             typer.echo(body)
         typer.echo("\ndry run: nothing was sent")
+
+
+def _describe_concurrency(job: Job) -> str:
+    batch = job.batch
+    text = (
+        f"auto (up to {batch.max_concurrency})"
+        if batch.concurrency == "auto"
+        else str(batch.concurrency)
+    )
+    if batch.rate_limit:
+        text += f", at most {batch.rate_limit:g} requests/s"
+    return text
 
 
 def _summary_paragraph(summary: dict[str, Any], summary_path: Path) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from batchrunner.client import ServiceClient
 from batchrunner.errors import AuthError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.limiter import ConcurrencyLimiter
+from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec
 from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
@@ -30,6 +30,8 @@ log = logging.getLogger("batchrunner")
 
 Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024
+# Answers that say "too many at once": the adaptive limiter backs off on them.
+PUSH_BACK_STATUSES = frozenset({429, 503})
 
 
 class _Dropped(Exception):
@@ -48,6 +50,7 @@ class Dispatcher:
         stats: RunStats,
         *,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        rate: RateLimiter | None = None,
         stopping: asyncio.Event | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
@@ -58,6 +61,7 @@ class Dispatcher:
         self._policy = policy
         self._stats = stats
         self._max_request_bytes = max_request_bytes
+        self._rate = rate
         self._stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -103,12 +107,19 @@ class Dispatcher:
             async with self._limiter:
                 if self._fatal is not None:
                     raise _fatal_error(self._fatal)
+                if self._rate is not None:
+                    await self._rate.acquire()
                 try:
                     self._stats.requests += 1
                     response = await self._client.post(request.body, request.content_type)
                     http_status = response.status
                     latencies.append(response.latency_ms)
                     self._stats.latency.add(response.latency_ms)
+                    self._limiter.feedback(
+                        response.latency_ms, pushed_back=response.status in PUSH_BACK_STATUSES
+                    )
+                    if response.status == 429:
+                        self._stats.throttled += 1
                     if not response.ok:
                         raise classify_failure(response.status, response.body, response.retry_after)
                     results = self._codec.decode(response.body, batch, request_uuid)
@@ -124,6 +135,8 @@ class Dispatcher:
                     return outcome, None
                 except RequestError as failure:
                     error = failure
+                    if error.kind == "timeout":
+                        self._limiter.feedback(None, pushed_back=True)
                     if error.fatal:
                         # Set before the limiter lets the next request go: none follows.
                         self._fatal = error

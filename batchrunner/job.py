@@ -110,11 +110,31 @@ class BatchSettings(_Settings):
     """``[batch]``: rows per request and requests in flight."""
 
     size: int = Field(default=50, ge=1, le=1_000_000)
-    concurrency: int = Field(default=8, ge=1, le=4096)
+    # A number, or "auto": find the service's capacity (AIMD), up to max_concurrency.
+    concurrency: int | Literal["auto"] = Field(default=8)
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    # Requests started per second at most (token bucket), for services with a quota.
+    rate_limit: float | None = Field(default=None, gt=0)
     # The gateway refuses bodies over 12 MB (413): a bigger batch is split before sending.
     max_request_bytes: int = Field(default=12 * 1024 * 1024, ge=1024)
     # After SIGINT/SIGTERM: seconds for requests in flight to finish before they are dropped.
     grace_period: float = Field(default=30.0, ge=0)
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _check_concurrency(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+            raise ValueError('must be a whole number from 1 to 4096, or "auto"')
+        return value
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests that can be in flight at once."""
+        return self.max_concurrency if self.concurrency == "auto" else int(self.concurrency)
 
 
 class RetrySettings(_Settings):

@@ -95,6 +95,7 @@ class RunStats:
     requests: int = 0
     retries: int = 0
     splits: int = 0
+    throttled: int = 0  # answers 429: the service asked us to slow down
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
 
@@ -156,6 +157,7 @@ def build_summary(
         "requests": stats.requests,
         "retries": stats.retries,
         "splits": stats.splits,
+        "throttled": stats.throttled,
         "rows_per_second": round(rows / elapsed_s, 1) if elapsed_s > 0 else None,
         "latency_ms": {
             "mean": _round(latency.mean_ms),

@@ -37,7 +37,7 @@ from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RunInterrupted, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import Job, fingerprint, job_identity, resolve_output_path
-from batchrunner.limiter import ConcurrencyLimiter
+from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.protocols import Codec
 from batchrunner.protocols.modelarts import TextCodec
@@ -134,6 +134,14 @@ def codec_for(job: Job) -> Codec:
     return TextCodec()
 
 
+def make_limiter(job: Job) -> ConcurrencyLimiter:
+    """A fixed bound, or with ``concurrency = "auto"`` one that finds the service's capacity."""
+    batch = job.batch
+    if batch.concurrency == "auto":
+        return AdaptiveLimiter(initial=min(4, batch.max_concurrency), maximum=batch.max_concurrency)
+    return ConcurrencyLimiter(batch.concurrency)
+
+
 def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
@@ -165,10 +173,10 @@ class Runner:
         self._policy = RetryPolicy(
             job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max
         )
-        self._limiter = ConcurrencyLimiter(job.batch.concurrency)
+        self._limiter = make_limiter(job)
         # Batches started and not yet finished (sending, or waiting to retry): bounded, so
         # that memory stays flat; twice the concurrency keeps the pipe full during backoffs.
-        self._outstanding = asyncio.Semaphore(2 * job.batch.concurrency)
+        self._outstanding = asyncio.Semaphore(2 * job.batch.max_in_flight)
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
@@ -197,7 +205,7 @@ class Runner:
             self._finished = checkpoint.finished
             self._started_clock = time.perf_counter()
             log.info(
-                "run %s: %s -> %s via %s (batch %d, concurrency %d)",
+                "run %s: %s -> %s via %s (batch %d, concurrency %s)",
                 run_id, job.input.path, output, job.service.url,
                 job.batch.size, job.batch.concurrency,
             )  # fmt: skip
@@ -342,13 +350,13 @@ class Runner:
             connect_timeout=service.connect_timeout,
             verify_tls=service.verify_tls,
             ca_bundle=service.ca_bundle,
-            max_connections=self.job.batch.concurrency,
+            max_connections=self.job.batch.max_in_flight,
         )
         await stack.enter_async_context(client)
         return client
 
     async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
-        concurrency = self.job.batch.concurrency
+        concurrency = self.job.batch.max_in_flight
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
         dispatcher = Dispatcher(
@@ -358,6 +366,7 @@ class Runner:
             self._policy,
             self.stats,
             max_request_bytes=self.job.batch.max_request_bytes,
+            rate=RateLimiter(self.job.batch.rate_limit) if self.job.batch.rate_limit else None,
             stopping=self._stopping,
             sleep=self._sleep,
             rng=self._rng,

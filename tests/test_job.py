@@ -70,7 +70,7 @@ def test_out_of_range_value_names_setting_and_value(tmp_path: Path) -> None:
 
 def test_wrong_type_names_setting(tmp_path: Path) -> None:
     message = error_of(tmp_path, MINIMAL + '[batch]\nconcurrency = "many"\n')
-    assert "batch.concurrency: input should be a valid integer" in message
+    assert 'batch.concurrency: must be a whole number from 1 to 4096, or "auto"' in message
     assert "got 'many'" in message
 
 
