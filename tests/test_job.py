@@ -51,6 +51,12 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     assert "known settings here: size, concurrency" in message
 
 
+def test_unknown_key_differing_in_case_suggests_the_right_one(tmp_path: Path) -> None:
+    # Too unlike for difflib; the same helper as for columns finds it.
+    message = error_of(tmp_path, MINIMAL + "[batch]\nSIZE = 10\n")
+    assert "unknown setting batch.SIZE (did you mean 'size'?)" in message
+
+
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     message = error_of(tmp_path, MINIMAL + "[bacth]\nsize = 10\n")
     assert "unknown setting bacth (did you mean 'batch'?)" in message

@@ -47,6 +47,14 @@ def test_missing_file(tmp_path: Path) -> None:
         open_tabular(tmp_path / "nope" / "x.csv")
 
 
+def test_missing_file_differing_in_case(tmp_path: Path) -> None:
+    write_csv(tmp_path / "iris.csv", ["a"], [[1]])
+    if (tmp_path / "IRIS.CSV").exists():
+        pytest.skip("a case-insensitive file system")
+    with pytest.raises(InputError, match=r"IRIS\.CSV \(did you mean '.*iris\.csv'\?\)"):
+        open_tabular(tmp_path / "IRIS.CSV")
+
+
 def test_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match=r"no input file in folder .*set input\.format"):

@@ -11,12 +11,11 @@ on top (``data.csv.gz``, ``COMPRESSIONS``), and ``input.format``, which override
 
 from __future__ import annotations
 
-import difflib
 import glob
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from batchrunner.errors import InputError
+from batchrunner.errors import InputError, closest_name
 
 __all__ = [
     "COMPRESSIONS",
@@ -99,10 +98,9 @@ def _no_such_path(path: Path) -> str:
     message = f"input.path: no such file or folder: {path}"
     parent = path.parent
     if parent.is_dir():
-        names = [entry.name for entry in parent.iterdir()]
-        close = difflib.get_close_matches(path.name, names, n=1)
-        if close:
-            message += f" (did you mean {str(parent / close[0])!r}?)"
+        close = closest_name(path.name, [entry.name for entry in parent.iterdir()])
+        if close is not None:
+            message += f" (did you mean {str(parent / close)!r}?)"
     else:
         message += f" (the folder {parent} does not exist either)"
     return message
