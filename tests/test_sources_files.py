@@ -114,3 +114,17 @@ def test_find_files_with_a_source_of_its_own(tmp_path: Path) -> None:
     assert [p.name for p in everything] == ["a.jpg", "b.png", "notes.txt"]
     with pytest.raises(InputError, match=r"no input file in folder .*\(known extensions: \.gif\)"):
         find_files(tmp_path, accept=lambda f: f.suffix == ".gif", known=[".gif"])
+
+
+def test_glob_skips_hidden_names_its_wildcards_match(tmp_path: Path) -> None:
+    # A Spark job's output while (or after failing) writing: _temporary/ holds partial files.
+    out = tmp_path / "out"
+    for folder in [out, out / "_temporary" / "0", out / "_logs", tmp_path / "_staging"]:
+        write_csv(folder / "part-0.csv", ["a"], [[1]])
+    (out / "_SUCCESS").write_text("")
+    assert open_tabular(str(out / "**" / "*.csv")).paths == [out / "part-0.csv"]
+    with pytest.raises(InputError, match=r"no input file matches"):  # _logs/, _temporary/
+        open_tabular(str(out / "*" / "*.csv"))
+    # Named in the pattern itself, a folder is read whatever its name.
+    staged = open_tabular(str(tmp_path / "_staging" / "*.csv"))
+    assert staged.paths == [tmp_path / "_staging" / "part-0.csv"]

@@ -12,6 +12,7 @@ on top (``data.csv.gz``, ``COMPRESSIONS``), and ``input.format``, which override
 from __future__ import annotations
 
 import glob
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def find_files(
 
     A file is returned as it is, whatever its name. A folder (searched recursively, sorted by
     relative path) or a glob gives the files ``accept`` takes (every one when ``accept`` is
-    None), hidden names skipped. ``known`` are the extensions ``accept`` takes, for the
-    message when it takes none.
+    None), skipping hidden names below the folder or the glob's first wildcard. ``known``
+    are the extensions ``accept`` takes, for the message when it takes none.
     """
     text = str(path)
     given = Path(path)
@@ -69,10 +70,13 @@ def find_files(
         )
         where = f"in folder {text}"
     elif _GLOB_CHARS & set(text):
+        # What the pattern spells out is taken as given; what its wildcards match is not
+        # hidden (else `out/**/*.parquet` reads Spark's half-written `out/_temporary/`).
+        literal = Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), given.parts))
         found = sorted(
             p
             for p in map(Path, glob.glob(text, recursive=True))
-            if p.is_file() and not is_hidden(Path(p.name))
+            if p.is_file() and not is_hidden(p.relative_to(literal))
         )
         where = f"matches {text}"
     else:

@@ -244,11 +244,12 @@ def open_tabular(
     """Find the input's files, read its schema, and check the job's columns against it.
 
     ``path`` is a file, a folder (every file with a known extension inside, recursively,
-    sorted by relative path; names starting with ``.`` or ``_`` are skipped) or a glob.
-    ``format`` ("csv", "tsv", "parquet", "jsonl") overrides the extensions. Raises
-    ``InputError`` naming the setting, file and column for anything that would stop the run
-    later, so that it stops before the first request. ``block_bytes`` (CSV / JSON lines) and
-    ``parquet_batch_rows`` size the reads; the first block is the type-inference sample.
+    sorted by relative path; names starting with ``.`` or ``_`` are skipped) or a glob (the
+    same names skipped below its first wildcard). ``format`` ("csv", "tsv", "parquet",
+    "jsonl") overrides the extensions. Raises ``InputError`` naming the setting, file and
+    column for anything that would stop the run later, so that it stops before the first
+    request. ``block_bytes`` (CSV / JSON lines) and ``parquet_batch_rows`` size the reads;
+    the first block is the type-inference sample.
     """
     if block_bytes < 1 or parquet_batch_rows < 1:
         raise ValueError("block_bytes and parquet_batch_rows must be >= 1")
