@@ -54,3 +54,10 @@ def test_csv_delimiters() -> None:
     assert set(csv_delimiters(paths, ";", False).values()) == {";"}
     with pytest.raises(InputError, match=r"got '' \(for tabs write '\\t'\)"):
         csv_delimiters(paths, "", False)
+
+
+def test_later_csv_file_with_a_column_twice(tmp_path: Path) -> None:
+    write_csv(tmp_path / "a.csv", ["v", "w"], [[1, 2]])
+    write_csv(tmp_path / "b.csv", ["v", "v", "w"], [[3, 4, 5]])
+    with pytest.raises(InputError, match=r"b\.csv: the column name 'v' appears more than once"):
+        open_tabular(tmp_path, columns=["v"])

@@ -32,3 +32,11 @@ def test_later_parquet_file_missing_a_column(tmp_path: Path) -> None:
     write_parquet(tmp_path / "p" / "b.parquet", pa.table({"w": [1]}))
     with pytest.raises(InputError, match=r"b\.parquet: no column 'v'"):
         open_tabular(tmp_path / "p")
+
+
+def test_later_parquet_file_with_a_column_twice(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "a.parquet", pa.table({"v": [1], "w": [2]}))
+    twice = pa.Table.from_arrays([pa.array([3]), pa.array([4])], names=["v", "v"])
+    write_parquet(tmp_path / "b.parquet", twice)
+    with pytest.raises(InputError, match=r"b\.parquet: the column name 'v' appears more than"):
+        open_tabular(tmp_path, columns=["v"])

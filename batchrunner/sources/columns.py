@@ -65,12 +65,12 @@ def read_columns(
     return list(dict.fromkeys([*send, *([id_column] if id_column is not None else [])]))
 
 
-def check_unique(schema: pa.Schema, read: list[str], first: Path) -> None:
-    """Raise an InputError when a read column's name appears twice in ``first``'s schema."""
+def check_unique(names: Sequence[str], read: list[str], path: Path) -> None:
+    """Raise an InputError when a read column's name appears twice in ``path``'s ``names``."""
     for name in read:
-        if schema.names.count(name) > 1:
+        if names.count(name) > 1:
             raise InputError(
-                f"{first}: the column name {name!r} appears more than once; rename one "
+                f"{path}: the column name {name!r} appears more than once; rename one "
                 f"so that the job can tell them apart"
             )
 

@@ -21,6 +21,7 @@ import pyarrow.csv as pcsv
 
 from batchrunner.errors import InputError, clip, did_you_mean
 from batchrunner.sources.batching import FileRows
+from batchrunner.sources.columns import check_unique
 from batchrunner.sources.files import data_suffix
 from batchrunner.sources.widening import log_widening, read_widening, widen_text
 
@@ -87,11 +88,13 @@ def csv_schema(
 def check_csv_headers(
     paths: list[Path], headers: dict[Path, list[str] | None], needed: list[str], first: Path
 ) -> None:
-    """Raise an InputError for the first file whose header lacks a ``needed`` column."""
+    """Raise an InputError for the first file whose header lacks a ``needed`` column, or
+    has one twice."""
     for path in paths:
         header = headers[path]
         if header is None:
             continue
+        check_unique(header, needed, path)
         for name in needed:
             if name not in header:
                 raise InputError(

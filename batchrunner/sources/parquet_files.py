@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError, did_you_mean
 from batchrunner.sources.batching import FileRows
+from batchrunner.sources.columns import check_unique
 from batchrunner.sources.widening import castable
 
 __all__ = ["ParquetReader", "check_parquet_files", "parquet_schema"]
@@ -29,8 +30,8 @@ def parquet_schema(path: Path) -> pa.Schema:
 
 
 def check_parquet_files(paths: list[Path], schema: pa.Schema, needed: list[str]) -> dict[Path, int]:
-    """Every file's row count (from its footer), after checking it has the needed columns
-    in types that convert to the first file's."""
+    """Every file's row count (from its footer), after checking it has the needed columns,
+    once each, in types that convert to the first file's."""
     rows: dict[Path, int] = {}
     for path in paths:
         try:
@@ -41,6 +42,7 @@ def check_parquet_files(paths: list[Path], schema: pa.Schema, needed: list[str])
             raise InputError(f"{path}: cannot read this Parquet file: {exc}") from exc
         if other.equals(schema):
             continue
+        check_unique(other.names, needed, path)
         for name in needed:
             if other.get_field_index(name) < 0:
                 raise InputError(

@@ -277,7 +277,7 @@ def open_tabular(
     needed = read_columns(schema, send, id_column, keep_input)
     file_rows: dict[Path, int] = {}
     if first is not None:
-        check_unique(schema, needed, first)
+        check_unique(schema.names, needed, first)
         if fmt == "csv":
             check_csv_headers(paths, headers, needed, first)
         elif fmt == "parquet":
