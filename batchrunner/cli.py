@@ -130,6 +130,7 @@ def run(
         result = run_job(
             job,
             limit=limit,
+            resume=not no_resume,
             on_progress=_progress_printer(show_progress),
             progress_interval=1.0 if show_progress else 10.0,
         )
@@ -177,13 +178,44 @@ def serve(
     model: Annotated[str, typer.Option(help="The model to serve: iris.")] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Added latency per request.")] = 0.0,
+    jitter_ms: Annotated[float, typer.Option(min=0, help="Latency varies by +- this.")] = 0.0,
+    capacity: Annotated[
+        int | None, typer.Option(min=1, help="Requests in flight above this get 429.")
+    ] = None,
+    retry_after: Annotated[
+        float, typer.Option(min=0, help="Retry-After (s) sent with each 429.")
+    ] = 1.0,
+    error_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of 503s.")] = 0.0,
+    drop_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of connections dropped unanswered.")
+    ] = 0.0,
+    html_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTML 502 pages.")] = 0.0,
+    poison_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of rows the model fails on (MR.0105).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
 ) -> None:
     """Run the embedded reference service (a real model behind the ModelArts protocol).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
+    The fault options rehearse a bad day: throttling, 503s, dropped connections, HTML error
+    pages, slow answers and rows the model cannot score, all drawn from --seed.
     """
+    from batchrunner.service import FaultSettings, fault_middleware
     from batchrunner.service import serve as serve_forever
 
+    faults = FaultSettings(
+        latency_ms=latency_ms,
+        jitter_ms=jitter_ms,
+        capacity=capacity,
+        retry_after=retry_after,
+        error_rate=error_rate,
+        drop_rate=drop_rate,
+        html_rate=html_rate,
+        poison_rate=poison_rate,
+        seed=seed,
+    )
     token = os.environ.get("BATCHRUNNER_SERVE_TOKEN", "")
     shown = token == ""
     if shown:
@@ -197,10 +229,14 @@ def serve(
             typer.echo(f"X-Auth-Token: {token}  (a random token for this local service only)")
         else:
             typer.echo("X-Auth-Token: the value of BATCHRUNNER_SERVE_TOKEN")
-        typer.echo("press Ctrl-C to stop")
+        if faults.any:
+            typer.echo(f"injecting faults: {faults}")
+        typer.echo("press Ctrl-C to stop", nl=True)
+        sys.stdout.flush()
 
+    middlewares = [fault_middleware(faults)] if faults.any else []
     try:
-        serve_forever(model, host, port, token, on_ready=ready)
+        serve_forever(model, host, port, token, on_ready=ready, extra_middlewares=middlewares)
     except ValueError as error:
         _fail(SettingError(f"--model: {error}"))
     except OSError as error:

@@ -1,9 +1,12 @@
-"""Sending one batch until it has an outcome: limiter, codec, client, retries.
+"""Sending one batch until it has an outcome: limiter, codec, client, retries, splitting.
 
 ``Dispatcher.send`` is the whole life of a batch on the wire: encode (a fresh ``meta.uuid``
 per attempt), wait for a slot in the limiter, post, judge the answer, and either return the
-rows' results, retry after the policy's delay, or give up with error rows. A fatal answer
-(the token refused, TLS broken) raises, and no request starts after it.
+rows' results, retry after the policy's delay, or give up with error rows. When a request is
+refused for a reason one row may cause (a model error, a 400 or 413, a ``resp_data`` of the
+wrong length, a body over ``max_request_bytes``), the batch is split in halves, and halves of
+halves, so that good rows still get results and only the bad row becomes an error row.
+A fatal answer (the token refused, TLS broken) raises, and no request starts after it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from batchrunner.retry import RetryPolicy
 log = logging.getLogger("batchrunner")
 
 Sleep = Callable[[float], Awaitable[None]]
+DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024
+
+
+class _Dropped(Exception):
+    """The run is stopping: this batch is left for the next run."""
 
 
 class Dispatcher:
@@ -39,6 +47,8 @@ class Dispatcher:
         policy: RetryPolicy,
         stats: RunStats,
         *,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        stopping: asyncio.Event | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -47,21 +57,48 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._stats = stats
+        self._max_request_bytes = max_request_bytes
+        self._stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._fatal: RequestError | None = None  # a fatal answer: no request may follow it
 
     async def send(self, batch: Batch) -> list[Outcome]:
-        """The outcomes covering ``batch``'s rows, in row order; fatal answers raise."""
-        return [await self._send_whole(batch)]
+        """Outcomes covering all of ``batch``'s rows in row order, or [] if the run is
+        stopping and the batch was given up (it is sent again by the next run)."""
+        try:
+            return await self._send_splitting(batch)
+        except _Dropped:
+            return []
 
-    async def _send_whole(self, batch: Batch) -> Outcome:
+    async def _send_splitting(self, batch: Batch) -> list[Outcome]:
+        outcome, error = await self._send_whole(batch)
+        if error is None or not error.row_specific or len(batch) < 2 or batch.rows is None:
+            return [outcome]
+        self._stats.splits += 1
+        log.debug("batch %d: %s; splitting %d rows in halves", batch.seq, error, len(batch))
+        left, right = batch.split()
+        async with asyncio.TaskGroup() as halves:
+            first = halves.create_task(self._send_splitting(left))
+            second = halves.create_task(self._send_splitting(right))
+        return [*first.result(), *second.result()]
+
+    async def _send_whole(self, batch: Batch) -> tuple[Outcome, RequestError | None]:
         latencies: list[float] = []
         attempt = 0
         while True:
-            attempt += 1
             request_uuid = str(uuid.uuid4())
             request = self._codec.encode(batch, request_uuid)
+            if len(request.body) > self._max_request_bytes:
+                too_big = RequestError(
+                    f"the request would be {len(request.body):,} bytes, over "
+                    f"batch.max_request_bytes ({self._max_request_bytes:,})",
+                    kind="request_too_large",
+                    retryable=False,
+                    row_specific=True,
+                )
+                return self._failed(batch, too_big, attempt, latencies, None, None), too_big
+            attempt += 1
             http_status: int | None = None
             async with self._limiter:
                 if self._fatal is not None:
@@ -75,7 +112,7 @@ class Dispatcher:
                     if not response.ok:
                         raise classify_failure(response.status, response.body, response.retry_after)
                     results = self._codec.decode(response.body, batch, request_uuid)
-                    return Outcome(
+                    outcome = Outcome(
                         batch,
                         results,
                         http_status=response.status,
@@ -84,6 +121,7 @@ class Dispatcher:
                         request_uuid=request_uuid,
                         latencies_ms=latencies,
                     )
+                    return outcome, None
                 except RequestError as failure:
                     error = failure
                     if error.fatal:
@@ -93,20 +131,34 @@ class Dispatcher:
                 raise _fatal_error(error)
             delay = self._policy.delay(attempt, error, self._rng)
             if delay is None:
-                return Outcome(
-                    batch,
-                    None,
-                    error=error.message,
-                    error_kind=error.kind,
-                    http_status=http_status,
-                    attempts=attempt,
-                    latency_ms=latencies[-1] if latencies else None,
-                    request_uuid=request_uuid,
-                    latencies_ms=latencies,
-                )
+                outcome = self._failed(batch, error, attempt, latencies, http_status, request_uuid)
+                return outcome, error
+            if self._stopping.is_set():
+                raise _Dropped
             self._stats.retries += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._sleep(delay)
+
+    @staticmethod
+    def _failed(
+        batch: Batch,
+        error: RequestError,
+        attempts: int,
+        latencies: list[float],
+        http_status: int | None,
+        request_uuid: str | None,
+    ) -> Outcome:
+        return Outcome(
+            batch,
+            None,
+            error=error.message,
+            error_kind=error.kind,
+            http_status=http_status,
+            attempts=attempts,
+            latency_ms=latencies[-1] if latencies else None,
+            request_uuid=request_uuid,
+            latencies_ms=latencies,
+        )
 
 
 def _fatal_error(error: RequestError) -> ServiceError:

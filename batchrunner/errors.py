@@ -11,7 +11,8 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     ├── ServiceError                  the service answered in a way that stops the whole run
     │   └── AuthError                 the token was refused (401/403): exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
-    └── LockedError                   another run of this job holds its lock: exit 75
+    ├── LockedError                   another run of this job holds its lock: exit 75
+    └── RunInterrupted                stopped by a signal; the state is kept: exit 130
 
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
@@ -52,7 +53,9 @@ class RequestError(BatchRunnerError):
     ``kind`` is a short stable name for summaries (``http_503``, ``timeout``, ``bad_response``);
     ``retryable`` says whether sending the same request again may succeed; ``retry_after`` is
     the wait the service asked for, in seconds, if it asked; ``fatal`` means no request can
-    succeed (the token is refused) and the run stops.
+    succeed (the token is refused) and the run stops; ``row_specific`` means one row of the
+    request may be to blame (a model error, a 400, a ``resp_data`` of the wrong length), so
+    the request is worth splitting to isolate it.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class RequestError(BatchRunnerError):
         kind: str,
         retryable: bool,
         fatal: bool = False,
+        row_specific: bool = False,
         http_status: int | None = None,
         retry_after: float | None = None,
     ) -> None:
@@ -69,6 +73,7 @@ class RequestError(BatchRunnerError):
         self.kind = kind
         self.retryable = retryable
         self.fatal = fatal
+        self.row_specific = row_specific
         self.http_status = http_status
         self.retry_after = retry_after
 
@@ -97,6 +102,12 @@ class LockedError(BatchRunnerError):
     """Another run of the same job holds its lock."""
 
     exit_code = 75
+
+
+class RunInterrupted(BatchRunnerError):
+    """The run was stopped by SIGINT/SIGTERM; finished batches are kept for the next run."""
+
+    exit_code = 130
 
 
 # -- writing messages -------------------------------------------------------------------

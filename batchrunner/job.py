@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from batchrunner.errors import SettingError, did_you_mean
 
@@ -40,6 +47,20 @@ class InputSettings(_Settings):
     csv_delimiter: str | None = Field(default=None, min_length=1, max_length=1)
 
 
+class EmbeddedSettings(_Settings):
+    """``[service.embedded]``: faults the embedded service injects, to rehearse a bad day."""
+
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    capacity: int | None = Field(default=None, ge=1)  # in flight above it: 429 + Retry-After
+    retry_after: float = Field(default=1.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)  # 503s
+    drop_rate: float = Field(default=0.0, ge=0, le=1)  # connections closed without an answer
+    html_rate: float = Field(default=0.0, ge=0, le=1)  # HTML 502 pages
+    poison_rate: float = Field(default=0.0, ge=0, le=1)  # rows the model fails on (MR.0105)
+    seed: int = 0
+
+
 class ServiceSettings(_Settings):
     """``[service]``: where requests go and how they authenticate."""
 
@@ -51,6 +72,16 @@ class ServiceSettings(_Settings):
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
     ca_bundle: str | None = None
+    embedded: EmbeddedSettings | None = None
+
+    @model_validator(mode="after")
+    def _embedded_only_for_embedded(self) -> ServiceSettings:
+        if self.embedded is not None and self.embedded_model is None:
+            raise ValueError(
+                "[service.embedded] sets faults of the embedded service: "
+                "it needs url = 'embedded:<model>'"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -79,6 +110,10 @@ class BatchSettings(_Settings):
 
     size: int = Field(default=50, ge=1, le=1_000_000)
     concurrency: int = Field(default=8, ge=1, le=4096)
+    # The gateway refuses bodies over 12 MB (413): a bigger batch is split before sending.
+    max_request_bytes: int = Field(default=12 * 1024 * 1024, ge=1024)
+    # After SIGINT/SIGTERM: seconds for requests in flight to finish before they are dropped.
+    grace_period: float = Field(default=30.0, ge=0)
 
 
 class RetrySettings(_Settings):
@@ -265,7 +300,7 @@ def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
 # --- identity ------------------------------------------------------------------------------
 
 
-def fingerprint(job: Job, input_files: Iterable[Path]) -> str:
+def job_identity(job: Job, input_files: Iterable[Path]) -> dict[str, Any]:
     """What makes two runs "the same job": a resumed run must match its predecessor's.
 
     Input identity (paths, sizes, modification times), URL, protocol, batch size and the
@@ -275,16 +310,32 @@ def fingerprint(job: Job, input_files: Iterable[Path]) -> str:
     for path in input_files:
         stat = path.stat()
         files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    identity = {
+    return {
         "url": job.service.url,
         "protocol": job.service.protocol,
         "batch_size": job.batch.size,
-        "columns": job.input.columns,
+        "columns": list(job.input.columns) if job.input.columns is not None else None,
         "id_column": job.input.id_column,
         "format": job.input.format,
         "files": files,
     }
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of a job identity (see ``job_identity``)."""
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What differs between two identities, in words: ``batch_size: 50 -> 20``."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            if key == "files":
+                changes.append("the input files changed (names, sizes or modification times)")
+            else:
+                changes.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changes
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")

@@ -94,6 +94,7 @@ class RunStats:
     rows_error: int = 0
     requests: int = 0
     retries: int = 0
+    splits: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
 
@@ -154,6 +155,7 @@ def build_summary(
         "max_error_rate": max_error_rate,
         "requests": stats.requests,
         "retries": stats.retries,
+        "splits": stats.splits,
         "rows_per_second": round(rows / elapsed_s, 1) if elapsed_s > 0 else None,
         "latency_ms": {
             "mean": _round(latency.mean_ms),

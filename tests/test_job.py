@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import SettingError
-from batchrunner.job import fingerprint, load_job, parse_assignment, resolve_output_path
+from batchrunner.job import (
+    fingerprint,
+    identity_changes,
+    job_identity,
+    load_job,
+    parse_assignment,
+    resolve_output_path,
+)
 
 MINIMAL = """
 name = "t"
@@ -166,8 +173,13 @@ def test_fingerprint_follows_what_makes_a_job_the_same(tmp_path: Path) -> None:
     job = load_job(job_file(tmp_path, MINIMAL))
     same = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.concurrency=99"])
     other = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=99"])
-    assert fingerprint(job, [data]) == fingerprint(same, [data])
-    assert fingerprint(job, [data]) != fingerprint(other, [data])
-    before = fingerprint(job, [data])
+    assert fingerprint(job_identity(job, [data])) == fingerprint(job_identity(same, [data]))
+    assert fingerprint(job_identity(job, [data])) != fingerprint(job_identity(other, [data]))
+    before = job_identity(job, [data])
     data.write_text("a\n1\n2\n")
-    assert fingerprint(job, [data]) != before
+    after = job_identity(job, [data])
+    assert fingerprint(after) != fingerprint(before)
+    assert identity_changes(before, after) == [
+        "the input files changed (names, sizes or modification times)"
+    ]
+    assert identity_changes(before, job_identity(other, [data]))[0] == "batch_size: 50 -> 99"

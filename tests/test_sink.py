@@ -150,9 +150,9 @@ def test_empty_run_writes_the_key_columns(tmp_path: Path) -> None:
     ("seqs", "rows", "message"),
     [
         ([0, 0], [1, 1], "batch 0 appears twice"),
-        ([0], [1, 1], "batch 1 (of 2) has no results"),
-        ([1], [1, 1], "batch 0 (of 2) has no results"),
-        ([0, 2], [1, 1], "batch 2 appears twice or was not read"),
+        ([0], [1, 1], "1 of 2 batches have no results (1)"),
+        ([1], [1, 1], "1 of 2 batches have no results (0)"),
+        ([0, 2], [1, 1], "batch 2 was not read"),
         ([0, 1], [1, 2], "batch 1 has 1 result rows for 2 input rows"),
     ],
 )

@@ -27,6 +27,8 @@ JSON_CONTENT_TYPE = "application/json"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # 401/403: the token is refused; every other request will be refused too.
 FATAL_STATUSES = frozenset({401, 403})
+# A request refused for its content: one row may be to blame, so halves are worth a try.
+ROW_SPECIFIC_STATUSES = frozenset({400, 413, 422})
 # ModelArts.42xx / 45xx: throttling, circuit breaker, backend timeouts: transient.
 _TRANSIENT_CODE = re.compile(r"^ModelArts\.4[25]\d\d$")
 
@@ -64,7 +66,8 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
     if len(results) != expected:
         raise _bad_response(
             f"data.resp_data has {len(results)} items for {expected} rows sent; "
-            "results cannot be matched to rows"
+            "results cannot be matched to rows",
+            row_specific=True,  # a model that drops a row it cannot score: halves isolate it
         )
     for position, item in enumerate(results):
         if not isinstance(item, dict):
@@ -96,12 +99,15 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
             http_status=status,
         )
     if code and code.startswith("MR."):
-        return RequestError(text, kind="model_error", retryable=False, http_status=status)
+        return RequestError(
+            text, kind="model_error", retryable=False, row_specific=True, http_status=status
+        )
     retryable = status in RETRYABLE_STATUSES or bool(code and _TRANSIENT_CODE.match(code))
     return RequestError(
         text,
         kind=f"http_{status}",
         retryable=retryable,
+        row_specific=not retryable and status in ROW_SPECIFIC_STATUSES,
         http_status=status,
         retry_after=retry_after,
     )
@@ -163,5 +169,7 @@ def _a(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _bad_response(message: str) -> RequestError:
-    return RequestError(message, kind="bad_response", retryable=False, http_status=200)
+def _bad_response(message: str, *, row_specific: bool = False) -> RequestError:
+    return RequestError(
+        message, kind="bad_response", retryable=False, row_specific=row_specific, http_status=200
+    )
