@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -290,9 +290,12 @@ def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # A section may be optional (`EmbeddedSettings | None`): its model is in the union.
+        options = get_args(annotation) or (annotation,)
+        sections = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        if not sections:
             return ""
-        model = annotation
+        model = sections[0]
     known = list(model.model_fields)
     return f"{did_you_mean(str(location[-1]), known)}; known settings here: {', '.join(known)}"
 
