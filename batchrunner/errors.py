@@ -16,9 +16,15 @@ Every message says what failed, where (setting, file, line, column, key), and wh
 
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
+
+Two helpers write the parts messages share: ``did_you_mean`` (a close name, for typos in
+settings, columns and paths) and ``clip`` (a long value shortened for a message).
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class BatchRunnerError(Exception):
@@ -102,3 +108,31 @@ class RunInterrupted(BatchRunnerError):
     """The run was stopped by SIGINT/SIGTERM; finished batches are kept for the next run."""
 
     exit_code = 130
+
+
+# -- writing messages -------------------------------------------------------------------
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``name`` was most likely meant to be, or None when none is close.
+
+    One that differs only in case wins; else the closest spelling (``difflib``, similarity
+    0.6 or more).
+    """
+    names = list(candidates)
+    folded = {candidate.casefold(): candidate for candidate in names}
+    if name.casefold() in folded:
+        return folded[name.casefold()]
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the candidate closest to ``name``, or ``""``."""
+    close = closest_name(name, candidates)
+    return "" if close is None else f" (did you mean {close!r}?)"
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text``, cut to ``limit`` characters with ``...`` when longer (a value in a message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,7 +7,6 @@ setting (``batch.size must be >= 1, got 0``), with a "did you mean" for unknown 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -16,7 +15,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -28,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from batchrunner.errors import SettingError
+from batchrunner.errors import SettingError, did_you_mean
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
@@ -295,7 +294,7 @@ def _describe(exc: ValidationError, source: str) -> str:
         location = ".".join(str(part) for part in error["loc"])
         kind = error["type"]
         if kind == "extra_forbidden":
-            lines.append(f"  unknown setting {location}{_did_you_mean(error['loc'])}")
+            lines.append(f"  unknown setting {location}{_unknown_setting_hint(error['loc'])}")
         elif kind == "missing":
             lines.append(f"  {location}: required setting is missing")
         else:
@@ -306,18 +305,19 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _did_you_mean(location: tuple[int | str, ...]) -> str:
+def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
     model: type[BaseModel] = Job
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # A section may be optional (`EmbeddedSettings | None`): its model is in the union.
+        options = get_args(annotation) or (annotation,)
+        sections = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        if not sections:
             return ""
-        model = annotation
+        model = sections[0]
     known = list(model.model_fields)
-    close = difflib.get_close_matches(str(location[-1]), known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; known settings here: {', '.join(known)}"
+    return f"{did_you_mean(str(location[-1]), known)}; known settings here: {', '.join(known)}"
 
 
 # --- identity ------------------------------------------------------------------------------

@@ -58,6 +58,19 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     assert "known settings here: size, concurrency" in message
 
 
+def test_unknown_key_differing_in_case_suggests_the_right_one(tmp_path: Path) -> None:
+    # Too unlike for difflib; the same helper as for columns finds it.
+    message = error_of(tmp_path, MINIMAL + "[batch]\nSIZE = 10\n")
+    assert "unknown setting batch.SIZE (did you mean 'size'?)" in message
+
+
+def test_unknown_key_in_an_optional_section_suggests_the_close_one(tmp_path: Path) -> None:
+    embedded = 'name = "t"\n[input]\npath = "d.csv"\n[service]\nurl = "embedded:iris"\n'
+    message = error_of(tmp_path, embedded + "[service.embedded]\nlatncy_ms = 5\n")
+    assert "unknown setting service.embedded.latncy_ms (did you mean 'latency_ms'?)" in message
+    assert "known settings here: latency_ms, jitter_ms" in message
+
+
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     message = error_of(tmp_path, MINIMAL + "[bacth]\nsize = 10\n")
     assert "unknown setting bacth (did you mean 'batch'?)" in message
