@@ -11,10 +11,12 @@ Imports flow one way, down this list; a module imports only from those above it:
     limiter     concurrency bound
     auth        token sources and masking
     client      the only module that imports the aiohttp client
-    report      latency histogram, summary
+    report      run statistics and their frozen snapshot, latency histogram, summary
+    dispatch    one batch's life on the wire: limiter, codec, client, retries
     sink        the run's journal of finished batches; assembly into one Parquet file
     service     the embedded reference service (the only user of aiohttp.web)
     runner      the asyncio pipeline
+    display     how runs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """
 

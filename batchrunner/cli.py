@@ -3,6 +3,10 @@
 Exit codes: 0 done; 1 done but the error rate is above ``max_error_rate``; 2 the job or its
 input is invalid (nothing sent); 3 aborted by the service (e.g. the token is refused);
 75 another run holds the job's lock; 130 interrupted.
+
+Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
+JSON objects; a live display and rich tables when stderr is a terminal); ``validate``
+writes its product to stdout and notes to stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -24,12 +28,20 @@ from batchrunner.errors import BatchRunnerError, SettingError
 from batchrunner.job import OPTION_SETTINGS, Job, load_job
 from batchrunner.report import StatsSnapshot
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from batchrunner.runner import RunResult
+
 EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
 EXIT_INVALID = 2
 EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
 SHOWN_BODY_CHARS = 2000
+LIVE_REFRESHES_PER_SECOND = 4
+
+log = logging.getLogger("batchrunner")
 
 app = typer.Typer(
     name="batchrunner",
@@ -45,9 +57,17 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-def _fail(error: BatchRunnerError) -> NoReturn:
-    typer.echo(f"error: {error}", err=True)
+def _fail(error: BatchRunnerError, log_format: LogFormat = LogFormat.text) -> NoReturn:
+    _say_error(str(error), log_format)
     raise typer.Exit(error.exit_code)
+
+
+def _say_error(message: str, log_format: LogFormat) -> None:
+    # With JSON logs (cron, log shippers) every line on stderr is a JSON object, even this.
+    if log_format is LogFormat.json:
+        log.error("%s", message)
+    else:
+        typer.echo(f"error: {message}", err=True)
 
 
 def _load(job_file: Path | None, overrides: dict[str, Any], assignments: list[str]) -> Job:
@@ -103,15 +123,24 @@ def run(
     progress: Annotated[
         bool | None,
         typer.Option(
-            "--progress/--no-progress", help="Show progress (default: when stderr is a terminal)."
+            "--progress/--no-progress",
+            help="A live progress display, or a log line every --progress-interval seconds "
+            "(default: live when stderr is a terminal).",
         ),
     ] = None,
+    progress_interval: Annotated[
+        float,
+        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
+    ] = 10.0,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
     ] = LogFormat.text,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
-    _configure_logging(log_format)
+    on_terminal = sys.stderr.isatty()
+    live = on_terminal if progress is None else progress
+    console = _stderr_console(force_terminal=live) if live or on_terminal else None
+    _configure_logging(log_format, console if live else None)
     overrides = {
         OPTION_SETTINGS["input"]: input,
         OPTION_SETTINGS["output"]: output,
@@ -126,32 +155,78 @@ def run(
         if dry_run:
             _show_plan(plan_job(job, limit=limit), dry_run=True)
             return
-        show_progress = sys.stderr.isatty() if progress is None else progress
-        result = run_job(
-            job,
-            limit=limit,
-            on_progress=_progress_printer(show_progress),
-            progress_interval=1.0 if show_progress else 10.0,
-        )
+        if live and console is not None:
+            result = _run_live(job, limit, console)
+        else:
+            result = run_job(
+                job, limit=limit, on_progress=_log_progress, progress_interval=progress_interval
+            )
     except BatchRunnerError as error:
-        _fail(error)
+        _fail(error, log_format)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if log_format is LogFormat.json:
+            log.warning("interrupted")
+        else:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if show_progress:
-        typer.echo("", err=True)
-    typer.echo(_summary_paragraph(result.summary, result.summary_path), err=True)
+    _show_summary(result, console, log_format)
     if result.outcome == OUTCOME_ABORTED:
-        typer.echo(f"error: run aborted: {result.abort_reason}", err=True)
+        _say_error(f"run aborted: {result.abort_reason}", log_format)
         raise typer.Exit(EXIT_ABORTED)
     if result.outcome != OUTCOME_DONE:
         rate = result.summary["error_rate"]
-        typer.echo(
+        _say_error(
             f"error rate {rate:.2%} is above max_error_rate {job.max_error_rate:.2%}; "
             "the output was written (see the error rows' _error column)",
-            err=True,
+            log_format,
         )
         raise typer.Exit(EXIT_TOO_MANY_ERRORS)
+
+
+def _stderr_console(*, force_terminal: bool) -> Console:
+    from rich.console import Console
+
+    # force_terminal: --progress asks for the live display even where stderr is no terminal.
+    return Console(stderr=True, highlight=False, force_terminal=True if force_terminal else None)
+
+
+def _run_live(job: Job, limit: int | None, console: Console) -> RunResult:
+    from rich.live import Live
+
+    from batchrunner.display import ProgressView
+    from batchrunner.runner import run_job
+
+    view = ProgressView(job.name)
+    with Live(view, console=console, transient=True, refresh_per_second=LIVE_REFRESHES_PER_SECOND):
+        result = run_job(
+            job,
+            limit=limit,
+            on_progress=view.update,
+            progress_interval=1 / LIVE_REFRESHES_PER_SECOND,
+        )
+        view.update(result.stats)  # the last frame shows the end, not the last tick
+    return result
+
+
+def _log_progress(snapshot: StatsSnapshot) -> None:
+    from batchrunner.display import progress_fields, progress_line
+
+    log.info("progress: %s", progress_line(snapshot), extra={"fields": progress_fields(snapshot)})
+
+
+def _show_summary(result: RunResult, console: Console | None, log_format: LogFormat) -> None:
+    from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
+
+    title = summary_title(result.summary)
+    if log_format is LogFormat.json:
+        fields = {"summary": result.summary, "summary_path": str(result.summary_path)}
+        log.info("summary: %s", title, extra={"fields": fields})
+        return
+    rows = summary_rows(result.summary, result.summary_path)
+    if console is not None:
+        console.print(rich_table(title, rows))
+    else:
+        typer.echo(plain_table(title, rows), err=True)
 
 
 @app.command()
@@ -244,50 +319,9 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         typer.echo("\ndry run: nothing was sent")
 
 
-def _summary_paragraph(summary: dict[str, Any], summary_path: Path) -> str:
-    rows = summary["rows"]
-    latency = summary["latency_ms"]
-    rate = summary["rows_per_second"]
-    text = (
-        f"{summary['job']}: {rows['total']:,} rows, {rows['ok']:,} ok, {rows['error']:,} errors "
-        f"in {summary['elapsed_s']:.1f} s"
-    )
-    if rate:
-        text += f" ({rate:,.0f} rows/s)"
-    text += f"; {summary['requests']:,} requests, {summary['retries']:,} retries"
-    if latency["p50"] is not None:
-        text += (
-            f"; latency p50 {latency['p50']} ms, p95 {latency['p95']} ms, p99 {latency['p99']} ms"
-        )
-    text += "."
-    for kind, tally in summary["errors"].items():
-        text += (
-            f" {kind}: {tally['rows']:,} rows (e.g. key {tally['example_key']}: "
-            f"{tally['example']})."
-        )
-    text += f" Output: {summary['output']} (summary: {summary_path})."
-    return text
-
-
-def _progress_printer(on_terminal: bool) -> Any:
-    log = logging.getLogger("batchrunner")
-
-    def show(snapshot: StatsSnapshot) -> None:
-        line = (
-            f"{snapshot.rows_done:,} rows done ({snapshot.rows_error:,} errors), "
-            f"{snapshot.rows_per_second:,.0f} rows/s, {snapshot.in_flight} in flight, "
-            f"{snapshot.retries:,} retries"
-        )
-        if on_terminal:
-            sys.stderr.write("\r" + line + " " * 8)
-            sys.stderr.flush()
-        else:
-            log.info("progress: %s", line)
-
-    return show
-
-
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line; a record's ``fields`` (``extra={"fields": {...}}``) join it."""
+
     def format(self, record: logging.LogRecord) -> str:
         document = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -295,21 +329,42 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        return orjson.dumps(document).decode()
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update(fields)
+        return orjson.dumps(document, default=str).decode()
 
 
-def _configure_logging(log_format: LogFormat) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _ConsoleHandler(logging.Handler):
+    """Writes log lines through the rich console, so they scroll above the live display."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        try:
+            # Text: a message is never read as rich markup ("[x]" stays "[x]").
+            self._console.print(Text(self.format(record)), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(log_format: LogFormat, console: Console | None = None) -> None:
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if console is None else _ConsoleHandler(console)
+    )
     if log_format is LogFormat.json:
         handler.setFormatter(_JsonFormatter())
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
         formatter.converter = time.localtime
         handler.setFormatter(formatter)
-    logger = logging.getLogger("batchrunner")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ class RunResult:
     output: Path
     summary_path: Path
     summary: dict[str, Any]
+    stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
 
 
@@ -186,6 +187,8 @@ class Runner:
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
         self._started_clock = 0.0
+        self._expected_rows: int | None = None  # from metadata, when cheap to know
+        self._read_everything = False
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -202,6 +205,7 @@ class Runner:
         if state_dir.exists():
             shutil.rmtree(state_dir)  # resuming from it is not supported yet: start fresh
         journal = Journal(state_dir)
+        self._expected_rows = _expected_rows(source, self.limit)
         self._started_clock = time.perf_counter()
         abort_reason: str | None = None
         url = job.service.url
@@ -221,10 +225,10 @@ class Runner:
                 self._record_not_sent(source, journal, abort_reason)
         finally:
             journal.close()
-        elapsed = time.perf_counter() - self._started_clock
+        final = self.snapshot()
         outcome = self._judge(abort_reason)
         summary = build_summary(
-            self.stats,
+            final,
             job_name=job.name,
             fingerprint=job_fingerprint,
             run_id=run_id,
@@ -233,7 +237,6 @@ class Runner:
             url=job.service.url,
             started=started.isoformat(timespec="seconds"),
             finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-            elapsed_s=elapsed,
             outcome=outcome,
             max_error_rate=job.max_error_rate,
         )
@@ -246,7 +249,7 @@ class Runner:
         write_summary(summary_path, summary)
         shutil.rmtree(state_dir, ignore_errors=True)
         log.info("run %s %s: output %s", run_id, outcome, output)
-        return RunResult(outcome, output, summary_path, summary, abort_reason)
+        return RunResult(outcome, output, summary_path, summary, final, abort_reason)
 
     def _judge(self, abort_reason: str | None) -> str:
         if abort_reason is not None:
@@ -323,6 +326,7 @@ class Runner:
                 await batches.put(batch)
             if len(chunk) < per_hop:
                 break
+        self._read_everything = True  # from now on the total is known exactly
         await batches.put(None)
 
     async def _dispatch(
@@ -400,9 +404,20 @@ class Runner:
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
+        total = self.stats.rows_read if self._read_everything else self._expected_rows
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight, time.perf_counter() - self._started_clock
+            self._limiter.statistics().in_flight,
+            time.perf_counter() - self._started_clock,
+            total=total,
         )
+
+
+def _expected_rows(source: Source, limit: int | None) -> int | None:
+    # Only what is cheap (Parquet metadata): counting a CSV would read it twice.
+    rows = source.count_rows()
+    if rows is None:
+        return None
+    return rows if limit is None else min(rows, limit)
 
 
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:
