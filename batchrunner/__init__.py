@@ -16,6 +16,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     sink        the run's journal of finished batches; assembly into one Parquet file
     service     the embedded reference service (the only user of aiohttp.web)
     runner      the asyncio pipeline
+    schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
+    crontab     the system side of cron: the crontab command, the installed command
     display     how runs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """

@@ -11,7 +11,9 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     ├── ServiceError                  the service answered in a way that stops the whole run
     │   └── AuthError                 the token was refused (401/403): exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
-    └── LockedError                   another run of this job holds its lock: exit 75
+    ├── LockedError                   another run of this job holds its lock: exit 75
+    ├── ScheduleError                 a cron line cannot be made (bad schedule, no env file): exit 2
+    └── CrontabError                  the crontab command is missing or refused the table: exit 1
 
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
@@ -91,3 +93,16 @@ class LockedError(BatchRunnerError):
     """Another run of the same job holds its lock."""
 
     exit_code = 75
+
+
+class ScheduleError(BatchRunnerError):
+    """``batchrunner cron`` cannot make a line: the schedule is malformed, the env file is
+    missing, or a path cannot be written into a crontab."""
+
+    exit_code = 2
+
+
+class CrontabError(BatchRunnerError):
+    """The ``crontab`` command is missing, or failed to read or install the table."""
+
+    exit_code = 1
