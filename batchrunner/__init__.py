@@ -18,7 +18,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     runner      the asyncio pipeline
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
-    display     how runs look to a person (text, rich renderables); never prints
+    inspection  an output file read back: summary, counts by status, error kinds, fields
+    display     how runs and outputs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """
 

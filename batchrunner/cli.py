@@ -5,8 +5,8 @@ input is invalid (nothing sent); 3 aborted by the service (e.g. the token is ref
 75 another run holds the job's lock; 130 interrupted.
 
 Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
-JSON objects; a live display and rich tables when stderr is a terminal); ``validate``
-and ``cron`` write their product to stdout and notes to stderr.
+JSON objects; a live display and rich tables when stderr is a terminal); ``validate``,
+``cron`` and ``inspect`` write their product to stdout and notes to stderr.
 """
 
 from __future__ import annotations
@@ -414,6 +414,31 @@ def _token_env(job: Job) -> str | None:
     if service.embedded_model is not None or service.token_file is not None:
         return None
     return service.token_env or DEFAULT_TOKEN_ENV
+
+
+@app.command()
+def inspect(
+    output_file: Annotated[Path, typer.Argument(help="An output file of batchrunner run.")],
+    errors: Annotated[
+        bool, typer.Option("--errors", help="List the error rows: key, kind, message.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="With --errors: list at most this many rows.")
+    ] = 20,
+) -> None:
+    """Show what an output file holds: the run's summary, rows by status, error kinds with
+    example keys, and the result fields' types. Reads the file as a stream."""
+    from batchrunner.display import error_rows_text, inspection_text
+    from batchrunner.inspection import inspect_output
+
+    try:
+        inspection = inspect_output(output_file, error_limit=limit if errors else 0)
+    except BatchRunnerError as error:
+        _fail(error)
+    typer.echo(inspection_text(inspection))
+    if errors:
+        typer.echo("")
+        typer.echo(error_rows_text(inspection))
 
 
 def _show_plan(plan: Any, *, dry_run: bool) -> None:

@@ -1,8 +1,8 @@
-"""How runs look to a person: progress figures and the summary table.
+"""How runs and outputs look to a person: progress figures, the summary table, an inspection.
 
-Builds text and rich renderables from a ``StatsSnapshot`` or a run summary, and never prints
-(``cli`` does). The live display, the periodic log line and that line's JSON fields show the
-same figures, read from the same snapshot.
+Builds text and rich renderables from a ``StatsSnapshot``, a run summary or an
+``Inspection``, and never prints (``cli`` does). The live display, the periodic log line and
+that line's JSON fields show the same figures, read from the same snapshot.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from batchrunner.inspection import Inspection
 from batchrunner.report import StatsSnapshot
 
 OUTCOME_TITLES = {
@@ -124,7 +125,7 @@ def summary_title(summary: Mapping[str, Any]) -> str:
 
 
 def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -> Rows:
-    """The run summary as (label, value) rows, for the end of a run.
+    """The run summary as (label, value) rows: the end of a run, and ``inspect``.
 
     Reads what it finds: a summary written by another version may lack a figure.
     """
@@ -207,3 +208,45 @@ def rich_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     for label, value in rows:
         table.add_row(label, value)
     return table
+
+
+# --- an inspection --------------------------------------------------------------------------------
+
+
+def inspection_text(inspection: Inspection) -> str:
+    """What ``batchrunner inspect`` shows of a file, as plain text."""
+    sections = [f"{inspection.path}: {inspection.rows:,} rows"]
+    if inspection.summary is not None:
+        title = f"run summary (from the file's metadata): {summary_title(inspection.summary)}"
+        sections.append(plain_table(title, summary_rows(inspection.summary)))
+    else:
+        sections.append("run summary: none in the file's metadata (not written by batchrunner run)")
+    sections.append(
+        plain_table("rows by status", [(status, f"{n:,}") for status, n in inspection.statuses])
+    )
+    kinds = inspection.error_kinds
+    if kinds:
+        rows = [
+            (k.kind, _error_tally_text(k.rows, k.example_key, k.example_message))
+            for k in kinds[:SHOWN_ERROR_KINDS]
+        ]
+        if len(kinds) > SHOWN_ERROR_KINDS:
+            rows.append(("", f"(and {len(kinds) - SHOWN_ERROR_KINDS} more kinds)"))
+        sections.append(plain_table("error kinds", rows))
+    fields = inspection.fields
+    sections.append(plain_table("result fields", list(fields) or [("(none)", "")]))
+    return "\n\n".join(sections)
+
+
+def error_rows_text(inspection: Inspection) -> str:
+    """The error rows ``inspect --errors`` lists: key, kind and message, one a line."""
+    shown = inspection.error_rows
+    total = sum(k.rows for k in inspection.error_kinds)
+    if not shown:
+        return "error rows: none"
+    rows = [
+        (f"key {row.key}", f"{row.kind or '-'}: {shorten(row.message or '', MESSAGE_CHARS)}")
+        for row in shown
+    ]
+    title = f"error rows ({len(shown):,} of {total:,})" if total > len(shown) else "error rows"
+    return plain_table(title, rows)

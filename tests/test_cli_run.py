@@ -167,7 +167,7 @@ def test_log_format_json(invoke, iris_job: Path) -> None:
 
 
 def test_help_for_every_command(invoke) -> None:
-    for command in ("run", "validate", "serve", "cron"):
+    for command in ("run", "validate", "serve", "cron", "inspect"):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Usage" in result.stdout
