@@ -12,7 +12,9 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     │   └── AuthError                 the token was refused (401/403): exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
     ├── LockedError                   another run of this job holds its lock: exit 75
-    └── RunInterrupted                stopped by a signal; the state is kept: exit 130
+    ├── RunInterrupted                stopped by a signal; the state is kept: exit 130
+    ├── ScheduleError                 a cron line cannot be made (bad schedule, no env file): exit 2
+    └── CrontabError                  the crontab command is missing or refused the table: exit 1
 
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
@@ -136,3 +138,16 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 def clip(text: str, limit: int = 80) -> str:
     """``text``, cut to ``limit`` characters with ``...`` when longer (a value in a message)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ScheduleError(BatchRunnerError):
+    """``batchrunner cron`` cannot make a line: the schedule is malformed, the env file is
+    missing, or a path cannot be written into a crontab."""
+
+    exit_code = 2
+
+
+class CrontabError(BatchRunnerError):
+    """The ``crontab`` command is missing, or failed to read or install the table."""
+
+    exit_code = 1

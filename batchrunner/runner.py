@@ -65,6 +65,7 @@ class RunResult:
     output: Path
     summary_path: Path
     summary: dict[str, Any]
+    stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
 
 
@@ -185,6 +186,8 @@ class Runner:
         self._signals = 0
         self._requests: set[asyncio.Task[None]] = set()
         self._main_task: asyncio.Task[Any] | None = None
+        self._expected_rows: int | None = None  # from metadata, when cheap to know
+        self._read_everything = False
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -203,6 +206,7 @@ class Runner:
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
             self._finished = checkpoint.finished
+            self._expected_rows = _expected_rows(source, self.limit)
             self._started_clock = time.perf_counter()
             log.info(
                 "run %s: %s -> %s via %s (batch %d, concurrency %s)",
@@ -210,10 +214,10 @@ class Runner:
                 job.batch.size, job.batch.concurrency,
             )  # fmt: skip
             abort_reason = await self._run_pipeline(source, token, checkpoint.journal, paths)
-            elapsed = time.perf_counter() - self._started_clock
+            final = self.snapshot()
             outcome = self._judge(abort_reason)
             summary = build_summary(
-                self.stats,
+                final,
                 job_name=job.name,
                 fingerprint=fingerprint(identity),
                 run_id=run_id,
@@ -222,7 +226,6 @@ class Runner:
                 url=job.service.url,
                 started=started.isoformat(timespec="seconds"),
                 finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-                elapsed_s=elapsed,
                 outcome=outcome,
                 max_error_rate=job.max_error_rate,
             )
@@ -239,7 +242,7 @@ class Runner:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
         log.info("run %s %s: output %s", run_id, outcome, output)
-        return RunResult(outcome, output, summary_path, summary, abort_reason)
+        return RunResult(outcome, output, summary_path, summary, final, abort_reason)
 
     async def _run_pipeline(
         self, source: Source, token: Secret | None, journal: Journal, paths: StatePaths
@@ -395,9 +398,12 @@ class Runner:
             chunk = await asyncio.to_thread(_take, iterator, per_hop)
             for batch in chunk:
                 self._count_read(batch)
+            exhausted = len(chunk) < per_hop
+            self._read_everything = exhausted  # from now on the total is known exactly
+            for batch in chunk:
                 if not self._is_finished(batch.seq):  # finished by an earlier run
                     await batches.put(batch)
-            if len(chunk) < per_hop:
+            if exhausted:
                 break
         await batches.put(None)
 
@@ -492,9 +498,20 @@ class Runner:
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
+        total = self.stats.rows_read if self._read_everything else self._expected_rows
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight, time.perf_counter() - self._started_clock
+            self._limiter.statistics().in_flight,
+            time.perf_counter() - self._started_clock,
+            total=total,
         )
+
+
+def _expected_rows(source: Source, limit: int | None) -> int | None:
+    # Only what is cheap (Parquet metadata): counting a CSV would read it twice.
+    rows = source.count_rows()
+    if rows is None:
+        return None
+    return rows if limit is None else min(rows, limit)
 
 
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:
