@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from batchrunner.auth import Secret, mask_headers, resolve_token
 from batchrunner.checkpoint import StatePaths, open_checkpoint
@@ -181,6 +182,7 @@ class Runner:
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
+        self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
         self._stopping = asyncio.Event()
         self._signals = 0
@@ -453,7 +455,7 @@ class Runner:
     def _journal(self, finished: list[Outcome], journal: Journal) -> None:
         seq = finished[0].batch.seq
         kept = self._kept_names(finished[0].batch)
-        journal.append(outcome_table(finished, kept))
+        journal.append(outcome_table(finished, kept, self._field_types))
         if seq >= len(self._finished):
             self._finished.extend(bytes(seq + 1 - len(self._finished)))
         self._finished[seq] = 1

@@ -13,6 +13,7 @@ Memory holds the index (a few bytes per batch), never the results.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,16 +53,25 @@ ROW_GROUP_ROWS = 64 * 1024
 # --- one outcome as a table ------------------------------------------------------------------
 
 
-def outcome_table(outcomes: Sequence[Outcome], kept_names: Sequence[str] = ()) -> pa.RecordBatch:
-    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``."""
-    parts = [_single_outcome_table(outcome, kept_names) for outcome in outcomes]
+def outcome_table(
+    outcomes: Sequence[Outcome],
+    kept_names: Sequence[str] = (),
+    hints: dict[str, pa.DataType] | None = None,
+) -> pa.RecordBatch:
+    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``.
+
+    ``hints`` (one dict per run, filled as it goes) remembers the result fields' types.
+    """
+    parts = [_single_outcome_table(outcome, kept_names, hints) for outcome in outcomes]
     if len(parts) == 1:
         return parts[0]
     schema = merge_schemas([part.schema for part in parts])
     return pa.concat_batches([conform(part, schema) for part in parts])
 
 
-def _single_outcome_table(outcome: Outcome, kept_names: Sequence[str]) -> pa.RecordBatch:
+def _single_outcome_table(
+    outcome: Outcome, kept_names: Sequence[str], hints: dict[str, pa.DataType] | None
+) -> pa.RecordBatch:
     batch = outcome.batch
     n = len(batch)
     columns: dict[str, pa.Array] = {
@@ -77,7 +87,7 @@ def _single_outcome_table(outcome: Outcome, kept_names: Sequence[str]) -> pa.Rec
     }
     taken = set(columns) | set(kept_names)
     if outcome.results is not None:
-        for name, values in _result_columns(outcome.results).items():
+        for name, values in _result_columns(outcome.results, hints).items():
             columns[_result_name(name, taken)] = values
     if batch.kept is not None:
         for name, column in zip(batch.kept.schema.names, batch.kept.columns, strict=True):
@@ -100,23 +110,62 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, type_), n)
 
 
-def _result_columns(results: list[dict[str, Any]]) -> dict[str, pa.Array]:
-    names: dict[str, None] = {}
-    first = results[0].keys() if results else ()
-    if all(item.keys() == first for item in results):
-        names = dict.fromkeys(first)
-    else:
-        for item in results:
-            names.update(dict.fromkeys(item))
-    return {name: _to_array([item.get(name) for item in results]) for name in names}
+def _result_columns(
+    results: list[dict[str, Any]], hints: dict[str, pa.DataType] | None
+) -> dict[str, pa.Array]:
+    return {name: _to_array(values, name, hints) for name, values in _transpose(results)}
 
 
-def _to_array(values: list[Any]) -> pa.Array:
+def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """The results' fields as columns, in order of first appearance."""
+    if not results:
+        return []
+    names = list(results[0])
     try:
-        return pa.array(values)
+        # Every item has every name, and no more (so all have the same fields): the common
+        # case, transposed in C by itemgetter and zip.
+        if len(names) == 1:
+            name = names[0]
+            column = [item[name] for item in results]
+            if sum(map(len, results)) == len(results):
+                return [(name, column)]
+        elif names:
+            rows = list(map(operator.itemgetter(*names), results))
+            if sum(map(len, results)) == len(names) * len(results):
+                return [
+                    (name, list(values))
+                    for name, values in zip(names, zip(*rows, strict=True), strict=True)
+                ]
+    except KeyError:
+        pass
+    every: dict[str, None] = {}
+    for item in results:
+        every.update(dict.fromkeys(item))
+    return [(name, [item.get(name) for item in results]) for name in every]
+
+
+# Types worth remembering per field: converting to a known type skips pyarrow's inference,
+# which costs four times the conversion itself. Only these two are safe to assume: a string
+# column refuses non-strings, and a float column is checked for booleans (which it would
+# otherwise take as 0.0 and 1.0) before the hint is used.
+_HINTABLE = (pa.float64(), pa.string())
+
+
+def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None) -> pa.Array:
+    hint = hints.get(name) if hints is not None else None
+    if hint is not None and (hint == pa.string() or not any(type(v) is bool for v in values)):
+        try:
+            return pa.array(values, hint)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
+    try:
+        array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         # Values whose types disagree (a number here, a string there): keep them all, as JSON.
         return pa.array([_json_text(value) for value in values], pa.string())
+    if hints is not None and array.type in _HINTABLE:
+        hints[name] = array.type
+    return array
 
 
 def _json_text(value: Any) -> str | None:

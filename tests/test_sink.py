@@ -180,3 +180,25 @@ def test_journal_survives_an_unclosed_writer(tmp_path: Path) -> None:
     output = tmp_path / "o.parquet"
     assemble(copy, output, array("q", [1, 1, 1]))
     assert pq.read_table(output).column("v").to_pylist() == [0, 1, 2]
+
+
+def test_type_hints_skip_inference_but_never_change_values() -> None:
+    hints: dict[str, pa.DataType] = {}
+    first = outcome_table(
+        [ok(0, ["a", "b"], [{"p": 0.5, "s": "x"}, {"p": 1.5, "s": "y"}])], (), hints
+    )
+    assert hints == {"p": pa.float64(), "s": pa.string()}
+    assert first.column("p").to_pylist() == [0.5, 1.5]
+    # a boolean is not taken for a number, and a number not for a string
+    later = outcome_table(
+        [ok(1, ["c", "d"], [{"p": True, "s": 3}, {"p": False, "s": 4}])], (), hints
+    )
+    assert later.column("p").type == pa.bool_()
+    assert later.column("p").to_pylist() == [True, False]
+    assert later.column("s").to_pylist() == [3, 4]
+
+
+def test_results_with_different_fields_keep_them_all() -> None:
+    table = outcome_table([ok(0, ["a", "b", "c"], [{"x": 1}, {"y": 2}, {"x": 3, "y": 4}])])
+    assert table.column("x").to_pylist() == [1, None, 3]
+    assert table.column("y").to_pylist() == [None, 2, 4]

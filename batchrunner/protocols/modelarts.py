@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import decimal
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -43,9 +45,21 @@ def _json_default(value: Any) -> Any:
 
 def rows_to_records(rows: pa.RecordBatch) -> list[dict[str, Any]]:
     """The rows as JSON-ready dicts, built column by column (much faster than row by row)."""
-    names = rows.schema.names
     columns = [column.to_pylist() for column in rows.columns]
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+    return _record_builder(tuple(rows.schema.names))(columns)
+
+
+@functools.lru_cache(maxsize=64)
+def _record_builder(names: tuple[str, ...]) -> Callable[[list[list[Any]]], list[dict[str, Any]]]:
+    # The hottest loop of a tabular run: a dict display with the field names written in
+    # builds a row twice as fast as dict(zip(names, values)). The names enter the code only
+    # as repr() literals, so no column name can be anything but a string here.
+    if not names:
+        return lambda columns: []
+    values = ", ".join(f"v{index}" for index in range(len(names)))
+    fields = ", ".join(f"{name!r}: v{index}" for index, name in enumerate(names))
+    source = f"lambda columns: [{{{fields}}} for ({values},) in zip(*columns)]"
+    return eval(source, {"__builtins__": {"zip": zip}})  # type: ignore[no-any-return]
 
 
 def encode_text(rows: pa.RecordBatch, request_uuid: str) -> bytes:
@@ -69,9 +83,9 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
             "results cannot be matched to rows",
             row_specific=True,  # a model that drops a row it cannot score: halves isolate it
         )
-    for position, item in enumerate(results):
-        if not isinstance(item, dict):
-            raise _bad_response(f"data.resp_data[{position}] is {_a(item)}, not an object")
+    if not all(type(item) is dict for item in results):
+        position, item = next((i, r) for i, r in enumerate(results) if type(r) is not dict)
+        raise _bad_response(f"data.resp_data[{position}] is {_a(item)}, not an object")
     meta = document.get("meta")
     echoed = meta.get("uuid") if isinstance(meta, dict) else None
     if echoed and echoed != request_uuid:
