@@ -9,14 +9,18 @@ Imports flow one way, down this list; a module imports only from those above it:
     protocols   request encoding, response decoding (modelarts: text and file input;
                 multipart: one-file form bodies)
     retry       pure retry decisions
-    limiter     concurrency bound
+    limiter     concurrency bound (fixed or adaptive) and rate limit
     auth        token sources and masking
     client      the only module that imports the aiohttp client
-    report      latency histogram, summary
+    report      run statistics and their frozen snapshot, latency histogram, summary
+    dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting
     sink        the run's journal of finished batches; assembly into one Parquet file
-    dispatch    one batch's life on the wire: encode, limiter, post, retries
     service     the embedded reference service, iris and colors (the only user of aiohttp.web)
     runner      the asyncio pipeline
+    schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
+    crontab     the system side of cron: the crontab command, the installed command
+    inspection  an output file read back: summary, counts by status, error kinds, fields
+    display     how runs and outputs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """
 

@@ -7,7 +7,6 @@ setting (``batch.size must be >= 1, got 0``), with a "did you mean" for unknown 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -16,16 +15,23 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from batchrunner.errors import SettingError
+from batchrunner.errors import SettingError, did_you_mean
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
-DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
+DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
 
 #: The two kinds of input, and the protocol input each is sent as.
 TABULAR = "tabular"  # rows, as text input (req_data)
@@ -71,6 +77,20 @@ class InputSettings(_Settings):
         return tuple(dict.fromkeys(normalized))
 
 
+class EmbeddedSettings(_Settings):
+    """``[service.embedded]``: faults the embedded service injects, to rehearse a bad day."""
+
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    capacity: int | None = Field(default=None, ge=1)  # in flight above it: 429 + Retry-After
+    retry_after: float = Field(default=1.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)  # 503s
+    drop_rate: float = Field(default=0.0, ge=0, le=1)  # connections closed without an answer
+    html_rate: float = Field(default=0.0, ge=0, le=1)  # HTML 502 pages
+    poison_rate: float = Field(default=0.0, ge=0, le=1)  # rows the model fails on (MR.0105)
+    seed: int = 0
+
+
 class ServiceSettings(_Settings):
     """``[service]``: where requests go and how they authenticate."""
 
@@ -84,9 +104,7 @@ class ServiceSettings(_Settings):
     ca_bundle: str | None = None
     # File input: the model's input parameter the file goes under (curl -F 'images=@x.png').
     file_field: str = "images"
-    # The largest request body the service takes; a file whose request would be larger
-    # becomes an error row without being sent (the gateway would answer 413).
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    embedded: EmbeddedSettings | None = None
 
     @field_validator("file_field")
     @classmethod
@@ -95,6 +113,15 @@ class ServiceSettings(_Settings):
         if not name or re.search(r'["\\\x00-\x1f\x7f]', name):
             raise ValueError("must be a form field name without quotes or control characters")
         return name
+
+    @model_validator(mode="after")
+    def _embedded_only_for_embedded(self) -> ServiceSettings:
+        if self.embedded is not None and self.embedded_model is None:
+            raise ValueError(
+                "[service.embedded] sets faults of the embedded service: "
+                "it needs url = 'embedded:<model>'"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -122,7 +149,33 @@ class BatchSettings(_Settings):
     """``[batch]``: rows per request and requests in flight."""
 
     size: int = Field(default=50, ge=1, le=1_000_000)
-    concurrency: int = Field(default=8, ge=1, le=4096)
+    # A number, or "auto": find the service's capacity (AIMD), up to max_concurrency.
+    concurrency: int | Literal["auto"] = Field(default=8)
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    # Requests started per second at most (token bucket), for services with a quota.
+    rate_limit: float | None = Field(default=None, gt=0)
+    # The largest request body the service takes (the gateway refuses bodies over 12 MiB
+    # with a 413): a bigger batch of rows is split before sending; an image file whose
+    # request would be bigger becomes an error row without being sent.
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    # After SIGINT/SIGTERM: seconds for requests in flight to finish before they are dropped.
+    grace_period: float = Field(default=30.0, ge=0)
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _check_concurrency(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+            raise ValueError('must be a whole number from 1 to 4096, or "auto"')
+        return value
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests that can be in flight at once."""
+        return self.max_concurrency if self.concurrency == "auto" else int(self.concurrency)
 
 
 class RetrySettings(_Settings):
@@ -283,7 +336,7 @@ def _describe(exc: ValidationError, source: str) -> str:
         location = ".".join(str(part) for part in error["loc"])
         kind = error["type"]
         if kind == "extra_forbidden":
-            lines.append(f"  unknown setting {location}{_did_you_mean(error['loc'])}")
+            lines.append(f"  unknown setting {location}{_unknown_setting_hint(error['loc'])}")
         elif kind == "missing":
             lines.append(f"  {location}: required setting is missing")
         else:
@@ -294,24 +347,25 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _did_you_mean(location: tuple[int | str, ...]) -> str:
+def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
     model: type[BaseModel] = Job
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # A section may be optional (`EmbeddedSettings | None`): its model is in the union.
+        options = get_args(annotation) or (annotation,)
+        sections = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        if not sections:
             return ""
-        model = annotation
+        model = sections[0]
     known = list(model.model_fields)
-    close = difflib.get_close_matches(str(location[-1]), known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; known settings here: {', '.join(known)}"
+    return f"{did_you_mean(str(location[-1]), known)}; known settings here: {', '.join(known)}"
 
 
 # --- identity ------------------------------------------------------------------------------
 
 
-def fingerprint(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -> str:
+def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -> dict[str, Any]:
     """What makes two runs "the same job": a resumed run must match its predecessor's.
 
     Input identity (paths, sizes, modification times; for an image folder, the folder
@@ -319,29 +373,35 @@ def fingerprint(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -
     table (``kind`` ``TABULAR``); the extensions, walk, form field and body limit of an image
     job (``IMAGES``, always one file per request). Not the token, concurrency or output
     path: those may change between runs.
+
+    An image folder's identity does not cover each file (that would stat every file up
+    front): the journal records each batch's key, and a resumed run checks them (see
+    ``checkpoint``).
     """
     files = []
     for path in input_files:
         stat = path.stat()
         files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    identity = {
+    identity: dict[str, Any] = {
         "url": job.service.url,
         "protocol": job.service.protocol,
         "batch_size": 1 if kind == IMAGES else job.batch.size,
-        "columns": job.input.columns,
+        "columns": list(job.input.columns) if job.input.columns is not None else None,
         "id_column": job.input.id_column,
         "format": job.input.format,
         "files": files,
     }
     if kind == IMAGES:
+        extensions = job.input.extensions
         identity["images"] = {
-            "extensions": job.input.extensions,
+            "extensions": list(extensions) if extensions is not None else None,
             "recursive": job.input.recursive,
             "follow_links": job.input.follow_links,
             "file_field": job.service.file_field,
-            "max_body_bytes": job.service.max_body_bytes,
+            # It decides which files are sent and which become error rows unsent.
+            "max_request_bytes": job.batch.max_request_bytes,
         }
-    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return identity
 
 
 # Settings that mean something for one input kind only: given for the other kind, they are
@@ -379,6 +439,27 @@ def check_input_kind(job: Job, kind: str, path: str) -> None:
     if job.input.format is None:
         message += f", or set input.format if {path!r} is not {what}"
     raise SettingError(message)
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of a job identity (see ``job_identity``)."""
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What differs between two identities, in words: ``batch_size: 50 -> 20``."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if key == "files":
+            changes.append("the input files changed (names, sizes or modification times)")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):  # a section: images
+            changes.extend(f"{key}.{change}" for change in identity_changes(old, new))
+        else:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")

@@ -16,26 +16,38 @@ import logging
 import random
 import secrets
 import shutil
+import signal
 import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from batchrunner.auth import Secret, mask_headers, resolve_token
+from batchrunner.checkpoint import StatePaths, open_checkpoint
 from batchrunner.client import ServiceClient
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, RequestError, ServiceError
+from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import IMAGES, TABULAR, Job, check_input_kind, fingerprint, resolve_output_path
-from batchrunner.limiter import ConcurrencyLimiter
+from batchrunner.job import (
+    IMAGES,
+    TABULAR,
+    Job,
+    check_input_kind,
+    fingerprint,
+    job_identity,
+    resolve_output_path,
+)
+from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
+from batchrunner.lock import JobLock
 from batchrunner.protocols import Codec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
@@ -62,6 +74,7 @@ class RunResult:
     output: Path
     summary_path: Path
     summary: dict[str, Any]
+    stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
 
 
@@ -174,36 +187,23 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
 
 def codec_for(job: Job, kind: str) -> Codec:
     """The codec of the job's protocol and input kind: text input for tables, file input
-    for images."""
+    for images (a file whose request would be over ``batch.max_request_bytes`` is refused
+    unsent)."""
     if kind == IMAGES:
-        return FileCodec(job.service.file_field, job.service.max_body_bytes)
+        return FileCodec(job.service.file_field, job.batch.max_request_bytes)
     return TextCodec()
+
+
+def make_limiter(job: Job) -> ConcurrencyLimiter:
+    """A fixed bound, or with ``concurrency = "auto"`` one that finds the service's capacity."""
+    batch = job.batch
+    if batch.concurrency == "auto":
+        return AdaptiveLimiter(initial=min(4, batch.max_concurrency), maximum=batch.max_concurrency)
+    return ConcurrencyLimiter(batch.concurrency)
 
 
 def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-
-
-@dataclass
-class _Window:
-    """Which batches are unfinished; lets the dispatcher stay within ``size`` of the oldest."""
-
-    size: int
-    lowest_unfinished: int = 0
-    finished_ahead: set[int] = field(default_factory=set)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def wait_for_room(self, seq: int) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: seq < self.lowest_unfinished + self.size)
-
-    async def finish(self, seq: int) -> None:
-        async with self.changed:
-            self.finished_ahead.add(seq)
-            while self.lowest_unfinished in self.finished_ahead:
-                self.finished_ahead.remove(self.lowest_unfinished)
-                self.lowest_unfinished += 1
-            self.changed.notify_all()
 
 
 class Runner:
@@ -214,29 +214,42 @@ class Runner:
         job: Job,
         *,
         limit: int | None = None,
+        resume: bool = True,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         on_progress: Callable[[StatsSnapshot], None] | None = None,
         progress_interval: float = 10.0,
+        handle_signals: bool = True,
     ) -> None:
         self.job = job
         self.limit = limit
+        self.resume = resume
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self._progress_interval = progress_interval
+        self._handle_signals = handle_signals
         self.stats = RunStats()
         self._policy = RetryPolicy(
             job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max
         )
-        self._limiter = ConcurrencyLimiter(job.batch.concurrency)
-        self._window = _Window(size=max(64, 4 * job.batch.concurrency))
-        self._kind = TABULAR  # known once the source is open
-        self._batch_size = job.batch.size
+        self._limiter = make_limiter(job)
+        # Batches started and not yet finished (sending, or waiting to retry): bounded, so
+        # that memory stays flat; twice the concurrency keeps the pipe full during backoffs.
+        self._outstanding = asyncio.Semaphore(2 * job.batch.max_in_flight)
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
         self._failures_logged = 0
+        self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
+        self._stopping = asyncio.Event()
+        self._signals = 0
+        self._requests: set[asyncio.Task[None]] = set()
+        self._main_task: asyncio.Task[Any] | None = None
+        self._expected_rows: int | None = None  # from metadata, when cheap to know
+        self._read_everything = False
+        self._kind = TABULAR  # known once the source is open
+        self._batch_size = job.batch.size
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -249,22 +262,62 @@ class Runner:
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
-        state_dir = output.with_name(output.name + ".state")
         summary_path = output.with_name(output.name + ".summary.json")
-        job_fingerprint = fingerprint(job, source.paths, kind=self._kind)
-        if state_dir.exists():
-            shutil.rmtree(state_dir)  # resuming from it is not supported yet: start fresh
-        journal = Journal(state_dir)
-        self._started_clock = time.perf_counter()
+        paths = StatePaths.beside(output, job.name)
+        identity = job_identity(job, source.paths, kind=self._kind)
+        with JobLock(paths.lock, job.name):
+            checkpoint = open_checkpoint(paths, identity, resume=self.resume, stats=self.stats)
+            if checkpoint.note:
+                log.info("%s", checkpoint.note)
+            self._finished = checkpoint.finished
+            self._expected_rows = _expected_rows(source, self.limit)
+            self._started_clock = time.perf_counter()
+            log.info(
+                "run %s: %s -> %s via %s (batch %d, concurrency %s)",
+                run_id, job.input.path, output, job.service.url,
+                self._batch_size, job.batch.concurrency,
+            )  # fmt: skip
+            abort_reason = await self._run_pipeline(source, token, checkpoint.journal, paths)
+            final = self.snapshot()
+            outcome = self._judge(abort_reason)
+            summary = build_summary(
+                final,
+                job_name=job.name,
+                fingerprint=fingerprint(identity),
+                run_id=run_id,
+                input_path=job.input.path,
+                output_path=str(output),
+                url=job.service.url,
+                started=started.isoformat(timespec="seconds"),
+                finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+                outcome=outcome,
+                max_error_rate=job.max_error_rate,
+            )
+            assemble(
+                paths.state,
+                output,
+                self._rows_per_batch,
+                metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
+            )
+            write_summary(summary_path, summary)
+            if abort_reason is None:
+                shutil.rmtree(paths.state, ignore_errors=True)
+            else:
+                # Kept: re-running after the cause is fixed sends only what did not finish.
+                log.info("run state kept in %s: re-run the same command to resume", paths.state)
+        log.info("run %s %s: output %s", run_id, outcome, output)
+        return RunResult(outcome, output, summary_path, summary, final, abort_reason)
+
+    async def _run_pipeline(
+        self, source: Source, token: Secret | None, journal: Journal, paths: StatePaths
+    ) -> str | None:
+        """Run the pipeline to its end; the reason if a fatal answer aborted it."""
         abort_reason: str | None = None
-        url = job.service.url
-        log.info(
-            "run %s: %s -> %s via %s (batch %d, concurrency %d)",
-            run_id, job.input.path, output, url, self._batch_size, job.batch.concurrency,
-        )  # fmt: skip
+        self._main_task = asyncio.current_task()
+        self._install_signal_handlers()
         try:
             async with AsyncExitStack() as stack:
-                client, url = await self._open_client(stack, token)
+                client = await self._open_client(stack, token)
                 try:
                     await self._pipeline(source, client, journal)
                 except ServiceError as exc:
@@ -272,34 +325,68 @@ class Runner:
                     log.error("run aborted: %s", abort_reason)
             if abort_reason is not None:
                 self._record_not_sent(source, journal, abort_reason)
+        except asyncio.CancelledError:
+            if not self._signals:
+                raise
+            journal.close()
+            raise RunInterrupted(self._interrupted_message(paths)) from None
         finally:
             journal.close()
-        elapsed = time.perf_counter() - self._started_clock
-        outcome = self._judge(abort_reason)
-        summary = build_summary(
-            self.stats,
-            job_name=job.name,
-            fingerprint=job_fingerprint,
-            run_id=run_id,
-            input_path=job.input.path,
-            output_path=str(output),
-            url=job.service.url,
-            started=started.isoformat(timespec="seconds"),
-            finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-            elapsed_s=elapsed,
-            outcome=outcome,
-            max_error_rate=job.max_error_rate,
+            self._remove_signal_handlers()
+        if self._stopping.is_set():
+            raise RunInterrupted(self._interrupted_message(paths))
+        return abort_reason
+
+    def _interrupted_message(self, paths: StatePaths) -> str:
+        done = self.stats.rows_ok + self.stats.rows_error
+        return (
+            f"interrupted: {done:,} finished rows are kept in {paths.state}; "
+            "re-run the same command to resume"
         )
-        assemble(
-            state_dir,
-            output,
-            self._rows_per_batch,
-            metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
-        )
-        write_summary(summary_path, summary)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        log.info("run %s %s: output %s", run_id, outcome, output)
-        return RunResult(outcome, output, summary_path, summary, abort_reason)
+
+    # --- signals ------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if not self._handle_signals:
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(number, self._on_signal, number)
+            except (RuntimeError, ValueError):  # not the main thread: the caller handles them
+                self._handle_signals = False
+                return
+
+    def _remove_signal_handlers(self) -> None:
+        if not self._handle_signals:
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(number)
+
+    def _on_signal(self, number: int) -> None:
+        self._signals += 1
+        name = signal.Signals(number).name
+        if self._signals > 1:
+            log.warning("%s again: stopping at once", name)
+            if self._main_task is not None:
+                self._main_task.cancel()
+            return
+        grace = self.job.batch.grace_period
+        log.warning(
+            "%s: no new requests; %d in flight get %.0f s to finish (signal again to stop now)",
+            name, self._limiter.statistics().in_flight, grace,
+        )  # fmt: skip
+        self.stop()
+        asyncio.get_running_loop().call_later(grace, self._drop_requests)
+
+    def stop(self) -> None:
+        """Stop feeding new batches; requests in flight finish (see ``grace_period``)."""
+        self._stopping.set()
+
+    def _drop_requests(self) -> None:
+        for task in self._requests:
+            task.cancel()
 
     def _judge(self, abort_reason: str | None) -> str:
         if abort_reason is not None:
@@ -309,16 +396,18 @@ class Runner:
             return OUTCOME_TOO_MANY_ERRORS
         return OUTCOME_DONE
 
-    async def _open_client(
-        self, stack: AsyncExitStack, token: Secret | None
-    ) -> tuple[ServiceClient, str]:
+    async def _open_client(self, stack: AsyncExitStack, token: Secret | None) -> ServiceClient:
         service = self.job.service
         url = service.url
         model = service.embedded_model
         if model is not None:
-            from batchrunner.service import start_service
+            from batchrunner.service import FaultSettings, fault_middleware, start_service
 
-            running = await start_service(model)
+            faults = []
+            if service.embedded is not None:
+                settings = FaultSettings(**service.embedded.model_dump())
+                faults.append(fault_middleware(settings))
+            running = await start_service(model, extra_middlewares=faults)
             stack.push_async_callback(running.close)
             url, token = running.url, Secret(running.token)
         client = ServiceClient(
@@ -328,28 +417,31 @@ class Runner:
             connect_timeout=service.connect_timeout,
             verify_tls=service.verify_tls,
             ca_bundle=service.ca_bundle,
-            max_connections=self.job.batch.concurrency,
+            max_connections=self.job.batch.max_in_flight,
         )
         await stack.enter_async_context(client)
-        return client, url
+        return client
 
     async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
-        concurrency = self.job.batch.concurrency
+        concurrency = self.job.batch.max_in_flight
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
+        dispatcher = Dispatcher(
+            client,
+            codec_for(self.job, self._kind),
+            self._limiter,
+            self._policy,
+            self.stats,
+            max_request_bytes=self.job.batch.max_request_bytes,
+            rate=RateLimiter(self.job.batch.rate_limit) if self.job.batch.rate_limit else None,
+            stopping=self._stopping,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 reporter = group.create_task(self._report()) if self._on_progress else None
                 group.create_task(self._read(source, batches))
-                dispatcher = Dispatcher(
-                    client,
-                    codec_for(self.job, self._kind),
-                    self._limiter,
-                    self._policy,
-                    self.stats,
-                    sleep=self._sleep,
-                    rng=self._rng,
-                )
                 group.create_task(self._dispatch(batches, outcomes, dispatcher))
                 await group.create_task(self._write(outcomes, journal))
                 if reporter is not None:
@@ -367,17 +459,27 @@ class Runner:
         # event loop keeps sending while pyarrow parses (it releases the GIL) or the walk
         # lists folders.
         per_hop = max(1, 4096 // self._batch_size)
-        while True:
+        while not self._stopping.is_set():
             chunk = await asyncio.to_thread(_take, iterator, per_hop)
             for batch in chunk:
-                self._rows_per_batch.append(len(batch))
-                self._finished.append(0)
-                self.stats.batches_read += 1
-                self.stats.rows_read += len(batch)
-                await batches.put(batch)
-            if len(chunk) < per_hop:
+                self._count_read(batch)
+            exhausted = len(chunk) < per_hop
+            self._read_everything = exhausted  # from now on the total is known exactly
+            for batch in chunk:
+                if not self._is_finished(batch.seq):  # finished by an earlier run
+                    await batches.put(batch)
+            if exhausted:
                 break
         await batches.put(None)
+
+    def _count_read(self, batch: Batch) -> None:
+        assert batch.seq == len(self._rows_per_batch), "batches must come in input order"
+        self._rows_per_batch.append(len(batch))
+        self.stats.batches_read += 1
+        self.stats.rows_read += len(batch)
+
+    def _is_finished(self, seq: int) -> bool:
+        return seq < len(self._finished) and self._finished[seq] == 1
 
     async def _dispatch(
         self,
@@ -385,10 +487,15 @@ class Runner:
         outcomes: asyncio.Queue[list[Outcome] | None],
         dispatcher: Dispatcher,
     ) -> None:
-        async with asyncio.TaskGroup() as requests:
+        async with asyncio.TaskGroup() as group:
             while (batch := await batches.get()) is not None:
-                await self._window.wait_for_room(batch.seq)
-                requests.create_task(self._complete(batch, dispatcher, outcomes))
+                await self._outstanding.acquire()
+                if self._stopping.is_set():
+                    self._outstanding.release()
+                    continue  # left for the next run
+                task = group.create_task(self._complete(batch, dispatcher, outcomes))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
         await outcomes.put(None)
 
     async def _complete(
@@ -397,17 +504,23 @@ class Runner:
         dispatcher: Dispatcher,
         outcomes: asyncio.Queue[list[Outcome] | None],
     ) -> None:
-        await outcomes.put(await dispatcher.send(batch))
+        try:
+            finished = await dispatcher.send(batch)
+        finally:
+            self._outstanding.release()
+        if finished:
+            await outcomes.put(finished)
 
     async def _write(self, outcomes: asyncio.Queue[list[Outcome] | None], journal: Journal) -> None:
         while (finished := await outcomes.get()) is not None:
             self._journal(finished, journal)
-            await self._window.finish(finished[0].batch.seq)
 
     def _journal(self, finished: list[Outcome], journal: Journal) -> None:
         seq = finished[0].batch.seq
         kept = self._kept_names(finished[0].batch)
-        journal.append(outcome_table(finished, kept))
+        journal.append(outcome_table(finished, kept, self._field_types))
+        if seq >= len(self._finished):
+            self._finished.extend(bytes(seq + 1 - len(self._finished)))
         self._finished[seq] = 1
         for outcome in finished:
             rows = len(outcome.batch)
@@ -435,14 +548,10 @@ class Runner:
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"
         for batch in source.iter_batches(self._batch_size, limit=self.limit):
-            if batch.seq < len(self._finished) and self._finished[batch.seq]:
-                continue
             if batch.seq >= len(self._rows_per_batch):
-                self._rows_per_batch.append(len(batch))
-                self._finished.append(0)
-                self.stats.rows_read += len(batch)
-            outcome = Outcome(batch, None, error=message, error_kind=NOT_SENT)
-            self._journal([outcome], journal)
+                self._count_read(batch)
+            if not self._is_finished(batch.seq):
+                self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
 
     async def _report(self) -> None:
         assert self._on_progress is not None
@@ -451,9 +560,20 @@ class Runner:
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
+        total = self.stats.rows_read if self._read_everything else self._expected_rows
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight, time.perf_counter() - self._started_clock
+            self._limiter.statistics().in_flight,
+            time.perf_counter() - self._started_clock,
+            total=total,
         )
+
+
+def _expected_rows(source: Source, limit: int | None) -> int | None:
+    # Only what is cheap (Parquet metadata): counting a CSV would read it twice.
+    rows = source.count_rows()
+    if rows is None:
+        return None
+    return rows if limit is None else min(rows, limit)
 
 
 def _log_failure(outcome: Outcome) -> None:

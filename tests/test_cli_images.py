@@ -85,7 +85,7 @@ def test_every_image_is_one_row_keyed_by_its_path(invoke, photos: dict[str, str]
     )
     assert (broken["_attempts"], broken["predicted_label"]) == (1, None)
     assert "photos: 1 file skipped: 1 with other extensions (e.g. notes.txt)" in result.stderr
-    assert "photos: 7 rows, 6 ok, 1 errors" in result.stderr
+    assert "\n  rows        6 ok, 1 errors, 0 skipped\n" in result.stderr
 
 
 def test_the_shipped_colors_job(invoke, tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_a_file_too_large_is_an_error_row_without_a_request(invoke) -> None:
         return classify(call)
 
     with ThreadedServer(handle) as server:
-        result = invoke("run", str(image_job(server)), "--set", "service.max_body_bytes=2048")
+        result = invoke("run", str(image_job(server)), "--set", "batch.max_request_bytes=2048")
     assert result.exit_code == 1
     assert len(server.calls) == 1  # small.png only
     huge, small = read_output("out/imgs.parquet")
@@ -219,12 +219,12 @@ def test_a_file_too_large_is_an_error_row_without_a_request(invoke) -> None:
     )
     assert huge["_error"].startswith("the file is 5,000 bytes; at most 1,")
     assert huge["_error"].endswith(
-        "raise service.max_body_bytes if the service takes larger bodies"
+        "raise batch.max_request_bytes if the service takes larger bodies"
     )
     assert (huge["_attempts"], huge["_http_status"], huge["_latency_ms"]) == (0, None, None)
     assert small["_status"] == "ok"
     assert "key huge.png was not sent: the file is 5,000 bytes" in result.stderr
-    assert "file_too_large: 1 rows (e.g. key huge.png:" in result.stderr
+    assert "\n  errors      file_too_large: 1 rows, e.g. key huge.png:" in result.stderr
 
 
 def test_a_file_that_vanishes_after_the_walk_is_an_error_row(invoke) -> None:
@@ -312,7 +312,7 @@ def test_dry_run_says_when_the_first_file_would_not_be_sent(invoke) -> None:
     put(Path("photos/huge.png"), b"h" * 5000)
     result = invoke(
         "run", "--input", "photos", "--url", "embedded:colors", "--dry-run",
-        "--set", "service.max_body_bytes=2048",
+        "--set", "batch.max_request_bytes=2048",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert "(the first item would not be sent: huge.png: the file is 5,000 bytes;" in result.stdout
@@ -395,5 +395,5 @@ def test_five_thousand_images(invoke, tmp_path: Path) -> None:
     assert set(table.column("_status").to_pylist()) == {"ok"}
     assert set(table.column("predicted_label").to_pylist()) == {"red"}
     summary: dict[str, Any] = orjson.loads(Path("many.parquet.summary.json").read_bytes())
-    assert summary["rows"] == {"total": 5000, "ok": 5000, "error": 0}
+    assert summary["rows"] == {"total": 5000, "ok": 5000, "error": 0, "skipped": 0}
     assert summary["requests"] == 5000

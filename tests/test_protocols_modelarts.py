@@ -176,9 +176,11 @@ def test_file_codec_uses_the_form_field_of_the_job(tmp_path: Path) -> None:
 
 def test_file_codec_keeps_bodies_within_the_limit(tmp_path: Path) -> None:
     photo = tmp_path / "a.png"
-    envelope = len(FileCodec(max_body_bytes=10_000).encode(file_batch(_write(photo, 0)), UUID).body)
+    envelope = len(
+        FileCodec(max_request_bytes=10_000).encode(file_batch(_write(photo, 0)), UUID).body
+    )
     limit = envelope + 100
-    codec = FileCodec(max_body_bytes=limit)
+    codec = FileCodec(max_request_bytes=limit)
     assert len(codec.encode(file_batch(_write(photo, 100)), UUID).body) == limit
     with pytest.raises(RequestError) as caught:
         codec.encode(file_batch(_write(photo, 101)), UUID)

@@ -151,9 +151,9 @@ def test_empty_run_writes_the_key_columns(tmp_path: Path) -> None:
     ("seqs", "rows", "message"),
     [
         ([0, 0], [1, 1], "batch 0 appears twice"),
-        ([0], [1, 1], "batch 1 (of 2) has no results"),
-        ([1], [1, 1], "batch 0 (of 2) has no results"),
-        ([0, 2], [1, 1], "batch 2 appears twice or was not read"),
+        ([0], [1, 1], "1 of 2 batches have no results (1)"),
+        ([1], [1, 1], "1 of 2 batches have no results (0)"),
+        ([0, 2], [1, 1], "batch 2 was not read"),
         ([0, 1], [1, 2], "batch 1 has 1 result rows for 2 input rows"),
     ],
 )
@@ -198,3 +198,25 @@ def test_result_columns_are_built_without_searching_for_modules(
     results = [{"label": "rose", "scores": [["rose", 0.9]], "n": 1}]
     outcome_table([ok(0, ["a"], results)])
     assert searched == []
+
+
+def test_type_hints_skip_inference_but_never_change_values() -> None:
+    hints: dict[str, pa.DataType] = {}
+    first = outcome_table(
+        [ok(0, ["a", "b"], [{"p": 0.5, "s": "x"}, {"p": 1.5, "s": "y"}])], (), hints
+    )
+    assert hints == {"p": pa.float64(), "s": pa.string()}
+    assert first.column("p").to_pylist() == [0.5, 1.5]
+    # a boolean is not taken for a number, and a number not for a string
+    later = outcome_table(
+        [ok(1, ["c", "d"], [{"p": True, "s": 3}, {"p": False, "s": 4}])], (), hints
+    )
+    assert later.column("p").type == pa.bool_()
+    assert later.column("p").to_pylist() == [True, False]
+    assert later.column("s").to_pylist() == [3, 4]
+
+
+def test_results_with_different_fields_keep_them_all() -> None:
+    table = outcome_table([ok(0, ["a", "b", "c"], [{"x": 1}, {"y": 2}, {"x": 3, "y": 4}])])
+    assert table.column("x").to_pylist() == [1, None, 3]
+    assert table.column("y").to_pylist() == [None, 2, 4]

@@ -150,8 +150,8 @@ def too_large(size: int, max_bytes: int) -> RequestError:
 def _too_large(size: int, max_bytes: int) -> RequestError:
     return RequestError(
         f"the file is {size:,} bytes; at most {max_bytes:,} fit in one request "
-        "(service.max_body_bytes less the form around the file): shrink the file, or raise "
-        "service.max_body_bytes if the service takes larger bodies",
+        "(batch.max_request_bytes less the form around the file): shrink the file, or raise "
+        "batch.max_request_bytes if the service takes larger bodies",
         kind=FILE_TOO_LARGE,
         retryable=False,
     )

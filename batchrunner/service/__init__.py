@@ -18,6 +18,7 @@ from batchrunner.service.app import (
     serve,
     start_service,
 )
+from batchrunner.service.faults import FaultSettings, fault_middleware
 from batchrunner.service.models import (
     MODEL_NAMES,
     FileModel,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "MODEL_NAMES",
     "STATS_KEY",
+    "FaultSettings",
     "FileModel",
     "GatewayError",
     "IrisModel",
@@ -41,6 +43,7 @@ __all__ = [
     "ServiceStats",
     "TextModel",
     "create_app",
+    "fault_middleware",
     "load_model",
     "run_service",
     "serve",

@@ -449,9 +449,17 @@ async def run_service(
     port: int,
     token: str,
     on_ready: Callable[[str], None] | None = None,
+    extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
     """Serve until cancelled; call ``on_ready(url)`` once listening. The body of ``serve``."""
-    service = await start_service(model_name, host=host, port=port, token=token, access_log=True)
+    service = await start_service(
+        model_name,
+        host=host,
+        port=port,
+        token=token,
+        access_log=True,
+        extra_middlewares=extra_middlewares,
+    )
     async with service:
         if on_ready is not None:
             on_ready(service.url)
@@ -464,10 +472,11 @@ def serve(
     port: int,
     token: str,
     on_ready: Callable[[str], None] | None = None,
+    extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
     """Run the service in the foreground (``batchrunner serve``) until Ctrl-C.
 
     Blocks; calls ``on_ready(url)`` once listening. Ctrl-C closes the service, then raises
     KeyboardInterrupt for the caller to turn into an exit code. Never prints.
     """
-    asyncio.run(run_service(model_name, host, port, token, on_ready))
+    asyncio.run(run_service(model_name, host, port, token, on_ready, extra_middlewares))

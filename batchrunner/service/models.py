@@ -267,6 +267,29 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
+class LinearModel(TextModel):
+    """A linear score of every numeric field: the cheapest real model, for throughput runs.
+
+    ``score = 0.5 * sum(numbers) + 1``; fields that are not numbers are ignored, so any
+    table can be scored. The answer holds only ``score``, as services that do not echo
+    their inputs answer.
+    """
+
+    name = "linear"
+
+    def predict(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results = []
+        for position, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ModelInputError(
+                    f"req_data[{position}]: a record must be a JSON object, "
+                    f"got {_json_type(record)}"
+                )
+            total = sum(v for v in record.values() if type(v) in _NUMBER_TYPES)
+            results.append({"score": 0.5 * total + 1.0})
+        return results
+
+
 def _load_iris() -> IrisModel:
     return IrisModel.fit_csv(DATA_DIR / "iris.csv")
 
@@ -280,6 +303,7 @@ def _load_colors() -> Model:
 # One loader per model name.
 _LOADERS: dict[str, Callable[[], Model]] = {
     "iris": _load_iris,
+    "linear": LinearModel,
     "colors": _load_colors,
 }
 

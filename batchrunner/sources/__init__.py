@@ -6,6 +6,24 @@
 ``input_kind`` tells which of the two a job's input is. A source checks its input when it
 is opened (missing files and columns are ``InputError``s before any request is sent), then
 streams: memory does not grow with the input's size.
+
+The tabular source is made of small modules; imports flow one way, down this list:
+
+    files           input.path as files (file, folder, glob; hidden names skipped), formats
+    jsonsafe        values made JSON-safe, a column at a time (``json_safe``)
+    batching        chunks of rows cut into batches of exactly ``size`` rows; row-number keys
+    widening        CSV / JSON-lines column types, pinned, then widened when a value won't fit
+    columns         the columns sent and read, checked against the schema
+    csv_files       CSV: delimiters, headers, schema, streaming, counting
+    jsonl_files     JSON lines: schema, streaming, counting, naming the bad line
+    parquet_files   Parquet: schemas and row counts from the footers, streaming by row group
+    tabular         ``open_tabular`` and ``TabularSource``: the pieces put together; row keys
+
+``files`` is written for any source kind: ``find_files`` resolves a path for a source that
+says which files it accepts. The image source walks its folder itself instead (``images``):
+it streams the walk folder by folder rather than listing the tree up front, and keeps
+names starting with ``_`` (cameras write ``_DSC1234.JPG``); it shares ``files``' message
+for a missing path.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def main() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime - cpu_before
     rows = result.summary["rows"]
-    assert rows == {"total": options.files, "ok": options.files, "error": 0}, rows
+    assert rows == {"total": options.files, "ok": options.files, "error": 0, "skipped": 0}, rows
     latency = result.summary["latency_ms"]
     print(
         f"{options.files:,} images ({options.side}x{options.side} PNG), concurrency "
