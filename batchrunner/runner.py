@@ -32,7 +32,7 @@ import orjson
 import pyarrow as pa
 
 from batchrunner.auth import Secret, mask_headers, resolve_token
-from batchrunner.checkpoint import StatePaths, open_checkpoint
+from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import ServiceClient
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
@@ -239,6 +239,7 @@ class Runner:
         self._outstanding = asyncio.Semaphore(2 * job.batch.max_in_flight)
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
+        self._checkpoint: Checkpoint | None = None  # what the run resumed from
         self._failures_logged = 0
         self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
@@ -270,6 +271,7 @@ class Runner:
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
             self._finished = checkpoint.finished
+            self._checkpoint = checkpoint
             self._expected_rows = _expected_rows(source, self.limit)
             self._started_clock = time.perf_counter()
             log.info(
@@ -464,6 +466,8 @@ class Runner:
             for batch in chunk:
                 self._count_read(batch)
             exhausted = len(chunk) < per_hop
+            if exhausted:
+                self._check_nothing_finished_beyond_input()
             self._read_everything = exhausted  # from now on the total is known exactly
             for batch in chunk:
                 if not self._is_finished(batch.seq):  # finished by an earlier run
@@ -474,9 +478,18 @@ class Runner:
 
     def _count_read(self, batch: Batch) -> None:
         assert batch.seq == len(self._rows_per_batch), "batches must come in input order"
+        if self._checkpoint is not None and self._is_finished(batch.seq):
+            # Read for the first time, so finished by the unfinished run: is it the same?
+            self._checkpoint.check_keys(batch.seq, batch.keys)
         self._rows_per_batch.append(len(batch))
         self.stats.batches_read += 1
         self.stats.rows_read += len(batch)
+
+    def _check_nothing_finished_beyond_input(self) -> None:
+        # The whole input is read: the unfinished run cannot have finished more (a --limit
+        # stops early on purpose, and the output then covers only what it read).
+        if self._checkpoint is not None and self.limit is None:
+            self._checkpoint.check_length(len(self._rows_per_batch))
 
     def _is_finished(self, seq: int) -> bool:
         return seq < len(self._finished) and self._finished[seq] == 1
@@ -552,6 +565,7 @@ class Runner:
                 self._count_read(batch)
             if not self._is_finished(batch.seq):
                 self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
+        self._check_nothing_finished_beyond_input()
 
     async def _report(self) -> None:
         assert self._on_progress is not None

@@ -3,8 +3,14 @@ and purpose-built servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -17,8 +23,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.conftest import REPO, read_output, write_job
-from tests.servers import Call, ThreadedServer
+from tests.conftest import REPO, TOKEN, read_output, write_job
+from tests.servers import Call, ThreadedServer, gateway_error
 
 COLORS = {
     "red": (220, 20, 30),
@@ -397,3 +403,143 @@ def test_five_thousand_images(invoke, tmp_path: Path) -> None:
     summary: dict[str, Any] = orjson.loads(Path("many.parquet.summary.json").read_bytes())
     assert summary["rows"] == {"total": 5000, "ok": 5000, "error": 0, "skipped": 0}
     assert summary["requests"] == 5000
+
+
+# --- resuming an image folder ------------------------------------------------------------
+
+# Each file holds its own key, and the server answers it back: a result on the wrong row
+# would show.
+RESUMED = ("a/1.png", "a/2.png", "b/3.png", "b/4.png", "c/5.png")
+
+
+def echo_key(call: Call) -> web.Response:
+    payload = parse_form(call).get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return web.json_response({"file": payload.decode()})
+
+
+def put_keyed(*keys: str) -> None:
+    for key in keys:
+        put(Path("photos") / key, key.encode())
+
+
+def assert_each_row_has_its_own_result(keys: list[str]) -> None:
+    rows = read_output("out/imgs.parquet")
+    assert [row["_key"] for row in rows] == keys
+    assert all(row["_status"] == "ok" and row["file"] == row["_key"] for row in rows), rows
+
+
+def test_an_image_run_resumes_and_takes_files_added_after_what_it_finished(invoke) -> None:
+    put_keyed(*RESUMED)
+    refuse = {"token": True}
+
+    async def handle(call: Call) -> web.Response:
+        if call.number >= 2 and refuse["token"]:
+            return gateway_error(401, "APIG.0301", "token expires")
+        return echo_key(call)
+
+    with ThreadedServer(handle) as server:
+        job = image_job(server, concurrency=1)
+        first = invoke("run", str(job))
+        assert first.exit_code == 3, first.stderr
+        # A file after every finished one, in a subfolder (the input folder's own
+        # modification time, in the job's identity, does not change).
+        put_keyed("c/6.png")
+        refuse["token"] = False
+        server.calls.clear()
+        second = invoke("run", str(job))
+    assert second.exit_code == 0, second.stderr
+    assert "resuming: 2 rows in 2 finished batches are kept; 3 failed batches" in second.stderr
+    assert sorted(parse_form(call).get_filename() for call in server.calls) == [
+        "3.png", "4.png", "5.png", "6.png",
+    ]  # fmt: skip
+    assert_each_row_has_its_own_result([*RESUMED, "c/6.png"])
+
+
+def interrupted_image_run(server: ThreadedServer, job: Path, calls: int) -> None:
+    """Run ``job`` in a child process and interrupt it (SIGINT) after ``calls`` requests."""
+    env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while len(server.calls) < calls:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run sent too few requests"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+
+
+REFUSED = "error: the input changed since the unfinished run of this job: "
+
+
+def test_an_interrupted_image_run_with_a_file_added_in_a_subfolder_is_not_resumed(
+    invoke,
+) -> None:
+    put_keyed(*RESUMED)
+
+    async def handle(call: Call) -> web.Response:
+        await asyncio.sleep(0.05)
+        return echo_key(call)
+
+    with ThreadedServer(handle) as server:
+        job = image_job(server, concurrency=1)
+        interrupted_image_run(server, job, calls=3)  # a/1.png and a/2.png at least finished
+        sent = len(server.calls)
+        # a/0.png sorts before every finished file, and moves each one's seq by one; the
+        # input folder's modification time (in the job's identity) does not change.
+        put_keyed("a/0.png")
+        refused = invoke("run", str(job))
+        assert refused.exit_code == 2, refused.stderr
+        assert REFUSED + "input item 'a/0.png' (batch 0) is not what that run sent" in (
+            refused.stderr
+        )
+        assert "Re-run with --no-resume to start fresh" in refused.stderr
+        assert len(server.calls) == sent  # nothing was sent
+        assert not Path("out/imgs.parquet").exists()
+        fresh = invoke("run", str(job), "--no-resume")
+    assert fresh.exit_code == 0, fresh.stderr
+    assert_each_row_has_its_own_result(["a/0.png", *RESUMED])
+
+
+@pytest.mark.parametrize(
+    ("removed", "message"),
+    [
+        # the finished a/2.png (batch 1) is gone: b/3.png takes its place
+        (["a/2.png"], "input item 'b/3.png' (batch 1) is not what that run sent"),
+        # only a/1.png is left: the finished batch 1 is past the end
+        (list(RESUMED[1:]), "it now ends after batch 0, but that run finished batch 1"),
+    ],
+    ids=["file-removed", "input-shorter"],
+)
+def test_an_aborted_image_run_whose_subfolders_lost_files_is_not_resumed(
+    invoke, removed: list[str], message: str
+) -> None:
+    put_keyed(*RESUMED)
+    refuse = {"token": True}
+
+    async def handle(call: Call) -> web.Response:
+        if call.number >= 2 and refuse["token"]:
+            return gateway_error(401, "APIG.0301", "token expires")
+        return echo_key(call)
+
+    with ThreadedServer(handle) as server:
+        job = image_job(server, concurrency=1)
+        assert invoke("run", str(job)).exit_code == 3  # a/1.png and a/2.png finished
+        for key in removed:
+            (Path("photos") / key).unlink()
+        refuse["token"] = False
+        server.calls.clear()
+        refused = invoke("run", str(job))
+        assert refused.exit_code == 2, refused.stderr
+        assert REFUSED in refused.stderr
+        assert message in refused.stderr
+        assert server.calls == []
+        fresh = invoke("run", str(job), "--no-resume")
+    assert fresh.exit_code == 0, fresh.stderr
+    assert_each_row_has_its_own_result([key for key in RESUMED if key not in removed])
