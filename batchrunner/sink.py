@@ -425,15 +425,18 @@ def assemble(
         with pq.ParquetWriter(str(temporary), schema) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
+            merged = 0  # pending[:merged] are merged runs of batches; the rest as read
             for batch in _in_input_order(index):
                 pending.append(conform(batch.drop_columns([SEQ]), schema))
                 pending_rows += batch.num_rows
-                if len(pending) >= MERGE_BATCHES:
-                    pending = [pa.concat_batches(pending)]
+                if len(pending) - merged >= MERGE_BATCHES:
+                    # Only the batches not merged yet: what is merged is never copied again.
+                    pending[merged:] = [pa.concat_batches(pending[merged:])]
+                    merged += 1
                 if pending_rows >= ROW_GROUP_ROWS:
                     writer.write_table(pa.Table.from_batches(pending, schema))
                     written += pending_rows
-                    pending, pending_rows = [], 0
+                    pending, pending_rows, merged = [], 0, 0
             if pending:
                 writer.write_table(pa.Table.from_batches(pending, schema))
                 written += pending_rows

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchrunner import sink
 from batchrunner.errors import CoverageError
 from batchrunner.items import Batch, Outcome
 from batchrunner.sink import (
@@ -220,3 +221,30 @@ def test_results_with_different_fields_keep_them_all() -> None:
     table = outcome_table([ok(0, ["a", "b", "c"], [{"x": 1}, {"y": 2}, {"x": 3, "y": 4}])])
     assert table.column("x").to_pylist() == [1, None, 3]
     assert table.column("y").to_pylist() == [None, 2, 4]
+
+
+def test_one_row_batches_are_merged_once_and_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Images: one row per batch. Pending batches are merged a few at a time, each batch
+    # copied once (merged runs are not merged again), and row groups keep their size.
+    monkeypatch.setattr(sink, "MERGE_BATCHES", 4)
+    monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 10)
+    merged: list[int] = []
+    concat = pa.concat_batches
+
+    def counting_concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+        merged.append(sum(b.num_rows for b in batches))
+        return concat(batches)
+
+    monkeypatch.setattr(sink.pa, "concat_batches", counting_concat)
+    order = [5, 3, 0, 4, 1, 2, *range(6, 25)]  # finished out of order
+    tables = [outcome_table([ok(seq, [f"k{seq:02d}"], [{"n": seq}])]) for seq in order]
+    state = journal_of(tmp_path, tables)
+    merged.clear()
+    output = tmp_path / "out.parquet"
+    assert assemble(state, output, array("q", [1] * 25)) == 25
+    assert merged == [4, 4, 4, 4, 4]  # never a merged run again: [4, 7, 10, ...] before
+    assert pq.read_table(output).column("_key").to_pylist() == [f"k{i:02d}" for i in range(25)]
+    metadata = pq.ParquetFile(output).metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10, 10, 5]
