@@ -181,6 +181,15 @@ def test_missing_path_suggests_a_close_name(tmp_path: Path) -> None:
         open_images(tmp_path / "fotos")
 
 
+def test_missing_path_differing_in_case_suggests_the_name(tmp_path: Path) -> None:
+    # The same suggestion as a table's input (errors.did_you_mean): case counts as close.
+    (tmp_path / "photos").mkdir()
+    if (tmp_path / "PHOTOS").exists():
+        pytest.skip("a case-insensitive file system")
+    with pytest.raises(InputError, match=r"PHOTOS \(did you mean '.*photos'\?\)"):
+        open_images(tmp_path / "PHOTOS")
+
+
 # --- globs -------------------------------------------------------------------------------------
 
 

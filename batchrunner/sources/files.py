@@ -28,6 +28,7 @@ __all__ = [
     "format_of",
     "format_setting",
     "is_hidden",
+    "no_such_path",
 ]
 
 FORMATS: dict[str, str] = {
@@ -80,7 +81,7 @@ def find_files(
         )
         where = f"matches {text}"
     else:
-        raise InputError(_no_such_path(given))
+        raise InputError(no_such_path(given))
     files = found if accept is None else [f for f in found if accept(f)]
     if not files:
         message = f"input.path: no input file {where} (known extensions: {', '.join(known)})"
@@ -98,7 +99,8 @@ def is_hidden(relative: Path) -> bool:
     return any(part.startswith((".", "_")) for part in relative.parts)
 
 
-def _no_such_path(path: Path) -> str:
+def no_such_path(path: Path) -> str:
+    """The message for an ``input.path`` that names nothing, with a close name if any."""
     message = f"input.path: no such file or folder: {path}"
     parent = path.parent
     if parent.is_dir():

@@ -26,7 +26,6 @@ gone by then becomes an error row of its own.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import logging
 import os
@@ -36,6 +35,7 @@ from pathlib import Path, PurePosixPath
 
 from batchrunner.errors import InputError
 from batchrunner.items import Batch
+from batchrunner.sources.files import no_such_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -373,7 +373,7 @@ def open_images(
             )
         _check_listable(root)
     else:
-        raise InputError(_no_such_path(given))
+        raise InputError(no_such_path(given))
     return ImageSource(
         mode=mode,
         root=root,
@@ -440,19 +440,6 @@ def _check_listable(folder: Path) -> None:
             pass
     except OSError as exc:
         raise InputError(f"input.path: cannot list the folder {folder}: {exc.strerror}") from None
-
-
-def _no_such_path(path: Path) -> str:
-    message = f"input.path: no such file or folder: {path}"
-    parent = path.parent
-    if parent.is_dir():
-        names = [entry.name for entry in parent.iterdir()]
-        close = difflib.get_close_matches(path.name, names, n=1)
-        if close:
-            message += f" (did you mean {str(parent / close[0])!r}?)"
-    else:
-        message += f" (the folder {parent} does not exist either)"
-    return message
 
 
 # --- manifests --------------------------------------------------------------------------------
