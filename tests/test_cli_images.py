@@ -256,6 +256,29 @@ def test_a_file_that_vanishes_after_the_walk_is_an_error_row(invoke) -> None:
     assert rows[1]["_error_kind"] == "unreadable"
 
 
+def test_a_file_that_vanishes_between_attempts_reports_the_request_sent(invoke) -> None:
+    put(Path("photos/a.png"), b"x")
+
+    async def handle(call: Call) -> web.Response:
+        Path("photos/a.png").unlink()  # gone before the retry reads it again
+        return gateway_error(503, "APIG.0203", "Backend unavailable")
+
+    with ThreadedServer(handle) as server:
+        result = invoke(
+            "run", str(image_job(server)), "--set", "retry.backoff_initial=0.01"
+        )  # fmt: skip
+    assert result.exit_code == 1
+    assert len(server.calls) == 1
+    (row,) = read_output("out/imgs.parquet")
+    # the retry's refusal is the row's error; the one request sent is counted
+    assert (row["_status"], row["_error_kind"], row["_attempts"]) == ("error", "unreadable", 1)
+    assert (
+        row["_error"] == "cannot read the file: no such file (removed after the input was listed?)"
+    )
+    assert row["_http_status"] is None  # what this attempt got: no answer
+    assert "batch 0 (1 rows from key a.png) failed after 1 attempts: cannot read" in result.stderr
+
+
 def test_an_answer_that_is_not_an_object_fails_its_file(invoke) -> None:
     put(Path("photos/a.png"), b"x")
 
