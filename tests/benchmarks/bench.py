@@ -136,7 +136,7 @@ def run_batchrunner(
         summary["latency_ms"]["mean"] / 1000.0,
         cpu,
         rss,
-        summary["errors"].get("http_429", {}).get("rows", 0),
+        summary["throttled"],
         concurrency,
     )
 
@@ -181,7 +181,7 @@ def have_requests() -> bool:
 
 def scenario(
     title: str, folder: Path, rows: int, size: int, concurrency: int, serve_options: list[str],
-    contenders: list[str], extra: list[str] | None = None,
+    contenders: list[str], extra: list[str] | None = None, limit_concurrency: int | None = None,
 ) -> None:  # fmt: skip
     print(f"\n{title}")
     data = table_input(folder, rows, f"rows-{rows}")
@@ -201,6 +201,8 @@ def scenario(
                 figures = run_baseline(
                     "requests", "baseline_requests.py", data, service, size, concurrency, folder
                 )
+            if limit_concurrency is not None:
+                figures.concurrency = limit_concurrency  # the ratio is to the service's limit
             print(figures.line(), flush=True)
     finally:
         service.close()
@@ -266,6 +268,18 @@ def main() -> None:
                 f"CPU-bound: {rows:,} rows x 5 numbers in batches of 1,000, no latency, "
                 "concurrency 8",
                 folder, rows, 1000, 8, [], everyone,
+            )  # fmt: skip
+        if "auto" in chosen:
+            rows = 20_000 if quick else 100_000
+            scenario(
+                f"adaptive: {rows:,} rows in batches of 100, 50 ms latency, the service answers "
+                "429 (Retry-After: 1) above 16 in flight (limit 320 req/s); batchrunner with "
+                'concurrency = "auto" (max 64), the baselines at a fixed 32',
+                folder, rows, 100, 32,
+                ["--latency-ms", "50", "--capacity", "16", "--retry-after", "1"],
+                everyone,
+                extra=["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
+                limit_concurrency=16,
             )  # fmt: skip
         if "memory" in chosen:
             memory(folder, quick)
