@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
@@ -105,13 +103,25 @@ def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, flo
     return wall, cpu, usage.ru_maxrss / 1024, stdout.decode(), stderr.decode()
 
 
+_GENERATE = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows, path = int(sys.argv[1]), sys.argv[2]
+schema = pa.schema([(f"f{i}", pa.float64()) for i in range(5)])
+with pq.ParquetWriter(path, schema) as writer:
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        values = [float((start + j) % 1000) for j in range(n)]
+        writer.write_table(pa.table({f"f{i}": pa.array(values) for i in range(5)}, schema))
+"""
+
+
 def table_input(folder: Path, rows: int, name: str) -> Path:
     path = folder / f"{name}.parquet"
     if not path.exists():
-        columns = {
-            f"f{i}": pa.array([float(j % 1000) * (i + 1) for j in range(rows)]) for i in range(5)
-        }
-        pq.write_table(pa.table(columns), path, row_group_size=min(rows, 1_000_000))
+        # In a child process: a big parent would inflate the peak RSS that wait4 reports
+        # for the children it forks afterwards.
+        subprocess.run([PYTHON, "-c", _GENERATE, str(rows), str(path)], check=True)
     return path
 
 
