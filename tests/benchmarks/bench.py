@@ -234,6 +234,40 @@ def startup(folder: Path) -> None:
     )
 
 
+_HAMMER = """
+import asyncio, sys, time, orjson, aiohttp
+url, token, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
+body = orjson.dumps({"data": {"req_data": records}})
+headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async def worker(count):
+            for _ in range(count):
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // 8) for _ in range(8)))
+        print(requests // 8 * 8 * 1000 / (time.perf_counter() - started))
+asyncio.run(main())
+"""
+
+
+def service_ceiling(quick: bool) -> None:
+    """The embedded service alone: one body sent over and over, no encoding on our side."""
+    service = Service("linear")
+    try:
+        requests = 200 if quick else 1000
+        result = subprocess.run(
+            [PYTHON, "-c", _HAMMER, service.url, TOKEN, str(requests)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rate = float(result.stdout.strip())
+        print(f"\nservice alone (linear model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
+    finally:
+        service.close()
+
+
 def memory(folder: Path, quick: bool) -> None:
     print("\nmemory: peak RSS of the whole command, zero latency, batches of 1,000, concurrency 8")
     service = Service("linear")
@@ -258,13 +292,15 @@ def main() -> None:
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["startup", "latency", "cpu", "auto", "memory"])
+    chosen = set(args.only or ["startup", "service", "latency", "cpu", "auto", "memory"])
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
     try:
         if "startup" in chosen:
             startup(folder)
+        if "service" in chosen:
+            service_ceiling(quick)
         if "latency" in chosen:
             rows = 20_000 if quick else 100_000
             scenario(
