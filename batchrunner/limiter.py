@@ -80,12 +80,13 @@ class ConcurrencyLimiter:
 class AdaptiveLimiter(ConcurrencyLimiter):
     """A concurrency bound that follows the service's capacity (AIMD).
 
-    - Start at ``initial``; until the first push-back, grow by one per answer (slow start:
-      the bound doubles every round trip).
+    - Start at ``initial``; until the first push-back, grow by half a request per answer
+      (slow start: the bound grows by half every round trip).
     - After that, grow by ``1 / limit`` per answer (one per round trip), and by a tenth of
       that within one of the bound at which the service last pushed back.
     - On a 429/503, or an answer slower than ``latency_tolerance`` times the fastest seen
-      lately, shrink to ``backoff`` times the bound, at most once per round trip.
+      lately, shrink to ``backoff`` times the bound (half, the first time), at most once
+      per round trip.
     """
 
     def __init__(
@@ -112,8 +113,9 @@ class AdaptiveLimiter(ConcurrencyLimiter):
 
     def feedback(self, latency_ms: float | None, *, pushed_back: bool) -> None:
         now = self._clock()
-        if latency_ms is not None and latency_ms > 0:
-            # the fastest answer lately: it drifts up slowly so that a stale minimum fades
+        if latency_ms is not None and latency_ms > 0 and not pushed_back:
+            # the fastest real answer lately (a refusal comes back at once: it says nothing of
+            # the service's speed); it drifts up slowly so that a stale minimum fades
             fastest = self._fastest_ms
             self._fastest_ms = latency_ms if fastest is None else min(latency_ms, fastest * 1.001)
         inflated = (
@@ -132,7 +134,10 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         if now - self._last_decrease < max(round_trip, 0.001):
             return  # one cut per round trip: the answers in flight saw the old bound
         self._ceiling = self._limit
-        self._limit = max(float(self._minimum), self._limit * self._backoff)
+        # Leaving slow start, the bound overshot by up to twice (it doubles per round trip):
+        # halve it, as TCP does; afterwards a gentle cut is enough.
+        factor = 0.5 if self._slow_start else self._backoff
+        self._limit = max(float(self._minimum), self._limit * factor)
         self._slow_start = False
         self._last_decrease = now
         self.decreases += 1
@@ -140,7 +145,7 @@ class AdaptiveLimiter(ConcurrencyLimiter):
     def _increase(self) -> None:
         before = self.limit
         if self._slow_start:
-            step = 1.0
+            step = 0.5  # x1.5 per round trip: a smaller overshoot than doubling
         else:
             step = 1.0 / self._limit
             if self._ceiling is not None and self._limit >= self._ceiling - 1:

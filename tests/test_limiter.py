@@ -36,14 +36,14 @@ def test_fixed_limiter_bounds_holders() -> None:
     assert asyncio.run(scenario()) == 3
 
 
-def test_slow_start_doubles_until_the_first_push_back() -> None:
+def test_slow_start_grows_fast_until_the_first_push_back() -> None:
     async def scenario() -> None:
         clock = FakeClock()
         limiter = AdaptiveLimiter(4, 64, clock=clock)
         for _ in range(4):
             limiter.feedback(10.0, pushed_back=False)
-        assert limiter.limit == 8
-        for _ in range(100):
+        assert limiter.limit == 6  # x1.5 in a round trip of 4 answers
+        for _ in range(200):
             limiter.feedback(10.0, pushed_back=False)
         assert limiter.limit == 64  # capped by the maximum
 
@@ -57,7 +57,7 @@ def test_push_back_cuts_once_per_round_trip() -> None:
         limiter.feedback(10.0, pushed_back=False)  # round trip 10 ms
         limiter.feedback(10.0, pushed_back=True)
         after_first = limiter.limit
-        assert after_first == 18  # 21 * 0.9
+        assert after_first == 10  # 21, halved on leaving slow start
         limiter.feedback(10.0, pushed_back=True)  # the same wave: no second cut
         assert limiter.limit == after_first
         clock.now += 0.02
@@ -71,7 +71,9 @@ def test_push_back_cuts_once_per_round_trip() -> None:
 def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(16, 64, clock=clock)
+        limiter = AdaptiveLimiter(32, 64, clock=clock)
+        limiter.feedback(10.0, pushed_back=True)  # leaves slow start: 16
+        clock.now += 1.0
         limiter.feedback(10.0, pushed_back=True)  # ceiling 16, now 14.4
         answers = 0
         while limiter.limit < 15:
@@ -83,6 +85,21 @@ def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
             limiter.feedback(10.0, pushed_back=False)
             answers += 1
         assert answers > 100  # within one of the ceiling: ten times slower
+
+    asyncio.run(scenario())
+
+
+def test_fast_refusals_do_not_make_real_answers_look_slow() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(16, 64, clock=clock)
+        limiter.feedback(50.0, pushed_back=False)
+        limiter.feedback(0.5, pushed_back=True)  # a 429 comes back at once
+        clock.now += 1.0
+        before = limiter.decreases
+        for _ in range(20):
+            limiter.feedback(50.0, pushed_back=False)
+        assert limiter.decreases == before  # 50 ms is still the service's normal speed
 
     asyncio.run(scenario())
 

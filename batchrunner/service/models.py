@@ -278,16 +278,18 @@ class LinearModel(TextModel):
     name = "linear"
 
     def predict(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results = []
-        for position, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise ModelInputError(
-                    f"req_data[{position}]: a record must be a JSON object, "
-                    f"got {_json_type(record)}"
-                )
-            total = sum(v for v in record.values() if type(v) in _NUMBER_TYPES)
-            results.append({"score": 0.5 * total + 1.0})
-        return results
+        if not all(type(record) is dict for record in records):
+            position, record = next(
+                (i, r) for i, r in enumerate(records) if not isinstance(r, dict)
+            )
+            raise ModelInputError(
+                f"req_data[{position}]: a record must be a JSON object, got {_json_type(record)}"
+            )
+        numbers = _NUMBER_TYPES
+        return [
+            {"score": 0.5 * sum([v for v in record.values() if type(v) in numbers]) + 1.0}
+            for record in records
+        ]
 
 
 def _load_iris() -> IrisModel:

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
@@ -105,13 +103,25 @@ def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, flo
     return wall, cpu, usage.ru_maxrss / 1024, stdout.decode(), stderr.decode()
 
 
+_GENERATE = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows, path = int(sys.argv[1]), sys.argv[2]
+schema = pa.schema([(f"f{i}", pa.float64()) for i in range(5)])
+with pq.ParquetWriter(path, schema) as writer:
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        values = [float((start + j) % 1000) for j in range(n)]
+        writer.write_table(pa.table({f"f{i}": pa.array(values) for i in range(5)}, schema))
+"""
+
+
 def table_input(folder: Path, rows: int, name: str) -> Path:
     path = folder / f"{name}.parquet"
     if not path.exists():
-        columns = {
-            f"f{i}": pa.array([float(j % 1000) * (i + 1) for j in range(rows)]) for i in range(5)
-        }
-        pq.write_table(pa.table(columns), path, row_group_size=min(rows, 1_000_000))
+        # In a child process: a big parent would inflate the peak RSS that wait4 reports
+        # for the children it forks afterwards.
+        subprocess.run([PYTHON, "-c", _GENERATE, str(rows), str(path)], check=True)
     return path
 
 
@@ -136,7 +146,7 @@ def run_batchrunner(
         summary["latency_ms"]["mean"] / 1000.0,
         cpu,
         rss,
-        summary["errors"].get("http_429", {}).get("rows", 0),
+        summary["throttled"],
         concurrency,
     )
 
@@ -181,7 +191,7 @@ def have_requests() -> bool:
 
 def scenario(
     title: str, folder: Path, rows: int, size: int, concurrency: int, serve_options: list[str],
-    contenders: list[str], extra: list[str] | None = None,
+    contenders: list[str], extra: list[str] | None = None, limit_concurrency: int | None = None,
 ) -> None:  # fmt: skip
     print(f"\n{title}")
     data = table_input(folder, rows, f"rows-{rows}")
@@ -201,6 +211,8 @@ def scenario(
                 figures = run_baseline(
                     "requests", "baseline_requests.py", data, service, size, concurrency, folder
                 )
+            if limit_concurrency is not None:
+                figures.concurrency = limit_concurrency  # the ratio is to the service's limit
             print(figures.line(), flush=True)
     finally:
         service.close()
@@ -220,6 +232,40 @@ def startup(folder: Path) -> None:
     print(
         f"\nstart-up: `--help` {wall:.2f} s; importing the pipeline {imports:.2f} s ({data.name})"
     )
+
+
+_HAMMER = """
+import asyncio, sys, time, orjson, aiohttp
+url, token, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
+body = orjson.dumps({"data": {"req_data": records}})
+headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async def worker(count):
+            for _ in range(count):
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // 8) for _ in range(8)))
+        print(requests // 8 * 8 * 1000 / (time.perf_counter() - started))
+asyncio.run(main())
+"""
+
+
+def service_ceiling(quick: bool) -> None:
+    """The embedded service alone: one body sent over and over, no encoding on our side."""
+    service = Service("linear")
+    try:
+        requests = 200 if quick else 1000
+        result = subprocess.run(
+            [PYTHON, "-c", _HAMMER, service.url, TOKEN, str(requests)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rate = float(result.stdout.strip())
+        print(f"\nservice alone (linear model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
+    finally:
+        service.close()
 
 
 def memory(folder: Path, quick: bool) -> None:
@@ -246,13 +292,15 @@ def main() -> None:
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["startup", "latency", "cpu", "auto", "memory"])
+    chosen = set(args.only or ["startup", "service", "latency", "cpu", "auto", "memory"])
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
     try:
         if "startup" in chosen:
             startup(folder)
+        if "service" in chosen:
+            service_ceiling(quick)
         if "latency" in chosen:
             rows = 20_000 if quick else 100_000
             scenario(
@@ -266,6 +314,18 @@ def main() -> None:
                 f"CPU-bound: {rows:,} rows x 5 numbers in batches of 1,000, no latency, "
                 "concurrency 8",
                 folder, rows, 1000, 8, [], everyone,
+            )  # fmt: skip
+        if "auto" in chosen:
+            rows = 20_000 if quick else 100_000
+            scenario(
+                f"adaptive: {rows:,} rows in batches of 100, 50 ms latency, the service answers "
+                "429 (Retry-After: 1) above 16 in flight (limit 320 req/s); batchrunner with "
+                'concurrency = "auto" (max 64), the baselines at a fixed 32',
+                folder, rows, 100, 32,
+                ["--latency-ms", "50", "--capacity", "16", "--retry-after", "1"],
+                everyone,
+                extra=["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
+                limit_concurrency=16,
             )  # fmt: skip
         if "memory" in chosen:
             memory(folder, quick)
