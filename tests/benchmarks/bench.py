@@ -189,13 +189,38 @@ def have_requests() -> bool:
     return True
 
 
+_IMAGES = """
+import sys, io
+from pathlib import Path
+from PIL import Image
+count, folder = int(sys.argv[1]), Path(sys.argv[2])
+buffer = io.BytesIO()
+Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "PNG")
+for index in range(count):
+    path = folder / f"d{index // 500}" / f"{index:05d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+"""
+
+
+def image_input(folder: Path, count: int) -> Path:
+    path = folder / f"images-{count}"
+    if not path.exists():
+        subprocess.run([PYTHON, "-c", _IMAGES, str(count), str(path)], check=True)
+    return path
+
+
 def scenario(
     title: str, folder: Path, rows: int, size: int, concurrency: int, serve_options: list[str],
     contenders: list[str], extra: list[str] | None = None, limit_concurrency: int | None = None,
+    model: str = "linear",
 ) -> None:  # fmt: skip
     print(f"\n{title}")
-    data = table_input(folder, rows, f"rows-{rows}")
-    service = Service("linear", *serve_options)
+    if model == "colors":
+        data = image_input(folder, rows)
+    else:
+        data = table_input(folder, rows, f"rows-{rows}")
+    service = Service(model, *serve_options)
     try:
         for contender in contenders:
             if contender == "batchrunner":
@@ -292,7 +317,7 @@ def main() -> None:
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["startup", "service", "latency", "cpu", "auto", "memory"])
+    chosen = set(args.only or ["startup", "service", "latency", "images", "cpu", "auto", "memory"])
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
@@ -307,6 +332,13 @@ def main() -> None:
                 f"latency-bound: {rows:,} rows in batches of 100, 50 ms service latency, "
                 "concurrency 32 (limit 640 req/s)",
                 folder, rows, 100, 32, ["--latency-ms", "50"], everyone,
+            )  # fmt: skip
+        if "images" in chosen:
+            count = 500 if quick else 2000
+            scenario(
+                f"latency-bound images: {count:,} PNG files, one per request, 50 ms service "
+                "latency, concurrency 32 (limit 640 req/s)",
+                folder, count, 1, 32, ["--latency-ms", "50"], everyone, model="colors",
             )  # fmt: skip
         if "cpu" in chosen:
             rows = 200_000 if quick else 1_000_000
