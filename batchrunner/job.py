@@ -45,6 +45,9 @@ class InputSettings(_Settings):
     id_column: str | None = None
     columns: tuple[str, ...] | None = None
     csv_delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    # Send only items that are new or changed since earlier runs finished them (see
+    # ``incremental``): they are remembered beside the output, in .batchrunner/.
+    incremental: bool = False
 
 
 class EmbeddedSettings(_Settings):
@@ -349,6 +352,12 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+#: The key a resumable run adds to its identity when ``input.incremental`` is on: which
+#: remembered items filtered its batches. Not part of ``job_identity`` (nor of the job's
+#: fingerprint): the remembered items change every night, the job does not.
+INCREMENTAL_IDENTITY = "incremental"
+
+
 def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """What differs between two identities, in words: ``batch_size: 50 -> 20``."""
     changes = []
@@ -356,6 +365,8 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
         if before.get(key) != after.get(key):
             if key == "files":
                 changes.append("the input files changed (names, sizes or modification times)")
+            elif key == INCREMENTAL_IDENTITY:
+                changes.append("input.incremental, or the items it remembers, changed")
             else:
                 changes.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
     return changes
@@ -390,4 +401,12 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
     )
     if path.suffix.lower() != ".parquet":
         raise SettingError(f"output.path: must end in .parquet, got {str(path)!r}")
+    folder = str(Path(template).parent)
+    if job.input.incremental and any(name for _, name, _, _ in string.Formatter().parse(folder)):
+        raise SettingError(
+            f"output.path: with input.incremental the output's folder must stay the same from "
+            f"run to run (the remembered items live in its .batchrunner/ folder): put the "
+            f"placeholders in the file name, e.g. 'out/{{name}}-{{date}}.parquet', "
+            f"got {template!r}"
+        )
     return path

@@ -36,6 +36,7 @@ from batchrunner.checkpoint import StatePaths, open_checkpoint
 from batchrunner.client import ServiceClient
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RunInterrupted, ServiceError
+from batchrunner.incremental import SeenItems, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import Job, fingerprint, job_identity, resolve_output_path
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
@@ -190,6 +191,7 @@ class Runner:
         self._main_task: asyncio.Task[Any] | None = None
         self._expected_rows: int | None = None  # from metadata, when cheap to know
         self._read_everything = False
+        self._seen: SeenItems | None = None  # input.incremental: the items already done
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -204,9 +206,17 @@ class Runner:
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths)
         with JobLock(paths.lock, job.name):
-            checkpoint = open_checkpoint(paths, identity, resume=self.resume, stats=self.stats)
+            if job.input.incremental:
+                self._seen = open_seen(paths.seen, url=job.service.url)
+            seen = self._seen
+            resume_identity = identity if seen is None else seen.resume_identity(identity)
+            checkpoint = open_checkpoint(
+                paths, resume_identity, resume=self.resume, stats=self.stats
+            )
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
+            if seen is not None:
+                seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._expected_rows = _expected_rows(source, self.limit)
             self._started_clock = time.perf_counter()
@@ -217,6 +227,8 @@ class Runner:
             )  # fmt: skip
             abort_reason = await self._run_pipeline(source, token, checkpoint.journal, paths)
             final = self.snapshot()
+            if seen is not None and not final.rows_done and final.rows_skipped:
+                log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
             outcome = self._judge(abort_reason)
             summary = build_summary(
                 final,
@@ -240,6 +252,10 @@ class Runner:
             write_summary(summary_path, summary)
             if abort_reason is None:
                 shutil.rmtree(paths.state, ignore_errors=True)
+                if seen is not None:  # after the state: a crash between costs resends only
+                    seen.remember(
+                        output, run_id=run_id, url=job.service.url, trial=self.limit is not None
+                    )
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
@@ -391,8 +407,14 @@ class Runner:
                 raise
             raise _first_leaf(matched) from None
 
+    def _batches(self, source: Source) -> Iterator[Batch]:
+        batches = source.iter_batches(self.job.batch.size, limit=self.limit)
+        # input.incremental: rows done by earlier runs leave here, before a batch is counted,
+        # journaled or sent; a batch may be left with no rows (nothing to send or journal).
+        return batches if self._seen is None else self._seen.filter(batches, self.stats)
+
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
-        iterator = source.iter_batches(self.job.batch.size, limit=self.limit)
+        iterator = self._batches(source)
         # Reading and converting happens in a worker thread, a few batches per hop, so the
         # event loop keeps sending while pyarrow parses (it releases the GIL).
         per_hop = max(1, 4096 // self.job.batch.size)
@@ -403,7 +425,7 @@ class Runner:
             exhausted = len(chunk) < per_hop
             self._read_everything = exhausted  # from now on the total is known exactly
             for batch in chunk:
-                if not self._is_finished(batch.seq):  # finished by an earlier run
+                if len(batch) and not self._is_finished(batch.seq):  # not by an earlier run
                     await batches.put(batch)
             if exhausted:
                 break
@@ -487,10 +509,10 @@ class Runner:
         # After a fatal answer the output still covers every input row: those that were
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"
-        for batch in source.iter_batches(self.job.batch.size, limit=self.limit):
+        for batch in self._batches(source):
             if batch.seq >= len(self._rows_per_batch):
                 self._count_read(batch)
-            if not self._is_finished(batch.seq):
+            if len(batch) and not self._is_finished(batch.seq):
                 self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
 
     async def _report(self) -> None:
@@ -501,6 +523,8 @@ class Runner:
 
     def snapshot(self) -> StatsSnapshot:
         total = self.stats.rows_read if self._read_everything else self._expected_rows
+        if total is not None and not self._read_everything:
+            total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
         return self.stats.snapshot(
             self._limiter.statistics().in_flight,
             time.perf_counter() - self._started_clock,
