@@ -15,6 +15,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     report      run statistics and their frozen snapshot, latency histogram, summary
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting
     sink        the run's journal of finished batches; assembly into one Parquet file
+    checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
+    lock        one run per job at a time (flock)
+    incremental the items earlier runs finished (.seen.parquet), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web)
     runner      the asyncio pipeline
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)

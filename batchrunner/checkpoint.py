@@ -1,13 +1,14 @@
 """Run state for resume: where it lives, whether it belongs to this job, what it already holds.
 
 A run keeps its state beside its output, in ``.batchrunner/``: ``<name>.lock`` (see
-``lock``) and ``<name>.state/`` holding ``manifest.json`` (the job's identity) and the
-journal parts (see ``sink.Journal``). A run that ends well assembles the output and removes
-the state; one that is killed, interrupted or aborted leaves it, and the next run of the same
-job picks it up: batches already finished are not sent again. Batches whose rows failed for
-a reason that says nothing against the rows (a timeout, a 503, a refused token) are dropped
-from the state on resume, so that they are sent again. A changed job starts fresh.
-
+``lock``), ``<name>.state/`` holding ``manifest.json`` (the job's identity) and the
+journal parts (see ``sink.Journal``), and with ``input.incremental`` ``<name>.seen.parquet``,
+the items earlier runs finished (see ``incremental``; it outlives every run). A run that ends
+well assembles the output and removes the state; one that is killed, interrupted or aborted
+leaves it, and the next run of the same job picks it up: batches already finished are not
+sent again. Batches whose rows failed for a reason that says nothing against the rows (a
+timeout, a 503, a refused token) are dropped from the state on resume, so that they are sent
+again. A changed job starts fresh.
 Finished batches are known by their ``seq``, their place in the input. The job's identity
 proves that the input is the same for a table (each file's size and modification time), but
 an image folder's identity is the folder alone (statting every file up front would cost a
@@ -57,11 +58,16 @@ class StatePaths:
 
     lock: Path
     state: Path
+    seen: Path  # input.incremental: the items earlier runs finished
 
     @classmethod
     def beside(cls, output: Path, job_name: str) -> StatePaths:
         folder = output.parent / ".batchrunner"
-        return cls(lock=folder / f"{job_name}.lock", state=folder / f"{job_name}.state")
+        return cls(
+            lock=folder / f"{job_name}.lock",
+            state=folder / f"{job_name}.state",
+            seen=folder / f"{job_name}.seen.parquet",
+        )
 
     @property
     def manifest(self) -> Path:

@@ -504,6 +504,11 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"{_describe_concurrency(job)} in flight",
         f"output:       {plan.output}",
     ]
+    if job.input.incremental:
+        from batchrunner.checkpoint import StatePaths
+
+        seen = StatePaths.beside(plan.output, job.name).seen
+        lines.append(f"incremental:  items finished by earlier runs are left out (see {seen})")
     typer.echo("\n".join(lines))
     if dry_run:
         typer.echo(f"\nfirst request: POST {plan.url}")

@@ -135,11 +135,7 @@ def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -
     elapsed = summary.get("elapsed_s") or 0.0
     rows: Rows = [
         ("run", f"{summary.get('run_id', '?')}, started {summary.get('started', '?')}"),
-        (
-            "rows",
-            f"{counts.get('ok', 0):,} ok, {counts.get('error', 0):,} errors, "
-            f"{counts.get('skipped', 0):,} skipped",
-        ),
+        ("rows", _rows_text(counts)),
         (
             "throughput",
             f"{'-' if rate is None else format(rate, ',.0f')} rows/s "
@@ -169,6 +165,14 @@ def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -
     if summary_path is not None:
         rows.append(("summary", str(summary_path)))
     return rows
+
+
+def _rows_text(counts: Mapping[str, int]) -> str:
+    skipped = counts.get("skipped", 0)
+    if not counts.get("total") and skipped:
+        # input.incremental, a night with no new or changed item: the usual figures are zeros
+        return f"nothing new: {skipped:,} items already done"
+    return f"{counts.get('ok', 0):,} ok, {counts.get('error', 0):,} errors, {skipped:,} skipped"
 
 
 def _elapsed(seconds: float) -> str:

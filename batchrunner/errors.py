@@ -6,7 +6,8 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     BatchRunnerError                  base of everything we raise on purpose
     ├── JobError                      the job is invalid: exit 2, nothing was sent
     │   ├── SettingError              a setting is unknown, mistyped or out of range
-    │   └── InputError                the input is missing, unreadable or lacks a column
+    │   ├── InputError                the input is missing, unreadable or lacks a column
+    │   └── StateError                the items earlier runs finished cannot be read back
     ├── RequestError                  one request failed; its rows become error rows
     ├── ServiceError                  the service answered in a way that stops the whole run
     │   └── AuthError                 the token was refused (401/403): exit 3
@@ -47,6 +48,11 @@ class SettingError(JobError):
 
 class InputError(JobError):
     """The input is missing or unreadable, or lacks a column the job asks for."""
+
+
+class StateError(JobError):
+    """What earlier runs left to go on from (``input.incremental``'s remembered items) cannot
+    be read; raised before any request is sent, rather than sending everything again."""
 
 
 class RequestError(BatchRunnerError):

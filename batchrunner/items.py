@@ -37,6 +37,23 @@ class Batch:
         half = len(self) // 2
         return self._slice(0, half), self._slice(half, len(self) - half)
 
+    def take(self, indices: Sequence[int]) -> Batch:
+        """The rows at ``indices`` (ascending), as a batch of the same ``seq``.
+
+        Used to leave out rows that need no sending; a file batch (one item, no rows) can
+        only be kept whole or emptied.
+        """
+        kept = self.kept.take(pa.array(indices, pa.int64())) if self.kept is not None else None
+        keys = [self.keys[index] for index in indices]
+        if self.rows is not None:
+            rows = self.rows.take(pa.array(indices, pa.int64()))
+            return Batch(self.seq, keys, rows, self.path, kept)
+        if len(indices) == len(self):
+            return self
+        if indices:
+            raise ValueError("a file batch can only be taken whole or not at all")
+        return Batch(self.seq, keys, None, None, kept)
+
     def _slice(self, start: int, length: int) -> Batch:
         assert self.rows is not None
         kept = self.kept.slice(start, length) if self.kept is not None else None

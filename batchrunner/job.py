@@ -58,6 +58,9 @@ class InputSettings(_Settings):
     extensions: tuple[str, ...] | None = None  # None: the common image types
     recursive: bool = True
     follow_links: bool = False
+    # Send only items that are new or changed since earlier runs finished them (see
+    # ``incremental``): they are remembered beside the output, in .batchrunner/.
+    incremental: bool = False
 
     @field_validator("extensions")
     @classmethod
@@ -446,6 +449,12 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+#: The key a resumable run adds to its identity when ``input.incremental`` is on: which
+#: remembered items filtered its batches. Not part of ``job_identity`` (nor of the job's
+#: fingerprint): the remembered items change every night, the job does not.
+INCREMENTAL_IDENTITY = "incremental"
+
+
 def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """What differs between two identities, in words: ``batch_size: 50 -> 20``."""
     changes = []
@@ -455,6 +464,8 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
             continue
         if key == "files":
             changes.append("the input files changed (names, sizes or modification times)")
+        elif key == INCREMENTAL_IDENTITY:
+            changes.append("input.incremental, or the items it remembers, changed")
         elif isinstance(old, Mapping) and isinstance(new, Mapping):  # a section: images
             changes.extend(f"{key}.{change}" for change in identity_changes(old, new))
         else:
@@ -491,4 +502,12 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
     )
     if path.suffix.lower() != ".parquet":
         raise SettingError(f"output.path: must end in .parquet, got {str(path)!r}")
+    folder = str(Path(template).parent)
+    if job.input.incremental and any(name for _, name, _, _ in string.Formatter().parse(folder)):
+        raise SettingError(
+            f"output.path: with input.incremental the output's folder must stay the same from "
+            f"run to run (the remembered items live in its .batchrunner/ folder): put the "
+            f"placeholders in the file name, e.g. 'out/{{name}}-{{date}}.parquet', "
+            f"got {template!r}"
+        )
     return path

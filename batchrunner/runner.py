@@ -36,6 +36,7 @@ from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import ServiceClient
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
+from batchrunner.incremental import SeenItems, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
     IMAGES,
@@ -251,6 +252,7 @@ class Runner:
         self._read_everything = False
         self._kind = TABULAR  # known once the source is open
         self._batch_size = job.batch.size
+        self._seen: SeenItems | None = None  # input.incremental: the items already done
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -267,9 +269,17 @@ class Runner:
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
-            checkpoint = open_checkpoint(paths, identity, resume=self.resume, stats=self.stats)
+            if job.input.incremental:
+                self._seen = open_seen(paths.seen, url=job.service.url)
+            seen = self._seen
+            resume_identity = identity if seen is None else seen.resume_identity(identity)
+            checkpoint = open_checkpoint(
+                paths, resume_identity, resume=self.resume, stats=self.stats
+            )
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
+            if seen is not None:
+                seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
             self._expected_rows = _expected_rows(source, self.limit)
@@ -281,6 +291,8 @@ class Runner:
             )  # fmt: skip
             abort_reason = await self._run_pipeline(source, token, checkpoint.journal, paths)
             final = self.snapshot()
+            if seen is not None and not final.rows_done and final.rows_skipped:
+                log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
             outcome = self._judge(abort_reason)
             summary = build_summary(
                 final,
@@ -304,6 +316,10 @@ class Runner:
             write_summary(summary_path, summary)
             if abort_reason is None:
                 shutil.rmtree(paths.state, ignore_errors=True)
+                if seen is not None:  # after the state: a crash between costs resends only
+                    seen.remember(
+                        output, run_id=run_id, url=job.service.url, trial=self.limit is not None
+                    )
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
@@ -455,8 +471,14 @@ class Runner:
                 raise
             raise _first_leaf(matched) from None
 
+    def _batches(self, source: Source) -> Iterator[Batch]:
+        batches = source.iter_batches(self._batch_size, limit=self.limit)
+        # input.incremental: rows done by earlier runs leave here, before a batch is counted,
+        # journaled or sent; a batch may be left with no rows (nothing to send or journal).
+        return batches if self._seen is None else self._seen.filter(batches, self.stats)
+
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
-        iterator = source.iter_batches(self._batch_size, limit=self.limit)
+        iterator = self._batches(source)
         # Reading and converting happens in a worker thread, a few batches per hop, so the
         # event loop keeps sending while pyarrow parses (it releases the GIL) or the walk
         # lists folders.
@@ -470,7 +492,7 @@ class Runner:
                 self._check_nothing_finished_beyond_input()
             self._read_everything = exhausted  # from now on the total is known exactly
             for batch in chunk:
-                if not self._is_finished(batch.seq):  # finished by an earlier run
+                if len(batch) and not self._is_finished(batch.seq):  # not by an earlier run
                     await batches.put(batch)
             if exhausted:
                 break
@@ -560,10 +582,10 @@ class Runner:
         # After a fatal answer the output still covers every input row: those that were
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"
-        for batch in source.iter_batches(self._batch_size, limit=self.limit):
+        for batch in self._batches(source):
             if batch.seq >= len(self._rows_per_batch):
                 self._count_read(batch)
-            if not self._is_finished(batch.seq):
+            if len(batch) and not self._is_finished(batch.seq):
                 self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
         self._check_nothing_finished_beyond_input()
 
@@ -575,6 +597,8 @@ class Runner:
 
     def snapshot(self) -> StatsSnapshot:
         total = self.stats.rows_read if self._read_everything else self._expected_rows
+        if total is not None and not self._read_everything:
+            total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
         return self.stats.snapshot(
             self._limiter.statistics().in_flight,
             time.perf_counter() - self._started_clock,

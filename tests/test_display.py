@@ -134,6 +134,14 @@ def test_summary_rows_of_a_sparse_summary() -> None:
     assert rows["output"] == "?"
 
 
+def test_summary_rows_of_a_night_with_nothing_new() -> None:
+    rows = dict(summary_rows({"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 1500}}))
+    assert rows["rows"] == "nothing new: 1,500 items already done"
+    # an empty input is not "nothing new": nothing was done before either
+    empty = dict(summary_rows({"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 0}}))
+    assert empty["rows"] == "0 ok, 0 errors, 0 skipped"
+
+
 def test_shorten() -> None:
     assert shorten("a\n b", 10) == "a b"
     assert shorten("x" * 20, 10) == "x" * 9 + "…"

@@ -262,3 +262,41 @@ def test_check_input_kind(tmp_path: Path) -> None:
         "input.path 'x' is read as image input, so input.id_column cannot be used "
         "(each file is sent as it is, one file per request); remove it"
     )
+
+
+def test_incremental_needs_an_output_folder_that_stays_the_same(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[service]", "incremental = true\n[service]")
+    job = load_job(job_file(tmp_path, text + '[output]\npath = "out/{date}/scores.parquet"\n'))
+    with pytest.raises(SettingError) as caught:
+        resolve_output_path(job, datetime(2026, 11, 27), "r")
+    assert str(caught.value) == (
+        "output.path: with input.incremental the output's folder must stay the same from run "
+        "to run (the remembered items live in its .batchrunner/ folder): put the placeholders "
+        "in the file name, e.g. 'out/{name}-{date}.parquet', got 'out/{date}/scores.parquet'"
+    )
+    # in the file name it is fine; and without incremental, so is the folder
+    dated = load_job(job_file(tmp_path, text + '[output]\npath = "out/s-{date}.parquet"\n'))
+    assert resolve_output_path(dated, datetime(2026, 11, 27), "r") == Path(
+        "out/s-2026-11-27.parquet"
+    )
+    plain = load_job(job_file(tmp_path, MINIMAL + '[output]\npath = "out/{date}/s.parquet"\n'))
+    assert resolve_output_path(plain, datetime(2026, 11, 27), "r") == Path(
+        "out/2026-11-27/s.parquet"
+    )
+
+
+def test_incremental_is_not_part_of_the_job_fingerprint(tmp_path: Path) -> None:
+    # The remembered items are not the job: a resumable run adds them to its own identity
+    # (see incremental.SeenItems.resume_identity), and a change is named in words.
+    data = tmp_path / "data.csv"
+    data.write_text("a\n1\n")
+    job = load_job(job_file(tmp_path, MINIMAL))
+    assert "incremental" not in job_identity(job, [data])
+    before = {**job_identity(job, [data]), "incremental": "20260101T020000-abcdef"}
+    after = {**job_identity(job, [data]), "incremental": "nothing remembered"}
+    assert identity_changes(before, after) == [
+        "input.incremental, or the items it remembers, changed"
+    ]
+    assert identity_changes(job_identity(job, [data]), after) == [
+        "input.incremental, or the items it remembers, changed"
+    ]

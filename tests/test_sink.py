@@ -148,6 +148,17 @@ def test_empty_run_writes_the_key_columns(tmp_path: Path) -> None:
     assert table.schema.names == RESERVED.names
 
 
+def test_batches_with_no_rows_have_nothing_in_the_journal(tmp_path: Path) -> None:
+    # input.incremental: a batch whose rows were all done by earlier runs is not sent
+    state = journal_of(tmp_path, [outcome_table([ok(s, [f"k{s}"], [{}])]) for s in (1, 3)])
+    output = tmp_path / "o.parquet"
+    assert assemble(state, output, array("q", [0, 1, 0, 1, 0])) == 2
+    assert pq.read_table(output).column("_key").to_pylist() == ["k1", "k3"]
+    # a batch read with rows must still be there
+    with pytest.raises(CoverageError, match=re.escape("1 of 5 batches have no results (2)")):
+        assemble(state, output, array("q", [0, 1, 1, 1, 0]))
+
+
 @pytest.mark.parametrize(
     ("seqs", "rows", "message"),
     [
