@@ -172,35 +172,74 @@ def validate(
     typer.echo("job is valid")
 
 
+SERVE_TOKEN_ENV = "BATCHRUNNER_SERVE_TOKEN"
+SERVE_IAM_PASSWORD_ENV = "BATCHRUNNER_SERVE_IAM_PASSWORD"
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="The model to serve: iris.")] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    iam_user: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Also answer IAM logins (POST /v3/auth/tokens) of this user; "
+            f"the password is read from {SERVE_IAM_PASSWORD_ENV}."
+        ),
+    ] = None,
+    iam_domain: Annotated[
+        str | None, typer.Option(help="The IAM user's domain (default: the user name).")
+    ] = None,
+    iam_project: Annotated[str, typer.Option(help="The IAM user's project.")] = "local",
+    token_ttl: Annotated[
+        float, typer.Option(min=0.001, help="Seconds an IAM token lives (the real IAM: 86400).")
+    ] = 86400.0,
 ) -> None:
     """Run the embedded reference service (a real model behind the ModelArts protocol).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
+    With --iam-user, the service also issues expiring tokens to that user (password in
+    BATCHRUNNER_SERVE_IAM_PASSWORD, never on the command line) and accepts them.
     """
+    from batchrunner.service import IamAccount, RunningService, ServiceOptions
     from batchrunner.service import serve as serve_forever
 
-    token = os.environ.get("BATCHRUNNER_SERVE_TOKEN", "")
+    token = os.environ.get(SERVE_TOKEN_ENV, "")
     shown = token == ""
     if shown:
         import secrets
 
         token = secrets.token_urlsafe(24)
+    account = None
+    if iam_user is not None:
+        password = os.environ.get(SERVE_IAM_PASSWORD_ENV, "")
+        if not password:
+            _fail(
+                SettingError(
+                    f"--iam-user: set the user's password in the environment variable "
+                    f"{SERVE_IAM_PASSWORD_ENV} (a password never goes on the command line)"
+                )
+            )
+        account = IamAccount(iam_user, password, iam_domain or iam_user, iam_project)
+    options = ServiceOptions(model=model, token=token, iam=account, token_ttl=token_ttl)
 
-    def ready(url: str) -> None:
-        typer.echo(f"serving model {model!r} at {url}")
+    def ready(service: RunningService) -> None:
+        typer.echo(f"serving model {model!r} at {service.url}")
         if shown:
             typer.echo(f"X-Auth-Token: {token}  (a random token for this local service only)")
         else:
-            typer.echo("X-Auth-Token: the value of BATCHRUNNER_SERVE_TOKEN")
+            typer.echo(f"X-Auth-Token: the value of {SERVE_TOKEN_ENV}")
+        if account is not None:
+            typer.echo(
+                f"IAM: POST {service.iam_url} logs in user {account.user!r} "
+                f"(domain {account.domain!r}, project {account.project!r}) with the password "
+                f"in {SERVE_IAM_PASSWORD_ENV}; tokens live {token_ttl:g} s"
+            )
         typer.echo("press Ctrl-C to stop")
 
     try:
-        serve_forever(model, host, port, token, on_ready=ready)
+        serve_forever(options, host, port, on_ready=ready)
     except ValueError as error:
         _fail(SettingError(f"--model: {error}"))
     except OSError as error:

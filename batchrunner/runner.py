@@ -263,9 +263,9 @@ class Runner:
         url = service.url
         model = service.embedded_model
         if model is not None:
-            from batchrunner.service import start_service
+            from batchrunner.service import ServiceOptions, start_service
 
-            running = await start_service(model)
+            running = await start_service(ServiceOptions(model=model))
             stack.push_async_callback(running.close)
             url, token = running.url, Secret(running.token)
         client = ServiceClient(
