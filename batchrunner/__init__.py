@@ -9,8 +9,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     protocols   request encoding, response decoding (modelarts)
     retry       pure retry decisions
     limiter     concurrency bound
-    auth        token sources and masking
-    client      the only module that imports the aiohttp client
+    auth        secrets and masking; token providers (env, file) and single-flight renewal
+    client      the only module that imports the aiohttp client (the service, the IAM login)
+    iam         the IAM token source: login request and answer, token cache, renewal
+    credentials the token source and AppCode that [service] chooses
     report      latency histogram, summary
     sink        the run's journal of finished batches; assembly into one Parquet file
     service     the embedded reference service (the only user of aiohttp.web)

@@ -264,6 +264,7 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"key:          {job.input.id_column or 'row number'}",
         f"rows:         {rows} in {batches} requests of up to {job.batch.size}",
         f"service:      {plan.url} ({job.service.protocol}), {job.batch.concurrency} in flight",
+        f"auth:         {plan.auth}",
         f"output:       {plan.output}",
     ]
     typer.echo("\n".join(lines))

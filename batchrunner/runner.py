@@ -29,10 +29,11 @@ from typing import Any
 
 import orjson
 
-from batchrunner.auth import Secret, mask_headers, resolve_token
-from batchrunner.client import ServiceClient
+from batchrunner.auth import Secret, TokenProvider, mask_headers
+from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
+from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, ServiceError
+from batchrunner.errors import BatchRunnerError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import Job, fingerprint, resolve_output_path
 from batchrunner.limiter import ConcurrencyLimiter
@@ -77,6 +78,7 @@ class Plan:
     batches: int | None
     output: Path
     url: str
+    auth: str
     headers: dict[str, str]
     first_request: bytes | None
 
@@ -96,8 +98,13 @@ def open_source(job: Job) -> Source:
 def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     """Check the job, its token source and its input, and describe the run; send nothing."""
     source = open_source(job)
+    sends_token, sends_app_code = True, False  # the embedded service: its own token
     if job.service.embedded_model is None:
-        resolve_token(job.service)  # a missing token is an error now, not at the first request
+        # A missing secret is an error now, not at the first request. No IAM login: a plan
+        # sends nothing, to IAM neither.
+        credentials = read_credentials(job.service)
+        sends_token = credentials.tokens is not None
+        sends_app_code = credentials.app_code is not None
     rows = source.count_rows()
     if rows is None and count:
         rows = source.scan_count()
@@ -106,7 +113,11 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     batches = None if rows is None else -(-rows // job.batch.size)
     first = next(source.iter_batches(job.batch.size, limit=limit), None)
     body = None
-    headers = {"X-Auth-Token": "<token>"}
+    headers = {}
+    if sends_token:
+        headers[TOKEN_HEADER] = "<token>"
+    if sends_app_code:
+        headers[APP_CODE_HEADER] = "<AppCode>"
     if first is not None:
         request = codec_for(job).encode(first, str(uuid.uuid4()))
         body = request.body
@@ -121,6 +132,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         batches=batches,
         output=resolve_output_path(job, now, new_run_id(now)),
         url=job.service.url,
+        auth=describe_auth(job.service),
         headers=mask_headers(headers),
         first_request=body,
     )
@@ -192,7 +204,12 @@ class Runner:
     async def run(self) -> RunResult:
         job = self.job
         source = open_source(job)
-        token = None if job.service.embedded_model else resolve_token(job.service)
+        credentials = None if job.service.embedded_model else read_credentials(job.service)
+        token = None
+        if credentials is not None and credentials.tokens is not None:
+            # The token (an IAM login, if the cache has none) before anything is written:
+            # a refused login stops the run here, with exit 3 and no output.
+            token = await self._first_token(credentials.tokens)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
@@ -211,7 +228,7 @@ class Runner:
         )  # fmt: skip
         try:
             async with AsyncExitStack() as stack:
-                client, url = await self._open_client(stack, token)
+                client = await self._open_client(stack, credentials, token)
                 try:
                     await self._pipeline(source, client, journal)
                 except ServiceError as exc:
@@ -256,11 +273,25 @@ class Runner:
             return OUTCOME_TOO_MANY_ERRORS
         return OUTCOME_DONE
 
+    async def _first_token(self, tokens: TokenProvider) -> Secret:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await tokens.current()
+            except RequestError as error:  # IAM unreachable or busy: try again, patiently
+                delay = self._policy.delay(attempt, error, self._rng)
+                if delay is None:
+                    raise ServiceError(f"no token to send: {error.message}") from None
+                log.warning("%s; trying again in %.1f s", error.message, delay)
+                await self._sleep(delay)
+
     async def _open_client(
-        self, stack: AsyncExitStack, token: Secret | None
-    ) -> tuple[ServiceClient, str]:
+        self, stack: AsyncExitStack, credentials: Credentials | None, token: Secret | None
+    ) -> ServiceClient:
         service = self.job.service
         url = service.url
+        app_code = credentials.app_code if credentials is not None else None
         model = service.embedded_model
         if model is not None:
             from batchrunner.service import ServiceOptions, start_service
@@ -271,6 +302,7 @@ class Runner:
         client = ServiceClient(
             url,
             token,
+            app_code=app_code,
             timeout=service.timeout,
             connect_timeout=service.connect_timeout,
             verify_tls=service.verify_tls,
@@ -278,7 +310,7 @@ class Runner:
             max_connections=self.job.batch.concurrency,
         )
         await stack.enter_async_context(client)
-        return client, url
+        return client
 
     async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
         concurrency = self.job.batch.concurrency
