@@ -14,8 +14,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses
     report      latency histogram, summary
+    dispatch    one batch on the wire: limiter, codec, client, retries, token renewal
     sink        the run's journal of finished batches; assembly into one Parquet file
-    service     the embedded reference service (the only user of aiohttp.web)
+    service     the embedded reference service (the only user of aiohttp.web), with its IAM
     runner      the asyncio pipeline
     cli         the typer app: the only place that prints or exits
 """

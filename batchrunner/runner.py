@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from batchrunner.auth import Secret, TokenProvider, mask_headers
+from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
@@ -205,11 +205,10 @@ class Runner:
         job = self.job
         source = open_source(job)
         credentials = None if job.service.embedded_model else read_credentials(job.service)
-        token = None
         if credentials is not None and credentials.tokens is not None:
-            # The token (an IAM login, if the cache has none) before anything is written:
-            # a refused login stops the run here, with exit 3 and no output.
-            token = await self._first_token(credentials.tokens)
+            # The first token (an IAM login, if the cache has none) before anything is
+            # written: a refused login stops the run here, with exit 3 and no output.
+            await self._first_token(credentials.tokens)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
@@ -228,9 +227,9 @@ class Runner:
         )  # fmt: skip
         try:
             async with AsyncExitStack() as stack:
-                client = await self._open_client(stack, credentials, token)
+                client, tokens = await self._open_client(stack, credentials)
                 try:
-                    await self._pipeline(source, client, journal)
+                    await self._pipeline(source, client, tokens, journal)
                 except ServiceError as exc:
                     abort_reason = str(exc)
                     log.error("run aborted: %s", abort_reason)
@@ -273,12 +272,13 @@ class Runner:
             return OUTCOME_TOO_MANY_ERRORS
         return OUTCOME_DONE
 
-    async def _first_token(self, tokens: TokenProvider) -> Secret:
+    async def _first_token(self, tokens: TokenProvider) -> None:
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await tokens.current()
+                await tokens.current()
+                return
             except RequestError as error:  # IAM unreachable or busy: try again, patiently
                 delay = self._policy.delay(attempt, error, self._rng)
                 if delay is None:
@@ -287,10 +287,11 @@ class Runner:
                 await self._sleep(delay)
 
     async def _open_client(
-        self, stack: AsyncExitStack, credentials: Credentials | None, token: Secret | None
-    ) -> ServiceClient:
+        self, stack: AsyncExitStack, credentials: Credentials | None
+    ) -> tuple[ServiceClient, TokenProvider | None]:
         service = self.job.service
         url = service.url
+        tokens = credentials.tokens if credentials is not None else None
         app_code = credentials.app_code if credentials is not None else None
         model = service.embedded_model
         if model is not None:
@@ -298,10 +299,10 @@ class Runner:
 
             running = await start_service(ServiceOptions(model=model))
             stack.push_async_callback(running.close)
-            url, token = running.url, Secret(running.token)
+            url, tokens = running.url, FixedToken(Secret(running.token))
         client = ServiceClient(
             url,
-            token,
+            None,  # each request carries the token ``tokens`` gives it
             app_code=app_code,
             timeout=service.timeout,
             connect_timeout=service.connect_timeout,
@@ -310,9 +311,15 @@ class Runner:
             max_connections=self.job.batch.concurrency,
         )
         await stack.enter_async_context(client)
-        return client
+        return client, tokens
 
-    async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
+    async def _pipeline(
+        self,
+        source: Source,
+        client: ServiceClient,
+        tokens: TokenProvider | None,
+        journal: Journal,
+    ) -> None:
         concurrency = self.job.batch.concurrency
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -326,6 +333,7 @@ class Runner:
                     self._limiter,
                     self._policy,
                     self.stats,
+                    tokens=tokens,
                     sleep=self._sleep,
                     rng=self._rng,
                 )

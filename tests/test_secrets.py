@@ -1,14 +1,26 @@
-"""A known token must appear in no output, log, summary or file."""
+"""Known secrets (the token, the IAM password, the AppCode, every token IAM issues) appear in
+no output, log, error message, summary, state or output file."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from batchrunner.auth import Secret, mask_headers
-from tests.conftest import TOKEN, write_csv, write_job
-from tests.servers import Call, ThreadedServer, answer, gateway_error
+from batchrunner.service import GatewayError, IamAccount, ServiceOptions
+from tests.conftest import APPCODE, PASSWORD, REPO, TOKEN, iris_csv, write_csv, write_job
+from tests.servers import Call, ThreadedServer, ThreadedService, answer, gateway_error
 
 
 def test_secret_is_masked() -> None:
@@ -21,6 +33,19 @@ def test_secret_is_masked() -> None:
         "X-Auth-Token": "****",
         "Accept": "a",
     }
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def assert_nowhere(secrets: list[str], texts: list[str], files: list[Path]) -> None:
+    for secret in secrets:
+        assert secret, "an empty secret proves nothing"
+        for text in texts:
+            assert secret not in text
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
 
 
 def test_token_appears_nowhere(invoke) -> None:
@@ -49,10 +74,107 @@ def test_token_appears_nowhere(invoke) -> None:
             result = invoke(*args)
             printed += [result.stdout, result.stderr]
     assert any("not sent" in text for text in printed)  # the 401 path ran
-    for text in printed:
-        assert TOKEN not in text
-    files = [p for p in Path().rglob("*") if p.is_file()]
+    files = files_under(Path())
     assert any(p.suffix == ".parquet" for p in files)
     assert any(p.name.endswith(".summary.json") for p in files)
-    for path in files:
-        assert TOKEN.encode() not in path.read_bytes(), path
+    assert_nowhere([TOKEN], printed, files)
+
+
+def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
+    invoke, monkeypatch, cache_dir: Path
+) -> None:
+    wrong = "wrong-password-61d0e7c3a5"
+
+    @web.middleware
+    async def echoing_iam(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A careless IAM that echoes the password it was given: it must not reach the user.
+        if request.path == "/v3/auth/tokens":
+            body = orjson.loads(await request.read())
+            given = body["auth"]["identity"]["password"]["user"]["password"]
+            if given != PASSWORD:
+                raise GatewayError(401, "IAM.0002", f"password {given!r} is wrong")
+        elif request.path.startswith("/v1/"):
+            assert request.headers["X-Apig-AppCode"] == APPCODE
+            await asyncio.sleep(0.002)  # a run of 75 requests outlives many 50 ms tokens
+        return await handler(request)
+
+    monkeypatch.setenv("APP_CODE", APPCODE)
+    monkeypatch.setenv("IAM_PASSWORD", PASSWORD)
+    data = iris_csv()
+    account = IamAccount("alice", PASSWORD, "acme", "eu-west-0")
+    # Tokens live 50 ms, renewed only when refused: the run goes through 401s and logins.
+    options = ServiceOptions(token=TOKEN, iam=account, token_ttl=0.05)
+    printed: list[str] = []
+    with ThreadedService(options, [echoing_iam]) as service:
+        job = write_job(
+            Path("job.toml"),
+            f'name = "secrets"\n[input]\npath = "{data}"\nid_column = "id"\n'
+            f'[service]\nurl = "{service.url}/x"\n'
+            f'[service.iam]\nurl = "{service.iam_url}"\nuser = "alice"\ndomain = "acme"\n'
+            'project = "eu-west-0"\npassword_env = "IAM_PASSWORD"\nrenew_before = 0\n'
+            '[service.app]\nappcode_env = "APP_CODE"\n'
+            "[batch]\nsize = 2\nconcurrency = 2\n[retry]\nbackoff_initial = 0.001\n",
+        )
+        for args in (
+            ("validate", str(job)),
+            ("run", str(job), "--dry-run"),
+            ("run", str(job), "--log-format", "json"),
+            ("run", str(job), "--log-format", "text", "--progress"),
+        ):
+            result = invoke(*args)
+            printed += [result.stdout, result.stderr]
+            assert result.exit_code == 0, result.stderr
+        # The cache holds the last token (that is its job), for its user only, outside
+        # the working folder, and no other secret.
+        (cache,) = cache_dir.iterdir()
+        assert cache.read_text().count(service.service.issued_tokens[-1]) == 1
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+        assert not cache.resolve().is_relative_to(Path.cwd().resolve())
+        assert_nowhere([PASSWORD, APPCODE, TOKEN], [], [cache])
+        cache.unlink()  # so that the next run logs in, with a wrong password
+        monkeypatch.setenv("IAM_PASSWORD", wrong)
+        refused = invoke("run", str(job))
+        printed += [refused.stdout, refused.stderr]
+        issued = list(service.service.issued_tokens)
+        stats = service.stats
+    assert refused.exit_code == 3
+    assert "password '****' is wrong" in refused.stderr  # IAM's message, scrubbed
+    assert stats.expired_tokens > 0 and stats.logins > 2  # the 401 and re-login paths ran
+    dry_run = printed[2]  # its stdout
+    assert "X-Auth-Token: ****" in dry_run and "X-Apig-AppCode: ****" in dry_run
+    assert "auth:         token from an IAM login at" in dry_run
+    assert "; AppCode from $APP_CODE" in dry_run
+    files = files_under(Path())
+    assert any(p.suffix == ".parquet" for p in files)
+    assert_nowhere([TOKEN, PASSWORD, APPCODE, wrong, *issued], printed, files)
+
+
+def test_serve_shows_no_secret() -> None:
+    env = {
+        **os.environ,
+        "BATCHRUNNER_SERVE_TOKEN": TOKEN,
+        "BATCHRUNNER_SERVE_IAM_PASSWORD": PASSWORD,
+        "PYTHONPATH": str(REPO),
+    }
+    command = [sys.executable, "-m", "batchrunner", "serve", "--port", "0", "--iam-user", "alice"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ready = b""
+    try:
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 20
+            while b"press Ctrl-C" not in ready:
+                assert selector.select(timeout=deadline - time.monotonic()), ready
+                chunk = os.read(process.stdout.fileno(), 4096)
+                assert chunk, f"serve ended early: {ready!r}"
+                ready += chunk
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    shown = (ready + stdout + stderr).decode()
+    assert "X-Auth-Token: the value of BATCHRUNNER_SERVE_TOKEN" in shown
+    assert "/v3/auth/tokens logs in user 'alice' (domain 'alice', project 'local')" in shown
+    assert "with the password in BATCHRUNNER_SERVE_IAM_PASSWORD" in shown
+    assert_nowhere([TOKEN, PASSWORD], [shown], [])
