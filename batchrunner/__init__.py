@@ -5,19 +5,26 @@ Imports flow one way, down this list; a module imports only from those above it:
     errors      the BatchRunnerError tree
     items       plain data passed between stages (Batch, Outcome)
     job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
-    sources     one reader per input kind (tabular)
-    protocols   request encoding, response decoding (modelarts)
+    sources     one reader per input kind (tabular; images: folders, globs, manifests)
+    protocols   request encoding, response decoding (modelarts: text and file input;
+                multipart: one-file form bodies)
     retry       pure retry decisions
-    limiter     concurrency bound
+    limiter     concurrency bound (fixed or adaptive) and rate limit
     auth        secrets and masking; token providers (env, file) and single-flight renewal
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses
-    report      latency histogram, summary
-    dispatch    one batch on the wire: limiter, codec, client, retries, token renewal
+    report      run statistics and their frozen snapshot, latency histogram, summary
+    dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
+                token renewal
     sink        the run's journal of finished batches; assembly into one Parquet file
-    service     the embedded reference service (the only user of aiohttp.web), with its IAM
+    service     the embedded reference service, iris and colors (the only user of aiohttp.web),
+                with its IAM
     runner      the asyncio pipeline
+    schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
+    crontab     the system side of cron: the crontab command, the installed command
+    inspection  an output file read back: summary, counts by status, error kinds, fields
+    display     how runs and outputs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """
 

@@ -3,6 +3,10 @@
 Exit codes: 0 done; 1 done but the error rate is above ``max_error_rate``; 2 the job or its
 input is invalid (nothing sent); 3 aborted by the service (e.g. the token is refused);
 75 another run holds the job's lock; 130 interrupted.
+
+Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
+JSON objects; a live display and rich tables when stderr is a terminal); ``validate``,
+``cron`` and ``inspect`` write their product to stdout and notes to stderr.
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
 
 from batchrunner import __version__
-from batchrunner.errors import BatchRunnerError, SettingError
-from batchrunner.job import OPTION_SETTINGS, Job, load_job
+from batchrunner.errors import BatchRunnerError, ScheduleError, SettingError
+from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
 from batchrunner.report import StatsSnapshot
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from batchrunner.runner import RunResult
+    from batchrunner.schedule import Schedule
 
 EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
@@ -30,6 +40,9 @@ EXIT_INVALID = 2
 EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
 SHOWN_BODY_CHARS = 2000
+LIVE_REFRESHES_PER_SECOND = 4
+
+log = logging.getLogger("batchrunner")
 
 app = typer.Typer(
     name="batchrunner",
@@ -45,9 +58,17 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-def _fail(error: BatchRunnerError) -> NoReturn:
-    typer.echo(f"error: {error}", err=True)
+def _fail(error: BatchRunnerError, log_format: LogFormat = LogFormat.text) -> NoReturn:
+    _say_error(str(error), log_format)
     raise typer.Exit(error.exit_code)
+
+
+def _say_error(message: str, log_format: LogFormat) -> None:
+    # With JSON logs (cron, log shippers) every line on stderr is a JSON object, even this.
+    if log_format is LogFormat.json:
+        log.error("%s", message)
+    else:
+        typer.echo(f"error: {message}", err=True)
 
 
 def _load(job_file: Path | None, overrides: dict[str, Any], assignments: list[str]) -> Job:
@@ -84,7 +105,9 @@ def run(
         str | None, typer.Option(help="Output Parquet path ({name} {date} {time} {run_id}).")
     ] = None,
     url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per request.")] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Only the first N items (to try a job).")
@@ -103,15 +126,24 @@ def run(
     progress: Annotated[
         bool | None,
         typer.Option(
-            "--progress/--no-progress", help="Show progress (default: when stderr is a terminal)."
+            "--progress/--no-progress",
+            help="A live progress display, or a log line every --progress-interval seconds "
+            "(default: live when stderr is a terminal).",
         ),
     ] = None,
+    progress_interval: Annotated[
+        float,
+        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
+    ] = 10.0,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
     ] = LogFormat.text,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
-    _configure_logging(log_format)
+    on_terminal = sys.stderr.isatty()
+    live = on_terminal if progress is None else progress
+    console = _stderr_console(force_terminal=live) if live or on_terminal else None
+    _configure_logging(log_format, console if live else None)
     overrides = {
         OPTION_SETTINGS["input"]: input,
         OPTION_SETTINGS["output"]: output,
@@ -126,32 +158,83 @@ def run(
         if dry_run:
             _show_plan(plan_job(job, limit=limit), dry_run=True)
             return
-        show_progress = sys.stderr.isatty() if progress is None else progress
-        result = run_job(
-            job,
-            limit=limit,
-            on_progress=_progress_printer(show_progress),
-            progress_interval=1.0 if show_progress else 10.0,
-        )
+        if live and console is not None:
+            result = _run_live(job, limit, console, resume=not no_resume)
+        else:
+            result = run_job(
+                job,
+                limit=limit,
+                resume=not no_resume,
+                on_progress=_log_progress,
+                progress_interval=progress_interval,
+            )
     except BatchRunnerError as error:
-        _fail(error)
+        _fail(error, log_format)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if log_format is LogFormat.json:
+            log.warning("interrupted")
+        else:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if show_progress:
-        typer.echo("", err=True)
-    typer.echo(_summary_paragraph(result.summary, result.summary_path), err=True)
+    _show_summary(result, console, log_format)
     if result.outcome == OUTCOME_ABORTED:
-        typer.echo(f"error: run aborted: {result.abort_reason}", err=True)
+        _say_error(f"run aborted: {result.abort_reason}", log_format)
         raise typer.Exit(EXIT_ABORTED)
     if result.outcome != OUTCOME_DONE:
         rate = result.summary["error_rate"]
-        typer.echo(
+        _say_error(
             f"error rate {rate:.2%} is above max_error_rate {job.max_error_rate:.2%}; "
             "the output was written (see the error rows' _error column)",
-            err=True,
+            log_format,
         )
         raise typer.Exit(EXIT_TOO_MANY_ERRORS)
+
+
+def _stderr_console(*, force_terminal: bool) -> Console:
+    from rich.console import Console
+
+    # force_terminal: --progress asks for the live display even where stderr is no terminal.
+    return Console(stderr=True, highlight=False, force_terminal=True if force_terminal else None)
+
+
+def _run_live(job: Job, limit: int | None, console: Console, *, resume: bool) -> RunResult:
+    from rich.live import Live
+
+    from batchrunner.display import ProgressView
+    from batchrunner.runner import run_job
+
+    view = ProgressView(job.name)
+    with Live(view, console=console, transient=True, refresh_per_second=LIVE_REFRESHES_PER_SECOND):
+        result = run_job(
+            job,
+            limit=limit,
+            resume=resume,
+            on_progress=view.update,
+            progress_interval=1 / LIVE_REFRESHES_PER_SECOND,
+        )
+        view.update(result.stats)  # the last frame shows the end, not the last tick
+    return result
+
+
+def _log_progress(snapshot: StatsSnapshot) -> None:
+    from batchrunner.display import progress_fields, progress_line
+
+    log.info("progress: %s", progress_line(snapshot), extra={"fields": progress_fields(snapshot)})
+
+
+def _show_summary(result: RunResult, console: Console | None, log_format: LogFormat) -> None:
+    from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
+
+    title = summary_title(result.summary)
+    if log_format is LogFormat.json:
+        fields = {"summary": result.summary, "summary_path": str(result.summary_path)}
+        log.info("summary: %s", title, extra={"fields": fields})
+        return
+    rows = summary_rows(result.summary, result.summary_path)
+    if console is not None:
+        console.print(rich_table(title, rows))
+    else:
+        typer.echo(plain_table(title, rows), err=True)
 
 
 @app.command()
@@ -178,7 +261,10 @@ SERVE_IAM_PASSWORD_ENV = "BATCHRUNNER_SERVE_IAM_PASSWORD"
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="The model to serve: iris.")] = "iris",
+    model: Annotated[
+        str,
+        typer.Option(help="The model to serve: iris or linear (text input), or colors (images)."),
+    ] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
     iam_user: Annotated[
@@ -195,16 +281,52 @@ def serve(
     token_ttl: Annotated[
         float, typer.Option(min=0.001, help="Seconds an IAM token lives (the real IAM: 86400).")
     ] = 86400.0,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Added latency per request.")] = 0.0,
+    jitter_ms: Annotated[float, typer.Option(min=0, help="Latency varies by +- this.")] = 0.0,
+    capacity: Annotated[
+        int | None, typer.Option(min=1, help="Requests in flight above this get 429.")
+    ] = None,
+    retry_after: Annotated[
+        float, typer.Option(min=0, help="Retry-After (s) sent with each 429.")
+    ] = 1.0,
+    error_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of 503s.")] = 0.0,
+    drop_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of connections dropped unanswered.")
+    ] = 0.0,
+    html_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTML 502 pages.")] = 0.0,
+    poison_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of rows the model fails on (MR.0105).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
 ) -> None:
     """Run the embedded reference service (a real model behind the ModelArts protocol).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
     With --iam-user, the service also issues expiring tokens to that user (password in
     BATCHRUNNER_SERVE_IAM_PASSWORD, never on the command line) and accepts them.
+    The fault options rehearse a bad day: throttling, 503s, dropped connections, HTML error
+    pages, slow answers and rows the model cannot score, all drawn from --seed.
     """
-    from batchrunner.service import IamAccount, RunningService, ServiceOptions
+    from batchrunner.service import (
+        FaultSettings,
+        IamAccount,
+        RunningService,
+        ServiceOptions,
+        fault_middleware,
+    )
     from batchrunner.service import serve as serve_forever
 
+    faults = FaultSettings(
+        latency_ms=latency_ms,
+        jitter_ms=jitter_ms,
+        capacity=capacity,
+        retry_after=retry_after,
+        error_rate=error_rate,
+        drop_rate=drop_rate,
+        html_rate=html_rate,
+        poison_rate=poison_rate,
+        seed=seed,
+    )
     token = os.environ.get(SERVE_TOKEN_ENV, "")
     shown = token == ""
     if shown:
@@ -236,10 +358,14 @@ def serve(
                 f"(domain {account.domain!r}, project {account.project!r}) with the password "
                 f"in {SERVE_IAM_PASSWORD_ENV}; tokens live {token_ttl:g} s"
             )
-        typer.echo("press Ctrl-C to stop")
+        if faults.any:
+            typer.echo(f"injecting faults: {faults}")
+        typer.echo("press Ctrl-C to stop", nl=True)
+        sys.stdout.flush()
 
+    middlewares = [fault_middleware(faults)] if faults.any else []
     try:
-        serve_forever(options, host, port, on_ready=ready)
+        serve_forever(options, host, port, on_ready=ready, extra_middlewares=middlewares)
     except ValueError as error:
         _fail(SettingError(f"--model: {error}"))
     except OSError as error:
@@ -247,6 +373,161 @@ def serve(
         raise typer.Exit(EXIT_INVALID) from None
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def cron(
+    job_file: Annotated[Path, typer.Argument(help="The job file (TOML).")],
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help='When to run: cron\'s five fields, e.g. "0 2 * * *" (02:00 every day), '
+            "or @hourly, @daily, @weekly, @monthly."
+        ),
+    ] = None,
+    install: Annotated[
+        bool,
+        typer.Option(
+            "--install", help="Put the line in your crontab (replacing the job's old one)."
+        ),
+    ] = False,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Take the job's line out of your crontab.")
+    ] = False,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            help="A file of NAME=value lines (the token) the line reads first; only you should "
+            "be able to read it.",
+        ),
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option("--log", help="Where each run's log lines are appended [logs/<job>.log]."),
+    ] = None,
+) -> None:
+    """Print a crontab line that runs the job on a schedule, or install it in your crontab.
+
+    The line works from cron's bare environment: the batchrunner command and the job by their
+    full paths, this folder as the working folder, the secrets read from --env-file (never
+    written into the crontab), JSON log lines appended to --log. Exit 0 done; 2 the job,
+    schedule or env file is invalid; 1 the crontab command failed.
+    """
+    from batchrunner.crontab import read_crontab, write_crontab
+    from batchrunner.schedule import install_line, parse_schedule, remove_lines
+
+    job_path = job_file.resolve()
+    try:
+        if install and remove:
+            raise ScheduleError("--install and --remove do not go together: choose one")
+        if remove:
+            # The job file is not read: a deleted job's line can still be removed.
+            edit = remove_lines(read_crontab(), job_path)
+            if edit.changed:
+                write_crontab(edit.table)
+        else:
+            if schedule is None:
+                raise ScheduleError(
+                    '--schedule is missing: say when to run, e.g. --schedule "0 2 * * *" '
+                    "for 02:00 every day"
+                )
+            parsed = parse_schedule(schedule)
+            job = load_job(job_file)
+            line, log_path = _cron_line(job, job_path, parsed, env_file, log_file)
+            if install:
+                edit = install_line(read_crontab(), line, job_path)
+                if edit.changed:
+                    write_crontab(edit.table)
+    except BatchRunnerError as error:
+        _fail(error)
+    if remove:
+        if edit.changed:
+            typer.echo(f"removed from your crontab: {edit.old_lines[0]}", err=True)
+        else:
+            typer.echo(f"no line in your crontab runs {job_path}: nothing to remove", err=True)
+        return
+    typer.echo(line)
+    if not install:
+        typer.echo("add it with `crontab -e`, or run this again with --install", err=True)
+        return
+    if not edit.changed:
+        typer.echo("this line is already in your crontab: nothing changed", err=True)
+    elif edit.old_lines:
+        typer.echo(f"replaced in your crontab: {edit.old_lines[0]}", err=True)
+    else:
+        typer.echo("added to your crontab", err=True)
+    typer.echo(
+        f"each run appends its log to {log_path}; look at a run's output with "
+        "`batchrunner inspect <output>.parquet`",
+        err=True,
+    )
+
+
+def _cron_line(
+    job: Job, job_path: Path, schedule: Schedule, env_file: Path | None, log_file: Path | None
+) -> tuple[str, Path]:
+    from batchrunner.crontab import check_env_file, locate_executable, make_log_folder
+    from batchrunner.schedule import CronJob, cron_line
+
+    token_env = _token_env(job)
+    env_path = None if env_file is None else env_file.resolve()
+    if env_path is not None:
+        warnings = check_env_file(env_path, token_env)
+    elif token_env is not None:
+        warnings = [
+            f"the job reads its token from ${token_env}, which cron does not set: put "
+            f"{token_env}=... in a file only you can read, and give it with --env-file"
+        ]
+    else:
+        warnings = []
+    log_path = (log_file or Path("logs") / f"{job.name}.log").resolve()
+    cron_job = CronJob(
+        name=job.name,
+        job_file=job_path,
+        executable=locate_executable(),
+        workdir=Path.cwd(),
+        log_file=log_path,
+        env_file=env_path,
+    )
+    line = cron_line(schedule, cron_job)
+    make_log_folder(log_path)  # a redirection into a missing folder fails every night
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    return line, log_path
+
+
+def _token_env(job: Job) -> str | None:
+    """The environment variable the job's token comes from, if it comes from one."""
+    service = job.service
+    if service.embedded_model is not None or service.token_file is not None:
+        return None
+    return service.token_env or DEFAULT_TOKEN_ENV
+
+
+@app.command()
+def inspect(
+    output_file: Annotated[Path, typer.Argument(help="An output file of batchrunner run.")],
+    errors: Annotated[
+        bool, typer.Option("--errors", help="List the error rows: key, kind, message.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="With --errors: list at most this many rows.")
+    ] = 20,
+) -> None:
+    """Show what an output file holds: the run's summary, rows by status, error kinds with
+    example keys, and the result fields' types. Reads the file as a stream."""
+    from batchrunner.display import error_rows_text, inspection_text
+    from batchrunner.inspection import inspect_output
+
+    try:
+        inspection = inspect_output(output_file, error_limit=limit if errors else 0)
+    except BatchRunnerError as error:
+        _fail(error)
+    typer.echo(inspection_text(inspection))
+    if errors:
+        typer.echo("")
+        typer.echo(error_rows_text(inspection))
 
 
 def _show_plan(plan: Any, *, dry_run: bool) -> None:
@@ -261,9 +542,10 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"job:          {job.name}",
         f"input:        {shown_files} ({plan.format})",
         f"sends:        {', '.join(plan.send_columns)}",
-        f"key:          {job.input.id_column or 'row number'}",
-        f"rows:         {rows} in {batches} requests of up to {job.batch.size}",
-        f"service:      {plan.url} ({job.service.protocol}), {job.batch.concurrency} in flight",
+        f"key:          {plan.key}",
+        f"rows:         {rows} in {batches} requests of up to {plan.batch_size}",
+        f"service:      {plan.url} ({job.service.protocol}), "
+        f"{_describe_concurrency(job)} in flight",
         f"auth:         {plan.auth}",
         f"output:       {plan.output}",
     ]
@@ -272,62 +554,37 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         typer.echo(f"\nfirst request: POST {plan.url}")
         for name, value in plan.headers.items():
             typer.echo(f"  {name}: {value}")
-        if plan.first_request is None:
+        if plan.first_request_error is not None:
+            typer.echo(f"  (the first item would not be sent: {plan.first_request_error})")
+        elif plan.first_request is None:
             typer.echo("  (no rows: nothing would be sent)")
         else:
-            body = orjson.dumps(
-                orjson.loads(plan.first_request), option=orjson.OPT_INDENT_2
-            ).decode()
+            body = plan.first_request_preview
+            if body is None:
+                body = orjson.dumps(
+                    orjson.loads(plan.first_request), option=orjson.OPT_INDENT_2
+                ).decode()
             if len(body) > SHOWN_BODY_CHARS:
                 body = body[:SHOWN_BODY_CHARS] + f"\n  ... ({len(body):,} characters in all)"
             typer.echo(body)
         typer.echo("\ndry run: nothing was sent")
 
 
-def _summary_paragraph(summary: dict[str, Any], summary_path: Path) -> str:
-    rows = summary["rows"]
-    latency = summary["latency_ms"]
-    rate = summary["rows_per_second"]
+def _describe_concurrency(job: Job) -> str:
+    batch = job.batch
     text = (
-        f"{summary['job']}: {rows['total']:,} rows, {rows['ok']:,} ok, {rows['error']:,} errors "
-        f"in {summary['elapsed_s']:.1f} s"
+        f"auto (up to {batch.max_concurrency})"
+        if batch.concurrency == "auto"
+        else str(batch.concurrency)
     )
-    if rate:
-        text += f" ({rate:,.0f} rows/s)"
-    text += f"; {summary['requests']:,} requests, {summary['retries']:,} retries"
-    if latency["p50"] is not None:
-        text += (
-            f"; latency p50 {latency['p50']} ms, p95 {latency['p95']} ms, p99 {latency['p99']} ms"
-        )
-    text += "."
-    for kind, tally in summary["errors"].items():
-        text += (
-            f" {kind}: {tally['rows']:,} rows (e.g. key {tally['example_key']}: "
-            f"{tally['example']})."
-        )
-    text += f" Output: {summary['output']} (summary: {summary_path})."
+    if batch.rate_limit:
+        text += f", at most {batch.rate_limit:g} requests/s"
     return text
 
 
-def _progress_printer(on_terminal: bool) -> Any:
-    log = logging.getLogger("batchrunner")
-
-    def show(snapshot: StatsSnapshot) -> None:
-        line = (
-            f"{snapshot.rows_done:,} rows done ({snapshot.rows_error:,} errors), "
-            f"{snapshot.rows_per_second:,.0f} rows/s, {snapshot.in_flight} in flight, "
-            f"{snapshot.retries:,} retries"
-        )
-        if on_terminal:
-            sys.stderr.write("\r" + line + " " * 8)
-            sys.stderr.flush()
-        else:
-            log.info("progress: %s", line)
-
-    return show
-
-
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line; a record's ``fields`` (``extra={"fields": {...}}``) join it."""
+
     def format(self, record: logging.LogRecord) -> str:
         document = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -335,21 +592,42 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        return orjson.dumps(document).decode()
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update(fields)
+        return orjson.dumps(document, default=str).decode()
 
 
-def _configure_logging(log_format: LogFormat) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _ConsoleHandler(logging.Handler):
+    """Writes log lines through the rich console, so they scroll above the live display."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        try:
+            # Text: a message is never read as rich markup ("[x]" stays "[x]").
+            self._console.print(Text(self.format(record)), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(log_format: LogFormat, console: Console | None = None) -> None:
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if console is None else _ConsoleHandler(console)
+    )
     if log_format is LogFormat.json:
         handler.setFormatter(_JsonFormatter())
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
         formatter.converter = time.localtime
         handler.setFormatter(formatter)
-    logger = logging.getLogger("batchrunner")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main() -> None:

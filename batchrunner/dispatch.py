@@ -1,16 +1,27 @@
-"""Sending one batch until it has an outcome: limiter, codec, client, retries, token renewal.
+"""Sending one batch until it has an outcome: limiter, codec, client, retries, splitting,
+token renewal.
 
-``Dispatcher.send`` is the whole life of a batch on the wire: encode (a fresh ``meta.uuid``
-per attempt), wait for a slot in the limiter, take the current token, post, judge the
-answer, and either return the rows' results, retry after the policy's delay, or give up
-with error rows.
+``Dispatcher.send`` is the whole life of a batch on the wire: wait for a slot in the
+limiter, encode (a fresh ``meta.uuid`` per attempt), post, judge the answer, and either
+return the rows' results, retry after the policy's delay, or give up with error rows. When a
+request is refused for a reason one row may cause (a model error, a 400 or 413, a
+``resp_data`` of the wrong length, a body over ``batch.max_request_bytes``), the batch is
+split in halves, and halves of halves, so that good rows still get results and only the bad
+row becomes an error row.
 
-A 401 asks the token source for a better token. Requests refused in the same wave share
-one renewal (the source is single-flight), and each is sent again at once with the new
-token: a renewal costs no backoff and no attempt of the retry budget. While a renewal is
-under way no new request starts; if it finds no better token (or IAM refuses the login),
-the 401 is fatal. A fatal answer (the token refused for good, TLS broken) raises, and no
-request starts after it.
+Each request takes its token from the token source and carries it. A 401 asks the source for
+a better token. Requests refused in the same wave share one renewal (the source is
+single-flight), and each is sent again at once with the new token: a renewal costs no backoff
+and no attempt of the retry budget. While a renewal is under way no new request starts; if it
+finds no better token (or IAM refuses the login), the 401 is fatal. A fatal answer (the token
+refused for good, TLS broken) raises, and no request starts after it.
+
+Encoding happens once a slot is held, so at most ``concurrency`` request bodies (files of up
+to ``batch.max_request_bytes``) are in memory at once; a batch that carries a file is
+encoded in a worker thread, since reading it may block. When the codec refuses a batch
+before sending (a file too large or unreadable), the batch becomes error rows at once, with
+the codec's error and the number of requests really sent (0 unless an earlier attempt
+failed); such a refusal is about the one file, never split.
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ from batchrunner.auth import Secret, TokenProvider
 from batchrunner.client import ServiceClient
 from batchrunner.errors import AuthError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.limiter import ConcurrencyLimiter
-from batchrunner.protocols import Codec
+from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
+from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
+from batchrunner.protocols import Codec, EncodedRequest
 from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
@@ -34,12 +46,18 @@ from batchrunner.retry import RetryPolicy
 log = logging.getLogger("batchrunner")
 
 Sleep = Callable[[float], Awaitable[None]]
+# Answers that say "too many at once": the adaptive limiter backs off on them.
+PUSH_BACK_STATUSES = frozenset({429, 503})
 
 # When this many renewed tokens in a row are refused before the service accepts any
 # request, the run stops: new tokens are refused too (e.g. IAM scopes them to another
 # project), and renewing again would only log in forever.
 MAX_RENEWALS_IN_A_ROW = 3
 UNAUTHORIZED = 401
+
+
+class _Dropped(Exception):
+    """The run is stopping: this batch is left for the next run."""
 
 
 class Dispatcher:
@@ -58,6 +76,9 @@ class Dispatcher:
         stats: RunStats,
         *,
         tokens: TokenProvider | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        rate: RateLimiter | None = None,
+        stopping: asyncio.Event | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -67,6 +88,9 @@ class Dispatcher:
         self._policy = policy
         self._stats = stats
         self._tokens = tokens
+        self._max_request_bytes = max_request_bytes
+        self._rate = rate
+        self._stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._fatal: ServiceError | None = None  # set once: no request may start after it
@@ -78,26 +102,63 @@ class Dispatcher:
         self.renewals = 0  # 401s answered by a renewed token (each request of a wave counts)
 
     async def send(self, batch: Batch) -> list[Outcome]:
-        """The outcomes covering ``batch``'s rows, in row order; fatal answers raise."""
-        return [await self._send_whole(batch)]
+        """Outcomes covering all of ``batch``'s rows in row order, or [] if the run is
+        stopping and the batch was given up (it is sent again by the next run); fatal
+        answers raise."""
+        try:
+            return await self._send_splitting(batch)
+        except _Dropped:
+            return []
 
-    async def _send_whole(self, batch: Batch) -> Outcome:
+    async def _send_splitting(self, batch: Batch) -> list[Outcome]:
+        outcome, error = await self._send_whole(batch)
+        if error is None or not error.row_specific or len(batch) < 2 or batch.rows is None:
+            return [outcome]
+        self._stats.splits += 1
+        log.debug("batch %d: %s; splitting %d rows in halves", batch.seq, error, len(batch))
+        left, right = batch.split()
+        async with asyncio.TaskGroup() as halves:
+            first = halves.create_task(self._send_splitting(left))
+            second = halves.create_task(self._send_splitting(right))
+        return [*first.result(), *second.result()]
+
+    async def _send_whole(self, batch: Batch) -> tuple[Outcome, RequestError | None]:
         latencies: list[float] = []
-        attempt = 0
+        attempt = 0  # requests sent so far
+        tries = 0  # attempts of the retry budget (a token IAM could not give is one)
         renewals = 0  # sends answered by a renewed token: they do not count as retries
         while True:
-            attempt += 1
-            request_uuid = str(uuid.uuid4())
-            request = self._codec.encode(batch, request_uuid)
+            # What the row reports is this attempt's: its answer's status, its request's id.
             http_status: int | None = None
+            sent_uuid: str | None = None
             renewed = False
             async with self._limiter:
-                await self._renewed.wait()
-                if self._fatal is not None:
-                    raise self._barred()
+                await self._check_open()
+                try:
+                    request = await self._encode(batch)
+                except RequestError as unfit:
+                    # Nothing of this attempt was sent; the same item would fail the same way.
+                    return self._failed(batch, unfit, attempt, latencies, None, None), unfit
+                if len(request.body) > self._max_request_bytes:
+                    too_big = RequestError(
+                        f"the request would be {len(request.body):,} bytes, over "
+                        f"batch.max_request_bytes ({self._max_request_bytes:,})",
+                        kind="request_too_large",
+                        retryable=False,
+                        row_specific=True,
+                    )
+                    return self._failed(batch, too_big, attempt, latencies, None, None), too_big
+                if self._rate is not None:
+                    await self._rate.acquire()
+                # Encoding and the rate limit may have waited: a renewal or a fatal answer
+                # may have come meanwhile. Nothing awaits between this check and the post.
+                await self._check_open()
                 token: Secret | None = None
+                tries += 1
                 try:
                     token = await self._current_token()
+                    attempt += 1
+                    sent_uuid = request.request_uuid
                     self._stats.requests += 1
                     response = await self._client.post(
                         request.body, request.content_type, token=token
@@ -105,22 +166,30 @@ class Dispatcher:
                     http_status = response.status
                     latencies.append(response.latency_ms)
                     self._stats.latency.add(response.latency_ms)
+                    self._limiter.feedback(
+                        response.latency_ms, pushed_back=response.status in PUSH_BACK_STATUSES
+                    )
+                    if response.status == 429:
+                        self._stats.throttled += 1
                     if response.ok:
                         self._renewals_in_a_row = 0  # the token was accepted
                     else:
                         raise classify_failure(response.status, response.body, response.retry_after)
-                    results = self._codec.decode(response.body, batch, request_uuid)
-                    return Outcome(
+                    results = self._codec.decode(response.body, batch, sent_uuid or "")
+                    outcome = Outcome(
                         batch,
                         results,
                         http_status=response.status,
                         attempts=attempt,
                         latency_ms=response.latency_ms,
-                        request_uuid=request_uuid,
+                        request_uuid=sent_uuid,
                         latencies_ms=latencies,
                     )
+                    return outcome, None
                 except RequestError as failure:
                     error = failure
+                    if error.kind == "timeout":
+                        self._limiter.feedback(None, pushed_back=True)
                 if error.http_status == UNAUTHORIZED and token is not None:
                     try:
                         await self._renew(token, error)
@@ -131,25 +200,34 @@ class Dispatcher:
                     # Set before the limiter lets the next request go: none follows.
                     raise self._bar(_fatal_error(error))
             if renewed:
+                # Sent again at once with the new token: no backoff, no attempt used up.
+                if self._stopping.is_set():
+                    raise _Dropped
                 renewals += 1
                 self._stats.retries += 1
                 continue
-            delay = self._policy.delay(attempt - renewals, error, self._rng)
+            delay = self._policy.delay(tries - renewals, error, self._rng)
             if delay is None:
-                return Outcome(
-                    batch,
-                    None,
-                    error=error.message,
-                    error_kind=error.kind,
-                    http_status=http_status,
-                    attempts=attempt,
-                    latency_ms=latencies[-1] if latencies else None,
-                    request_uuid=request_uuid,
-                    latencies_ms=latencies,
-                )
+                outcome = self._failed(batch, error, attempt, latencies, http_status, sent_uuid)
+                return outcome, error
+            if self._stopping.is_set():
+                raise _Dropped
             self._stats.retries += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._sleep(delay)
+
+    async def _check_open(self) -> None:
+        """Wait out a renewal under way; raise if a fatal answer bars every request."""
+        while not self._renewed.is_set():
+            await self._renewed.wait()
+        if self._fatal is not None:
+            raise self._barred()
+
+    async def _encode(self, batch: Batch) -> EncodedRequest:
+        request_uuid = str(uuid.uuid4())
+        if batch.path is not None:  # reading a file may block: off the event loop
+            return await asyncio.to_thread(self._codec.encode, batch, request_uuid)
+        return self._codec.encode(batch, request_uuid)
 
     async def _current_token(self) -> Secret | None:
         if self._tokens is None:
@@ -196,6 +274,27 @@ class Dispatcher:
         # their tracebacks.
         assert self._fatal is not None
         return type(self._fatal)(str(self._fatal))
+
+    @staticmethod
+    def _failed(
+        batch: Batch,
+        error: RequestError,
+        attempts: int,
+        latencies: list[float],
+        http_status: int | None,
+        request_uuid: str | None,
+    ) -> Outcome:
+        return Outcome(
+            batch,
+            None,
+            error=error.message,
+            error_kind=error.kind,
+            http_status=http_status,
+            attempts=attempts,
+            latency_ms=latencies[-1] if latencies else None,
+            request_uuid=request_uuid,
+            latencies_ms=latencies,
+        )
 
 
 def _fatal_error(error: RequestError, renewals_in_a_row: int = 0) -> ServiceError:

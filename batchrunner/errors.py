@@ -12,13 +12,22 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     │   └── AuthError                 no token the service accepts (401/403), or IAM refused
     │                                 the login: exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
-    └── LockedError                   another run of this job holds its lock: exit 75
+    ├── LockedError                   another run of this job holds its lock: exit 75
+    ├── RunInterrupted                stopped by a signal; the state is kept: exit 130
+    ├── ScheduleError                 a cron line cannot be made (bad schedule, no env file): exit 2
+    └── CrontabError                  the crontab command is missing or refused the table: exit 1
 
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
+
+Two helpers write the parts messages share: ``did_you_mean`` (a close name, for typos in
+settings, columns and paths) and ``clip`` (a long value shortened for a message).
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class BatchRunnerError(Exception):
@@ -47,7 +56,9 @@ class RequestError(BatchRunnerError):
     ``kind`` is a short stable name for summaries (``http_503``, ``timeout``, ``bad_response``);
     ``retryable`` says whether sending the same request again may succeed; ``retry_after`` is
     the wait the service asked for, in seconds, if it asked; ``fatal`` means no request can
-    succeed (the token is refused) and the run stops.
+    succeed (the token is refused) and the run stops; ``row_specific`` means one row of the
+    request may be to blame (a model error, a 400, a ``resp_data`` of the wrong length), so
+    the request is worth splitting to isolate it.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class RequestError(BatchRunnerError):
         kind: str,
         retryable: bool,
         fatal: bool = False,
+        row_specific: bool = False,
         http_status: int | None = None,
         retry_after: float | None = None,
     ) -> None:
@@ -64,6 +76,7 @@ class RequestError(BatchRunnerError):
         self.kind = kind
         self.retryable = retryable
         self.fatal = fatal
+        self.row_specific = row_specific
         self.http_status = http_status
         self.retry_after = retry_after
 
@@ -93,3 +106,50 @@ class LockedError(BatchRunnerError):
     """Another run of the same job holds its lock."""
 
     exit_code = 75
+
+
+class RunInterrupted(BatchRunnerError):
+    """The run was stopped by SIGINT/SIGTERM; finished batches are kept for the next run."""
+
+    exit_code = 130
+
+
+# -- writing messages -------------------------------------------------------------------
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``name`` was most likely meant to be, or None when none is close.
+
+    One that differs only in case wins; else the closest spelling (``difflib``, similarity
+    0.6 or more).
+    """
+    names = list(candidates)
+    folded = {candidate.casefold(): candidate for candidate in names}
+    if name.casefold() in folded:
+        return folded[name.casefold()]
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the candidate closest to ``name``, or ``""``."""
+    close = closest_name(name, candidates)
+    return "" if close is None else f" (did you mean {close!r}?)"
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text``, cut to ``limit`` characters with ``...`` when longer (a value in a message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ScheduleError(BatchRunnerError):
+    """``batchrunner cron`` cannot make a line: the schedule is malformed, the env file is
+    missing, or a path cannot be written into a crontab."""
+
+    exit_code = 2
+
+
+class CrontabError(BatchRunnerError):
+    """The ``crontab`` command is missing, or failed to read or install the table."""
+
+    exit_code = 1

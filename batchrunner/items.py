@@ -30,6 +30,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def split(self) -> tuple[Batch, Batch]:
+        """Two halves of a batch of rows (same ``seq``), to isolate a row the service refuses."""
+        if len(self) < 2 or self.rows is None:
+            raise ValueError("only a batch of two or more rows can be split")
+        half = len(self) // 2
+        return self._slice(0, half), self._slice(half, len(self) - half)
+
+    def _slice(self, start: int, length: int) -> Batch:
+        assert self.rows is not None
+        kept = self.kept.slice(start, length) if self.kept is not None else None
+        keys = self.keys[start : start + length]
+        return Batch(self.seq, keys, self.rows.slice(start, length), self.path, kept)
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:

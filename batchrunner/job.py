@@ -7,7 +7,6 @@ setting (``batch.size must be >= 1, got 0``), with a "did you mean" for unknown 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -19,9 +18,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from batchrunner.errors import SettingError
+from batchrunner.errors import SettingError, did_you_mean
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
@@ -35,19 +41,64 @@ SECRET_POINTERS = frozenset(
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
+DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
+
+#: The two kinds of input, and the protocol input each is sent as.
+TABULAR = "tabular"  # rows, as text input (req_data)
+IMAGES = "images"  # one file per request, as file input (multipart/form-data)
+
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
 class InputSettings(_Settings):
-    """``[input]``: what is read, and which fields of each row are sent."""
+    """``[input]``: what is read, and which fields of each row are sent.
+
+    ``format = "images"`` (or a folder, glob or manifest of images, see ``sources``) makes
+    an image job; ``extensions``, ``recursive`` and ``follow_links`` apply to it alone, as
+    ``id_column``, ``columns`` and ``csv_delimiter`` apply to tables alone.
+    """
 
     path: str
-    format: Literal["csv", "parquet", "jsonl"] | None = None
+    format: Literal["csv", "parquet", "jsonl", "images"] | None = None
     id_column: str | None = None
     columns: tuple[str, ...] | None = None
     csv_delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    extensions: tuple[str, ...] | None = None  # None: the common image types
+    recursive: bool = True
+    follow_links: bool = False
+
+    @field_validator("extensions")
+    @classmethod
+    def _check_extensions(cls, extensions: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if extensions is None:
+            return None
+        if not extensions:
+            raise ValueError('list at least one extension, e.g. [".jpg", ".png"]')
+        normalized = []
+        for extension in extensions:
+            # ".JPG", "jpg" and ".jpg" all mean the same: matching ignores case.
+            name = extension.strip().lower()
+            name = name if name.startswith(".") else "." + name
+            if len(name) < 2 or "/" in name or "." in name[1:] or any(c.isspace() for c in name):
+                raise ValueError(f'{extension!r} is not a file extension such as ".jpg"')
+            normalized.append(name)
+        return tuple(dict.fromkeys(normalized))
+
+
+class EmbeddedSettings(_Settings):
+    """``[service.embedded]``: faults the embedded service injects, to rehearse a bad day."""
+
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    capacity: int | None = Field(default=None, ge=1)  # in flight above it: 429 + Retry-After
+    retry_after: float = Field(default=1.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)  # 503s
+    drop_rate: float = Field(default=0.0, ge=0, le=1)  # connections closed without an answer
+    html_rate: float = Field(default=0.0, ge=0, le=1)  # HTML 502 pages
+    poison_rate: float = Field(default=0.0, ge=0, le=1)  # rows the model fails on (MR.0105)
+    seed: int = 0
 
 
 def _check_env_name(name: str | None) -> str | None:
@@ -144,6 +195,26 @@ class ServiceSettings(_Settings):
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
     ca_bundle: str | None = None
+    # File input: the model's input parameter the file goes under (curl -F 'images=@x.png').
+    file_field: str = "images"
+    embedded: EmbeddedSettings | None = None
+
+    @field_validator("file_field")
+    @classmethod
+    def _check_file_field(cls, name: str) -> str:
+        # It is written into a quoted header parameter: no quotes, backslashes or controls.
+        if not name or re.search(r'["\\\x00-\x1f\x7f]', name):
+            raise ValueError("must be a form field name without quotes or control characters")
+        return name
+
+    @model_validator(mode="after")
+    def _embedded_only_for_embedded(self) -> ServiceSettings:
+        if self.embedded is not None and self.embedded_model is None:
+            raise ValueError(
+                "[service.embedded] sets faults of the embedded service: "
+                "it needs url = 'embedded:<model>'"
+            )
+        return self
 
     _check_token_env = field_validator("token_env")(_check_env_name)
 
@@ -190,7 +261,33 @@ class BatchSettings(_Settings):
     """``[batch]``: rows per request and requests in flight."""
 
     size: int = Field(default=50, ge=1, le=1_000_000)
-    concurrency: int = Field(default=8, ge=1, le=4096)
+    # A number, or "auto": find the service's capacity (AIMD), up to max_concurrency.
+    concurrency: int | Literal["auto"] = Field(default=8)
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    # Requests started per second at most (token bucket), for services with a quota.
+    rate_limit: float | None = Field(default=None, gt=0)
+    # The largest request body the service takes (the gateway refuses bodies over 12 MiB
+    # with a 413): a bigger batch of rows is split before sending; an image file whose
+    # request would be bigger becomes an error row without being sent.
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    # After SIGINT/SIGTERM: seconds for requests in flight to finish before they are dropped.
+    grace_period: float = Field(default=30.0, ge=0)
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _check_concurrency(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+            raise ValueError('must be a whole number from 1 to 4096, or "auto"')
+        return value
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests that can be in flight at once."""
+        return self.max_concurrency if self.concurrency == "auto" else int(self.concurrency)
 
 
 class RetrySettings(_Settings):
@@ -351,7 +448,7 @@ def _describe(exc: ValidationError, source: str) -> str:
         location = ".".join(str(part) for part in error["loc"])
         kind = error["type"]
         if kind == "extra_forbidden":
-            lines.append(f"  unknown setting {location}{_did_you_mean(error['loc'])}")
+            lines.append(f"  unknown setting {location}{_unknown_setting_hint(error['loc'])}")
         elif kind == "missing":
             lines.append(f"  {location}: required setting is missing")
         else:
@@ -370,51 +467,119 @@ def _shows_input(location: tuple[int | str, ...], value: Any) -> bool:
     return not isinstance(value, dict) and not (location and location[-1] in SECRET_POINTERS)
 
 
-def _did_you_mean(location: tuple[int | str, ...]) -> str:
+def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
     model: type[BaseModel] = Job
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
-        section = _section_model(field.annotation if field else None)
-        if section is None:
+        annotation = field.annotation if field else None
+        # A section may be optional (`EmbeddedSettings | None`): its model is in the union.
+        options = get_args(annotation) or (annotation,)
+        sections = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        if not sections:
             return ""
-        model = section
+        model = sections[0]
     known = list(model.model_fields)
-    close = difflib.get_close_matches(str(location[-1]), known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; known settings here: {', '.join(known)}"
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The settings model of a section's annotation (``IamSettings | None`` included)."""
-    for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    return f"{did_you_mean(str(location[-1]), known)}; known settings here: {', '.join(known)}"
 
 
 # --- identity ------------------------------------------------------------------------------
 
 
-def fingerprint(job: Job, input_files: Iterable[Path]) -> str:
+def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -> dict[str, Any]:
     """What makes two runs "the same job": a resumed run must match its predecessor's.
 
-    Input identity (paths, sizes, modification times), URL, protocol, batch size and the
-    columns sent. Not the token, concurrency or output path: those may change between runs.
+    Input identity (paths, sizes, modification times; for an image folder, the folder
+    itself), URL, protocol, batch size and what decides what is sent: the columns of a
+    table (``kind`` ``TABULAR``); the extensions, walk, form field and body limit of an image
+    job (``IMAGES``, always one file per request). Not the token, concurrency or output
+    path: those may change between runs.
+
+    An image folder's identity does not cover each file (that would stat every file up
+    front): the journal records each batch's key, and a resumed run checks them (see
+    ``checkpoint``).
     """
     files = []
     for path in input_files:
         stat = path.stat()
         files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    identity = {
+    identity: dict[str, Any] = {
         "url": job.service.url,
         "protocol": job.service.protocol,
-        "batch_size": job.batch.size,
-        "columns": job.input.columns,
+        "batch_size": 1 if kind == IMAGES else job.batch.size,
+        "columns": list(job.input.columns) if job.input.columns is not None else None,
         "id_column": job.input.id_column,
         "format": job.input.format,
         "files": files,
     }
+    if kind == IMAGES:
+        extensions = job.input.extensions
+        identity["images"] = {
+            "extensions": list(extensions) if extensions is not None else None,
+            "recursive": job.input.recursive,
+            "follow_links": job.input.follow_links,
+            "file_field": job.service.file_field,
+            # It decides which files are sent and which become error rows unsent.
+            "max_request_bytes": job.batch.max_request_bytes,
+        }
+    return identity
+
+
+# Settings that mean something for one input kind only: given for the other kind, they are
+# a mistake (a job pointed at the wrong input), never silently ignored.
+_IMAGE_ONLY = ("input.extensions", "input.recursive", "input.follow_links", "service.file_field")
+_TABLE_ONLY = ("input.id_column", "input.columns", "input.csv_delimiter", "output.keep_input")
+
+
+def _given(job: Job, dotted: str) -> bool:
+    section, key = dotted.split(".")
+    settings: BaseModel = getattr(job, section)
+    return key in settings.model_fields_set
+
+
+def check_input_kind(job: Job, kind: str, path: str) -> None:
+    """Refuse settings that do not apply to the input's kind (``TABULAR`` or ``IMAGES``).
+
+    ``path`` is the input as found, for the message. Image input sends one file per
+    request, so an explicit ``batch.size`` other than 1 is refused; left out, it is 1.
+    """
+    if kind == IMAGES:
+        wrong = [dotted for dotted in _TABLE_ONLY if _given(job, dotted)]
+        if _given(job, "batch.size") and job.batch.size != 1:
+            wrong.append("batch.size")
+        what, reason = "image input", "each file is sent as it is, one file per request"
+    else:
+        wrong = [dotted for dotted in _IMAGE_ONLY if _given(job, dotted)]
+        what, reason = "a table", "they apply to image input only"
+    if not wrong:
+        return
+    message = (
+        f"input.path {path!r} is read as {what}, so {', '.join(wrong)} cannot be used "
+        f"({reason}); remove {'it' if len(wrong) == 1 else 'them'}"
+    )
+    if job.input.format is None:
+        message += f", or set input.format if {path!r} is not {what}"
+    raise SettingError(message)
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of a job identity (see ``job_identity``)."""
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What differs between two identities, in words: ``batch_size: 50 -> 20``."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if key == "files":
+            changes.append("the input files changed (names, sizes or modification times)")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):  # a section: images
+            changes.extend(f"{key}.{change}" for change in identity_changes(old, new))
+        else:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")

@@ -1,8 +1,20 @@
-"""How many requests may be in flight at once: one limiter shared by every request."""
+"""How many requests may be in flight, and how many may start per second.
+
+One limiter is shared by every request of a run. ``ConcurrencyLimiter`` holds a fixed bound;
+``AdaptiveLimiter`` finds the service's capacity by itself (``concurrency = "auto"``):
+additive increase while answers come back fast, multiplicative decrease on 429/503 and on
+latency inflation, as TCP congestion control and Netflix's concurrency-limits do. It
+remembers the bound at which the service last pushed back and probes slowly near it, so
+that a service with a hard capacity is kept full with few refusals. ``RateLimiter`` is a
+token bucket for services with a per-second quota. Time comes in as parameters: tests run
+without sleeping.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -23,18 +35,24 @@ class ConcurrencyLimiter:
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        self._limit = limit
-        self._semaphore = asyncio.Semaphore(limit)
+        self._limit = float(limit)
         self._in_flight = 0
         self._peak = 0
         self._waiting = 0
+        self._room = asyncio.Condition()
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self._limit))
 
     async def __aenter__(self) -> None:
-        self._waiting += 1
-        try:
-            await self._semaphore.acquire()
-        finally:
-            self._waiting -= 1
+        if self._in_flight >= self.limit or self._waiting:
+            self._waiting += 1
+            try:
+                async with self._room:
+                    await self._room.wait_for(lambda: self._in_flight < self.limit)
+            finally:
+                self._waiting -= 1
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
 
@@ -45,7 +63,134 @@ class ConcurrencyLimiter:
         traceback: TracebackType | None,
     ) -> None:
         self._in_flight -= 1
-        self._semaphore.release()
+        if self._waiting:
+            async with self._room:
+                self._room.notify(max(1, self.limit - self._in_flight))
+
+    def feedback(self, latency_ms: float | None, *, pushed_back: bool) -> None:
+        """An answer came: its latency, and whether the service pushed back (429/503).
+
+        A fixed limiter ignores it; see ``AdaptiveLimiter``.
+        """
 
     def statistics(self) -> LimiterStatistics:
-        return LimiterStatistics(self._limit, self._in_flight, self._peak, self._waiting)
+        return LimiterStatistics(self.limit, self._in_flight, self._peak, self._waiting)
+
+
+class AdaptiveLimiter(ConcurrencyLimiter):
+    """A concurrency bound that follows the service's capacity (AIMD).
+
+    - Start at ``initial``; until the first push-back, grow by half a request per answer
+      (slow start: the bound grows by half every round trip).
+    - After that, grow by ``1 / limit`` per answer (one per round trip), and by a tenth of
+      that within one of the bound at which the service last pushed back.
+    - On a 429/503, or an answer slower than ``latency_tolerance`` times the fastest seen
+      lately, shrink to ``backoff`` times the bound (half, the first time), at most once
+      per round trip.
+    """
+
+    def __init__(
+        self,
+        initial: int,
+        maximum: int,
+        *,
+        minimum: int = 1,
+        backoff: float = 0.9,
+        latency_tolerance: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(max(minimum, min(initial, maximum)))
+        self._minimum = minimum
+        self._maximum = maximum
+        self._backoff = backoff
+        self._tolerance = latency_tolerance
+        self._clock = clock
+        self._slow_start = True
+        self._ceiling: float | None = None  # the bound at the last push-back
+        self._fastest_ms: float | None = None
+        self._last_decrease = float("-inf")
+        self.decreases = 0
+
+    def feedback(self, latency_ms: float | None, *, pushed_back: bool) -> None:
+        now = self._clock()
+        if latency_ms is not None and latency_ms > 0 and not pushed_back:
+            # the fastest real answer lately (a refusal comes back at once: it says nothing of
+            # the service's speed); it drifts up slowly so that a stale minimum fades
+            fastest = self._fastest_ms
+            self._fastest_ms = latency_ms if fastest is None else min(latency_ms, fastest * 1.001)
+        inflated = (
+            latency_ms is not None
+            and self._fastest_ms is not None
+            and latency_ms > self._tolerance * self._fastest_ms
+            and latency_ms > 1.0  # below a millisecond, scheduling noise is not congestion
+        )
+        if pushed_back or inflated:
+            self._decrease(now)
+        else:
+            self._increase()
+
+    def _decrease(self, now: float) -> None:
+        round_trip = (self._fastest_ms or 0.0) / 1000.0
+        if now - self._last_decrease < max(round_trip, 0.001):
+            return  # one cut per round trip: the answers in flight saw the old bound
+        self._ceiling = self._limit
+        # Leaving slow start, the bound overshot by up to twice (it doubles per round trip):
+        # halve it, as TCP does; afterwards a gentle cut is enough.
+        factor = 0.5 if self._slow_start else self._backoff
+        self._limit = max(float(self._minimum), self._limit * factor)
+        self._slow_start = False
+        self._last_decrease = now
+        self.decreases += 1
+
+    def _increase(self) -> None:
+        before = self.limit
+        if self._slow_start:
+            step = 0.5  # x1.5 per round trip: a smaller overshoot than doubling
+        else:
+            step = 1.0 / self._limit
+            if self._ceiling is not None and self._limit >= self._ceiling - 1:
+                step /= 10.0  # near where the service pushed back: probe gently
+        self._limit = min(float(self._maximum), self._limit + step)
+        if self.limit > before and self._waiting:
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._room:
+            self._room.notify(self.limit - self._in_flight)
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` starts per second, bursts of up to ``burst``."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate / 10.0)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._updated = clock()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until one more request may start."""
+        async with self._lock:  # first come, first served
+            while True:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+                if self._tokens >= 1.0 - 1e-9:  # a float hair short of a token is a token
+                    self._tokens = max(0.0, self._tokens - 1.0)
+                    return
+                await self._sleep((1.0 - self._tokens) / self.rate)

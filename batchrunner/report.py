@@ -54,8 +54,30 @@ class LatencyHistogram:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Latency of the answers so far, in milliseconds; None before the first answer."""
+
+    mean: float | None = None
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKindSummary:
+    """Error rows of one kind: how many, and the first one's key and message."""
+
+    kind: str
+    rows: int
+    example_key: str | None
+    example_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatsSnapshot:
-    """What the run has done so far: the progress display and the summary read this."""
+    """What the run has done so far. The progress display, the log lines, the final summary
+    and the tests all read this one object, so they always agree."""
 
     batches_read: int
     rows_read: int
@@ -65,6 +87,15 @@ class StatsSnapshot:
     retries: int
     in_flight: int
     elapsed_s: float
+    splits: int = 0  # batches halved to isolate a row the service refused
+    throttled: int = 0  # answers 429
+    #: Items this run will finish, when known: from metadata (Parquet) before reading, or
+    #: once the whole input has been read; None until then (CSV and JSON lines streams).
+    total: int | None = None
+    #: Items not sent because an earlier run finished them (resume, incremental runs).
+    rows_skipped: int = 0
+    latency: LatencySummary = LatencySummary()
+    errors: tuple[ErrorKindSummary, ...] = ()  # most rows first
 
     @property
     def rows_done(self) -> int:
@@ -73,6 +104,24 @@ class StatsSnapshot:
     @property
     def rows_per_second(self) -> float:
         return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def fraction_done(self) -> float | None:
+        """Done over total (0..1), or None while the total is unknown or zero."""
+        if not self.total:
+            return None
+        return min(self.rows_done / self.total, 1.0)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the average rate so far, or None while that cannot be told."""
+        if self.total is None:
+            return None
+        remaining = self.total - self.rows_done
+        if remaining <= 0:
+            return 0.0
+        rate = self.rows_per_second
+        return remaining / rate if rate > 0 else None
 
 
 @dataclass(slots=True)
@@ -92,8 +141,11 @@ class RunStats:
     rows_read: int = 0
     rows_ok: int = 0
     rows_error: int = 0
+    rows_skipped: int = 0
     requests: int = 0
     retries: int = 0
+    splits: int = 0
+    throttled: int = 0  # answers 429: the service asked us to slow down
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
 
@@ -103,7 +155,8 @@ class RunStats:
         if tally.example_key is None:
             tally.example_key, tally.example_message = key, message
 
-    def snapshot(self, in_flight: int, elapsed_s: float) -> StatsSnapshot:
+    def snapshot(self, in_flight: int, elapsed_s: float, total: int | None = None) -> StatsSnapshot:
+        latency = self.latency
         return StatsSnapshot(
             batches_read=self.batches_read,
             rows_read=self.rows_read,
@@ -111,13 +164,28 @@ class RunStats:
             rows_error=self.rows_error,
             requests=self.requests,
             retries=self.retries,
+            splits=self.splits,
+            throttled=self.throttled,
             in_flight=in_flight,
             elapsed_s=elapsed_s,
+            total=total,
+            rows_skipped=self.rows_skipped,
+            latency=LatencySummary(
+                mean=_round(latency.mean_ms),
+                p50=_round(latency.percentile(0.50)),
+                p95=_round(latency.percentile(0.95)),
+                p99=_round(latency.percentile(0.99)),
+                max=_round(latency.max_ms if latency.count else None),
+            ),
+            errors=tuple(
+                ErrorKindSummary(kind, t.rows, t.example_key, t.example_message)
+                for kind, t in sorted(self.errors.items(), key=lambda item: -item[1].rows)
+            ),
         )
 
 
 def build_summary(
-    stats: RunStats,
+    snapshot: StatsSnapshot,
     *,
     job_name: str,
     fingerprint: str,
@@ -127,17 +195,13 @@ def build_summary(
     url: str,
     started: str,
     finished: str,
-    elapsed_s: float,
     outcome: str,
     max_error_rate: float,
 ) -> dict[str, Any]:
     """The run summary as plain JSON-ready data (the same in the file metadata and beside it)."""
-    rows = stats.rows_ok + stats.rows_error
-    latency = stats.latency
-    percentiles = {
-        name: _round(latency.percentile(fraction))
-        for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
-    }
+    rows = snapshot.rows_done
+    elapsed_s = snapshot.elapsed_s
+    latency = snapshot.latency
     return {
         "job": job_name,
         "run_id": run_id,
@@ -149,20 +213,29 @@ def build_summary(
         "started": started,
         "finished": finished,
         "elapsed_s": round(elapsed_s, 3),
-        "rows": {"total": rows, "ok": stats.rows_ok, "error": stats.rows_error},
-        "error_rate": round(stats.rows_error / rows, 6) if rows else 0.0,
+        "rows": {
+            "total": rows,
+            "ok": snapshot.rows_ok,
+            "error": snapshot.rows_error,
+            "skipped": snapshot.rows_skipped,
+        },
+        "error_rate": round(snapshot.rows_error / rows, 6) if rows else 0.0,
         "max_error_rate": max_error_rate,
-        "requests": stats.requests,
-        "retries": stats.retries,
+        "requests": snapshot.requests,
+        "retries": snapshot.retries,
+        "splits": snapshot.splits,
+        "throttled": snapshot.throttled,
         "rows_per_second": round(rows / elapsed_s, 1) if elapsed_s > 0 else None,
         "latency_ms": {
-            "mean": _round(latency.mean_ms),
-            **percentiles,
-            "max": _round(latency.max_ms if latency.count else None),
+            "mean": latency.mean,
+            "p50": latency.p50,
+            "p95": latency.p95,
+            "p99": latency.p99,
+            "max": latency.max,
         },
         "errors": {
-            kind: {"rows": t.rows, "example_key": t.example_key, "example": t.example_message}
-            for kind, t in sorted(stats.errors.items(), key=lambda item: -item[1].rows)
+            e.kind: {"rows": e.rows, "example_key": e.example_key, "example": e.example_message}
+            for e in snapshot.errors
         },
     }
 

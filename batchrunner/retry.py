@@ -60,3 +60,14 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
+
+
+#: Error kinds that say nothing against the rows themselves: a later run sends them again.
+_TRANSIENT_KINDS = frozenset({"timeout", "connection", "not_json", "not_sent", "http_429"})
+
+
+def is_transient_kind(kind: str | None) -> bool:
+    """Whether error rows of ``kind`` are worth sending again in a later (resumed) run."""
+    if kind is None:
+        return False
+    return kind in _TRANSIENT_KINDS or kind.startswith("http_5")

@@ -16,34 +16,46 @@ import logging
 import random
 import secrets
 import shutil
+import signal
 import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
+from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, RequestError, ServiceError
+from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import Job, fingerprint, resolve_output_path
-from batchrunner.limiter import ConcurrencyLimiter
+from batchrunner.job import (
+    IMAGES,
+    TABULAR,
+    Job,
+    check_input_kind,
+    fingerprint,
+    job_identity,
+    resolve_output_path,
+)
+from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
+from batchrunner.lock import JobLock
 from batchrunner.protocols import Codec
-from batchrunner.protocols.modelarts import TextCodec
+from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sink import write_json_atomically as write_summary
-from batchrunner.sources import Source, open_tabular
+from batchrunner.sources import Source, input_kind, open_images, open_tabular
 
 log = logging.getLogger("batchrunner")
 
@@ -63,6 +75,7 @@ class RunResult:
     output: Path
     summary_path: Path
     summary: dict[str, Any]
+    stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
 
 
@@ -71,33 +84,64 @@ class Plan:
     """What a run would do: shown by ``validate`` and ``run --dry-run``; nothing is sent."""
 
     job: Job
+    kind: str  # TABULAR or IMAGES
     files: list[Path]
     format: str
     send_columns: list[str]
+    key: str  # what each row's key is, for people
     rows: int | None
+    batch_size: int  # items per request (image input: 1)
     batches: int | None
     output: Path
     url: str
     auth: str
     headers: dict[str, str]
     first_request: bytes | None
+    first_request_preview: str | None = None  # a body that is not text, as shown to people
+    first_request_error: str | None = None  # why the first item would not be sent
 
 
 def open_source(job: Job) -> Source:
-    """Open and check the job's input (raises ``InputError`` before anything is sent)."""
+    """Open and check the job's input (raises ``InputError`` before anything is sent).
+
+    A folder, glob or manifest of images (or ``input.format = "images"``) is image input;
+    anything else is a table. Settings that do not apply to the kind found are refused.
+    """
+    settings = job.input
+    kind = input_kind(settings.path, settings.format, settings.extensions)
+    check_input_kind(job, kind, settings.path)
+    if kind == IMAGES:
+        return open_images(
+            settings.path,
+            extensions=settings.extensions,
+            recursive=settings.recursive,
+            follow_links=settings.follow_links,
+        )
     return open_tabular(
-        job.input.path,
-        format=job.input.format,
-        id_column=job.input.id_column,
-        columns=job.input.columns,
+        settings.path,
+        format=settings.format,
+        id_column=settings.id_column,
+        columns=settings.columns,
         keep_input=job.output.keep_input,
-        csv_delimiter=job.input.csv_delimiter,
+        csv_delimiter=settings.csv_delimiter,
     )
+
+
+def kind_of(source: Source) -> str:
+    """``IMAGES`` for image input, else ``TABULAR``."""
+    return IMAGES if source.format == IMAGES else TABULAR
+
+
+def batch_size_for(job: Job, kind: str) -> int:
+    """Items per request: ``batch.size`` rows for a table, one file for image input."""
+    return 1 if kind == IMAGES else job.batch.size
 
 
 def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     """Check the job, its token source and its input, and describe the run; send nothing."""
     source = open_source(job)
+    kind = kind_of(source)
+    size = batch_size_for(job, kind)
     sends_token, sends_app_code = True, False  # the embedded service: its own token
     if job.service.embedded_model is None:
         # A missing secret is an error now, not at the first request. No IAM login: a plan
@@ -110,63 +154,68 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         rows = source.scan_count()
     if rows is not None and limit is not None:
         rows = min(rows, limit)
-    batches = None if rows is None else -(-rows // job.batch.size)
-    first = next(source.iter_batches(job.batch.size, limit=limit), None)
-    body = None
+    batches = None if rows is None else -(-rows // size)
+    first = next(source.iter_batches(size, limit=limit), None)
+    body = preview = refused = None
     headers = {}
     if sends_token:
         headers[TOKEN_HEADER] = "<token>"
     if sends_app_code:
         headers[APP_CODE_HEADER] = "<AppCode>"
     if first is not None:
-        request = codec_for(job).encode(first, str(uuid.uuid4()))
-        body = request.body
-        headers["Content-Type"] = request.content_type
+        try:
+            request = codec_for(job, kind).encode(first, str(uuid.uuid4()))
+        except RequestError as exc:
+            refused = f"{first.keys[0]}: {exc.message}"
+        else:
+            body, preview = request.body, request.preview
+            headers["Content-Type"] = request.content_type
+    if kind == IMAGES:
+        sends = [f"each file as form field {job.service.file_field!r} (multipart/form-data)"]
+        key = "the file's path relative to the input folder"
+    else:
+        sends = list(source.send_columns)
+        key = job.input.id_column or "row number"
     now = datetime.now()
     return Plan(
         job=job,
+        kind=kind,
         files=list(source.paths),
         format=source.format,
-        send_columns=list(source.send_columns),
+        send_columns=sends,
+        key=key,
         rows=rows,
+        batch_size=size,
         batches=batches,
         output=resolve_output_path(job, now, new_run_id(now)),
         url=job.service.url,
         auth=describe_auth(job.service),
         headers=mask_headers(headers),
         first_request=body,
+        first_request_preview=preview,
+        first_request_error=refused,
     )
 
 
-def codec_for(job: Job) -> Codec:
-    """The codec of the job's protocol and input kind."""
+def codec_for(job: Job, kind: str) -> Codec:
+    """The codec of the job's protocol and input kind: text input for tables, file input
+    for images (a file whose request would be over ``batch.max_request_bytes`` is refused
+    unsent)."""
+    if kind == IMAGES:
+        return FileCodec(job.service.file_field, job.batch.max_request_bytes)
     return TextCodec()
+
+
+def make_limiter(job: Job) -> ConcurrencyLimiter:
+    """A fixed bound, or with ``concurrency = "auto"`` one that finds the service's capacity."""
+    batch = job.batch
+    if batch.concurrency == "auto":
+        return AdaptiveLimiter(initial=min(4, batch.max_concurrency), maximum=batch.max_concurrency)
+    return ConcurrencyLimiter(batch.concurrency)
 
 
 def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-
-
-@dataclass
-class _Window:
-    """Which batches are unfinished; lets the dispatcher stay within ``size`` of the oldest."""
-
-    size: int
-    lowest_unfinished: int = 0
-    finished_ahead: set[int] = field(default_factory=set)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def wait_for_room(self, seq: int) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: seq < self.lowest_unfinished + self.size)
-
-    async def finish(self, seq: int) -> None:
-        async with self.changed:
-            self.finished_ahead.add(seq)
-            while self.lowest_unfinished in self.finished_ahead:
-                self.finished_ahead.remove(self.lowest_unfinished)
-                self.lowest_unfinished += 1
-            self.changed.notify_all()
 
 
 class Runner:
@@ -177,54 +226,118 @@ class Runner:
         job: Job,
         *,
         limit: int | None = None,
+        resume: bool = True,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         on_progress: Callable[[StatsSnapshot], None] | None = None,
         progress_interval: float = 10.0,
+        handle_signals: bool = True,
     ) -> None:
         self.job = job
         self.limit = limit
+        self.resume = resume
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self._progress_interval = progress_interval
+        self._handle_signals = handle_signals
         self.stats = RunStats()
         self._policy = RetryPolicy(
             job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max
         )
-        self._limiter = ConcurrencyLimiter(job.batch.concurrency)
-        self._window = _Window(size=max(64, 4 * job.batch.concurrency))
+        self._limiter = make_limiter(job)
+        # Batches started and not yet finished (sending, or waiting to retry): bounded, so
+        # that memory stays flat; twice the concurrency keeps the pipe full during backoffs.
+        self._outstanding = asyncio.Semaphore(2 * job.batch.max_in_flight)
         self._rows_per_batch: array[int] = array("q")
         self._finished = bytearray()  # one flag per batch seq: its rows are journaled
+        self._checkpoint: Checkpoint | None = None  # what the run resumed from
         self._failures_logged = 0
+        self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
+        self._stopping = asyncio.Event()
+        self._signals = 0
+        self._requests: set[asyncio.Task[None]] = set()
+        self._main_task: asyncio.Task[Any] | None = None
+        self._expected_rows: int | None = None  # from metadata, when cheap to know
+        self._read_everything = False
+        self._kind = TABULAR  # known once the source is open
+        self._batch_size = job.batch.size
 
     # --- the run ------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
         job = self.job
         source = open_source(job)
+        self._kind = kind_of(source)
+        self._batch_size = batch_size_for(job, self._kind)
         credentials = None if job.service.embedded_model else read_credentials(job.service)
-        if credentials is not None and credentials.tokens is not None:
-            # The first token (an IAM login, if the cache has none) before anything is
-            # written: a refused login stops the run here, with exit 3 and no output.
-            await self._first_token(credentials.tokens)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
-        state_dir = output.with_name(output.name + ".state")
         summary_path = output.with_name(output.name + ".summary.json")
-        job_fingerprint = fingerprint(job, source.paths)
-        if state_dir.exists():
-            shutil.rmtree(state_dir)  # resuming from it is not supported yet: start fresh
-        journal = Journal(state_dir)
-        self._started_clock = time.perf_counter()
+        paths = StatePaths.beside(output, job.name)
+        identity = job_identity(job, source.paths, kind=self._kind)
+        with JobLock(paths.lock, job.name):
+            if credentials is not None and credentials.tokens is not None:
+                # The first token (an IAM login, if the cache has none) before the run's
+                # state is opened or anything is written: a refused login stops the run
+                # here, with exit 3 and no output.
+                await self._first_token(credentials.tokens)
+            checkpoint = open_checkpoint(paths, identity, resume=self.resume, stats=self.stats)
+            if checkpoint.note:
+                log.info("%s", checkpoint.note)
+            self._finished = checkpoint.finished
+            self._checkpoint = checkpoint
+            self._expected_rows = _expected_rows(source, self.limit)
+            self._started_clock = time.perf_counter()
+            log.info(
+                "run %s: %s -> %s via %s (batch %d, concurrency %s)",
+                run_id, job.input.path, output, job.service.url,
+                self._batch_size, job.batch.concurrency,
+            )  # fmt: skip
+            abort_reason = await self._run_pipeline(source, credentials, checkpoint.journal, paths)
+            final = self.snapshot()
+            outcome = self._judge(abort_reason)
+            summary = build_summary(
+                final,
+                job_name=job.name,
+                fingerprint=fingerprint(identity),
+                run_id=run_id,
+                input_path=job.input.path,
+                output_path=str(output),
+                url=job.service.url,
+                started=started.isoformat(timespec="seconds"),
+                finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+                outcome=outcome,
+                max_error_rate=job.max_error_rate,
+            )
+            assemble(
+                paths.state,
+                output,
+                self._rows_per_batch,
+                metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
+            )
+            write_summary(summary_path, summary)
+            if abort_reason is None:
+                shutil.rmtree(paths.state, ignore_errors=True)
+            else:
+                # Kept: re-running after the cause is fixed sends only what did not finish.
+                log.info("run state kept in %s: re-run the same command to resume", paths.state)
+        log.info("run %s %s: output %s", run_id, outcome, output)
+        return RunResult(outcome, output, summary_path, summary, final, abort_reason)
+
+    async def _run_pipeline(
+        self,
+        source: Source,
+        credentials: Credentials | None,
+        journal: Journal,
+        paths: StatePaths,
+    ) -> str | None:
+        """Run the pipeline to its end; the reason if a fatal answer aborted it."""
         abort_reason: str | None = None
-        url = job.service.url
-        log.info(
-            "run %s: %s -> %s via %s (batch %d, concurrency %d)",
-            run_id, job.input.path, output, url, job.batch.size, job.batch.concurrency,
-        )  # fmt: skip
+        self._main_task = asyncio.current_task()
+        self._install_signal_handlers()
         try:
             async with AsyncExitStack() as stack:
                 client, tokens = await self._open_client(stack, credentials)
@@ -235,34 +348,68 @@ class Runner:
                     log.error("run aborted: %s", abort_reason)
             if abort_reason is not None:
                 self._record_not_sent(source, journal, abort_reason)
+        except asyncio.CancelledError:
+            if not self._signals:
+                raise
+            journal.close()
+            raise RunInterrupted(self._interrupted_message(paths)) from None
         finally:
             journal.close()
-        elapsed = time.perf_counter() - self._started_clock
-        outcome = self._judge(abort_reason)
-        summary = build_summary(
-            self.stats,
-            job_name=job.name,
-            fingerprint=job_fingerprint,
-            run_id=run_id,
-            input_path=job.input.path,
-            output_path=str(output),
-            url=job.service.url,
-            started=started.isoformat(timespec="seconds"),
-            finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-            elapsed_s=elapsed,
-            outcome=outcome,
-            max_error_rate=job.max_error_rate,
+            self._remove_signal_handlers()
+        if self._stopping.is_set():
+            raise RunInterrupted(self._interrupted_message(paths))
+        return abort_reason
+
+    def _interrupted_message(self, paths: StatePaths) -> str:
+        done = self.stats.rows_ok + self.stats.rows_error
+        return (
+            f"interrupted: {done:,} finished rows are kept in {paths.state}; "
+            "re-run the same command to resume"
         )
-        assemble(
-            state_dir,
-            output,
-            self._rows_per_batch,
-            metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
-        )
-        write_summary(summary_path, summary)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        log.info("run %s %s: output %s", run_id, outcome, output)
-        return RunResult(outcome, output, summary_path, summary, abort_reason)
+
+    # --- signals ------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if not self._handle_signals:
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(number, self._on_signal, number)
+            except (RuntimeError, ValueError):  # not the main thread: the caller handles them
+                self._handle_signals = False
+                return
+
+    def _remove_signal_handlers(self) -> None:
+        if not self._handle_signals:
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(number)
+
+    def _on_signal(self, number: int) -> None:
+        self._signals += 1
+        name = signal.Signals(number).name
+        if self._signals > 1:
+            log.warning("%s again: stopping at once", name)
+            if self._main_task is not None:
+                self._main_task.cancel()
+            return
+        grace = self.job.batch.grace_period
+        log.warning(
+            "%s: no new requests; %d in flight get %.0f s to finish (signal again to stop now)",
+            name, self._limiter.statistics().in_flight, grace,
+        )  # fmt: skip
+        self.stop()
+        asyncio.get_running_loop().call_later(grace, self._drop_requests)
+
+    def stop(self) -> None:
+        """Stop feeding new batches; requests in flight finish (see ``grace_period``)."""
+        self._stopping.set()
+
+    def _drop_requests(self) -> None:
+        for task in self._requests:
+            task.cancel()
 
     def _judge(self, abort_reason: str | None) -> str:
         if abort_reason is not None:
@@ -295,9 +442,18 @@ class Runner:
         app_code = credentials.app_code if credentials is not None else None
         model = service.embedded_model
         if model is not None:
-            from batchrunner.service import ServiceOptions, start_service
+            from batchrunner.service import (
+                FaultSettings,
+                ServiceOptions,
+                fault_middleware,
+                start_service,
+            )
 
-            running = await start_service(ServiceOptions(model=model))
+            faults = []
+            if service.embedded is not None:
+                settings = FaultSettings(**service.embedded.model_dump())
+                faults.append(fault_middleware(settings))
+            running = await start_service(ServiceOptions(model=model), extra_middlewares=faults)
             stack.push_async_callback(running.close)
             url, tokens = running.url, FixedToken(Secret(running.token))
         client = ServiceClient(
@@ -308,7 +464,7 @@ class Runner:
             connect_timeout=service.connect_timeout,
             verify_tls=service.verify_tls,
             ca_bundle=service.ca_bundle,
-            max_connections=self.job.batch.concurrency,
+            max_connections=self.job.batch.max_in_flight,
         )
         await stack.enter_async_context(client)
         return client, tokens
@@ -320,23 +476,26 @@ class Runner:
         tokens: TokenProvider | None,
         journal: Journal,
     ) -> None:
-        concurrency = self.job.batch.concurrency
+        concurrency = self.job.batch.max_in_flight
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
+        dispatcher = Dispatcher(
+            client,
+            codec_for(self.job, self._kind),
+            self._limiter,
+            self._policy,
+            self.stats,
+            tokens=tokens,
+            max_request_bytes=self.job.batch.max_request_bytes,
+            rate=RateLimiter(self.job.batch.rate_limit) if self.job.batch.rate_limit else None,
+            stopping=self._stopping,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 reporter = group.create_task(self._report()) if self._on_progress else None
                 group.create_task(self._read(source, batches))
-                dispatcher = Dispatcher(
-                    client,
-                    codec_for(self.job),
-                    self._limiter,
-                    self._policy,
-                    self.stats,
-                    tokens=tokens,
-                    sleep=self._sleep,
-                    rng=self._rng,
-                )
                 group.create_task(self._dispatch(batches, outcomes, dispatcher))
                 await group.create_task(self._write(outcomes, journal))
                 if reporter is not None:
@@ -349,21 +508,43 @@ class Runner:
             raise _first_leaf(matched) from None
 
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
-        iterator = source.iter_batches(self.job.batch.size, limit=self.limit)
+        iterator = source.iter_batches(self._batch_size, limit=self.limit)
         # Reading and converting happens in a worker thread, a few batches per hop, so the
-        # event loop keeps sending while pyarrow parses (it releases the GIL).
-        per_hop = max(1, 4096 // self.job.batch.size)
-        while True:
+        # event loop keeps sending while pyarrow parses (it releases the GIL) or the walk
+        # lists folders.
+        per_hop = max(1, 4096 // self._batch_size)
+        while not self._stopping.is_set():
             chunk = await asyncio.to_thread(_take, iterator, per_hop)
             for batch in chunk:
-                self._rows_per_batch.append(len(batch))
-                self._finished.append(0)
-                self.stats.batches_read += 1
-                self.stats.rows_read += len(batch)
-                await batches.put(batch)
-            if len(chunk) < per_hop:
+                self._count_read(batch)
+            exhausted = len(chunk) < per_hop
+            if exhausted:
+                self._check_nothing_finished_beyond_input()
+            self._read_everything = exhausted  # from now on the total is known exactly
+            for batch in chunk:
+                if not self._is_finished(batch.seq):  # finished by an earlier run
+                    await batches.put(batch)
+            if exhausted:
                 break
         await batches.put(None)
+
+    def _count_read(self, batch: Batch) -> None:
+        assert batch.seq == len(self._rows_per_batch), "batches must come in input order"
+        if self._checkpoint is not None and self._is_finished(batch.seq):
+            # Read for the first time, so finished by the unfinished run: is it the same?
+            self._checkpoint.check_keys(batch.seq, batch.keys)
+        self._rows_per_batch.append(len(batch))
+        self.stats.batches_read += 1
+        self.stats.rows_read += len(batch)
+
+    def _check_nothing_finished_beyond_input(self) -> None:
+        # The whole input is read: the unfinished run cannot have finished more (a --limit
+        # stops early on purpose, and the output then covers only what it read).
+        if self._checkpoint is not None and self.limit is None:
+            self._checkpoint.check_length(len(self._rows_per_batch))
+
+    def _is_finished(self, seq: int) -> bool:
+        return seq < len(self._finished) and self._finished[seq] == 1
 
     async def _dispatch(
         self,
@@ -371,10 +552,15 @@ class Runner:
         outcomes: asyncio.Queue[list[Outcome] | None],
         dispatcher: Dispatcher,
     ) -> None:
-        async with asyncio.TaskGroup() as requests:
+        async with asyncio.TaskGroup() as group:
             while (batch := await batches.get()) is not None:
-                await self._window.wait_for_room(batch.seq)
-                requests.create_task(self._complete(batch, dispatcher, outcomes))
+                await self._outstanding.acquire()
+                if self._stopping.is_set():
+                    self._outstanding.release()
+                    continue  # left for the next run
+                task = group.create_task(self._complete(batch, dispatcher, outcomes))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
         await outcomes.put(None)
 
     async def _complete(
@@ -383,17 +569,23 @@ class Runner:
         dispatcher: Dispatcher,
         outcomes: asyncio.Queue[list[Outcome] | None],
     ) -> None:
-        await outcomes.put(await dispatcher.send(batch))
+        try:
+            finished = await dispatcher.send(batch)
+        finally:
+            self._outstanding.release()
+        if finished:
+            await outcomes.put(finished)
 
     async def _write(self, outcomes: asyncio.Queue[list[Outcome] | None], journal: Journal) -> None:
         while (finished := await outcomes.get()) is not None:
             self._journal(finished, journal)
-            await self._window.finish(finished[0].batch.seq)
 
     def _journal(self, finished: list[Outcome], journal: Journal) -> None:
         seq = finished[0].batch.seq
         kept = self._kept_names(finished[0].batch)
-        journal.append(outcome_table(finished, kept))
+        journal.append(outcome_table(finished, kept, self._field_types))
+        if seq >= len(self._finished):
+            self._finished.extend(bytes(seq + 1 - len(self._finished)))
         self._finished[seq] = 1
         for outcome in finished:
             rows = len(outcome.batch)
@@ -408,10 +600,7 @@ class Runner:
                 continue
             self._failures_logged += 1
             if self._failures_logged <= LOGGED_FAILURES:
-                log.warning(
-                    "batch %d (%d rows from key %s) failed after %d attempts: %s",
-                    seq, rows, outcome.batch.keys[0], outcome.attempts, message,
-                )  # fmt: skip
+                _log_failure(outcome)
             elif self._failures_logged == LOGGED_FAILURES + 1:
                 log.warning("more batches failed; the summary counts them all")
 
@@ -423,15 +612,12 @@ class Runner:
         # After a fatal answer the output still covers every input row: those that were
         # not finished are error rows saying why (a later run sends them).
         message = f"not sent: the run was aborted ({reason})"
-        for batch in source.iter_batches(self.job.batch.size, limit=self.limit):
-            if batch.seq < len(self._finished) and self._finished[batch.seq]:
-                continue
+        for batch in source.iter_batches(self._batch_size, limit=self.limit):
             if batch.seq >= len(self._rows_per_batch):
-                self._rows_per_batch.append(len(batch))
-                self._finished.append(0)
-                self.stats.rows_read += len(batch)
-            outcome = Outcome(batch, None, error=message, error_kind=NOT_SENT)
-            self._journal([outcome], journal)
+                self._count_read(batch)
+            if not self._is_finished(batch.seq):
+                self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
+        self._check_nothing_finished_beyond_input()
 
     async def _report(self) -> None:
         assert self._on_progress is not None
@@ -440,9 +626,31 @@ class Runner:
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
+        total = self.stats.rows_read if self._read_everything else self._expected_rows
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight, time.perf_counter() - self._started_clock
+            self._limiter.statistics().in_flight,
+            time.perf_counter() - self._started_clock,
+            total=total,
         )
+
+
+def _expected_rows(source: Source, limit: int | None) -> int | None:
+    # Only what is cheap (Parquet metadata): counting a CSV would read it twice.
+    rows = source.count_rows()
+    if rows is None:
+        return None
+    return rows if limit is None else min(rows, limit)
+
+
+def _log_failure(outcome: Outcome) -> None:
+    batch = outcome.batch
+    if outcome.attempts == 0:  # refused before sending: a file too large or unreadable
+        log.warning("key %s was not sent: %s", batch.keys[0], outcome.error)
+        return
+    log.warning(
+        "batch %d (%d rows from key %s) failed after %d attempts: %s",
+        batch.seq, len(batch), batch.keys[0], outcome.attempts, outcome.error,
+    )  # fmt: skip
 
 
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:

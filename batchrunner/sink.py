@@ -3,18 +3,23 @@
 While the run goes, each finished batch becomes one Arrow record batch appended to a journal
 part (Arrow IPC stream files in a state folder beside the output), in the order batches
 finish: nothing is held back, so a crash loses only what was in flight. At the end,
-``assemble`` streams the parts back, puts batches in input order with a small reordering
-heap, checks that every batch is there exactly once with all its rows, merges the schemas
-(a field that appears later is added; types that disagree become JSON text), and writes the
-Parquet file aside before renaming it into place.
+``assemble`` indexes the parts (where each batch's message starts), checks that every batch
+is there exactly once with all its rows, merges the schemas (a field that appears later is
+added; types that disagree become JSON text), then reads the batches back in input order,
+each from its place, and writes the Parquet file aside before renaming it into place.
+Memory holds the index (a few bytes per batch), never the results.
 """
 
 from __future__ import annotations
 
-import heapq
+import importlib.util
+import logging
+import operator
 import os
+import sys
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,16 @@ import pyarrow.parquet as pq
 
 from batchrunner.errors import CoverageError
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
+
+log = logging.getLogger("batchrunner")
+
+# pyarrow's type inference (pa.array without a type, as for a result column whose type is
+# not known yet or cannot be hinted) tries to import dateutil on each call; when it is not
+# installed, each failed import searches sys.path again: ~80 us a call, more than converting
+# a small batch's column. Marking the absence in sys.modules makes the failure instant (it
+# could not be imported anyway).
+if importlib.util.find_spec("dateutil") is None:
+    sys.modules.setdefault("dateutil", None)  # type: ignore[arg-type]
 
 SEQ = "_seq"  # the batch's position: in the journal only, never in the output
 
@@ -43,21 +58,33 @@ RESERVED = pa.schema(
 RESULT_SUFFIX = "_result"
 SUMMARY_METADATA_KEY = b"batchrunner.summary"
 ROW_GROUP_ROWS = 64 * 1024
+# Batches waiting for their row group are merged this many at a time: a batch of one row
+# (an image) costs kilobytes as separate Arrow buffers, and a row group holds 65,536 of them.
+MERGE_BATCHES = 1024
 
 
 # --- one outcome as a table ------------------------------------------------------------------
 
 
-def outcome_table(outcomes: Sequence[Outcome], kept_names: Sequence[str] = ()) -> pa.RecordBatch:
-    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``."""
-    parts = [_single_outcome_table(outcome, kept_names) for outcome in outcomes]
+def outcome_table(
+    outcomes: Sequence[Outcome],
+    kept_names: Sequence[str] = (),
+    hints: dict[str, pa.DataType] | None = None,
+) -> pa.RecordBatch:
+    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``.
+
+    ``hints`` (one dict per run, filled as it goes) remembers the result fields' types.
+    """
+    parts = [_single_outcome_table(outcome, kept_names, hints) for outcome in outcomes]
     if len(parts) == 1:
         return parts[0]
     schema = merge_schemas([part.schema for part in parts])
     return pa.concat_batches([conform(part, schema) for part in parts])
 
 
-def _single_outcome_table(outcome: Outcome, kept_names: Sequence[str]) -> pa.RecordBatch:
+def _single_outcome_table(
+    outcome: Outcome, kept_names: Sequence[str], hints: dict[str, pa.DataType] | None
+) -> pa.RecordBatch:
     batch = outcome.batch
     n = len(batch)
     columns: dict[str, pa.Array] = {
@@ -73,11 +100,13 @@ def _single_outcome_table(outcome: Outcome, kept_names: Sequence[str]) -> pa.Rec
     }
     taken = set(columns) | set(kept_names)
     if outcome.results is not None:
-        for name, values in _result_columns(outcome.results).items():
+        for name, values in _result_columns(outcome.results, hints).items():
             columns[_result_name(name, taken)] = values
     if batch.kept is not None:
         for name, column in zip(batch.kept.schema.names, batch.kept.columns, strict=True):
-            columns[name] = column
+            # the journal is read back message by message: no dictionary messages in it
+            is_dictionary = pa.types.is_dictionary(column.type)
+            columns[name] = column.dictionary_decode() if is_dictionary else column
     return pa.RecordBatch.from_pydict(columns)
 
 
@@ -94,23 +123,62 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, type_), n)
 
 
-def _result_columns(results: list[dict[str, Any]]) -> dict[str, pa.Array]:
-    names: dict[str, None] = {}
-    first = results[0].keys() if results else ()
-    if all(item.keys() == first for item in results):
-        names = dict.fromkeys(first)
-    else:
-        for item in results:
-            names.update(dict.fromkeys(item))
-    return {name: _to_array([item.get(name) for item in results]) for name in names}
+def _result_columns(
+    results: list[dict[str, Any]], hints: dict[str, pa.DataType] | None
+) -> dict[str, pa.Array]:
+    return {name: _to_array(values, name, hints) for name, values in _transpose(results)}
 
 
-def _to_array(values: list[Any]) -> pa.Array:
+def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """The results' fields as columns, in order of first appearance."""
+    if not results:
+        return []
+    names = list(results[0])
     try:
-        return pa.array(values)
+        # Every item has every name, and no more (so all have the same fields): the common
+        # case, transposed in C by itemgetter and zip.
+        if len(names) == 1:
+            name = names[0]
+            column = [item[name] for item in results]
+            if sum(map(len, results)) == len(results):
+                return [(name, column)]
+        elif names:
+            rows = list(map(operator.itemgetter(*names), results))
+            if sum(map(len, results)) == len(names) * len(results):
+                return [
+                    (name, list(values))
+                    for name, values in zip(names, zip(*rows, strict=True), strict=True)
+                ]
+    except KeyError:
+        pass
+    every: dict[str, None] = {}
+    for item in results:
+        every.update(dict.fromkeys(item))
+    return [(name, [item.get(name) for item in results]) for name in every]
+
+
+# Types worth remembering per field: converting to a known type skips pyarrow's inference,
+# which costs four times the conversion itself. Only these two are safe to assume: a string
+# column refuses non-strings, and a float column is checked for booleans (which it would
+# otherwise take as 0.0 and 1.0) before the hint is used.
+_HINTABLE = (pa.float64(), pa.string())
+
+
+def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None) -> pa.Array:
+    hint = hints.get(name) if hints is not None else None
+    if hint is not None and (hint == pa.string() or not any(type(v) is bool for v in values)):
+        try:
+            return pa.array(values, hint)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
+    try:
+        array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         # Values whose types disagree (a number here, a string there): keep them all, as JSON.
         return pa.array([_json_text(value) for value in values], pa.string())
+    if hints is not None and array.type in _HINTABLE:
+        hints[name] = array.type
+    return array
 
 
 def _json_text(value: Any) -> str | None:
@@ -181,16 +249,18 @@ class Journal:
 
     Every append goes straight to the file (no user-space buffer), so a killed process
     leaves every finished batch readable. A new part starts only when a batch brings a field
-    or type the current part's schema cannot hold.
+    or type the current part's schema cannot hold. Parts are named by ``generation`` (one
+    per run that wrote to the folder) so that resumed and new parts never collide.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, generation: int | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self.generation = next_generation(directory) if generation is None else generation
         self._sink: pa.NativeFile | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
-        self._next_part = len(list(directory.glob("part-*.arrows")))
+        self._next_part = 0
         self.rows_written = 0
 
     def append(self, batch: pa.RecordBatch) -> None:
@@ -208,7 +278,7 @@ class Journal:
 
     def _open_part(self, schema: pa.Schema) -> None:
         self.close()
-        path = self.directory / f"part-{self._next_part:06d}.arrows"
+        path = self.directory / f"part-{self.generation:04d}-{self._next_part:06d}.arrows"
         self._next_part += 1
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
@@ -237,17 +307,97 @@ def _fits(schema: pa.Schema, target: pa.Schema) -> bool:
 
 
 def journal_parts(directory: Path) -> list[Path]:
+    """The journal's parts, oldest generation first."""
     return sorted(directory.glob("part-*.arrows"))
 
 
-def _read_parts(parts: Sequence[Path]) -> Iterator[pa.RecordBatch]:
+def next_generation(directory: Path) -> int:
+    generations = [int(part.name.split("-")[1]) for part in journal_parts(directory)]
+    return max(generations, default=-1) + 1
+
+
+# A killed run can leave a part whose last message is cut off: the batches before it stand.
+_TRUNCATED = (OSError, pa.ArrowInvalid)
+
+
+def read_journal(parts: Sequence[Path]) -> Iterator[pa.RecordBatch]:
+    """Every whole batch in the parts, in the order written; a cut-off tail is skipped."""
     for part in parts:
         with pa.OSFile(str(part), "rb") as source:
-            reader = pa.ipc.open_stream(source)
-            yield from reader
+            try:
+                reader = pa.ipc.open_stream(source)
+                while True:
+                    yield reader.read_next_batch()
+            except StopIteration:
+                continue
+            except _TRUNCATED:
+                log.warning("journal part %s ends in a cut-off batch: skipped", part.name)
 
 
 # --- assembly ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Index:
+    """Where each batch of the journal is: its part, and its message's offset there."""
+
+    parts: list[Path]
+    schemas: list[pa.Schema]
+    part_of: array[int]
+    offset_of: array[int]
+
+
+def _index_journal(parts: Sequence[Path], rows_per_batch: array[int]) -> _Index:
+    expected = len(rows_per_batch)
+    part_of = array("i", [-1]) * expected
+    offset_of = array("q", [0]) * expected
+    schemas = []
+    for number, part in enumerate(parts):
+        with pa.OSFile(str(part), "rb") as source:
+            reader = pa.ipc.open_stream(source)
+            schemas.append(reader.schema)
+            while True:
+                offset = source.tell()
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                seq = batch.column(0)[0].as_py() if batch.num_rows else -1
+                if not 0 <= seq < expected:
+                    raise CoverageError(_coverage_message(f"batch {seq} was not read"))
+                if part_of[seq] >= 0:
+                    raise CoverageError(_coverage_message(f"batch {seq} appears twice"))
+                if batch.num_rows != rows_per_batch[seq]:
+                    raise CoverageError(
+                        _coverage_message(
+                            f"batch {seq} has {batch.num_rows} result rows "
+                            f"for {rows_per_batch[seq]} input rows"
+                        )
+                    )
+                part_of[seq] = number
+                offset_of[seq] = offset
+    missing = [seq for seq in range(expected) if part_of[seq] < 0]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise CoverageError(
+            _coverage_message(f"{len(missing)} of {expected} batches have no results ({shown})")
+        )
+    return _Index(list(parts), schemas, part_of, offset_of)
+
+
+def _in_input_order(index: _Index) -> Iterator[pa.RecordBatch]:
+    # Batches finish out of order and resumed runs add parts: read each one from its place.
+    sources = [pa.OSFile(str(part), "rb") for part in index.parts]
+    try:
+        for seq in range(len(index.part_of)):
+            number = index.part_of[seq]
+            source = sources[number]
+            source.seek(index.offset_of[seq])
+            message = pa.ipc.read_message(source)
+            yield pa.ipc.read_record_batch(message, index.schemas[number])
+    finally:
+        for source in sources:
+            source.close()
 
 
 def assemble(
@@ -263,12 +413,8 @@ def assemble(
     nothing is lost or doubled. Raises ``CoverageError`` (and writes nothing) otherwise.
     Returns the number of rows written.
     """
-    parts = journal_parts(journal_dir)
-    schemas = []
-    for part in parts:
-        with pa.OSFile(str(part), "rb") as source:
-            schemas.append(pa.ipc.open_stream(source).schema)
-    merged = merge_schemas([RESERVED, *schemas])
+    index = _index_journal(journal_parts(journal_dir), rows_per_batch)
+    merged = merge_schemas([RESERVED, *index.schemas])
     result_fields = [f for f in merged if f.name not in RESERVED.names and f.name != SEQ]
     schema = pa.schema([*RESERVED, *result_fields], metadata=dict(metadata or {}))
 
@@ -279,13 +425,18 @@ def assemble(
         with pq.ParquetWriter(str(temporary), schema) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
-            for batch in _in_input_order(_read_parts(parts), rows_per_batch):
+            merged = 0  # pending[:merged] are merged runs of batches; the rest as read
+            for batch in _in_input_order(index):
                 pending.append(conform(batch.drop_columns([SEQ]), schema))
                 pending_rows += batch.num_rows
+                if len(pending) - merged >= MERGE_BATCHES:
+                    # Only the batches not merged yet: what is merged is never copied again.
+                    pending[merged:] = [pa.concat_batches(pending[merged:])]
+                    merged += 1
                 if pending_rows >= ROW_GROUP_ROWS:
                     writer.write_table(pa.Table.from_batches(pending, schema))
                     written += pending_rows
-                    pending, pending_rows = [], 0
+                    pending, pending_rows, merged = [], 0, 0
             if pending:
                 writer.write_table(pa.Table.from_batches(pending, schema))
                 written += pending_rows
@@ -295,41 +446,6 @@ def assemble(
     finally:
         temporary.unlink(missing_ok=True)
     return written
-
-
-def _in_input_order(
-    batches: Iterator[pa.RecordBatch], rows_per_batch: array[int]
-) -> Iterator[pa.RecordBatch]:
-    # Batches finish out of order, but never far out of it (the runner bounds how far
-    # ahead of the oldest unfinished batch it may start): a small heap puts them back.
-    expected = len(rows_per_batch)
-    heap: list[tuple[int, int, pa.RecordBatch]] = []
-    next_seq = 0
-    tiebreak = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        seq = batch.column(0)[0].as_py()
-        if seq < next_seq or seq >= expected:
-            raise CoverageError(_coverage_message(f"batch {seq} appears twice or was not read"))
-        heapq.heappush(heap, (seq, tiebreak, batch))
-        tiebreak += 1
-        while heap and heap[0][0] == next_seq:
-            _, _, ready = heapq.heappop(heap)
-            if heap and heap[0][0] == next_seq:
-                raise CoverageError(_coverage_message(f"batch {next_seq} appears twice"))
-            if ready.num_rows != rows_per_batch[next_seq]:
-                raise CoverageError(
-                    _coverage_message(
-                        f"batch {next_seq} has {ready.num_rows} result rows "
-                        f"for {rows_per_batch[next_seq]} input rows"
-                    )
-                )
-            yield ready
-            next_seq += 1
-    if heap or next_seq != expected:
-        missing = next_seq
-        raise CoverageError(_coverage_message(f"batch {missing} (of {expected}) has no results"))
 
 
 def _coverage_message(detail: str) -> str:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,65 @@ def features_csv(tmp_path: Path) -> Path:
     """Ten rows, ids 100..109, two numeric features."""
     rows = [(100 + i, i * 0.5, i % 3) for i in range(10)]
     return write_csv(tmp_path / "features.csv", ["id", "x", "y"], rows)
+
+
+# A stand-in for crontab(1), first on PATH in tests that use it: the table lives in a file
+# beside it and every call is recorded. Like cronie, it answers "no crontab for <user>" when
+# there is no table and refuses a table whose last line has no line break.
+FAKE_CRONTAB = """#!{python}
+import pathlib, sys
+folder = pathlib.Path(__file__).parent
+table = folder / "table"
+with (folder / "calls").open("a") as calls:
+    calls.write(" ".join(sys.argv[1:]) + "\\n")
+if (folder / "broken").exists():
+    sys.exit("crontab: your UID isn't in the passwd file.")
+if sys.argv[1:] == ["-l"]:
+    if not table.exists():
+        sys.exit("no crontab for tester")
+    sys.stdout.write(table.read_text())
+elif sys.argv[1:] == ["-"]:
+    text = sys.stdin.read()
+    if text and not text.endswith("\\n"):
+        sys.exit("new crontab file is missing newline before EOF, can't install.")
+    table.write_text(text)
+else:
+    sys.exit("usage: crontab [-l | -]")
+"""
+
+
+class FakeCrontab:
+    """The stand-in's table and calls."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def table(self) -> str | None:
+        path = self.folder / "table"
+        return path.read_text() if path.exists() else None
+
+    @table.setter
+    def table(self, text: str) -> None:
+        (self.folder / "table").write_text(text)
+
+    @property
+    def calls(self) -> list[str]:
+        path = self.folder / "calls"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def break_it(self) -> None:
+        """From now on every call fails as a misconfigured system's would."""
+        (self.folder / "broken").touch()
+
+
+@pytest.fixture
+def fake_crontab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCrontab:
+    # Always the stand-in, even where a real crontab exists: tests never touch a real table.
+    folder = tmp_path / "fake-bin"
+    folder.mkdir()
+    script = folder / "crontab"
+    script.write_text(FAKE_CRONTAB.format(python=sys.executable))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    return FakeCrontab(folder)

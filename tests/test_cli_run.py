@@ -44,14 +44,17 @@ def test_iris_job_scores_every_row_in_order(invoke, iris_job: Path) -> None:
     # the service echoed each row's own features back onto that row
     assert [row["sepal_length"] for row in rows] == [float(r["sepal_length"]) for r in expected]
     assert len({row["_request_uuid"] for row in rows}) == 3  # 150 rows in batches of 50
-    assert "iris: 150 rows, 150 ok, 0 errors" in result.stderr
-    assert "Output: out/iris.parquet" in result.stderr
+    # not a terminal: the summary is a plain table
+    assert "\niris: done\n" in result.stderr
+    assert "\n  rows        150 ok, 0 errors, 0 skipped\n" in result.stderr
+    assert "\n  output      out/iris.parquet\n" in result.stderr
+    assert "\n  summary     out/iris.parquet.summary.json\n" in result.stderr
 
 
 def test_summary_file_and_metadata(invoke, iris_job: Path) -> None:
     assert invoke("run", str(iris_job)).exit_code == 0
     summary = orjson.loads(Path("out/iris.parquet.summary.json").read_bytes())
-    assert summary["rows"] == {"total": 150, "ok": 150, "error": 0}
+    assert summary["rows"] == {"total": 150, "ok": 150, "error": 0, "skipped": 0}
     assert summary["outcome"] == "done"
     assert summary["requests"] == 3
     assert summary["latency_ms"]["p50"] > 0
@@ -135,7 +138,7 @@ def test_bad_rows_become_error_rows_and_exit_1(invoke) -> None:
     assert rows[1]["_error"].startswith("HTTP 400 MR.0105:")
     assert rows[1]["_attempts"] == 1
     assert "error rate 33.33% is above max_error_rate 0.00%" in result.stderr
-    assert "model_error: 1 rows (e.g. key 1:" in result.stderr
+    assert "\n  errors      model_error: 1 rows, e.g. key 1: HTTP 400 MR.0105:" in result.stderr
 
     again = invoke("run", str(job), "--set", "max_error_rate=0.5")
     assert again.exit_code == 0
@@ -154,13 +157,17 @@ def test_keep_input(invoke, iris_job: Path) -> None:
 def test_log_format_json(invoke, iris_job: Path) -> None:
     result = invoke("run", str(iris_job), "--log-format", "json")
     assert result.exit_code == 0
-    log_lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
-    assert log_lines
-    assert all(orjson.loads(line)["level"] in {"info", "warning"} for line in log_lines)
+    # every line is a JSON object: the summary too, for log shippers
+    lines = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert {line["level"] for line in lines} == {"info"}
+    summary = lines[-1]
+    assert summary["message"] == "summary: iris: done"
+    assert summary["summary"]["rows"]["ok"] == 150
+    assert summary["summary_path"] == "out/iris.parquet.summary.json"
 
 
 def test_help_for_every_command(invoke) -> None:
-    for command in ("run", "validate", "serve"):
+    for command in ("run", "validate", "serve", "cron", "inspect"):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Usage" in result.stdout

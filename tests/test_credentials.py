@@ -162,7 +162,11 @@ def test_a_refused_login_stops_the_run_with_iams_message(invoke, monkeypatch) ->
     for text in (result.stdout, result.stderr):
         assert wrong not in text and PASSWORD not in text
     assert service.stats.requests == 1  # the login; nothing was sent to the model
-    assert not Path("out").exists()  # nothing written either
+    # Nothing written either: the login comes once the job's lock is held, before its
+    # state is opened, so the only file is the released (empty) lock.
+    written = sorted(p for p in Path("out").rglob("*") if p.is_file())
+    assert [p.suffix for p in written] == [".lock"]
+    assert written[0].read_text() == ""
 
 
 def test_iam_refusing_a_renewal_mid_run_aborts_with_exit_3(invoke) -> None:

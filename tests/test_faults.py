@@ -111,30 +111,30 @@ def test_retries_run_out_into_error_rows(invoke) -> None:
     assert rows[2]["_error_kind"] == "http_503"
     assert rows[2]["_attempts"] == 3
     assert rows[2]["_http_status"] == 503
-    assert "http_503: 2 rows (e.g. key r2: HTTP 503 APIG.0203: Backend timeout)" in result.stderr
+    assert "http_503: 2 rows, e.g. key r2: HTTP 503 APIG.0203: Backend timeout\n" in result.stderr
 
 
-def test_wrong_length_resp_data_fails_the_batch_not_its_neighbours(invoke) -> None:
+def test_wrong_length_resp_data_never_shifts_results(invoke) -> None:
+    # A model that silently drops the row it cannot score: the batch is split until the
+    # bad row stands alone, and no result lands on another row.
     async def handle(call: Call) -> web.Response:
         records = call.body["data"]["req_data"]
-        if records[0]["x"] == 2:  # one result short: must not shift onto other rows
-            uuid = call.body["meta"]["uuid"]
-            return web.json_response(
-                {"meta": {"uuid": uuid}, "data": {"resp_data": [{"score": 9}]}}
-            )
-        return answer(call)
+        kept = [record for record in records if record["x"] != 2]
+        results = [{**record, "score": record["x"] * 10} for record in kept]
+        uuid = call.body["meta"]["uuid"]
+        return web.json_response({"meta": {"uuid": uuid}, "data": {"resp_data": results}})
 
     with ThreadedServer(handle) as server:
         result = invoke("run", str(job_for(server)))
     assert result.exit_code == 1
     rows = read_output("out/faults.parquet")
-    assert [r["score"] for r in rows] == [0, 1, None, None, 0, 1]
-    assert (
-        rows[2]["_error"]
-        == "data.resp_data has 1 items for 2 rows sent; results cannot be matched to rows"
+    assert [r["score"] for r in rows] == [0, 10, None, 30, 40, 50]
+    assert [r["x"] for r in rows] == [0, 1, None, 3, 4, 5]
+    assert rows[2]["_error"] == (
+        "data.resp_data has 0 items for 1 rows sent; results cannot be matched to rows"
     )
     assert rows[2]["_error_kind"] == "bad_response"
-    assert rows[2]["_attempts"] == 1
+    assert len(server.calls) == 5  # 3 batches, then the bad one's two halves
 
 
 def test_html_error_page_is_retried(invoke) -> None:

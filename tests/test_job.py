@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import SettingError
-from batchrunner.job import fingerprint, load_job, parse_assignment, resolve_output_path
+from batchrunner.job import (
+    IMAGES,
+    TABULAR,
+    check_input_kind,
+    fingerprint,
+    identity_changes,
+    job_identity,
+    load_job,
+    parse_assignment,
+    resolve_output_path,
+)
 
 MINIMAL = """
 name = "t"
@@ -51,6 +61,19 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     assert "known settings here: size, concurrency" in message
 
 
+def test_unknown_key_differing_in_case_suggests_the_right_one(tmp_path: Path) -> None:
+    # Too unlike for difflib; the same helper as for columns finds it.
+    message = error_of(tmp_path, MINIMAL + "[batch]\nSIZE = 10\n")
+    assert "unknown setting batch.SIZE (did you mean 'size'?)" in message
+
+
+def test_unknown_key_in_an_optional_section_suggests_the_close_one(tmp_path: Path) -> None:
+    embedded = 'name = "t"\n[input]\npath = "d.csv"\n[service]\nurl = "embedded:iris"\n'
+    message = error_of(tmp_path, embedded + "[service.embedded]\nlatncy_ms = 5\n")
+    assert "unknown setting service.embedded.latncy_ms (did you mean 'latency_ms'?)" in message
+    assert "known settings here: latency_ms, jitter_ms" in message
+
+
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     message = error_of(tmp_path, MINIMAL + "[bacth]\nsize = 10\n")
     assert "unknown setting bacth (did you mean 'batch'?)" in message
@@ -63,7 +86,7 @@ def test_out_of_range_value_names_setting_and_value(tmp_path: Path) -> None:
 
 def test_wrong_type_names_setting(tmp_path: Path) -> None:
     message = error_of(tmp_path, MINIMAL + '[batch]\nconcurrency = "many"\n')
-    assert "batch.concurrency: input should be a valid integer" in message
+    assert 'batch.concurrency: must be a whole number from 1 to 4096, or "auto"' in message
     assert "got 'many'" in message
 
 
@@ -160,11 +183,85 @@ def test_fingerprint_follows_what_makes_a_job_the_same(tmp_path: Path) -> None:
     job = load_job(job_file(tmp_path, MINIMAL))
     same = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.concurrency=99"])
     other = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=99"])
-    assert fingerprint(job, [data]) == fingerprint(same, [data])
-    assert fingerprint(job, [data]) != fingerprint(other, [data])
-    before = fingerprint(job, [data])
+    assert fingerprint(job_identity(job, [data])) == fingerprint(job_identity(same, [data]))
+    assert fingerprint(job_identity(job, [data])) != fingerprint(job_identity(other, [data]))
+    before = job_identity(job, [data])
     data.write_text("a\n1\n2\n")
-    assert fingerprint(job, [data]) != before
+    after = job_identity(job, [data])
+    assert fingerprint(after) != fingerprint(before)
+    assert identity_changes(before, after) == [
+        "the input files changed (names, sizes or modification times)"
+    ]
+    assert identity_changes(before, job_identity(other, [data]))[0] == "batch_size: 50 -> 99"
+
+
+def test_image_settings_are_normalized(tmp_path: Path) -> None:
+    job = load_job(
+        job_file(tmp_path, MINIMAL),
+        assignments=['input.extensions=["JPG", ".Png", ".jpg"]', "service.file_field=file"],
+    )
+    assert job.input.extensions == (".jpg", ".png")
+    assert job.service.file_field == "file"
+    default = load_job(job_file(tmp_path, MINIMAL))
+    assert (default.input.extensions, default.input.recursive, default.input.follow_links) == (
+        None,
+        True,
+        False,
+    )
+    assert (default.service.file_field, default.batch.max_request_bytes) == ("images", 12582912)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("input.extensions=[]", "input.extensions: list at least one extension"),
+        ('input.extensions=["a/b"]', "input.extensions: 'a/b' is not a file extension"),
+        ('input.extensions=["tar.gz"]', "input.extensions: 'tar.gz' is not a file extension"),
+        ('service.file_field="a\\"b"', "service.file_field: must be a form field name without"),
+        ("service.file_field=''", "service.file_field: must be a form field name without"),
+        ("batch.max_request_bytes=10", "batch.max_request_bytes: input should be greater than"),
+    ],
+)
+def test_bad_image_settings(tmp_path: Path, assignment: str, message: str) -> None:
+    assert message in error_of(tmp_path, MINIMAL, assignments=[assignment])
+
+
+def test_fingerprint_of_image_jobs_follows_what_is_sent(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    job = load_job(job_file(tmp_path, MINIMAL))
+    images = job_identity(job, [folder], kind=IMAGES)
+    assert fingerprint(images) != fingerprint(job_identity(job, [folder]))
+    same = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=1"])
+    assert fingerprint(images) == fingerprint(job_identity(same, [folder], kind=IMAGES))
+    for change in ("service.file_field=file", "input.follow_links=true", "input.recursive=false",
+                   "batch.max_request_bytes=2048", 'input.extensions=[".png"]'):  # fmt: skip
+        other = job_identity(
+            load_job(job_file(tmp_path, MINIMAL), assignments=[change]), [folder], kind=IMAGES
+        )
+        assert fingerprint(other) != fingerprint(images)
+    limit = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.max_request_bytes=2048"])
+    assert identity_changes(images, job_identity(limit, [folder], kind=IMAGES)) == [
+        "images.max_request_bytes: 12582912 -> 2048"
+    ]
+
+
+def test_check_input_kind(tmp_path: Path) -> None:
+    plain = load_job(job_file(tmp_path, MINIMAL))
+    check_input_kind(plain, IMAGES, "x")
+    check_input_kind(plain, TABULAR, "x")
+    one = load_job(job_file(tmp_path, MINIMAL), assignments=["batch.size=1"])
+    check_input_kind(one, IMAGES, "x")
+    explicit = load_job(
+        job_file(tmp_path, MINIMAL),
+        assignments=["input.format=images", "input.id_column=id"],
+    )
+    with pytest.raises(SettingError) as caught:
+        check_input_kind(explicit, IMAGES, "x")
+    assert str(caught.value) == (
+        "input.path 'x' is read as image input, so input.id_column cannot be used "
+        "(each file is sent as it is, one file per request); remove it"
+    )
 
 
 IAM = """

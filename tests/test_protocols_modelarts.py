@@ -2,13 +2,21 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
 import pytest
 
 from batchrunner.errors import RequestError
-from batchrunner.protocols.modelarts import classify_failure, decode_text, encode_text
+from batchrunner.items import Batch
+from batchrunner.protocols.modelarts import (
+    FileCodec,
+    classify_failure,
+    decode_file,
+    decode_text,
+    encode_text,
+)
 
 UUID = "10eb0091-887f-4839-9929-cbc884f1e20e"
 
@@ -135,3 +143,78 @@ def test_classify_html_page_keeps_its_words() -> None:
     error = classify_failure(502, b"<html><title>502 Bad Gateway</title><p>nginx</p></html>")
     assert error.message == "HTTP 502: non-JSON body: 502 Bad Gateway nginx"
     assert error.retryable
+
+
+# --- file input ------------------------------------------------------------------------------
+
+
+def file_batch(path: Path) -> Batch:
+    return Batch(seq=0, keys=(path.name,), path=path)
+
+
+def test_file_codec_sends_the_file_as_a_form_without_uuid(tmp_path: Path) -> None:
+    photo = tmp_path / "rose.jpg"
+    photo.write_bytes(b"\xff\xd8JPEG")
+    request = FileCodec("images").encode(file_batch(photo), UUID)
+    boundary = "batchrunner-10eb0091887f48399929cbc884f1e20e"
+    assert request.content_type == f"multipart/form-data; boundary={boundary}"
+    assert request.request_uuid is None  # file input has no meta.uuid to carry it
+    assert b"uuid" not in request.body
+    assert request.body.endswith(b"\xff\xd8JPEG\r\n--" + boundary.encode() + b"--\r\n")
+    assert b'name="images"; filename="rose.jpg"' in request.body
+    assert request.preview is not None
+    assert "<6 bytes of rose.jpg>" in request.preview
+    assert b"JPEG" not in request.preview.encode()
+
+
+def test_file_codec_uses_the_form_field_of_the_job(tmp_path: Path) -> None:
+    photo = tmp_path / "a.png"
+    photo.write_bytes(b"x")
+    request = FileCodec("file").encode(file_batch(photo), UUID)
+    assert b'Content-Disposition: form-data; name="file"; filename="a.png"' in request.body
+
+
+def test_file_codec_keeps_bodies_within_the_limit(tmp_path: Path) -> None:
+    photo = tmp_path / "a.png"
+    envelope = len(
+        FileCodec(max_request_bytes=10_000).encode(file_batch(_write(photo, 0)), UUID).body
+    )
+    limit = envelope + 100
+    codec = FileCodec(max_request_bytes=limit)
+    assert len(codec.encode(file_batch(_write(photo, 100)), UUID).body) == limit
+    with pytest.raises(RequestError) as caught:
+        codec.encode(file_batch(_write(photo, 101)), UUID)
+    assert caught.value.kind == "file_too_large"
+    assert "the file is 101 bytes; at most 100 fit in one request" in caught.value.message
+
+
+def _write(path: Path, size: int) -> Path:
+    path.write_bytes(b"x" * size)
+    return path
+
+
+def test_file_codec_refuses_a_batch_of_rows() -> None:
+    with pytest.raises(ValueError, match="file input needs a file"):
+        FileCodec().encode(Batch(seq=0, keys=["0"], rows=rows()), UUID)
+
+
+def test_decode_file_keeps_the_whole_object_as_it_came() -> None:
+    answer = {"predicted_label": "rose", "scores": [["rose", "0.990"], ["begonia", "0.010"]]}
+    assert decode_file(orjson.dumps(answer)) == answer  # string scores stay strings
+    boxes = {"detection_classes": ["cat"], "detection_boxes": [[1, 2, 3, 4]]}
+    assert decode_file(orjson.dumps(boxes)) == boxes
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "message"),
+    [
+        (b"[1, 2]", "bad_response", "the answer is a list, not a JSON object"),
+        (b'"rose"', "bad_response", "the answer is a str, not a JSON object"),
+        (b"<html>busy</html>", "not_json", "HTTP 200 with a body that is not JSON: busy"),
+    ],
+)
+def test_decode_file_refuses_what_is_not_one_object(body: bytes, kind: str, message: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        decode_file(body)
+    assert caught.value.kind == kind
+    assert caught.value.message.startswith(message)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from batchrunner.report import LatencyHistogram, RunStats, build_summary
+from batchrunner.report import LatencyHistogram, RunStats, StatsSnapshot, build_summary
 
 
 def test_empty_histogram_has_no_percentiles() -> None:
@@ -37,7 +37,7 @@ def test_summary_counts_and_errors() -> None:
     stats.record_error_rows("http_503", 2, "k7", "HTTP 503")
     stats.latency.add(10.0)
     summary = build_summary(
-        stats,
+        stats.snapshot(in_flight=0, elapsed_s=2.0),
         job_name="j",
         fingerprint="f",
         run_id="r",
@@ -46,14 +46,63 @@ def test_summary_counts_and_errors() -> None:
         url="embedded:iris",
         started="s",
         finished="e",
-        elapsed_s=2.0,
         outcome="done",
         max_error_rate=0.5,
     )
-    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2}
+    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0}
     assert summary["error_rate"] == 0.2
     assert summary["rows_per_second"] == 5.0
     assert summary["errors"] == {
         "http_503": {"rows": 2, "example_key": "k7", "example": "HTTP 503"}
     }
     assert summary["latency_ms"]["p50"] == 10.0
+
+
+def test_snapshot_orders_error_kinds_by_rows_and_keeps_first_example() -> None:
+    stats = RunStats()
+    stats.record_error_rows("timeout", 1, "a", "timed out")
+    stats.record_error_rows("http_503", 2, "b", "HTTP 503")
+    stats.record_error_rows("http_503", 5, "c", "HTTP 503 again")
+    errors = stats.snapshot(in_flight=0, elapsed_s=1.0).errors
+    assert [(e.kind, e.rows, e.example_key) for e in errors] == [
+        ("http_503", 7, "b"),
+        ("timeout", 1, "a"),
+    ]
+
+
+def snapshot(done: int, elapsed_s: float, total: int | None) -> StatsSnapshot:
+    return StatsSnapshot(
+        batches_read=0,
+        rows_read=done,
+        rows_ok=done,
+        rows_error=0,
+        requests=0,
+        retries=0,
+        in_flight=0,
+        elapsed_s=elapsed_s,
+        total=total,
+    )
+
+
+def test_eta_at_the_average_rate() -> None:
+    halfway = snapshot(done=50, elapsed_s=10.0, total=100)
+    assert halfway.rows_per_second == 5.0
+    assert halfway.fraction_done == 0.5
+    assert halfway.eta_s == 10.0
+
+
+@pytest.mark.parametrize(
+    ("done", "elapsed_s", "total", "eta", "fraction"),
+    [
+        (0, 0.0, 100, None, 0.0),  # no rate yet
+        (10, 1.0, None, None, None),  # total unknown
+        (100, 1.0, 100, 0.0, 1.0),  # finished
+        (0, 0.0, 0, 0.0, None),  # empty input: nothing left, no fraction of nothing
+    ],
+)
+def test_eta_and_fraction_when_they_cannot_be_told(
+    done: int, elapsed_s: float, total: int | None, eta: float | None, fraction: float | None
+) -> None:
+    figures = snapshot(done, elapsed_s, total)
+    assert figures.eta_s == eta
+    assert figures.fraction_done == fraction

@@ -25,6 +25,7 @@ from batchrunner.service import (
     ModelInputError,
     RunningService,
     ServiceOptions,
+    TextModel,
     load_model,
     run_service,
     start_service,
@@ -167,9 +168,20 @@ def test_model_refuses_a_bad_record(record: Any, message: str) -> None:
 
 def test_load_model_is_cached_and_names_the_known_models() -> None:
     assert load_model("iris") is load_model("iris")
-    assert MODEL_NAMES == ("iris",)
-    with pytest.raises(ValueError, match="unknown model 'tulips'; the known models are: iris"):
+    assert MODEL_NAMES == ("iris", "linear", "colors")
+    with pytest.raises(
+        ValueError, match="unknown model 'tulips'; the known models are: iris, linear, colors"
+    ):
         load_model("tulips")
+
+
+def test_linear_model_scores_every_number() -> None:
+    model = load_model("linear")
+    assert isinstance(model, TextModel)
+    records = [{"a": 1, "b": 2.5, "label": "x", "flag": True}, {}]
+    assert model.predict(records) == [{"score": 2.75}, {"score": 1.0}]
+    with pytest.raises(ModelInputError, match=r"req_data\[0\]: a record must be a JSON object"):
+        model.predict([[1, 2]])  # type: ignore[list-item]
 
 
 def test_fit_csv_names_the_missing_column(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from array import array
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchrunner import sink
 from batchrunner.errors import CoverageError
 from batchrunner.items import Batch, Outcome
 from batchrunner.sink import (
@@ -150,9 +152,9 @@ def test_empty_run_writes_the_key_columns(tmp_path: Path) -> None:
     ("seqs", "rows", "message"),
     [
         ([0, 0], [1, 1], "batch 0 appears twice"),
-        ([0], [1, 1], "batch 1 (of 2) has no results"),
-        ([1], [1, 1], "batch 0 (of 2) has no results"),
-        ([0, 2], [1, 1], "batch 2 appears twice or was not read"),
+        ([0], [1, 1], "1 of 2 batches have no results (1)"),
+        ([1], [1, 1], "1 of 2 batches have no results (0)"),
+        ([0, 2], [1, 1], "batch 2 was not read"),
         ([0, 1], [1, 2], "batch 1 has 1 result rows for 2 input rows"),
     ],
 )
@@ -180,3 +182,69 @@ def test_journal_survives_an_unclosed_writer(tmp_path: Path) -> None:
     output = tmp_path / "o.parquet"
     assemble(copy, output, array("q", [1, 1, 1]))
     assert pq.read_table(output).column("v").to_pylist() == [0, 1, 2]
+
+
+def test_result_columns_are_built_without_searching_for_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pyarrow's type inference imports dateutil on every call; when it is not installed,
+    # each failed import searched sys.path again (~80 us, paid per result column per batch).
+    searched: list[str] = []
+
+    class Spy:
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            searched.append(name)
+
+    monkeypatch.setattr(sys, "meta_path", [Spy(), *sys.meta_path])
+    results = [{"label": "rose", "scores": [["rose", 0.9]], "n": 1}]
+    outcome_table([ok(0, ["a"], results)])
+    assert searched == []
+
+
+def test_type_hints_skip_inference_but_never_change_values() -> None:
+    hints: dict[str, pa.DataType] = {}
+    first = outcome_table(
+        [ok(0, ["a", "b"], [{"p": 0.5, "s": "x"}, {"p": 1.5, "s": "y"}])], (), hints
+    )
+    assert hints == {"p": pa.float64(), "s": pa.string()}
+    assert first.column("p").to_pylist() == [0.5, 1.5]
+    # a boolean is not taken for a number, and a number not for a string
+    later = outcome_table(
+        [ok(1, ["c", "d"], [{"p": True, "s": 3}, {"p": False, "s": 4}])], (), hints
+    )
+    assert later.column("p").type == pa.bool_()
+    assert later.column("p").to_pylist() == [True, False]
+    assert later.column("s").to_pylist() == [3, 4]
+
+
+def test_results_with_different_fields_keep_them_all() -> None:
+    table = outcome_table([ok(0, ["a", "b", "c"], [{"x": 1}, {"y": 2}, {"x": 3, "y": 4}])])
+    assert table.column("x").to_pylist() == [1, None, 3]
+    assert table.column("y").to_pylist() == [None, 2, 4]
+
+
+def test_one_row_batches_are_merged_once_and_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Images: one row per batch. Pending batches are merged a few at a time, each batch
+    # copied once (merged runs are not merged again), and row groups keep their size.
+    monkeypatch.setattr(sink, "MERGE_BATCHES", 4)
+    monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 10)
+    merged: list[int] = []
+    concat = pa.concat_batches
+
+    def counting_concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+        merged.append(sum(b.num_rows for b in batches))
+        return concat(batches)
+
+    monkeypatch.setattr(sink.pa, "concat_batches", counting_concat)
+    order = [5, 3, 0, 4, 1, 2, *range(6, 25)]  # finished out of order
+    tables = [outcome_table([ok(seq, [f"k{seq:02d}"], [{"n": seq}])]) for seq in order]
+    state = journal_of(tmp_path, tables)
+    merged.clear()
+    output = tmp_path / "out.parquet"
+    assert assemble(state, output, array("q", [1] * 25)) == 25
+    assert merged == [4, 4, 4, 4, 4]  # never a merged run again: [4, 7, 10, ...] before
+    assert pq.read_table(output).column("_key").to_pylist() == [f"k{i:02d}" for i in range(25)]
+    metadata = pq.ParquetFile(output).metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10, 10, 5]

@@ -1,8 +1,13 @@
 """Request encoding and response decoding, one module per protocol (``modelarts`` first).
 
+    modelarts   text input (TextCodec) and file input (FileCodec); failure classification
+    multipart   multipart/form-data bodies with one file part, built by hand
+
 A codec turns a ``Batch`` into the bytes of one request and the answer's bytes back into one
-result object per row, refusing any answer whose shape does not fit the request. Codecs are
-pure: no network, no clock; the client sends what they build.
+result object per row, refusing any answer whose shape does not fit the request. Codecs use
+no network and no clock; the client sends what they build. A file-input codec reads the
+batch's file (so the dispatcher calls it off the event loop) and raises a ``RequestError``
+when the file cannot become a request: that item fails without being sent.
 """
 
 from __future__ import annotations
@@ -15,17 +20,28 @@ from batchrunner.items import Batch
 
 @dataclass(frozen=True, slots=True)
 class EncodedRequest:
-    """A request body and its content type, ready to send."""
+    """A request body and its content type, ready to send.
+
+    ``request_uuid`` is the id the body carries (text input's ``meta.uuid``), None when the
+    protocol has no place for one (file input). ``preview`` shows a body that is not text
+    to people (``--dry-run``): the form with the file's bytes left out.
+    """
 
     body: bytes
     content_type: str
+    request_uuid: str | None = None
+    preview: str | None = None
 
 
 class Codec(Protocol):
     """How one protocol encodes batches and decodes answers."""
 
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
-        """The request for ``batch``, tagged with ``request_uuid`` where the protocol can."""
+        """The request for ``batch``, tagged with ``request_uuid`` where the protocol can.
+
+        Raises ``RequestError`` when the batch cannot become a request (a file too large or
+        unreadable): nothing is sent, and sending again would not help.
+        """
         ...
 
     def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from batchrunner.service.app import (
     serve,
     start_service,
 )
+from batchrunner.service.faults import FaultSettings, fault_middleware
 from batchrunner.service.iam import IamAccount
 from batchrunner.service.models import (
     MODEL_NAMES,
@@ -39,6 +40,7 @@ __all__ = [
     "IAM_PATH",
     "MODEL_NAMES",
     "STATS_KEY",
+    "FaultSettings",
     "FileModel",
     "GatewayError",
     "IamAccount",
@@ -50,6 +52,7 @@ __all__ = [
     "ServiceStats",
     "TextModel",
     "create_app",
+    "fault_middleware",
     "load_model",
     "run_service",
     "serve",

@@ -2,10 +2,12 @@
 ``PROTOCOL.md`` in front of a model from ``models.py``, and the ways to run it.
 
 It answers like the real gateway does, so that the client is tested against the real HTTP
-path: ``POST /v1/infers/<service-id>[/<anything>]``, the token in ``X-Auth-Token``, text
-input as ``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``, and errors as gateway
-JSON ``{"error_code": ..., "error_msg": ..., "request_id": <uuid hex>}``. Every response
-carries the same id in ``X-Request-Id``.
+path: ``POST /v1/infers/<service-id>[/<anything>]``, the token in ``X-Auth-Token``, and
+errors as gateway JSON ``{"error_code": ..., "error_msg": ..., "request_id": <uuid hex>}``.
+Every response carries the same id in ``X-Request-Id``. A text model takes text input,
+``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``; a file model takes file input,
+one file as multipart/form-data under the model's input name (``curl -F 'images=@x.png'``)
+and answers the model's JSON object.
 
 Error codes (status, code, when):
 
@@ -16,9 +18,11 @@ Error codes (status, code, when):
     400 ModelArts.4101   body is not a JSON object, ``data.req_data`` is not a non-empty
                          list, ``meta`` is not an object or ``meta.uuid`` not a string of
                          at most 64 characters (our choice of code: the vendor documents
-                         none for a malformed body)
-    400 MR.0105          the model refused a record (``ModelInputError``); the message is
-                         the model's own
+                         none for a malformed body); for a file model: the body is not
+                         multipart/form-data, or holds no file (or more than one) under
+                         the model's input name
+    400 MR.0105          the model refused a record or a file (``ModelInputError``: e.g.
+                         not a decodable image); the message is the model's own
     500 ModelArts.5000   the model's code failed unexpectedly (our choice; logged)
     4xx APIG.0<status>   any other error aiohttp itself raises keeps its status (our choice)
 
@@ -53,7 +57,9 @@ from types import TracebackType
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.typedefs import Handler, Middleware
 
 from batchrunner.service.iam import (
@@ -63,10 +69,13 @@ from batchrunner.service.iam import (
     parse_login,
     token_document,
 )
-from batchrunner.service.models import ModelInputError, TextModel, load_model
+from batchrunner.service.models import FileModel, ModelInputError, TextModel, load_model
 
 DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's limit through the API URL
 MAX_UUID_CHARS = 64
+# A file this small is scored on the event loop: decoding it takes less than handing it
+# to a worker thread and back.
+_INLINE_FILE_BYTES = 64 * 1024
 
 TOKEN_HEADER = "X-Auth-Token"
 SUBJECT_TOKEN_HEADER = "X-Subject-Token"
@@ -264,6 +273,78 @@ def _make_text_handler(model: TextModel, stats: ServiceStats, max_body_bytes: in
     return infer
 
 
+def _make_file_handler(model: FileModel, stats: ServiceStats, max_body_bytes: int) -> Handler:
+    field = model.input_name
+    how = (
+        f"send one file as multipart/form-data under the form field '{field}' "
+        f"(curl -F '{field}=@photo.png')"
+    )
+
+    async def infer(request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise _too_large(max_body_bytes)
+        # The header itself, not request.content_type: aiohttp parses that with the email
+        # package, a millisecond per request for the distinct boundary of each.
+        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+        mimetype = parse_mimetype(content_type)
+        if (mimetype.type, mimetype.subtype) != ("multipart", "form-data"):
+            given = f"{mimetype.type}/{mimetype.subtype}" if content_type else "no Content-Type"
+            raise _bad_request(f"The model {model.name!r} takes file input, not {given}: {how}")
+        filename, content = await _read_file_part(request, field, how, max_body_bytes)
+        try:
+            if len(content) <= _INLINE_FILE_BYTES:
+                result = model.predict_file(filename, content)
+            else:
+                # Decoding a photo takes long enough to hold up every other request (and,
+                # inside a run, the client on the same event loop): a worker thread does it.
+                result = await asyncio.to_thread(model.predict_file, filename, content)
+        except ModelInputError as exc:
+            raise GatewayError(400, "MR.0105", str(exc)) from exc
+        stats.rows_scored += 1
+        return web.Response(body=orjson.dumps(result), content_type="application/json")
+
+    return infer
+
+
+async def _read_file_part(
+    request: web.Request, field: str, how: str, max_body_bytes: int
+) -> tuple[str, bytes]:
+    """(file name, bytes) of the one part named ``field``; a 400 or 413 if there is not
+    exactly one, or the body is malformed or too large (counted as it streams in: a
+    chunked body has no Content-Length to refuse up front)."""
+    found: tuple[str, bytes] | None = None
+    others: list[str] = []
+    received = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise _bad_request(f"A form part holds a nested multipart body: {how}")
+            # Parsed once here: aiohttp's part.name and part.filename parse the header anew.
+            _, params = parse_content_disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+            name = content_disposition_filename(params, "name")
+            chunks: list[bytes] = []
+            while chunk := await part.read_chunk():
+                received += len(chunk)
+                if received > max_body_bytes:
+                    raise _too_large(max_body_bytes)
+                if name == field:
+                    chunks.append(chunk)
+            if name != field:
+                others.append(repr(name))
+            elif found is not None:
+                raise _bad_request(f"The form holds more than one '{field}' file: {how}")
+            else:
+                filename = content_disposition_filename(params, "filename") or ""
+                found = (filename, b"".join(chunks))
+    except ValueError as exc:  # aiohttp's word for a malformed multipart body
+        raise _bad_request(f"The multipart body is malformed ({exc}): {how}") from exc
+    if found is None:
+        held = f"its fields are {', '.join(others)}" if others else "it is empty"
+        raise _bad_request(f"The form holds no '{field}' file ({held}): {how}")
+    return found
+
+
 def _parse_text_request(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
     """Return (meta.uuid or "", data.req_data) of a text-input body; raise a 400 if unfit."""
     try:
@@ -333,9 +414,6 @@ def create_app(
     if not options.token_ttl > 0:
         raise ValueError(f"token_ttl must be > 0 seconds, got {options.token_ttl}")
     model = load_model(options.model)
-    if not isinstance(model, TextModel):
-        # File models (multipart input) come with the ``colors`` model.
-        raise ValueError(f"model {options.model!r} takes file input, which is not served yet")
     stats = ServiceStats()
     tokens = TokenRegistry(options.token, options.token_ttl, options.clock)
     max_body_bytes = options.max_body_bytes
@@ -349,7 +427,11 @@ def create_app(
     )
     app[STATS_KEY] = stats
     app[TOKENS_KEY] = tokens
-    handler = _make_text_handler(model, stats, max_body_bytes)
+    handler = (
+        _make_text_handler(model, stats, max_body_bytes)
+        if isinstance(model, TextModel)
+        else _make_file_handler(model, stats, max_body_bytes)
+    )
     app.router.add_post("/v1/infers/{service_id}", handler)
     app.router.add_post("/v1/infers/{service_id}/{tail:.*}", handler)
     if options.iam is not None:
@@ -453,9 +535,13 @@ async def run_service(
     host: str,
     port: int,
     on_ready: Callable[[RunningService], None] | None = None,
+    *,
+    extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
     """Serve until cancelled; call ``on_ready(service)`` once listening. The body of ``serve``."""
-    service = await start_service(options, host=host, port=port, access_log=True)
+    service = await start_service(
+        options, host=host, port=port, access_log=True, extra_middlewares=extra_middlewares
+    )
     async with service:
         if on_ready is not None:
             on_ready(service)
@@ -467,10 +553,12 @@ def serve(
     host: str,
     port: int,
     on_ready: Callable[[RunningService], None] | None = None,
+    *,
+    extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
     """Run the service in the foreground (``batchrunner serve``) until Ctrl-C.
 
     Blocks; calls ``on_ready(service)`` once listening. Ctrl-C closes the service, then
     raises KeyboardInterrupt for the caller to turn into an exit code. Never prints.
     """
-    asyncio.run(run_service(options, host, port, on_ready))
+    asyncio.run(run_service(options, host, port, on_ready, extra_middlewares=extra_middlewares))

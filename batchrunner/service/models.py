@@ -6,10 +6,11 @@ A model is one of two kinds, matching the two input kinds of the protocol (``PRO
   returns one result object per record, in order;
 - a :class:`FileModel` scores the one file of a file-input (multipart) request.
 
-Only ``iris`` exists now: a Gaussian naive Bayes classifier fitted at first use on the
-classic 150-row iris data set shipped in ``data/iris.csv``. It is plain Python on purpose
-(no numpy): the service must run wherever batchrunner runs, and the per-record cost is a
-few dozen float operations.
+``iris`` (here) is a Gaussian naive Bayes classifier fitted at first use on the classic
+150-row iris data set shipped in ``data/iris.csv``. It is plain Python on purpose (no
+numpy): the service must run wherever batchrunner runs, and the per-record cost is a few
+dozen float operations. ``colors`` (in ``colors.py``, loaded only when asked for, as it
+needs Pillow) names the dominant colour of an image.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class FileModel(ABC):
     """A model for file input: one multipart file in, one result object out.
 
     ``input_name`` is the form field the file must come under (the vendor's examples use
-    ``images``). No file model exists yet; the ``colors`` image classifier will be one.
+    ``images``). ``predict_file`` may run in a worker thread: decoding a large image takes
+    long enough to stall every other request if it ran on the event loop.
     """
 
     name: str
@@ -265,13 +267,46 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
+class LinearModel(TextModel):
+    """A linear score of every numeric field: the cheapest real model, for throughput runs.
+
+    ``score = 0.5 * sum(numbers) + 1``; fields that are not numbers are ignored, so any
+    table can be scored. The answer holds only ``score``, as services that do not echo
+    their inputs answer.
+    """
+
+    name = "linear"
+
+    def predict(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not all(type(record) is dict for record in records):
+            position, record = next(
+                (i, r) for i, r in enumerate(records) if not isinstance(r, dict)
+            )
+            raise ModelInputError(
+                f"req_data[{position}]: a record must be a JSON object, got {_json_type(record)}"
+            )
+        numbers = _NUMBER_TYPES
+        return [
+            {"score": 0.5 * sum([v for v in record.values() if type(v) in numbers]) + 1.0}
+            for record in records
+        ]
+
+
 def _load_iris() -> IrisModel:
     return IrisModel.fit_csv(DATA_DIR / "iris.csv")
 
 
-# One loader per model name; a new model (``colors``) is one more entry here.
+def _load_colors() -> Model:
+    from batchrunner.service.colors import ColorsModel  # Pillow, imported when needed
+
+    return ColorsModel()
+
+
+# One loader per model name.
 _LOADERS: dict[str, Callable[[], Model]] = {
     "iris": _load_iris,
+    "linear": LinearModel,
+    "colors": _load_colors,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_LOADERS)

@@ -1,0 +1,220 @@
+"""Run state for resume: where it lives, whether it belongs to this job, what it already holds.
+
+A run keeps its state beside its output, in ``.batchrunner/``: ``<name>.lock`` (see
+``lock``) and ``<name>.state/`` holding ``manifest.json`` (the job's identity) and the
+journal parts (see ``sink.Journal``). A run that ends well assembles the output and removes
+the state; one that is killed, interrupted or aborted leaves it, and the next run of the same
+job picks it up: batches already finished are not sent again. Batches whose rows failed for
+a reason that says nothing against the rows (a timeout, a 503, a refused token) are dropped
+from the state on resume, so that they are sent again. A changed job starts fresh.
+
+Finished batches are known by their ``seq``, their place in the input. The job's identity
+proves that the input is the same for a table (each file's size and modification time), but
+an image folder's identity is the folder alone (statting every file up front would cost a
+walk): a file added in a subfolder shifts the seq of every file after it. So the resume
+also keeps a short digest of each finished batch's keys (read from the journal's ``_key``
+while compacting), and the run checks every finished batch it reads against it
+(``Checkpoint.check_keys``): a batch whose keys differ stops the run with an ``InputError``
+before any result can be attached to the wrong file or row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchrunner.errors import InputError
+from batchrunner.job import fingerprint, identity_changes
+from batchrunner.report import RunStats
+from batchrunner.retry import is_transient_kind
+from batchrunner.sink import (
+    SEQ,
+    Journal,
+    journal_parts,
+    next_generation,
+    read_journal,
+    write_json_atomically,
+)
+
+log = logging.getLogger("batchrunner")
+
+MANIFEST = "manifest.json"
+DIGEST_BYTES = 8  # per finished batch: a digest of its keys, in order
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    """Where one job's lock and state live, for one output path."""
+
+    lock: Path
+    state: Path
+
+    @classmethod
+    def beside(cls, output: Path, job_name: str) -> StatePaths:
+        folder = output.parent / ".batchrunner"
+        return cls(lock=folder / f"{job_name}.lock", state=folder / f"{job_name}.state")
+
+    @property
+    def manifest(self) -> Path:
+        return self.state / MANIFEST
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What a run starts from: the journal to append to and the batches already finished."""
+
+    journal: Journal
+    finished: bytearray  # finished[seq] == 1: batch seq's rows are in the journal
+    resumed_rows: int
+    note: str | None  # for the log: resumed, or why not
+    # DIGEST_BYTES per seq: keys_digest of each batch finished by the unfinished run (zeros
+    # for the others); read-only, unlike ``finished``, which the run goes on filling.
+    key_digests: bytes = b""
+
+    def check_keys(self, seq: int, keys: Sequence[str]) -> None:
+        """Raise ``InputError`` if batch ``seq``, finished by the unfinished run, held other
+        keys than ``keys`` (the input changed since: its results would land on other rows).
+
+        Call it for each finished batch as the input is read; other seqs pass.
+        """
+        start = seq * DIGEST_BYTES
+        recorded = self.key_digests[start : start + DIGEST_BYTES]
+        if not recorded.strip(b"\0") or recorded == keys_digest(keys):
+            return
+        where = f"{keys[0]!r}" if len(keys) == 1 else f"{keys[0]!r} to {keys[-1]!r}"
+        raise InputError(
+            f"the input changed since the unfinished run of this job: input item {where} "
+            f"(batch {seq:,}) is not what that run sent in that place (files added, removed "
+            "or renamed in a subfolder?), so its finished results cannot be matched to the "
+            "input. Re-run with --no-resume to start fresh (the unfinished run's results are "
+            "discarded)"
+        )
+
+    def check_length(self, batches: int) -> None:
+        """Raise ``InputError`` if the unfinished run finished batches beyond the input's
+        ``batches`` (the whole input, read to its end): the input has lost items since."""
+        beyond = self.key_digests[batches * DIGEST_BYTES :]
+        if beyond.strip(b"\0"):
+            last = (len(beyond.rstrip(b"\0")) - 1) // DIGEST_BYTES + batches
+            now = f"now ends after batch {batches - 1:,}" if batches else "is now empty"
+            raise InputError(
+                f"the input changed since the unfinished run of this job: it {now}, but "
+                f"that run finished batch {last:,} (files removed?), so its finished results "
+                "cannot be matched to the input. Re-run with --no-resume to start fresh (the "
+                "unfinished run's results are discarded)"
+            )
+
+
+def keys_digest(keys: Sequence[str]) -> bytes:
+    """A short digest of a batch's keys, in order: what identifies a finished batch."""
+    return hashlib.blake2b(orjson.dumps(list(keys)), digest_size=DIGEST_BYTES).digest()
+
+
+def open_checkpoint(
+    paths: StatePaths, identity: Mapping[str, Any], *, resume: bool, stats: RunStats
+) -> Checkpoint:
+    """Prepare the state folder for a run and return what it already holds.
+
+    With ``resume`` and a state of the same job identity, finished batches are kept (and
+    counted into ``stats``); anything else starts fresh.
+    """
+    note = None
+    manifest = _read_manifest(paths.manifest)
+    if manifest is not None and resume:
+        if manifest.get("fingerprint") == fingerprint(identity):
+            return _resume(paths, stats)
+        changes = identity_changes(manifest.get("identity", {}), identity)
+        note = (
+            "starting fresh: the job changed since its unfinished run ("
+            + "; ".join(changes or ["its identity"])
+            + ")"
+        )
+    elif manifest is not None:
+        note = "starting fresh (--no-resume): the unfinished run's results are discarded"
+    if paths.state.exists():
+        shutil.rmtree(paths.state)
+    paths.state.mkdir(parents=True)
+    write_json_atomically(
+        paths.manifest, {"fingerprint": fingerprint(identity), "identity": dict(identity)}
+    )
+    return Checkpoint(Journal(paths.state), bytearray(), 0, note)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        document = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _resume(paths: StatePaths, stats: RunStats) -> Checkpoint:
+    # Rewrite the journal keeping each finished batch once, then drop the old parts. A crash
+    # half-way leaves both copies: the next resume keeps the first of each, so it is safe.
+    old_parts = journal_parts(paths.state)
+    finished = bytearray()
+    digests = bytearray()
+    kept_batches = resent_batches = kept_rows = 0
+    compacted = paths.state / "compacted"
+    if compacted.exists():
+        shutil.rmtree(compacted)
+    generation = next_generation(paths.state)
+    journal = Journal(compacted, generation)
+    for batch in read_journal(old_parts):
+        seq = batch.column(SEQ)[0].as_py()
+        if seq < len(finished) and finished[seq]:
+            continue
+        if _worth_resending(batch):
+            resent_batches += 1
+            continue
+        if seq >= len(finished):
+            finished.extend(bytes(seq + 1 - len(finished)))
+            digests.extend(bytes(DIGEST_BYTES * (seq + 1) - len(digests)))
+        finished[seq] = 1
+        digest = keys_digest(batch.column("_key").to_pylist())
+        digests[seq * DIGEST_BYTES : (seq + 1) * DIGEST_BYTES] = digest
+        journal.append(batch)
+        kept_batches += 1
+        kept_rows += batch.num_rows
+        _count(batch, stats)
+    journal.close()
+    for part in journal_parts(compacted):
+        part.rename(paths.state / part.name)
+    compacted.rmdir()
+    for part in old_parts:
+        part.unlink()
+    note = f"resuming: {kept_rows:,} rows in {kept_batches:,} finished batches are kept" + (
+        f"; {resent_batches:,} failed batches are sent again" if resent_batches else ""
+    )
+    journal = Journal(paths.state, generation + 1)
+    return Checkpoint(journal, finished, kept_rows, note, bytes(digests))
+
+
+def _worth_resending(batch: pa.RecordBatch) -> bool:
+    kinds = batch.column("_error_kind")
+    if kinds.null_count == len(kinds):
+        return False
+    return any(is_transient_kind(kind) for kind in pc.unique(kinds.drop_null()).to_pylist())
+
+
+def _count(batch: pa.RecordBatch, stats: RunStats) -> None:
+    errors = batch.filter(pc.equal(batch.column("_status"), "error"))
+    stats.rows_ok += batch.num_rows - errors.num_rows
+    stats.rows_error += errors.num_rows
+    kinds = errors.column("_error_kind")
+    counts = pc.value_counts(kinds)
+    for kind, count in zip(
+        counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+    ):
+        of_kind = pc.is_null(kinds) if kind is None else pc.equal(kinds, kind)
+        first = errors.filter(of_kind).slice(0, 1).to_pylist()[0]
+        stats.record_error_rows(kind or "error", count, first["_key"], first["_error"] or "")

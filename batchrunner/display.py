@@ -1,0 +1,252 @@
+"""How runs and outputs look to a person: progress figures, the summary table, an inspection.
+
+Builds text and rich renderables from a ``StatsSnapshot``, a run summary or an
+``Inspection``, and never prints (``cli`` does). The live display, the periodic log line and
+that line's JSON fields show the same figures, read from the same snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import RenderableType
+from rich.progress_bar import ProgressBar
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from batchrunner.inspection import Inspection
+from batchrunner.report import StatsSnapshot
+
+OUTCOME_TITLES = {
+    "done": "done",
+    "too_many_errors": "done, with too many errors",
+    "aborted": "aborted",
+}
+EXAMPLE_CHARS = 120  # an error message shown as an example, in a table
+MESSAGE_CHARS = 500  # an error message listed by `inspect --errors`
+SHOWN_ERROR_KINDS = 10
+BAR_WIDTH = 24
+
+Rows = list[tuple[str, str]]
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour up."""
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, whole_seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{whole_seconds:02d}"
+    return f"{minutes}:{whole_seconds:02d}"
+
+
+def progress_line(snapshot: StatsSnapshot) -> str:
+    """The figures of a snapshot as one line of text (a log line, the live display's text)."""
+    fraction = snapshot.fraction_done
+    done = f"{snapshot.rows_done:,}"
+    if snapshot.total is not None:
+        done += f" of {snapshot.total:,}"
+    done += " rows"
+    if fraction is not None:
+        done += f" ({math.floor(fraction * 100)}%)"  # floor: 100% only when it is
+    parts = [
+        done,
+        f"{snapshot.rows_per_second:,.0f} rows/s",
+        f"{snapshot.in_flight:,} in flight",
+        f"{snapshot.retries:,} retries",
+        f"{snapshot.rows_error:,} errors",
+    ]
+    eta = snapshot.eta_s
+    if eta is not None:
+        parts.append(f"ETA {format_duration(eta)}")
+    return ", ".join(parts)
+
+
+def progress_fields(snapshot: StatsSnapshot) -> dict[str, Any]:
+    """The figures of a snapshot as JSON-ready fields (a JSON log line)."""
+    eta = snapshot.eta_s
+    return {
+        "rows_done": snapshot.rows_done,
+        "rows_total": snapshot.total,
+        "rows_ok": snapshot.rows_ok,
+        "rows_error": snapshot.rows_error,
+        "rows_per_second": round(snapshot.rows_per_second, 1),
+        "in_flight": snapshot.in_flight,
+        "requests": snapshot.requests,
+        "retries": snapshot.retries,
+        "elapsed_s": round(snapshot.elapsed_s, 3),
+        "eta_s": None if eta is None else round(eta, 1),
+    }
+
+
+class ProgressView:
+    """The live display: a bar when the total is known, else a spinner; and the figures.
+
+    Give it to ``rich.live.Live``, which draws it on every refresh; ``update`` hands it the
+    latest snapshot. The spinner lives as long as the view, so that it turns.
+    """
+
+    def __init__(self, job_name: str) -> None:
+        self.job_name = job_name
+        self.snapshot: StatsSnapshot | None = None
+        self._spinner = Spinner("dots")
+
+    def update(self, snapshot: StatsSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def __rich__(self) -> RenderableType:
+        grid = Table.grid(padding=(0, 1))
+        snapshot = self.snapshot
+        if snapshot is None:
+            grid.add_row(self._spinner, Text(f"{self.job_name}: starting"))
+            return grid
+        indicator: RenderableType = self._spinner
+        if snapshot.fraction_done is not None:
+            indicator = ProgressBar(
+                total=snapshot.total, completed=snapshot.rows_done, width=BAR_WIDTH
+            )
+        grid.add_row(indicator, Text(f"{self.job_name}: {progress_line(snapshot)}"))
+        return grid
+
+
+# --- the run summary ------------------------------------------------------------------------------
+
+
+def summary_title(summary: Mapping[str, Any]) -> str:
+    outcome = str(summary.get("outcome", "?"))
+    return f"{summary.get('job', '?')}: {OUTCOME_TITLES.get(outcome, outcome)}"
+
+
+def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -> Rows:
+    """The run summary as (label, value) rows: the end of a run, and ``inspect``.
+
+    Reads what it finds: a summary written by another version may lack a figure.
+    """
+    counts = summary.get("rows", {})
+    latency = summary.get("latency_ms", {})
+    rate = summary.get("rows_per_second")
+    elapsed = summary.get("elapsed_s") or 0.0
+    rows: Rows = [
+        ("run", f"{summary.get('run_id', '?')}, started {summary.get('started', '?')}"),
+        (
+            "rows",
+            f"{counts.get('ok', 0):,} ok, {counts.get('error', 0):,} errors, "
+            f"{counts.get('skipped', 0):,} skipped",
+        ),
+        (
+            "throughput",
+            f"{'-' if rate is None else format(rate, ',.0f')} rows/s "
+            f"({counts.get('total', 0):,} rows in {_elapsed(elapsed)}); "
+            f"{summary.get('requests', 0):,} requests, {summary.get('retries', 0):,} retries",
+        ),
+    ]
+    if latency.get("p50") is None:
+        rows.append(("latency", "no answers"))
+    else:
+        rows.append(
+            (
+                "latency",
+                ", ".join(f"{p} {latency.get(p, 0):,.1f} ms" for p in ("p50", "p95", "p99")),
+            )
+        )
+    for number, (kind, tally) in enumerate(summary.get("errors", {}).items()):
+        rows.append(
+            (
+                "errors" if number == 0 else "",
+                _error_kind_text(
+                    kind, tally.get("rows", 0), tally.get("example_key"), tally.get("example")
+                ),
+            )
+        )
+    rows.append(("output", str(summary.get("output", "?"))))
+    if summary_path is not None:
+        rows.append(("summary", str(summary_path)))
+    return rows
+
+
+def _elapsed(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < 60 else format_duration(seconds)
+
+
+def _error_kind_text(kind: str, rows: int, key: str | None, message: str | None) -> str:
+    return f"{kind}: {_error_tally_text(rows, key, message)}"
+
+
+def _error_tally_text(rows: int, key: str | None, message: str | None) -> str:
+    text = f"{rows:,} rows"
+    if key is not None:
+        text += f", e.g. key {key}"
+        if message:
+            text += f": {shorten(message, EXAMPLE_CHARS)}"
+    return text
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def plain_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A title, then one indented ``label  value`` line per row, the values aligned."""
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join([title, *(f"  {label:<{width}}  {value}".rstrip() for label, value in rows)])
+
+
+def rich_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
+    """The same rows as ``plain_table``, as a rich table for a terminal."""
+    table = Table(title=title, title_justify="left", show_header=False, box=box.ROUNDED)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+# --- an inspection --------------------------------------------------------------------------------
+
+
+def inspection_text(inspection: Inspection) -> str:
+    """What ``batchrunner inspect`` shows of a file, as plain text."""
+    sections = [f"{inspection.path}: {inspection.rows:,} rows"]
+    if inspection.summary is not None:
+        title = f"run summary (from the file's metadata): {summary_title(inspection.summary)}"
+        sections.append(plain_table(title, summary_rows(inspection.summary)))
+    else:
+        sections.append("run summary: none in the file's metadata (not written by batchrunner run)")
+    sections.append(
+        plain_table("rows by status", [(status, f"{n:,}") for status, n in inspection.statuses])
+    )
+    kinds = inspection.error_kinds
+    if kinds:
+        rows = [
+            (k.kind, _error_tally_text(k.rows, k.example_key, k.example_message))
+            for k in kinds[:SHOWN_ERROR_KINDS]
+        ]
+        if len(kinds) > SHOWN_ERROR_KINDS:
+            rows.append(("", f"(and {len(kinds) - SHOWN_ERROR_KINDS} more kinds)"))
+        sections.append(plain_table("error kinds", rows))
+    fields = inspection.fields
+    sections.append(plain_table("result fields", list(fields) or [("(none)", "")]))
+    return "\n\n".join(sections)
+
+
+def error_rows_text(inspection: Inspection) -> str:
+    """The error rows ``inspect --errors`` lists: key, kind and message, one a line."""
+    shown = inspection.error_rows
+    total = sum(k.rows for k in inspection.error_kinds)
+    if not shown:
+        return "error rows: none"
+    rows = [
+        (f"key {row.key}", f"{row.kind or '-'}: {shorten(row.message or '', MESSAGE_CHARS)}")
+        for row in shown
+    ]
+    title = f"error rows ({len(shown):,} of {total:,})" if total > len(shown) else "error rows"
+    return plain_table(title, rows)

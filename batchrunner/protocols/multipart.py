@@ -1,0 +1,157 @@
+"""multipart/form-data bodies with one file part (RFC 7578), built by hand as bytes.
+
+This is what ``curl -F 'images=@photo.png'`` sends: a boundary line, the part's headers
+(``Content-Disposition: form-data; name="images"; filename="photo.png"`` and a
+``Content-Type`` guessed from the extension), a blank line, the file's bytes, and the
+closing boundary. Built here rather than with aiohttp's ``FormData`` because protocols do not
+import aiohttp (only ``client`` does), and because a body of plain bytes can be measured
+against the service's limit before it is sent.
+
+File names: ``filename`` carries the name as UTF-8, with ``"``, CR and LF percent-escaped,
+as browsers, curl and requests send it (WHATWG HTML). A name that is not ASCII, or that
+needed escaping, also gets ``filename*=UTF-8''<percent-encoded>`` (RFC 5987): servers that
+know it (aiohttp, werkzeug, Python's ``email``) read the exact name from it, others ignore
+it. RFC 7578 section 4.2 advises against ``filename*``; we send both so that neither kind of
+server loses the name.
+
+``read_file`` reads a file under a size limit, so that a file too large for one request is
+refused before its bytes are held in memory.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from batchrunner.errors import RequestError
+
+FILE_TOO_LARGE = "file_too_large"
+UNREADABLE = "unreadable"
+OCTET_STREAM = "application/octet-stream"
+
+# Python's built-in table only (not the system's /etc/mime.types), so that a file gets the
+# same Content-Type on every machine; plus the image types it lacks before Python 3.13.
+_TYPES = mimetypes.MimeTypes()
+_TYPES.add_type("image/webp", ".webp")
+
+
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """The fixed parts of a one-file form: everything but the file's bytes.
+
+    The body is ``head + content + tail``: its size is known before the file is read.
+    """
+
+    head: bytes
+    tail: bytes
+    boundary: str
+    content_type: str  # the request's: multipart/form-data with the boundary
+
+    @property
+    def envelope_bytes(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def body(self, content: bytes) -> bytes:
+        return b"".join((self.head, content, self.tail))
+
+
+def content_type_of(filename: str) -> str:
+    """The MIME type of a file name's extension (any case); octet-stream when unknown."""
+    guessed, _ = _TYPES.guess_type(filename.lower(), strict=False)
+    return guessed or OCTET_STREAM
+
+
+def file_part(field: str, filename: str, boundary: str) -> FilePart:
+    """The form around one file sent under ``field`` as ``filename``.
+
+    ``boundary`` must not occur in the file (see ``choose_boundary``). ``field`` must hold
+    no ``"``, ``\\``, CR or LF (the job validates ``service.file_field``).
+    """
+    quoted = _quoted_filename(filename)
+    disposition = f'form-data; name="{field}"; filename="{quoted}"'
+    if quoted != filename or not filename.isascii():  # the plain form lost or may garble it
+        utf8 = os.fsencode(filename)  # the name's own bytes, even if they are not UTF-8
+        disposition += f"; filename*=UTF-8''{quote(utf8, safe='')}"
+    head = (
+        f"--{boundary}\r\n"
+        f"Content-Disposition: {disposition}\r\n"
+        f"Content-Type: {content_type_of(filename)}\r\n"
+        "\r\n"
+    ).encode("utf-8", errors="surrogateescape")
+    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+    return FilePart(head, tail, boundary, f"multipart/form-data; boundary={boundary}")
+
+
+def choose_boundary(seed: str, content: bytes) -> str:
+    """A boundary made from ``seed`` (e.g. the request's uuid) that ``content`` lacks.
+
+    A boundary found inside the file would cut it short; a random seed makes that all but
+    impossible, and the check makes it impossible.
+    """
+    base = "batchrunner-" + "".join(c for c in seed if c.isalnum())
+    boundary, extra = base, 0
+    while f"--{boundary}".encode("ascii") in content:
+        extra += 1
+        boundary = f"{base}-{extra}"
+    return boundary
+
+
+def _quoted_filename(filename: str) -> str:
+    # WHATWG's multipart/form-data encoding: only these three would break the header.
+    return filename.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``; ``RequestError`` if it holds more than ``max_bytes`` or
+    cannot be read (gone, a folder, no permission, not a regular file).
+
+    The size is checked before reading, and again while reading (a file that grows in
+    between): never more than ``max_bytes + 1`` bytes are held.
+    """
+    try:
+        # O_NONBLOCK: opening a named pipe must not wait for a writer that never comes.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise _unreadable("no such file (removed after the input was listed?)") from None
+    except OSError as exc:
+        raise _unreadable(exc.strerror or str(exc)) from None
+    try:
+        status = os.fstat(descriptor)
+        if stat.S_ISDIR(status.st_mode):
+            raise _unreadable("it is a folder")
+        if not stat.S_ISREG(status.st_mode):
+            raise _unreadable("not a regular file")
+        if status.st_size > max_bytes:
+            raise _too_large(status.st_size, max_bytes)
+        with open(descriptor, "rb", closefd=False) as file:
+            content = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise _unreadable(exc.strerror or str(exc)) from None
+    finally:
+        os.close(descriptor)
+    if len(content) > max_bytes:  # it grew after the size was checked
+        raise _too_large(len(content), max_bytes)
+    return content
+
+
+def _unreadable(reason: str) -> RequestError:
+    return RequestError(f"cannot read the file: {reason}", kind=UNREADABLE, retryable=False)
+
+
+def too_large(size: int, max_bytes: int) -> RequestError:
+    """The error of a file of ``size`` bytes where at most ``max_bytes`` fit a request."""
+    return _too_large(size, max_bytes)
+
+
+def _too_large(size: int, max_bytes: int) -> RequestError:
+    return RequestError(
+        f"the file is {size:,} bytes; at most {max_bytes:,} fit in one request "
+        "(batch.max_request_bytes less the form around the file): shrink the file, or raise "
+        "batch.max_request_bytes if the service takes larger bodies",
+        kind=FILE_TOO_LARGE,
+        retryable=False,
+    )

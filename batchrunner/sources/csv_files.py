@@ -1,0 +1,229 @@
+"""CSV files: delimiters, headers, the schema guessed from the first block, streaming, counting.
+
+Arrow reads the files one block (``block_bytes``) at a time on one thread, so that its
+errors can name the line. Line numbers count records (header included, blank lines not),
+which equals the line number unless the file has blank lines or values spanning lines. An
+``id_column`` is always read as text, so that ``007`` stays ``007`` and 20-digit ids stay
+exact. Types are pinned and widened as ``widening`` says.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from batchrunner.errors import InputError, clip, did_you_mean
+from batchrunner.sources.batching import FileRows
+from batchrunner.sources.columns import check_unique
+from batchrunner.sources.files import data_suffix
+from batchrunner.sources.widening import log_widening, read_widening, widen_text
+
+__all__ = ["CsvReader", "check_csv_headers", "csv_delimiters", "csv_schema", "read_csv_header"]
+
+_CSV_CONVERSION = re.compile(
+    r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (.+?): invalid value '(.*)'",
+    re.DOTALL,
+)
+
+
+def csv_delimiters(
+    paths: Sequence[Path], setting: str | None, tab_separated: bool
+) -> dict[Path, str]:
+    """Each file's delimiter: ``input.csv_delimiter``, else a tab for ``.tsv``, else a comma."""
+    if setting is not None and len(setting) != 1:
+        raise InputError(
+            f"input.csv_delimiter must be one character, got {setting!r} (for tabs write '\\t')"
+        )
+    return {
+        p: setting or ("\t" if tab_separated or data_suffix(p) == ".tsv" else ",") for p in paths
+    }
+
+
+def read_csv_header(path: Path, delimiter: str) -> list[str] | None:
+    """The column names on the file's first line; None for an empty file."""
+    try:
+        with (
+            pa.input_stream(str(path), compression="detect") as stream,
+            io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as text,
+        ):
+            for row in csv.reader(text, delimiter=delimiter):
+                if row:
+                    return row
+    except (OSError, csv.Error, pa.ArrowInvalid) as exc:
+        raise InputError(f"{path}: cannot read the CSV header: {exc}") from exc
+    return None
+
+
+def csv_schema(
+    paths: list[Path],
+    headers: dict[Path, list[str] | None],
+    delimiters: dict[Path, str],
+    id_column: str | None,
+    block_bytes: int,
+) -> tuple[Path | None, pa.Schema]:
+    """The schema Arrow infers from the first block of the first file with a header."""
+    first = next((p for p in paths if headers[p] is not None), None)
+    if first is None:
+        return None, pa.schema([])
+    bad_rows: list[Any] = []
+    # The id is text whatever it looks like: "007" stays "007", long ids stay exact.
+    types = {id_column: pa.string()} if id_column is not None else None
+    try:
+        with _open_csv(first, delimiters[first], block_bytes, bad_rows, column_types=types) as r:
+            return first, r.schema
+    except pa.ArrowInvalid as exc:
+        message = f"{first}: cannot read as CSV: {exc}"
+        raise InputError(_bad_row_or(message, first, bad_rows, delimiters[first])) from exc
+    except OSError as exc:
+        raise InputError(f"{first}: cannot read: {exc}") from exc
+
+
+def check_csv_headers(
+    paths: list[Path], headers: dict[Path, list[str] | None], needed: list[str], first: Path
+) -> None:
+    """Raise an InputError for the first file whose header lacks a ``needed`` column, or
+    has one twice."""
+    for path in paths:
+        header = headers[path]
+        if header is None:
+            continue
+        check_unique(header, needed, path)
+        for name in needed:
+            if name not in header:
+                raise InputError(
+                    f"{path}: no column {name!r} in the header, which {first} has; all files "
+                    f"of one input need the same columns{did_you_mean(name, header)}"
+                )
+
+
+class CsvReader:
+    """Reads CSV files as record batches of the read columns, in their pinned types.
+
+    ``types`` maps each read column to its type (the schema's, at first); a value that does
+    not fit widens it in place, for this and every later read.
+    """
+
+    def __init__(
+        self,
+        *,
+        delimiters: dict[Path, str],
+        headers: dict[Path, list[str] | None],
+        types: dict[str, pa.DataType],
+        block_bytes: int,
+    ) -> None:
+        self._delimiters = delimiters
+        self._headers = headers
+        self._types = types
+        self._block_bytes = block_bytes
+
+    def read(self, path: Path, skip: int) -> FileRows:
+        """(row number within the file, record batch), every row (``skip`` is ignored)."""
+        bad_rows: list[Any] = []
+
+        def open_reader() -> Any:
+            if self._headers.get(path) is None:
+                return None  # an empty file: no header, no rows
+            bad_rows.clear()
+            return _open_csv(
+                path,
+                self._delimiters[path],
+                self._block_bytes,
+                bad_rows,
+                column_types=dict(self._types),
+                include_columns=list(self._types),
+            )
+
+        def widen(error: Exception, _rows: int) -> None:
+            self._widen(path, error, bad_rows)
+
+        gave_up = "column types kept changing while reading; giving up"
+        return read_widening(path, len(self._types), open_reader, widen, gave_up)
+
+    def _widen(self, path: Path, exc: Exception, bad_rows: list[Any]) -> None:
+        """Widen the column a conversion error names, or raise the error as an InputError."""
+        if bad_rows:
+            raise InputError(_bad_csv_row(path, bad_rows[0], self._delimiters[path])) from exc
+        match = _CSV_CONVERSION.search(str(exc))
+        header = self._headers.get(path) or []
+        name = header[int(match[1])] if match and int(match[1]) < len(header) else None
+        if match is None or name not in self._types:
+            raise InputError(f"{path}: {exc}") from exc
+        line, value = match[2], match[4]
+        current = self._types[name]
+        widened = widen_text(current, value)
+        if widened is None:
+            raise InputError(
+                f"{path}, line {line}: column {name!r} holds {clip(value)!r}, which cannot "
+                f"be read as {current} like the rows before it; fix the value"
+            ) from exc
+        log_widening(path, f"line {line}", name, value, current, widened)
+        self._types[name] = widened
+
+    def count(self, path: Path) -> int:
+        """The file's number of rows, read through."""
+        header = self._headers.get(path)
+        if not header:
+            return 0
+        bad_rows: list[Any] = []
+        delimiter = self._delimiters[path]
+        try:
+            # One column, read as text: nothing to convert, nothing that can fail to convert.
+            with _open_csv(
+                path,
+                delimiter,
+                self._block_bytes,
+                bad_rows,
+                column_types={header[0]: pa.string()},
+                include_columns=[header[0]],
+            ) as reader:
+                return sum(batch.num_rows for batch in reader)
+        except pa.ArrowInvalid as exc:
+            raise InputError(_bad_row_or(f"{path}: {exc}", path, bad_rows, delimiter)) from exc
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _open_csv(
+    path: Path,
+    delimiter: str,
+    block_bytes: int,
+    bad_rows: list[Any],
+    *,
+    column_types: dict[str, pa.DataType] | None = None,
+    include_columns: list[str] | None = None,
+) -> Any:
+    def record(row: Any) -> str:
+        bad_rows.append(row)
+        return "error"
+
+    return pcsv.open_csv(
+        str(path),
+        # One thread: Arrow then numbers the rows, so that errors can name the line.
+        read_options=pcsv.ReadOptions(use_threads=False, block_size=block_bytes),
+        parse_options=pcsv.ParseOptions(
+            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=record
+        ),
+        convert_options=pcsv.ConvertOptions(
+            column_types=column_types or {}, include_columns=include_columns or []
+        ),
+    )
+
+
+def _bad_row_or(message: str, path: Path, bad_rows: list[Any], delimiter: str) -> str:
+    """The first bad row's message when Arrow failed on one, else ``message``."""
+    return _bad_csv_row(path, bad_rows[0], delimiter) if bad_rows else message
+
+
+def _bad_csv_row(path: Path, row: Any, delimiter: str) -> str:
+    where = f"{path}, line {row.number}" if row.number is not None else str(path)
+    return (
+        f"{where}: expected {row.expected_columns} columns, got {row.actual_columns}: "
+        f"{clip(row.text)!r}; fix the line (a value holding {delimiter!r} must be quoted)"
+    )

@@ -1,0 +1,535 @@
+"""Image input: the files of a folder, a glob or a manifest, one ``Batch`` per file.
+
+This module owns everything between ``input.path`` and the ``Batch``es of an image job:
+
+- what the path names: a folder (walked, into subfolders unless ``recursive = false``),
+  one image file, a glob (``photos/**/*.jpg``), or a manifest: a ``.txt`` or ``.lst`` file
+  listing one path per line, relative to the manifest's own folder;
+- the order: a walk yields files sorted by relative path as ``pathlib`` sorts paths (part
+  by part, so ``a/z.png`` comes before ``a.png``, as for tabular folders). It streams: each
+  folder is listed (and its names sorted) when the walk reaches it, never the whole tree up
+  front. A manifest keeps its own order;
+- which files are items: in a walk or glob, those whose extension (any case) is one of
+  ``extensions``. Hidden names (``.DS_Store``, macOS's ``._photo.jpg``, ``.git/``), files
+  that are not regular (pipes, devices, broken links) and symbolic links leading outside
+  the input folder (unless ``follow_links``) are skipped. A link inside the folder is
+  followed like what it points to; a linked folder that leads back into the walk is not
+  walked twice. Every skip is counted (``statistics()``) and logged once. A manifest, or a
+  single file, is taken as it is: the user named those files;
+- each item's key: its path relative to the input folder (a glob's folder is the part
+  before its first wildcard; a manifest's is the manifest's own), with ``/`` separators.
+
+Files are not opened here: a file is read when its request is built (``protocols``), so
+memory does not grow with the number of files, and a file that is too large, unreadable or
+gone by then becomes an error row of its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from batchrunner.errors import InputError
+from batchrunner.items import Batch
+from batchrunner.sources.files import no_such_path
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_EXTENSIONS",
+    "ImageSource",
+    "WalkStatistics",
+    "glob_match",
+    "looks_like_images",
+    "open_images",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The default ``input.extensions``: what image classifiers commonly take.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: A file with one of these extensions, given as ``input.path``, lists the files to send.
+MANIFEST_EXTENSIONS = (".txt", ".lst")
+
+_GLOB_CHARS = frozenset("*?[")
+_FOLDER, _FILE, _GLOB, _MANIFEST = "folder", "file", "glob", "manifest"
+
+
+@dataclass(frozen=True, slots=True)
+class WalkStatistics:
+    """What the last walk found: the items, and the files it skipped, by reason."""
+
+    files: int = 0
+    other_extension: int = 0  # not one of input.extensions
+    hidden: int = 0  # names starting with "."
+    outside_links: int = 0  # links leading outside the input folder (follow_links = false)
+    not_regular: int = 0  # pipes, sockets, devices, broken links
+    loops: int = 0  # linked folders leading back into the walk
+    unreadable_folders: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return (
+            self.other_extension
+            + self.hidden
+            + self.outside_links
+            + self.not_regular
+            + self.loops
+            + self.unreadable_folders
+        )
+
+
+_REASONS = {
+    "other_extension": "with other extensions",
+    "hidden": "hidden",
+    "outside_links": "links leading outside the folder (set input.follow_links = true)",
+    "not_regular": "not regular files",
+    "loops": "linked folders leading back into the walk",
+    "unreadable_folders": "folders that could not be listed",
+}
+
+
+@dataclass
+class _Tally:
+    """The counts of one walk as it goes, with the first example of each skip."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_REASONS, 0))
+    examples: dict[str, str] = field(default_factory=dict)
+    files: int = 0
+
+    def skip(self, reason: str, key: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, key)
+
+    def snapshot(self) -> WalkStatistics:
+        return WalkStatistics(files=self.files, **self.counts)
+
+    def describe(self) -> str:
+        parts = [
+            f"{count:,} {_REASONS[reason]} (e.g. {self.examples[reason]})"
+            for reason, count in self.counts.items()
+            if count
+        ]
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One name of a listed folder that the walk will visit."""
+
+    name: str
+    is_folder: bool
+    real: str  # the real path of a folder (links resolved), for the loop check
+
+
+class ImageSource:
+    """An image folder, glob, manifest or file, checked and ready to stream as ``Batch``es.
+
+    Made by ``open_images``. Each ``iter_batches`` walks afresh, holding no folder open
+    between batches, so a source can be iterated again (to count, or to resume).
+    """
+
+    format = "images"
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        root: Path,
+        given: Path,
+        extensions: frozenset[str],
+        recursive: bool,
+        follow_links: bool,
+        pattern: tuple[str, ...] = (),
+        manifest_entries: int | None = None,
+    ) -> None:
+        self._mode = mode
+        self._root = root
+        self._given = given
+        self._extensions = extensions
+        self._recursive = recursive
+        self._follow_links = follow_links
+        self._pattern = pattern
+        self._manifest_entries = manifest_entries
+        self._last = _Tally()
+        self._logged = False
+
+    def __repr__(self) -> str:
+        return f"ImageSource({self._mode}={str(self._given)!r}, root={str(self._root)!r})"
+
+    @property
+    def root(self) -> Path:
+        """The folder keys are relative to."""
+        return self._root
+
+    @property
+    def paths(self) -> Sequence[Path]:
+        # The folder (a glob's folder, the manifest, the file), not every file in it:
+        # statting a million files to fingerprint the job would cost a walk up front.
+        return [self._root if self._mode == _GLOB else self._given]
+
+    @property
+    def send_columns(self) -> Sequence[str]:
+        return ()  # the file itself is sent, not fields of it
+
+    def count_rows(self) -> int | None:
+        """1 for a file, the entries of a manifest; None for a folder or glob (walk first)."""
+        if self._mode == _FILE:
+            return 1
+        return self._manifest_entries
+
+    def scan_count(self) -> int:
+        """The number of files, walking the whole folder if need be (nothing is read)."""
+        known = self.count_rows()
+        if known is not None:
+            return known
+        return sum(1 for _ in self._items())
+
+    def statistics(self) -> WalkStatistics:
+        """What the most recent (or current) walk has found and skipped so far."""
+        return self._last.snapshot()
+
+    def iter_batches(
+        self, size: int, *, limit: int | None = None, start_seq: int = 0
+    ) -> Iterator[Batch]:
+        """Yield one ``Batch`` per file, in input order; ``size`` must be 1.
+
+        ``limit`` keeps only the first ``limit`` files; files before ``start_seq`` are
+        walked past, so that seqs are those of a full run.
+        """
+        if size != 1:
+            raise ValueError(f"image input sends one file per request: size must be 1, got {size}")
+        if start_seq < 0:
+            raise ValueError(f"start_seq must be >= 0, got {start_seq}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        return self._batches(limit, start_seq)
+
+    def _batches(self, limit: int | None, start_seq: int) -> Generator[Batch, None, None]:
+        if limit == 0:
+            return
+        items = self._items()
+        try:
+            for seq, (key, path) in enumerate(items):
+                if seq >= start_seq:
+                    yield Batch(seq=seq, keys=(key,), path=path)
+                if limit is not None and seq + 1 >= limit:
+                    return
+        finally:
+            items.close()
+
+    # -- the items -------------------------------------------------------------------------
+
+    def _items(self) -> Generator[tuple[str, Path], None, None]:
+        """(key, path) of every item, in input order."""
+        tally = _Tally()
+        self._last = tally
+        if self._mode == _FILE:
+            tally.files = 1
+            yield _key_text(self._given.name), self._given
+            return
+        if self._mode == _MANIFEST:
+            for key, path in _read_manifest(self._given):
+                tally.files += 1
+                yield key, path
+            return
+        for key, path in self._walk(tally):
+            tally.files += 1
+            yield key, path
+        # Only a whole walk is worth a word: a partial one (--limit) has not seen them all.
+        skipped = tally.snapshot().skipped
+        if skipped and not self._logged:
+            self._logged = True
+            noun = "file" if skipped == 1 else "files"
+            logger.warning(
+                "%s: %s %s skipped: %s", self._given, f"{skipped:,}", noun, tally.describe()
+            )
+
+    def _walk(self, tally: _Tally) -> Generator[tuple[str, Path], None, None]:
+        """Depth first, each folder's names sorted: files in order of their relative path."""
+        root = str(self._root)
+        root_real = os.path.realpath(root)
+        # One frame per folder being walked: (its path, its key with a trailing "/", its
+        # real path, the names still to visit). Only the folders on the current path are
+        # held, each with its own listing.
+        stack = [(root, "", root_real, iter(self._list(root, "", root_real, root_real, tally)))]
+        on_path = {root_real}
+        while stack:
+            folder, prefix, real, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                on_path.discard(real)
+                continue
+            path = os.path.join(folder, entry.name)
+            key = prefix + _key_text(entry.name)
+            if not entry.is_folder:
+                yield key, Path(path)
+            elif entry.real in on_path:
+                tally.skip("loops", key + "/")
+            else:
+                listing = self._list(path, key + "/", entry.real, root_real, tally)
+                stack.append((path, key + "/", entry.real, iter(listing)))
+                on_path.add(entry.real)
+
+    def _list(
+        self, folder: str, prefix: str, folder_real: str, root_real: str, tally: _Tally
+    ) -> list[_Entry]:
+        """The names of ``folder`` that the walk visits, sorted; skips are counted."""
+        entries: list[_Entry] = []
+        try:
+            with os.scandir(folder) as scan:
+                for item in scan:
+                    entry = self._consider(item, prefix, folder_real, root_real, tally)
+                    if entry is not None:
+                        entries.append(entry)
+        except OSError as exc:
+            # A folder that cannot be listed (no permission, removed meanwhile): its files
+            # are unknown, so they cannot be error rows; say so loudly and go on.
+            tally.skip("unreadable_folders", prefix or ".")
+            logger.warning("%s: cannot list this folder (%s); its files are skipped", folder, exc)
+            return []
+        entries.sort(key=lambda entry: entry.name)
+        return entries
+
+    def _consider(
+        self, item: os.DirEntry[str], prefix: str, folder_real: str, root_real: str, tally: _Tally
+    ) -> _Entry | None:
+        name = item.name
+        key = prefix + _key_text(name)
+        if name.startswith("."):
+            tally.skip("hidden", key)
+            return None
+        try:
+            if item.is_symlink():
+                real = os.path.realpath(item.path)
+                if not self._follow_links and not _inside(real, root_real):
+                    tally.skip("outside_links", key)
+                    return None
+                is_folder, is_file = item.is_dir(), item.is_file()
+            else:
+                real = os.path.join(folder_real, name)
+                is_folder = item.is_dir(follow_symlinks=False)
+                is_file = item.is_file(follow_symlinks=False)
+        except OSError:
+            tally.skip("not_regular", key)
+            return None
+        if is_folder:
+            if self._mode == _FOLDER and not self._recursive:
+                return None
+            if self._mode == _GLOB and not glob_match(self._pattern, _parts(key), prefix=True):
+                return None
+            return _Entry(name, True, real)
+        if not is_file:
+            tally.skip("not_regular", key)
+            return None
+        if self._mode == _GLOB and not glob_match(self._pattern, _parts(key)):
+            return None  # not asked for: not a skip
+        if os.path.splitext(name)[1].lower() not in self._extensions:
+            tally.skip("other_extension", key)
+            return None
+        return _Entry(name, False, real)
+
+
+# --- opening ----------------------------------------------------------------------------------
+
+
+def open_images(
+    path: str | Path,
+    *,
+    extensions: Iterable[str] | None = None,
+    recursive: bool = True,
+    follow_links: bool = False,
+) -> ImageSource:
+    """Check what ``path`` names (folder, image file, glob or manifest) and describe it.
+
+    ``extensions`` (default ``IMAGE_EXTENSIONS``; matched ignoring case) choose the files
+    of a folder or glob; ``recursive`` walks subfolders of a folder; ``follow_links`` also
+    follows links that lead outside the input folder. Nothing is walked yet, but a manifest
+    is read through once, so that a bad one stops the run before any request. Raises
+    ``InputError`` naming ``input.path`` when the path names nothing usable.
+    """
+    chosen = _extension_set(extensions)
+    given = Path(path)
+    mode, root, entries = _FOLDER, given, None
+    pattern: tuple[str, ...] = ()
+    if given.is_dir():
+        _check_listable(given)
+    elif given.is_file():
+        root = given.parent
+        if given.suffix.lower() in MANIFEST_EXTENSIONS:
+            mode, entries = _MANIFEST, sum(1 for _ in _read_manifest(given))
+        else:
+            mode = _FILE
+    elif _GLOB_CHARS & set(str(path)):
+        mode = _GLOB
+        root, pattern = split_glob(str(path))
+        if not root.is_dir():
+            raise InputError(
+                f"input.path: the glob {str(path)!r} starts in {str(root)!r}, which is not a folder"
+            )
+        _check_listable(root)
+    else:
+        raise InputError(no_such_path(given))
+    return ImageSource(
+        mode=mode,
+        root=root,
+        given=given,
+        extensions=chosen,
+        recursive=recursive,
+        follow_links=follow_links,
+        pattern=pattern,
+        manifest_entries=entries,
+    )
+
+
+def looks_like_images(
+    path: str | Path,
+    extensions: Iterable[str] | None = None,
+    *,
+    table_suffixes: Iterable[str] = (),
+) -> bool:
+    """Whether ``input.path`` names image input, when ``input.format`` does not say.
+
+    Yes for an image file (by extension), a glob whose last part names an image extension
+    (``*.jpg``), a manifest whose first entry is an image, and a folder in which the walk
+    meets an image before a file with one of ``table_suffixes``. Anything else is left to
+    the tabular reader, whose errors explain it.
+    """
+    chosen = _extension_set(extensions)
+    given = Path(path)
+    if given.is_file():
+        suffix = given.suffix.lower()
+        if suffix in MANIFEST_EXTENSIONS:
+            first = next(_read_manifest(given, strict=False), None)
+            return first is not None and first[1].suffix.lower() in chosen
+        return suffix in chosen
+    if given.is_dir():
+        # The walk of a run, stopped at the first file that is an image or a table.
+        probe = ImageSource(
+            mode=_FOLDER,
+            root=given,
+            given=given,
+            extensions=chosen | frozenset(s.lower() for s in table_suffixes),
+            recursive=True,
+            follow_links=False,
+        )
+        walk = probe._walk(_Tally())
+        try:
+            first_file = next(walk, None)
+        finally:
+            walk.close()
+        return first_file is not None and first_file[1].suffix.lower() in chosen
+    text = str(path)
+    if _GLOB_CHARS & set(text):
+        last = text.replace(os.sep, "/").rsplit("/", 1)[-1]
+        return os.path.splitext(last)[1].lower() in chosen
+    return False
+
+
+def _extension_set(extensions: Iterable[str] | None) -> frozenset[str]:
+    return frozenset(e.lower() for e in (IMAGE_EXTENSIONS if extensions is None else extensions))
+
+
+def _check_listable(folder: Path) -> None:
+    try:
+        with os.scandir(folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"input.path: cannot list the folder {folder}: {exc.strerror}") from None
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def _read_manifest(manifest: Path, *, strict: bool = True) -> Iterator[tuple[str, Path]]:
+    """(key, path) per entry: one path per line, relative to the manifest's folder.
+
+    Blank lines and lines starting with ``#`` are skipped; spaces around a path are not part
+    of it. The key is the path as listed, normalized (``./a//b.png`` is ``a/b.png``). With
+    ``strict``, a line that is not UTF-8 or holds a NUL is an ``InputError``; without, the
+    reading just stops there.
+    """
+    base = manifest.parent
+    try:
+        with manifest.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    entry = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    if not strict:
+                        return
+                    raise InputError(
+                        f"{manifest}, line {number}: not UTF-8 text; save the manifest as UTF-8"
+                    ) from None
+                if not entry or entry.startswith("#"):
+                    continue
+                if "\x00" in entry:
+                    if not strict:
+                        return
+                    raise InputError(f"{manifest}, line {number}: a path cannot hold a NUL byte")
+                yield PurePosixPath(entry).as_posix(), base / entry
+    except OSError as exc:
+        raise InputError(f"input.path: cannot read the manifest {manifest}: {exc}") from None
+
+
+# --- globs ------------------------------------------------------------------------------------
+
+
+def split_glob(text: str) -> tuple[Path, tuple[str, ...]]:
+    """The folder before a glob's first wildcard, and the pattern's parts after it."""
+    parts = text.replace(os.sep, "/").split("/")
+    magic = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), None)
+    if magic is None:
+        raise ValueError(f"not a glob: {text!r}")
+    fixed = parts[:magic]
+    root = "/".join(fixed) if fixed != [""] else "/"
+    return Path(root or "."), tuple(part for part in parts[magic:] if part)
+
+
+def glob_match(pattern: Sequence[str], parts: Sequence[str], *, prefix: bool = False) -> bool:
+    """Whether a relative path (its ``parts``) matches a glob's ``pattern`` parts.
+
+    ``*``, ``?`` and ``[...]`` match within one part, ``**`` matches any number of parts
+    (none included), as ``glob.glob(..., recursive=True)`` does. With ``prefix``, ``parts``
+    is a folder: whether a file under it could match (so the walk prunes folders that
+    cannot).
+    """
+    if not parts:
+        return bool(pattern) if prefix else all(p == "**" for p in pattern)
+    if not pattern:
+        return False
+    head = pattern[0]
+    if head == "**":
+        return glob_match(pattern[1:], parts, prefix=prefix) or glob_match(
+            pattern, parts[1:], prefix=prefix
+        )
+    return fnmatch.fnmatchcase(parts[0], head) and glob_match(pattern[1:], parts[1:], prefix=prefix)
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _parts(key: str) -> list[str]:
+    return key.split("/")
+
+
+def _key_text(name: str) -> str:
+    """A file name as key text: itself, or with bytes that are not UTF-8 shown as ``\\xNN``.
+
+    Such names reach Python with lone surrogates, which no Arrow string can hold.
+    """
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+    return name

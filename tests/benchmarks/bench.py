@@ -1,0 +1,338 @@
+"""How fast batchrunner goes, against the two baselines our users have. Run by hand:
+
+    pip install requests        # for the vendor-docs baseline
+    python tests/benchmarks/bench.py [--quick] [--only NAME ...]
+
+Each scenario starts the embedded reference service in its own process (``batchrunner
+serve`` with injected latency), then runs, one after the other, each contender as a whole
+command in a child process: batchrunner, the careful hand-written asyncio script
+(``baseline_asyncio.py``) and the ``requests`` thread pool of the vendor's docs
+(``baseline_requests.py``). It prints, per contender: rows/s, requests/s, the ratio to the
+limit (concurrency / mean latency, the latency the client saw), CPU seconds per 1,000 rows
+(the client's own), its peak RSS and the requests answered 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-token"
+PYTHON = sys.executable
+
+
+@dataclass
+class Figures:
+    contender: str
+    rows: int
+    requests: int
+    wall_s: float
+    active_s: float
+    mean_latency_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    throttled: int
+    concurrency: int
+
+    def line(self) -> str:
+        rows_per_s = self.rows / self.active_s
+        requests_per_s = self.requests / self.active_s
+        limit = self.concurrency / self.mean_latency_s if self.mean_latency_s else float("nan")
+        return (
+            f"  {self.contender:<12} {rows_per_s:>11,.0f} rows/s {requests_per_s:>8,.1f} req/s"
+            f"  ratio {requests_per_s / limit:5.2f}  wall {self.wall_s:6.2f} s"
+            f"  cpu/1k rows {1000 * self.cpu_s / max(self.rows, 1):6.3f} s"
+            f"  rss {self.peak_rss_mb:6.0f} MB  429s {self.throttled}"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Service:
+    """``batchrunner serve`` in a child process."""
+
+    def __init__(self, model: str, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1/infers/{model}"
+        env = {**os.environ, "BATCHRUNNER_SERVE_TOKEN": TOKEN}
+        command = [PYTHON, "-m", "batchrunner", "serve", "--model", model]
+        command += ["--port", str(self.port), *options]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if b"press Ctrl-C" in line:
+                break
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.communicate(timeout=10)
+
+
+def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, float, str, str]:
+    """Run a command; its wall time, own CPU seconds and peak RSS (MB), stdout, stderr."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    stdout = process.stdout.read()
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    process.stdout.close()
+    process.stderr.close()
+    wall = time.perf_counter() - started
+    if process.returncode not in (0, 1):
+        raise RuntimeError(f"{command[:5]} failed: {stderr.decode()[-3000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1024, stdout.decode(), stderr.decode()
+
+
+_GENERATE = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows, path = int(sys.argv[1]), sys.argv[2]
+schema = pa.schema([(f"f{i}", pa.float64()) for i in range(5)])
+with pq.ParquetWriter(path, schema) as writer:
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        values = [float((start + j) % 1000) for j in range(n)]
+        writer.write_table(pa.table({f"f{i}": pa.array(values) for i in range(5)}, schema))
+"""
+
+
+def table_input(folder: Path, rows: int, name: str) -> Path:
+    path = folder / f"{name}.parquet"
+    if not path.exists():
+        # In a child process: a big parent would inflate the peak RSS that wait4 reports
+        # for the children it forks afterwards.
+        subprocess.run([PYTHON, "-c", _GENERATE, str(rows), str(path)], check=True)
+    return path
+
+
+def run_batchrunner(
+    data: Path, service: Service, size: int, concurrency: int, folder: Path, extra: list[str]
+) -> Figures:
+    output = folder / "out-batchrunner.parquet"
+    env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    command = [
+        PYTHON, "-m", "batchrunner", "run", "--input", str(data), "--url", service.url,
+        "--output", str(output), "--batch-size", str(size), "--concurrency", str(concurrency),
+        "--no-progress", "--no-resume", *extra,
+    ]  # fmt: skip
+    wall, cpu, rss, _, _ = measured(command, env)
+    summary = orjson.loads(Path(str(output) + ".summary.json").read_bytes())
+    return Figures(
+        "batchrunner",
+        summary["rows"]["ok"],
+        summary["requests"],
+        wall,
+        summary["elapsed_s"],
+        summary["latency_ms"]["mean"] / 1000.0,
+        cpu,
+        rss,
+        summary["throttled"],
+        concurrency,
+    )
+
+
+def run_baseline(
+    name: str, script: str, data: Path, service: Service, size: int, concurrency: int, folder: Path
+) -> Figures:
+    env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    output = folder / f"out-{name}.parquet"
+    command = [
+        PYTHON,
+        str(HERE / script),
+        str(data),
+        service.url,
+        str(size),
+        str(concurrency),
+        str(output),
+    ]
+    wall, cpu, rss, stdout, _ = measured(command, env)
+    figures = orjson.loads(stdout.strip().splitlines()[-1])
+    return Figures(
+        name,
+        figures["rows"],
+        figures["requests"],
+        wall,
+        figures["active_s"],
+        figures["mean_latency_s"],
+        cpu,
+        rss,
+        figures["throttled"],
+        concurrency,
+    )
+
+
+def have_requests() -> bool:
+    try:
+        import requests  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def scenario(
+    title: str, folder: Path, rows: int, size: int, concurrency: int, serve_options: list[str],
+    contenders: list[str], extra: list[str] | None = None, limit_concurrency: int | None = None,
+) -> None:  # fmt: skip
+    print(f"\n{title}")
+    data = table_input(folder, rows, f"rows-{rows}")
+    service = Service("linear", *serve_options)
+    try:
+        for contender in contenders:
+            if contender == "batchrunner":
+                figures = run_batchrunner(data, service, size, concurrency, folder, extra or [])
+            elif contender == "asyncio":
+                figures = run_baseline(
+                    "asyncio", "baseline_asyncio.py", data, service, size, concurrency, folder
+                )
+            elif contender == "requests":
+                if not have_requests():
+                    print("  requests     (not installed: pip install requests)")
+                    continue
+                figures = run_baseline(
+                    "requests", "baseline_requests.py", data, service, size, concurrency, folder
+                )
+            if limit_concurrency is not None:
+                figures.concurrency = limit_concurrency  # the ratio is to the service's limit
+            print(figures.line(), flush=True)
+    finally:
+        service.close()
+
+
+def startup(folder: Path) -> None:
+    data = table_input(folder, 1000, "rows-1000")
+    env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    command = [PYTHON, "-m", "batchrunner", "validate", "--help"]
+    wall, _, _, _, _ = measured(command, env)
+    started = time.perf_counter()
+    subprocess.run(
+        [PYTHON, "-c", "import batchrunner.cli, batchrunner.runner, batchrunner.sources"],
+        check=True,
+    )
+    imports = time.perf_counter() - started
+    print(
+        f"\nstart-up: `--help` {wall:.2f} s; importing the pipeline {imports:.2f} s ({data.name})"
+    )
+
+
+_HAMMER = """
+import asyncio, sys, time, orjson, aiohttp
+url, token, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
+body = orjson.dumps({"data": {"req_data": records}})
+headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async def worker(count):
+            for _ in range(count):
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // 8) for _ in range(8)))
+        print(requests // 8 * 8 * 1000 / (time.perf_counter() - started))
+asyncio.run(main())
+"""
+
+
+def service_ceiling(quick: bool) -> None:
+    """The embedded service alone: one body sent over and over, no encoding on our side."""
+    service = Service("linear")
+    try:
+        requests = 200 if quick else 1000
+        result = subprocess.run(
+            [PYTHON, "-c", _HAMMER, service.url, TOKEN, str(requests)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rate = float(result.stdout.strip())
+        print(f"\nservice alone (linear model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
+    finally:
+        service.close()
+
+
+def memory(folder: Path, quick: bool) -> None:
+    print("\nmemory: peak RSS of the whole command, zero latency, batches of 1,000, concurrency 8")
+    service = Service("linear")
+    try:
+        for rows in [200_000, 1_000_000] if quick else [1_000_000, 10_000_000]:
+            data = table_input(folder, rows, f"rows-{rows}")
+            figures = run_batchrunner(data, service, 1000, 8, folder, [])
+            rate = figures.rows / figures.active_s
+            print(f"  {rows:>11,} rows: peak RSS {figures.peak_rss_mb:6.0f} MB, {rate:,.0f} rows/s")
+    finally:
+        service.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run in < 30 s")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="scenarios: startup latency cpu memory service"
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="a folder to keep inputs in")
+    args = parser.parse_args()
+    quick = args.quick
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = set(args.only or ["startup", "service", "latency", "cpu", "auto", "memory"])
+    python = sys.version.split()[0]
+    print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
+    everyone = ["batchrunner", "asyncio", "requests"]
+    try:
+        if "startup" in chosen:
+            startup(folder)
+        if "service" in chosen:
+            service_ceiling(quick)
+        if "latency" in chosen:
+            rows = 20_000 if quick else 100_000
+            scenario(
+                f"latency-bound: {rows:,} rows in batches of 100, 50 ms service latency, "
+                "concurrency 32 (limit 640 req/s)",
+                folder, rows, 100, 32, ["--latency-ms", "50"], everyone,
+            )  # fmt: skip
+        if "cpu" in chosen:
+            rows = 200_000 if quick else 1_000_000
+            scenario(
+                f"CPU-bound: {rows:,} rows x 5 numbers in batches of 1,000, no latency, "
+                "concurrency 8",
+                folder, rows, 1000, 8, [], everyone,
+            )  # fmt: skip
+        if "auto" in chosen:
+            rows = 20_000 if quick else 100_000
+            scenario(
+                f"adaptive: {rows:,} rows in batches of 100, 50 ms latency, the service answers "
+                "429 (Retry-After: 1) above 16 in flight (limit 320 req/s); batchrunner with "
+                'concurrency = "auto" (max 64), the baselines at a fixed 32',
+                folder, rows, 100, 32,
+                ["--latency-ms", "50", "--capacity", "16", "--retry-after", "1"],
+                everyone,
+                extra=["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
+                limit_concurrency=16,
+            )  # fmt: skip
+        if "memory" in chosen:
+            memory(folder, quick)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import asyncio
+import csv
+from pathlib import Path
+
+import orjson
+import pytest
+
+from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
+from tests.conftest import REPO, read_output, write_csv, write_job
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_fixed_limiter_bounds_holders() -> None:
+    async def scenario() -> int:
+        limiter = ConcurrencyLimiter(3)
+
+        async def hold() -> None:
+            async with limiter:
+                await asyncio.sleep(0.001)
+
+        await asyncio.gather(*(hold() for _ in range(20)))
+        return limiter.statistics().peak_in_flight
+
+    assert asyncio.run(scenario()) == 3
+
+
+def test_slow_start_grows_fast_until_the_first_push_back() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(4, 64, clock=clock)
+        for _ in range(4):
+            limiter.feedback(10.0, pushed_back=False)
+        assert limiter.limit == 6  # x1.5 in a round trip of 4 answers
+        for _ in range(200):
+            limiter.feedback(10.0, pushed_back=False)
+        assert limiter.limit == 64  # capped by the maximum
+
+    asyncio.run(scenario())
+
+
+def test_push_back_cuts_once_per_round_trip() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(20, 64, clock=clock)
+        limiter.feedback(10.0, pushed_back=False)  # round trip 10 ms
+        limiter.feedback(10.0, pushed_back=True)
+        after_first = limiter.limit
+        assert after_first == 10  # 21, halved on leaving slow start
+        limiter.feedback(10.0, pushed_back=True)  # the same wave: no second cut
+        assert limiter.limit == after_first
+        clock.now += 0.02
+        limiter.feedback(10.0, pushed_back=True)
+        assert limiter.limit < after_first
+        assert limiter.decreases == 2
+
+    asyncio.run(scenario())
+
+
+def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(32, 64, clock=clock)
+        limiter.feedback(10.0, pushed_back=True)  # leaves slow start: 16
+        clock.now += 1.0
+        limiter.feedback(10.0, pushed_back=True)  # ceiling 16, now 14.4
+        answers = 0
+        while limiter.limit < 15:
+            limiter.feedback(10.0, pushed_back=False)
+            answers += 1
+        assert 5 <= answers <= 20  # about one per round trip of 14 answers
+        answers = 0
+        while limiter.limit < 16:
+            limiter.feedback(10.0, pushed_back=False)
+            answers += 1
+        assert answers > 100  # within one of the ceiling: ten times slower
+
+    asyncio.run(scenario())
+
+
+def test_fast_refusals_do_not_make_real_answers_look_slow() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(16, 64, clock=clock)
+        limiter.feedback(50.0, pushed_back=False)
+        limiter.feedback(0.5, pushed_back=True)  # a 429 comes back at once
+        clock.now += 1.0
+        before = limiter.decreases
+        for _ in range(20):
+            limiter.feedback(50.0, pushed_back=False)
+        assert limiter.decreases == before  # 50 ms is still the service's normal speed
+
+    asyncio.run(scenario())
+
+
+def test_latency_inflation_counts_as_push_back() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(10, 64, clock=clock)
+        limiter.feedback(10.0, pushed_back=False)
+        limiter.feedback(35.0, pushed_back=False)  # 3.5x the fastest
+        assert limiter.decreases == 1
+
+    asyncio.run(scenario())
+
+
+def test_rate_limiter_spaces_starts() -> None:
+    async def scenario() -> list[float]:
+        clock = FakeClock()
+        limiter = RateLimiter(100.0, burst=1.0, clock=clock, sleep=clock.sleep)
+        starts = []
+        for _ in range(5):
+            await limiter.acquire()
+            starts.append(clock.now)
+        return starts
+
+    starts = asyncio.run(scenario())
+    assert starts == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+
+
+def iris_rows(copies: int) -> list[list[str]]:
+    with (REPO / "samples" / "iris.csv").open() as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        rows = [row[1:5] for row in reader]
+    return rows * copies
+
+
+def test_auto_concurrency_finds_the_capacity(invoke) -> None:
+    data = write_csv(
+        Path("d.csv"), ["sepal_length", "sepal_width", "petal_length", "petal_width"], iris_rows(8)
+    )
+    job = write_job(
+        Path("auto.toml"),
+        f'[input]\npath = "{data}"\n[service]\nurl = "embedded:iris"\n'
+        "[service.embedded]\ncapacity = 16\nretry_after = 0.05\nlatency_ms = 5\n"
+        '[batch]\nsize = 1\nconcurrency = "auto"\nmax_concurrency = 64\n',
+    )
+    result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert all(row["_status"] == "ok" for row in read_output("out/auto.parquet"))
+    summary = orjson.loads(Path("out/auto.parquet.summary.json").read_bytes())
+    assert summary["throttled"] / summary["requests"] < 0.05
+    print(f"\n[auto] {summary['requests']} requests, {summary['throttled']} answered 429")
+
+
+def test_concurrency_must_be_a_number_or_auto(invoke) -> None:
+    write_csv(Path("d.csv"), ["x"], [(1,)])
+    result = invoke("run", "--input", "d.csv", "--url", "embedded:iris", "--concurrency", "lots")
+    assert result.exit_code == 2
+    assert "batch.concurrency" in result.stderr
