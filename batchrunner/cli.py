@@ -470,17 +470,16 @@ def _cron_line(
     from batchrunner.crontab import check_env_file, locate_executable, make_log_folder
     from batchrunner.schedule import CronJob, cron_line
 
-    token_env = _token_env(job)
+    secret_envs = _secret_envs(job)
     env_path = None if env_file is None else env_file.resolve()
     if env_path is not None:
-        warnings = check_env_file(env_path, token_env)
-    elif token_env is not None:
-        warnings = [
-            f"the job reads its token from ${token_env}, which cron does not set: put "
-            f"{token_env}=... in a file only you can read, and give it with --env-file"
-        ]
+        warnings = check_env_file(env_path, secret_envs)
     else:
-        warnings = []
+        warnings = [
+            f"the job reads {what} from ${name}, which cron does not set: put "
+            f"{name}=... in a file only you can read, and give it with --env-file"
+            for name, what in secret_envs.items()
+        ]
     log_path = (log_file or Path("logs") / f"{job.name}.log").resolve()
     cron_job = CronJob(
         name=job.name,
@@ -497,12 +496,19 @@ def _cron_line(
     return line, log_path
 
 
-def _token_env(job: Job) -> str | None:
-    """The environment variable the job's token comes from, if it comes from one."""
+def _secret_envs(job: Job) -> dict[str, str]:
+    """The environment variables the job reads secrets from, each with what it holds."""
     service = job.service
-    if service.embedded_model is not None or service.token_file is not None:
-        return None
-    return service.token_env or DEFAULT_TOKEN_ENV
+    if service.embedded_model is not None:
+        return {}
+    envs = {}
+    if service.token_source == "token_env":
+        envs[service.token_env or DEFAULT_TOKEN_ENV] = "its token"
+    if service.iam is not None and service.iam.password_env is not None:
+        envs[service.iam.password_env] = "its IAM password"
+    if service.app is not None and service.app.appcode_env is not None:
+        envs[service.app.appcode_env] = "its AppCode"
+    return envs
 
 
 @app.command()
