@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -48,12 +49,43 @@ def assert_nowhere(secrets: list[str], texts: list[str], files: list[Path]) -> N
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_token_appears_nowhere(invoke) -> None:
+def env_file_outside(folder: Path, secrets: dict[str, str]) -> Path:
+    """A cron env file holding ``secrets``, outside the working folder (it is their home)."""
+    path = folder / "nightly.env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in secrets.items()))
+    path.chmod(0o600)
+    return path
+
+
+def cron_and_inspect(invoke, job: Path, env_file: Path) -> list[str]:
+    """What ``cron`` (the line it prints) and ``inspect`` (of every output) show."""
+    shown = []
+    cron = invoke("cron", str(job), "--schedule", "0 2 * * *", "--env-file", str(env_file))
+    assert cron.exit_code == 0, cron.stderr
+    assert "warning" not in cron.stderr  # the env file sets every secret the job reads
+    assert f". {env_file} &&" in cron.stdout  # the line sources the file, never its values
+    shown += [cron.stdout, cron.stderr]
+    outputs = sorted(Path().rglob("*.parquet"))
+    assert outputs
+    for output in outputs:
+        for args in (("inspect", str(output)), ("inspect", str(output), "--errors")):
+            result = invoke(*args)
+            assert result.exit_code == 0, result.stderr
+            shown += [result.stdout, result.stderr]
+    return shown
+
+
+def state_files(files: list[Path]) -> list[Path]:
+    """The run state kept under ``.batchrunner/`` (the journal of an unfinished run)."""
+    return [p for p in files if ".batchrunner" in p.parts and p.suffix != ".lock"]
+
+
+def test_token_appears_nowhere(invoke, fake_crontab, tmp_path_factory) -> None:
     async def handle(call: Call) -> web.Response:
         assert call.headers["X-Auth-Token"] == TOKEN  # it is sent, and only here
         if call.number == 1:
             return gateway_error(503, "APIG.0203", "busy")
-        if call.number == 4:
+        if call.number in (4, 6):  # each run aborts: the second resumes the first
             return gateway_error(401, "APIG.0301", "token expires")
         return answer(call)
 
@@ -74,16 +106,22 @@ def test_token_appears_nowhere(invoke) -> None:
             result = invoke(*args)
             printed += [result.stdout, result.stderr]
     assert any("not sent" in text for text in printed)  # the 401 path ran
+    env_file = env_file_outside(tmp_path_factory.mktemp("env"), {"MODELARTS_TOKEN": TOKEN})
+    printed += cron_and_inspect(invoke, job, env_file)
+    assert fake_crontab.calls == []  # printing the line touches no table
     files = files_under(Path())
     assert any(p.suffix == ".parquet" for p in files)
     assert any(p.name.endswith(".summary.json") for p in files)
+    assert state_files(files)  # the aborted runs kept their state, to resume
     assert_nowhere([TOKEN], printed, files)
 
 
 def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
-    invoke, monkeypatch, cache_dir: Path
+    invoke, monkeypatch, cache_dir: Path, fake_crontab, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     wrong = "wrong-password-61d0e7c3a5"
+    # Changed between runs: how slow the model is, how many more logins IAM accepts.
+    service_state: dict[str, float | None] = {"delay": 0.002, "logins_left": None}
 
     @web.middleware
     async def echoing_iam(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -91,11 +129,15 @@ def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
         if request.path == "/v3/auth/tokens":
             body = orjson.loads(await request.read())
             given = body["auth"]["identity"]["password"]["user"]["password"]
-            if given != PASSWORD:
+            logins_left = service_state["logins_left"]
+            if given != PASSWORD or logins_left == 0:
                 raise GatewayError(401, "IAM.0002", f"password {given!r} is wrong")
+            if logins_left is not None:
+                service_state["logins_left"] = logins_left - 1
         elif request.path.startswith("/v1/"):
             assert request.headers["X-Apig-AppCode"] == APPCODE
-            await asyncio.sleep(0.002)  # a run of 75 requests outlives many 50 ms tokens
+            # a run of 75 requests outlives many 50 ms tokens
+            await asyncio.sleep(service_state["delay"] or 0)
         return await handler(request)
 
     monkeypatch.setenv("APP_CODE", APPCODE)
@@ -131,6 +173,19 @@ def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
         assert stat.S_IMODE(cache.stat().st_mode) == 0o600
         assert not cache.resolve().is_relative_to(Path.cwd().resolve())
         assert_nowhere([PASSWORD, APPCODE, TOKEN], [], [cache])
+        # A run whose renewal IAM refuses mid-run (echoing the password): aborted, exit 3,
+        # its finished batches kept in its state under .batchrunner/, to resume.
+        service_state.update(delay=0.01, logins_left=1)
+        aborted = invoke("run", str(job), "--log-format", "json")
+        printed += [aborted.stdout, aborted.stderr]
+        assert aborted.exit_code == 3, aborted.stderr
+        assert "password '****' is wrong" in aborted.stderr
+        service_state.update(delay=0.002, logins_left=None)
+        assert state_files(files_under(Path()))
+        env_file = env_file_outside(
+            tmp_path_factory.mktemp("env"), {"IAM_PASSWORD": PASSWORD, "APP_CODE": APPCODE}
+        )
+        printed += cron_and_inspect(invoke, job, env_file)
         cache.unlink()  # so that the next run logs in, with a wrong password
         monkeypatch.setenv("IAM_PASSWORD", wrong)
         refused = invoke("run", str(job))
@@ -146,6 +201,7 @@ def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
     assert "; AppCode from $APP_CODE" in dry_run
     files = files_under(Path())
     assert any(p.suffix == ".parquet" for p in files)
+    assert state_files(files)
     assert_nowhere([TOKEN, PASSWORD, APPCODE, wrong, *issued], printed, files)
 
 
