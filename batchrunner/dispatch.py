@@ -151,7 +151,8 @@ class Dispatcher:
                 if self._rate is not None:
                     await self._rate.acquire()
                 # Encoding and the rate limit may have waited: a renewal or a fatal answer
-                # may have come meanwhile. Nothing awaits between this check and the post.
+                # may have come meanwhile. Only the token source is awaited between this
+                # check and the post.
                 await self._check_open()
                 token: Secret | None = None
                 tries += 1
