@@ -10,15 +10,19 @@ Imports flow one way, down this list; a module imports only from those above it:
                 multipart: one-file form bodies)
     retry       pure retry decisions
     limiter     concurrency bound (fixed or adaptive) and rate limit
-    auth        token sources and masking
-    client      the only module that imports the aiohttp client
+    auth        secrets and masking; token providers (env, file) and single-flight renewal
+    client      the only module that imports the aiohttp client (the service, the IAM login)
+    iam         the IAM token source: login request and answer, token cache, renewal
+    credentials the token source and AppCode that [service] chooses
     report      run statistics and their frozen snapshot, latency histogram, summary
-    dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting
+    dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
+                token renewal
     sink        the run's journal of finished batches; assembly into one Parquet file
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (.seen.parquet), the filter that leaves them out
-    service     the embedded reference service, iris and colors (the only user of aiohttp.web)
+    service     the embedded reference service, iris and colors (the only user of aiohttp.web),
+                with its IAM
     runner      the asyncio pipeline
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command

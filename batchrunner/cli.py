@@ -255,6 +255,10 @@ def validate(
     typer.echo("job is valid")
 
 
+SERVE_TOKEN_ENV = "BATCHRUNNER_SERVE_TOKEN"
+SERVE_IAM_PASSWORD_ENV = "BATCHRUNNER_SERVE_IAM_PASSWORD"
+
+
 @app.command()
 def serve(
     model: Annotated[
@@ -263,6 +267,20 @@ def serve(
     ] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    iam_user: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Also answer IAM logins (POST /v3/auth/tokens) of this user; "
+            f"the password is read from {SERVE_IAM_PASSWORD_ENV}."
+        ),
+    ] = None,
+    iam_domain: Annotated[
+        str | None, typer.Option(help="The IAM user's domain (default: the user name).")
+    ] = None,
+    iam_project: Annotated[str, typer.Option(help="The IAM user's project.")] = "local",
+    token_ttl: Annotated[
+        float, typer.Option(min=0.001, help="Seconds an IAM token lives (the real IAM: 86400).")
+    ] = 86400.0,
     latency_ms: Annotated[float, typer.Option(min=0, help="Added latency per request.")] = 0.0,
     jitter_ms: Annotated[float, typer.Option(min=0, help="Latency varies by +- this.")] = 0.0,
     capacity: Annotated[
@@ -284,10 +302,18 @@ def serve(
     """Run the embedded reference service (a real model behind the ModelArts protocol).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
+    With --iam-user, the service also issues expiring tokens to that user (password in
+    BATCHRUNNER_SERVE_IAM_PASSWORD, never on the command line) and accepts them.
     The fault options rehearse a bad day: throttling, 503s, dropped connections, HTML error
     pages, slow answers and rows the model cannot score, all drawn from --seed.
     """
-    from batchrunner.service import FaultSettings, fault_middleware
+    from batchrunner.service import (
+        FaultSettings,
+        IamAccount,
+        RunningService,
+        ServiceOptions,
+        fault_middleware,
+    )
     from batchrunner.service import serve as serve_forever
 
     faults = FaultSettings(
@@ -301,19 +327,37 @@ def serve(
         poison_rate=poison_rate,
         seed=seed,
     )
-    token = os.environ.get("BATCHRUNNER_SERVE_TOKEN", "")
+    token = os.environ.get(SERVE_TOKEN_ENV, "")
     shown = token == ""
     if shown:
         import secrets
 
         token = secrets.token_urlsafe(24)
+    account = None
+    if iam_user is not None:
+        password = os.environ.get(SERVE_IAM_PASSWORD_ENV, "")
+        if not password:
+            _fail(
+                SettingError(
+                    f"--iam-user: set the user's password in the environment variable "
+                    f"{SERVE_IAM_PASSWORD_ENV} (a password never goes on the command line)"
+                )
+            )
+        account = IamAccount(iam_user, password, iam_domain or iam_user, iam_project)
+    options = ServiceOptions(model=model, token=token, iam=account, token_ttl=token_ttl)
 
-    def ready(url: str) -> None:
-        typer.echo(f"serving model {model!r} at {url}")
+    def ready(service: RunningService) -> None:
+        typer.echo(f"serving model {model!r} at {service.url}")
         if shown:
             typer.echo(f"X-Auth-Token: {token}  (a random token for this local service only)")
         else:
-            typer.echo("X-Auth-Token: the value of BATCHRUNNER_SERVE_TOKEN")
+            typer.echo(f"X-Auth-Token: the value of {SERVE_TOKEN_ENV}")
+        if account is not None:
+            typer.echo(
+                f"IAM: POST {service.iam_url} logs in user {account.user!r} "
+                f"(domain {account.domain!r}, project {account.project!r}) with the password "
+                f"in {SERVE_IAM_PASSWORD_ENV}; tokens live {token_ttl:g} s"
+            )
         if faults.any:
             typer.echo(f"injecting faults: {faults}")
         typer.echo("press Ctrl-C to stop", nl=True)
@@ -321,7 +365,7 @@ def serve(
 
     middlewares = [fault_middleware(faults)] if faults.any else []
     try:
-        serve_forever(model, host, port, token, on_ready=ready, extra_middlewares=middlewares)
+        serve_forever(options, host, port, on_ready=ready, extra_middlewares=middlewares)
     except ValueError as error:
         _fail(SettingError(f"--model: {error}"))
     except OSError as error:
@@ -426,17 +470,16 @@ def _cron_line(
     from batchrunner.crontab import check_env_file, locate_executable, make_log_folder
     from batchrunner.schedule import CronJob, cron_line
 
-    token_env = _token_env(job)
+    secret_envs = _secret_envs(job)
     env_path = None if env_file is None else env_file.resolve()
     if env_path is not None:
-        warnings = check_env_file(env_path, token_env)
-    elif token_env is not None:
-        warnings = [
-            f"the job reads its token from ${token_env}, which cron does not set: put "
-            f"{token_env}=... in a file only you can read, and give it with --env-file"
-        ]
+        warnings = check_env_file(env_path, secret_envs)
     else:
-        warnings = []
+        warnings = [
+            f"the job reads {what} from ${name}, which cron does not set: put "
+            f"{name}=... in a file only you can read, and give it with --env-file"
+            for name, what in secret_envs.items()
+        ]
     log_path = (log_file or Path("logs") / f"{job.name}.log").resolve()
     cron_job = CronJob(
         name=job.name,
@@ -453,12 +496,19 @@ def _cron_line(
     return line, log_path
 
 
-def _token_env(job: Job) -> str | None:
-    """The environment variable the job's token comes from, if it comes from one."""
+def _secret_envs(job: Job) -> dict[str, str]:
+    """The environment variables the job reads secrets from, each with what it holds."""
     service = job.service
-    if service.embedded_model is not None or service.token_file is not None:
-        return None
-    return service.token_env or DEFAULT_TOKEN_ENV
+    if service.embedded_model is not None:
+        return {}
+    envs = {}
+    if service.token_source == "token_env":
+        envs[service.token_env or DEFAULT_TOKEN_ENV] = "its token"
+    if service.iam is not None and service.iam.password_env is not None:
+        envs[service.iam.password_env] = "its IAM password"
+    if service.app is not None and service.app.appcode_env is not None:
+        envs[service.app.appcode_env] = "its AppCode"
+    return envs
 
 
 @app.command()
@@ -502,6 +552,7 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"rows:         {rows} in {batches} requests of up to {plan.batch_size}",
         f"service:      {plan.url} ({job.service.protocol}), "
         f"{_describe_concurrency(job)} in flight",
+        f"auth:         {plan.auth}",
         f"output:       {plan.output}",
     ]
     if job.input.incremental:

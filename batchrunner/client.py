@@ -1,9 +1,12 @@
 """The HTTP client: the only module that imports the aiohttp client.
 
 One ``aiohttp.ClientSession`` per run, TLS verified by default, the token sent in the
-``X-Auth-Token`` header and nowhere else. Network failures come out as ``RequestError``
-(``timeout``, ``connection``, ``tls``); HTTP answers of any status come back as
-``Response`` for the protocol codec to judge.
+``X-Auth-Token`` header (and an AppCode in ``X-Apig-AppCode``) and nowhere else. Network
+failures come out as ``RequestError`` (``timeout``, ``connection``, ``tls``); HTTP answers
+of any status come back as ``Response`` for the protocol codec to judge.
+
+``login`` posts an IAM login (built and judged by ``iam``) and hands back the answer, the
+token already wrapped in a ``Secret``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from batchrunner.errors import RequestError, SettingError
 from batchrunner.retry import parse_retry_after
 
 USER_AGENT = f"batchrunner/{__version__}"
+TOKEN_HEADER = "X-Auth-Token"
+APP_CODE_HEADER = "X-Apig-AppCode"
+SUBJECT_TOKEN_HEADER = "X-Subject-Token"
+IAM_CONTENT_TYPE = "application/json;charset=utf8"  # as IAM documents it
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,7 @@ class ServiceClient:
         url: str,
         token: Secret | None,
         *,
+        app_code: Secret | None = None,
         timeout: float = 40.0,
         connect_timeout: float = 10.0,
         verify_tls: bool = True,
@@ -57,6 +65,7 @@ class ServiceClient:
     ) -> None:
         self.url = url
         self._token = token
+        self._app_code = app_code
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._ssl = _ssl_setting(verify_tls, ca_bundle)
         self._max_connections = max_connections
@@ -67,7 +76,9 @@ class ServiceClient:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
         headers = {"User-Agent": USER_AGENT}
         if self._token is not None:
-            headers["X-Auth-Token"] = self._token.reveal()
+            headers[TOKEN_HEADER] = self._token.reveal()
+        if self._app_code is not None:
+            headers[APP_CODE_HEADER] = self._app_code.reveal()
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, timeout=self._timeout
         )
@@ -83,20 +94,28 @@ class ServiceClient:
             await self._session.close()
             self._session = None
 
-    def set_token(self, token: Secret) -> None:
-        """Send ``token`` from now on (a refreshed token after a 401)."""
-        self._token = token
-        if self._session is not None:
-            self._session.headers["X-Auth-Token"] = token.reveal()
+    async def post(
+        self,
+        body: bytes | aiohttp.FormData,
+        content_type: str | None,
+        *,
+        token: Secret | None = None,
+    ) -> Response:
+        """POST ``body`` to the service and read the whole answer.
 
-    async def post(self, body: bytes | aiohttp.FormData, content_type: str | None) -> Response:
-        """POST ``body`` to the service and read the whole answer."""
+        ``token`` is sent instead of the client's own: the caller renews tokens and must
+        know which one each request carried, to say which one the service refused.
+        """
         if self._session is None:
             raise RuntimeError("ServiceClient used outside 'async with'")
-        headers = {"Content-Type": content_type} if content_type else None
+        headers: dict[str, str] = {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if token is not None:
+            headers[TOKEN_HEADER] = token.reveal()
         started = self._clock()
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as answer:
+            async with self._session.post(self.url, data=body, headers=headers or None) as answer:
                 payload = await answer.read()
                 return Response(
                     status=answer.status,
@@ -129,6 +148,65 @@ class ServiceClient:
                 kind="connection",
                 retryable=True,
             ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginAnswer:
+    """IAM's answer to a login: its status, the ``X-Subject-Token`` (if any) and the body."""
+
+    status: int
+    subject_token: Secret | None
+    body: bytes
+
+
+async def login(
+    url: str,
+    body: Secret,
+    *,
+    timeout: float = 40.0,
+    connect_timeout: float = 10.0,
+    verify_tls: bool = True,
+    ca_bundle: str | None = None,
+) -> LoginAnswer:
+    """POST an IAM login ``body`` (it holds the password: a ``Secret``) to ``url``.
+
+    A session of its own: logins are rare (once a day, or once per expiry), and IAM is
+    another host than the service. Network failures are retryable ``RequestError`` of kind
+    ``iam_login``; a TLS failure is fatal.
+    """
+    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+    connector = aiohttp.TCPConnector(ssl=_ssl_setting(verify_tls, ca_bundle))
+    headers = {"User-Agent": USER_AGENT, "Content-Type": IAM_CONTENT_TYPE}
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, headers=headers, timeout=client_timeout
+            ) as session,
+            session.post(url, data=body.reveal().encode("utf-8")) as answer,
+        ):
+            payload = await answer.read()
+            token = answer.headers.get(SUBJECT_TOKEN_HEADER)
+            return LoginAnswer(answer.status, Secret(token) if token else None, payload)
+    except TimeoutError:
+        raise RequestError(
+            f"IAM at {url} did not answer within {timeout:.0f} s",
+            kind="iam_login",
+            retryable=True,
+        ) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise RequestError(
+            f"TLS certificate of IAM at {exc.host} not trusted: {exc.certificate_error}; "
+            "set service.ca_bundle to your CA file (or service.verify_tls = false)",
+            kind="tls",
+            retryable=False,
+            fatal=True,
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise RequestError(
+            f"cannot reach IAM at {url}: {exc.__class__.__name__}: {exc}",
+            kind="iam_login",
+            retryable=True,
+        ) from None
 
 
 def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:

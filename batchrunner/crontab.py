@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from batchrunner.errors import CrontabError, ScheduleError
@@ -121,14 +121,20 @@ def _is_executable_file(path: Path) -> bool:
     return stat.S_ISREG(mode) and bool(mode & 0o111)
 
 
-def check_env_file(path: Path, token_env: str | None) -> list[str]:
+def check_env_file(path: Path, secret_envs: Mapping[str, str] | str | None) -> list[str]:
     """Check the file a cron line sources its secrets from; return warnings for people.
 
-    Raises ``ScheduleError`` when it is missing or unreadable (the nightly run would fail).
-    Warns when other users can read it (it holds secrets) or change it (the line runs it as
-    a shell script), and when it does not set ``token_env``, the job's token variable.
+    ``secret_envs`` maps each environment variable the job reads a secret from to what it
+    holds ("its token", "its IAM password", ...); a plain name is the token's variable.
+    Raises ``ScheduleError`` when the file is missing or unreadable (the nightly run would
+    fail). Warns when other users can read it (it holds secrets) or change it (the line runs
+    it as a shell script), and when it does not set one of ``secret_envs``.
     """
-    lines = f"one NAME=value a line, e.g. {token_env or 'MODELARTS_TOKEN'}=..."
+    if isinstance(secret_envs, str):
+        secret_envs = {secret_envs: "its token"}
+    secret_envs = secret_envs or {}
+    example = next(iter(secret_envs), "MODELARTS_TOKEN")
+    lines = f"one NAME=value a line, e.g. {example}=..."
     try:
         status = path.stat()
         text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
@@ -147,13 +153,12 @@ def check_env_file(path: Path, token_env: str | None) -> list[str]:
             f"{path} can be read or changed by other users (mode "
             f"{stat.S_IMODE(status.st_mode):04o}), and it holds secrets: chmod 600 {path}"
         )
-    if token_env is not None and not re.search(
-        rf"^\s*(export\s+)?{re.escape(token_env)}=", text, flags=re.MULTILINE
-    ):
-        warnings.append(
-            f"{path} does not set {token_env}, which the job reads its token from: "
-            f"add a line {token_env}=..."
-        )
+    for name, what in secret_envs.items():
+        if not re.search(rf"^\s*(export\s+)?{re.escape(name)}=", text, flags=re.MULTILINE):
+            warnings.append(
+                f"{path} does not set {name}, which the job reads {what} from: "
+                f"add a line {name}=..."
+            )
     return warnings
 
 

@@ -1,4 +1,5 @@
-"""Sending one batch until it has an outcome: limiter, codec, client, retries, splitting.
+"""Sending one batch until it has an outcome: limiter, codec, client, retries, splitting,
+token renewal.
 
 ``Dispatcher.send`` is the whole life of a batch on the wire: wait for a slot in the
 limiter, encode (a fresh ``meta.uuid`` per attempt), post, judge the answer, and either
@@ -6,8 +7,14 @@ return the rows' results, retry after the policy's delay, or give up with error 
 request is refused for a reason one row may cause (a model error, a 400 or 413, a
 ``resp_data`` of the wrong length, a body over ``batch.max_request_bytes``), the batch is
 split in halves, and halves of halves, so that good rows still get results and only the bad
-row becomes an error row. A fatal answer (the token refused, TLS broken) raises, and no
-request starts after it.
+row becomes an error row.
+
+Each request takes its token from the token source and carries it. A 401 asks the source for
+a better token. Requests refused in the same wave share one renewal (the source is
+single-flight), and each is sent again at once with the new token: a renewal costs no backoff
+and no attempt of the retry budget. While a renewal is under way no new request starts; if it
+finds no better token (or IAM refuses the login), the 401 is fatal. A fatal answer (the token
+refused for good, TLS broken) raises, and no request starts after it.
 
 Encoding happens once a slot is held, so at most ``concurrency`` request bodies (files of up
 to ``batch.max_request_bytes``) are in memory at once; a batch that carries a file is
@@ -25,6 +32,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable
 
+from batchrunner.auth import Secret, TokenProvider
 from batchrunner.client import ServiceClient
 from batchrunner.errors import AuthError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
@@ -41,13 +49,23 @@ Sleep = Callable[[float], Awaitable[None]]
 # Answers that say "too many at once": the adaptive limiter backs off on them.
 PUSH_BACK_STATUSES = frozenset({429, 503})
 
+# When this many renewed tokens in a row are refused before the service accepts any
+# request, the run stops: new tokens are refused too (e.g. IAM scopes them to another
+# project), and renewing again would only log in forever.
+MAX_RENEWALS_IN_A_ROW = 3
+UNAUTHORIZED = 401
+
 
 class _Dropped(Exception):
     """The run is stopping: this batch is left for the next run."""
 
 
 class Dispatcher:
-    """Sends batches through one client, within one limiter, under one retry policy."""
+    """Sends batches through one client, within one limiter, under one retry policy.
+
+    ``tokens`` gives each request its token and renews a refused one; None sends none
+    (an AppCode alone, or the client's own token).
+    """
 
     def __init__(
         self,
@@ -57,6 +75,7 @@ class Dispatcher:
         policy: RetryPolicy,
         stats: RunStats,
         *,
+        tokens: TokenProvider | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         rate: RateLimiter | None = None,
         stopping: asyncio.Event | None = None,
@@ -68,16 +87,24 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._stats = stats
+        self._tokens = tokens
         self._max_request_bytes = max_request_bytes
         self._rate = rate
         self._stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._fatal: RequestError | None = None  # a fatal answer: no request may follow it
+        self._fatal: ServiceError | None = None  # set once: no request may start after it
+        self._renewing = 0  # renewals under way; no request starts until they are done
+        self._renewed = asyncio.Event()
+        self._renewed.set()
+        self._latest: Secret | None = None  # the latest token a renewal gave
+        self._renewals_in_a_row = 0  # new tokens since the service last accepted one
+        self.renewals = 0  # 401s answered by a renewed token (each request of a wave counts)
 
     async def send(self, batch: Batch) -> list[Outcome]:
         """Outcomes covering all of ``batch``'s rows in row order, or [] if the run is
-        stopping and the batch was given up (it is sent again by the next run)."""
+        stopping and the batch was given up (it is sent again by the next run); fatal
+        answers raise."""
         try:
             return await self._send_splitting(batch)
         except _Dropped:
@@ -98,13 +125,15 @@ class Dispatcher:
     async def _send_whole(self, batch: Batch) -> tuple[Outcome, RequestError | None]:
         latencies: list[float] = []
         attempt = 0  # requests sent so far
+        tries = 0  # attempts of the retry budget (a token IAM could not give is one)
+        renewals = 0  # sends answered by a renewed token: they do not count as retries
         while True:
             # What the row reports is this attempt's: its answer's status, its request's id.
             http_status: int | None = None
             sent_uuid: str | None = None
+            renewed = False
             async with self._limiter:
-                if self._fatal is not None:
-                    raise _fatal_error(self._fatal)
+                await self._check_open()
                 try:
                     request = await self._encode(batch)
                 except RequestError as unfit:
@@ -119,13 +148,22 @@ class Dispatcher:
                         row_specific=True,
                     )
                     return self._failed(batch, too_big, attempt, latencies, None, None), too_big
-                attempt += 1
-                sent_uuid = request.request_uuid
                 if self._rate is not None:
                     await self._rate.acquire()
+                # Encoding and the rate limit may have waited: a renewal or a fatal answer
+                # may have come meanwhile. Only the token source is awaited between this
+                # check and the post.
+                await self._check_open()
+                token: Secret | None = None
+                tries += 1
                 try:
+                    token = await self._current_token()
+                    attempt += 1
+                    sent_uuid = request.request_uuid
                     self._stats.requests += 1
-                    response = await self._client.post(request.body, request.content_type)
+                    response = await self._client.post(
+                        request.body, request.content_type, token=token
+                    )
                     http_status = response.status
                     latencies.append(response.latency_ms)
                     self._stats.latency.add(response.latency_ms)
@@ -134,7 +172,9 @@ class Dispatcher:
                     )
                     if response.status == 429:
                         self._stats.throttled += 1
-                    if not response.ok:
+                    if response.ok:
+                        self._renewals_in_a_row = 0  # the token was accepted
+                    else:
                         raise classify_failure(response.status, response.body, response.retry_after)
                     results = self._codec.decode(response.body, batch, sent_uuid or "")
                     outcome = Outcome(
@@ -151,12 +191,23 @@ class Dispatcher:
                     error = failure
                     if error.kind == "timeout":
                         self._limiter.feedback(None, pushed_back=True)
-                    if error.fatal:
-                        # Set before the limiter lets the next request go: none follows.
-                        self._fatal = error
-            if error.fatal:
-                raise _fatal_error(error)
-            delay = self._policy.delay(attempt, error, self._rng)
+                if error.http_status == UNAUTHORIZED and token is not None:
+                    try:
+                        await self._renew(token, error)
+                        renewed = True
+                    except RequestError as failure:  # IAM unreachable: an ordinary failure
+                        error = failure
+                if not renewed and error.fatal:
+                    # Set before the limiter lets the next request go: none follows.
+                    raise self._bar(_fatal_error(error))
+            if renewed:
+                # Sent again at once with the new token: no backoff, no attempt used up.
+                if self._stopping.is_set():
+                    raise _Dropped
+                renewals += 1
+                self._stats.retries += 1
+                continue
+            delay = self._policy.delay(tries - renewals, error, self._rng)
             if delay is None:
                 outcome = self._failed(batch, error, attempt, latencies, http_status, sent_uuid)
                 return outcome, error
@@ -166,11 +217,64 @@ class Dispatcher:
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._sleep(delay)
 
+    async def _check_open(self) -> None:
+        """Wait out a renewal under way; raise if a fatal answer bars every request."""
+        while not self._renewed.is_set():
+            await self._renewed.wait()
+        if self._fatal is not None:
+            raise self._barred()
+
     async def _encode(self, batch: Batch) -> EncodedRequest:
         request_uuid = str(uuid.uuid4())
         if batch.path is not None:  # reading a file may block: off the event loop
             return await asyncio.to_thread(self._codec.encode, batch, request_uuid)
         return self._codec.encode(batch, request_uuid)
+
+    async def _current_token(self) -> Secret | None:
+        if self._tokens is None:
+            return None
+        try:
+            return await self._tokens.current()
+        except ServiceError as exc:  # IAM refused the login that renews an expiring token
+            raise self._bar(exc) from None
+
+    async def _renew(self, refused: Secret, failure: RequestError) -> None:
+        """Have the token source replace ``refused``; raises ``ServiceError`` (and bars
+        every later request) when it cannot, ``RequestError`` when IAM cannot be reached."""
+        assert self._tokens is not None
+        self._renewing += 1
+        self._renewed.clear()
+        try:
+            if self._renewals_in_a_row >= MAX_RENEWALS_IN_A_ROW:
+                raise self._bar(_fatal_error(failure, self._renewals_in_a_row))
+            try:
+                renewed = await self._tokens.refresh(refused)
+            except ServiceError as exc:
+                raise self._bar(exc) from None
+            if renewed is None:
+                raise self._bar(_fatal_error(failure))
+            if renewed != self._latest:  # a new token, not the one this wave already got
+                self._latest = renewed
+                self._renewals_in_a_row += 1
+            self.renewals += 1
+            log.debug("the service refused a token; sending again with a renewed one")
+        finally:
+            # The fatal flag, if any, is set before the waiting requests are let go.
+            self._renewing -= 1
+            if self._renewing == 0:
+                self._renewed.set()
+
+    def _bar(self, error: ServiceError) -> ServiceError:
+        """Stop every later request because of ``error`` (the first such error wins)."""
+        if self._fatal is None:
+            self._fatal = error
+        return self._barred()
+
+    def _barred(self) -> ServiceError:
+        # A fresh exception per task: one instance raised in many tasks would pile up
+        # their tracebacks.
+        assert self._fatal is not None
+        return type(self._fatal)(str(self._fatal))
 
     @staticmethod
     def _failed(
@@ -194,5 +298,13 @@ class Dispatcher:
         )
 
 
-def _fatal_error(error: RequestError) -> ServiceError:
-    return AuthError(error.message) if error.kind == "auth" else ServiceError(error.message)
+def _fatal_error(error: RequestError, renewals_in_a_row: int = 0) -> ServiceError:
+    if error.kind != "auth":
+        return ServiceError(error.message)
+    if renewals_in_a_row:
+        return AuthError(
+            f"{error.message}; renewed tokens were refused as well ({renewals_in_a_row} in a "
+            "row): check that the token source is for this service (for IAM: "
+            "service.iam.project is the service's project)"
+        )
+    return AuthError(error.message)

@@ -10,7 +10,8 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     │   └── StateError                the items earlier runs finished cannot be read back
     ├── RequestError                  one request failed; its rows become error rows
     ├── ServiceError                  the service answered in a way that stops the whole run
-    │   └── AuthError                 the token was refused (401/403): exit 3
+    │   └── AuthError                 no token the service accepts (401/403), or IAM refused
+    │                                 the login: exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
     ├── LockedError                   another run of this job holds its lock: exit 75
     ├── RunInterrupted                stopped by a signal; the state is kept: exit 130
@@ -97,7 +98,8 @@ class ServiceError(BatchRunnerError):
 
 
 class AuthError(ServiceError):
-    """The service refused the token (HTTP 401 or 403)."""
+    """The service refused the token (HTTP 401 or 403) and no better one could be had, or
+    IAM refused the login that would give one."""
 
 
 class CoverageError(BatchRunnerError):

@@ -31,6 +31,16 @@ from batchrunner.errors import SettingError, did_you_mean
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
+# A real IAM token lives 24 h; it is renewed this long before it ends (at the latest).
+DEFAULT_RENEW_BEFORE_S = 300.0
+
+# Settings that name where a secret is (a variable, a file), never the secret itself. Their
+# values are not echoed in error messages: a user may have pasted the secret there by mistake.
+SECRET_POINTERS = frozenset(
+    {"token_env", "token_file", "password_env", "password_file", "appcode_env", "appcode_file"}
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
 DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
 
 #: The two kinds of input, and the protocol input each is sent as.
@@ -94,12 +104,95 @@ class EmbeddedSettings(_Settings):
     seed: int = 0
 
 
+def _check_env_name(name: str | None) -> str | None:
+    if name is not None and not _ENV_NAME.fullmatch(name):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits, '_'), "
+            "not the secret itself: secrets never go into the job file"
+        )
+    return name
+
+
+def _check_http_url(url: str, example: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"must be an http(s) URL such as {example}")
+    return url
+
+
+def _one_of(settings: BaseModel, names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if getattr(settings, name) is not None]
+
+
+class IamSettings(_Settings):
+    """``[service.iam]``: log in to IAM with a user's password and use the token it gives.
+
+    The password comes from ``password_env`` or ``password_file``, never from the job file.
+    """
+
+    url: str
+    user: str = Field(min_length=1)
+    domain: str = Field(min_length=1)
+    project: str = Field(min_length=1)
+    password_env: str | None = None
+    password_file: str | None = None
+    # Renew the token this many seconds before it expires (at the latest at half its life).
+    renew_before: float = Field(default=DEFAULT_RENEW_BEFORE_S, ge=0)
+
+    _check_password_env = field_validator("password_env")(_check_env_name)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        return _check_http_url(url, "https://iam.<region>.<cloud-domain>/v3/auth/tokens")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> IamSettings:
+        given = _one_of(self, ("password_env", "password_file"))
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of password_env (an environment variable holding the IAM "
+                "password) or password_file (a file holding it)"
+                + (f"; both are set: {', '.join(given)}" if given else "")
+            )
+        return self
+
+
+class AppSettings(_Settings):
+    """``[service.app]``: App authentication, an AppCode sent in ``X-Apig-AppCode``."""
+
+    appcode_env: str | None = None
+    appcode_file: str | None = None
+
+    _check_appcode_env = field_validator("appcode_env")(_check_env_name)
+
+    @model_validator(mode="after")
+    def _one_appcode_source(self) -> AppSettings:
+        given = _one_of(self, ("appcode_env", "appcode_file"))
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of appcode_env (an environment variable holding the AppCode) "
+                "or appcode_file (a file holding it)"
+                + (f"; both are set: {', '.join(given)}" if given else "")
+            )
+        return self
+
+
+TOKEN_SOURCES = ("token_env", "token_file", "iam")
+
+
 class ServiceSettings(_Settings):
-    """``[service]``: where requests go and how they authenticate."""
+    """``[service]``: where requests go and how they authenticate.
+
+    The token comes from one source: ``token_env``, ``token_file`` or ``[service.iam]``;
+    with none of them, from ``$MODELARTS_TOKEN``, unless ``[service.app]`` alone
+    authenticates the requests (its AppCode is sent besides a token when both are set).
+    """
 
     url: str
     token_env: str | None = None
     token_file: str | None = None
+    iam: IamSettings | None = None
+    app: AppSettings | None = None
     protocol: Literal["modelarts"] = "modelarts"
     timeout: float = Field(default=40.0, gt=0)  # the gateway cuts requests at 40 s
     connect_timeout: float = Field(default=10.0, gt=0)
@@ -126,6 +219,8 @@ class ServiceSettings(_Settings):
             )
         return self
 
+    _check_token_env = field_validator("token_env")(_check_env_name)
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
@@ -133,12 +228,29 @@ class ServiceSettings(_Settings):
             if not url[len(EMBEDDED_PREFIX) :]:
                 raise ValueError("name the embedded model, e.g. 'embedded:iris'")
             return url
-        if not re.match(r"^https?://[^/\s]+", url):
+        return _check_http_url(
+            url,
+            "https://<gateway>/v1/infers/<service-id>, "
+            "or 'embedded:<model>' for the built-in reference service",
+        )
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServiceSettings:
+        given = _one_of(self, TOKEN_SOURCES)
+        if len(given) > 1:
             raise ValueError(
-                "must be an http(s) URL such as https://<gateway>/v1/infers/<service-id>, "
-                "or 'embedded:<model>' for the built-in reference service"
+                f"choose one token source: token_env, token_file or [service.iam]; "
+                f"set here: {', '.join(given)}"
             )
-        return url
+        return self
+
+    @property
+    def token_source(self) -> str | None:
+        """``token_env``, ``token_file``, ``iam``, or None when only an AppCode is sent."""
+        given = _one_of(self, TOKEN_SOURCES)
+        if given:
+            return given[0]
+        return None if self.app is not None else "token_env"
 
     @property
     def embedded_model(self) -> str | None:
@@ -346,8 +458,16 @@ def _describe(exc: ValidationError, source: str) -> str:
             message = error["msg"]
             message = message[0].lower() + message[1:] if message else message
             message = message.removeprefix("value error, ")
-            lines.append(f"  {location}: {message}, got {error['input']!r}")
+            if _shows_input(error["loc"], error["input"]):
+                message += f", got {error['input']!r}"
+            lines.append(f"  {location}: {message}")
     return "\n".join(lines)
+
+
+def _shows_input(location: tuple[int | str, ...], value: Any) -> bool:
+    # A whole section (a rule across its settings) is not worth echoing; a secret pointer
+    # may hold a pasted secret, so it is never echoed.
+    return not isinstance(value, dict) and not (location and location[-1] in SECRET_POINTERS)
 
 
 def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:

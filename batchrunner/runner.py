@@ -31,9 +31,10 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.auth import Secret, mask_headers, resolve_token
+from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
 from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
-from batchrunner.client import ServiceClient
+from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
+from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
 from batchrunner.incremental import SeenItems, open_seen
@@ -94,6 +95,7 @@ class Plan:
     batches: int | None
     output: Path
     url: str
+    auth: str
     headers: dict[str, str]
     first_request: bytes | None
     first_request_preview: str | None = None  # a body that is not text, as shown to people
@@ -141,8 +143,13 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     source = open_source(job)
     kind = kind_of(source)
     size = batch_size_for(job, kind)
+    sends_token, sends_app_code = True, False  # the embedded service: its own token
     if job.service.embedded_model is None:
-        resolve_token(job.service)  # a missing token is an error now, not at the first request
+        # A missing secret is an error now, not at the first request. No IAM login: a plan
+        # sends nothing, to IAM neither.
+        credentials = read_credentials(job.service)
+        sends_token = credentials.tokens is not None
+        sends_app_code = credentials.app_code is not None
     rows = source.count_rows()
     if rows is None and count:
         rows = source.scan_count()
@@ -151,7 +158,11 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
     batches = None if rows is None else -(-rows // size)
     first = next(source.iter_batches(size, limit=limit), None)
     body = preview = refused = None
-    headers = {"X-Auth-Token": "<token>"}
+    headers = {}
+    if sends_token:
+        headers[TOKEN_HEADER] = "<token>"
+    if sends_app_code:
+        headers[APP_CODE_HEADER] = "<AppCode>"
     if first is not None:
         try:
             request = codec_for(job, kind).encode(first, str(uuid.uuid4()))
@@ -179,6 +190,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         batches=batches,
         output=resolve_output_path(job, now, new_run_id(now)),
         url=job.service.url,
+        auth=describe_auth(job.service),
         headers=mask_headers(headers),
         first_request=body,
         first_request_preview=preview,
@@ -261,7 +273,7 @@ class Runner:
         source = open_source(job)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
-        token = None if job.service.embedded_model else resolve_token(job.service)
+        credentials = None if job.service.embedded_model else read_credentials(job.service)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
@@ -269,6 +281,11 @@ class Runner:
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
+            if credentials is not None and credentials.tokens is not None:
+                # The first token (an IAM login, if the cache has none) before the run's
+                # state is opened or anything is written: a refused login stops the run
+                # here, with exit 3 and no output.
+                await self._first_token(credentials.tokens)
             if job.input.incremental:
                 self._seen = open_seen(paths.seen, url=job.service.url)
             seen = self._seen
@@ -289,7 +306,7 @@ class Runner:
                 run_id, job.input.path, output, job.service.url,
                 self._batch_size, job.batch.concurrency,
             )  # fmt: skip
-            abort_reason = await self._run_pipeline(source, token, checkpoint.journal, paths)
+            abort_reason = await self._run_pipeline(source, credentials, checkpoint.journal, paths)
             final = self.snapshot()
             if seen is not None and not final.rows_done and final.rows_skipped:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
@@ -327,7 +344,11 @@ class Runner:
         return RunResult(outcome, output, summary_path, summary, final, abort_reason)
 
     async def _run_pipeline(
-        self, source: Source, token: Secret | None, journal: Journal, paths: StatePaths
+        self,
+        source: Source,
+        credentials: Credentials | None,
+        journal: Journal,
+        paths: StatePaths,
     ) -> str | None:
         """Run the pipeline to its end; the reason if a fatal answer aborted it."""
         abort_reason: str | None = None
@@ -335,9 +356,9 @@ class Runner:
         self._install_signal_handlers()
         try:
             async with AsyncExitStack() as stack:
-                client = await self._open_client(stack, token)
+                client, tokens = await self._open_client(stack, credentials)
                 try:
-                    await self._pipeline(source, client, journal)
+                    await self._pipeline(source, client, tokens, journal)
                 except ServiceError as exc:
                     abort_reason = str(exc)
                     log.error("run aborted: %s", abort_reason)
@@ -414,23 +435,47 @@ class Runner:
             return OUTCOME_TOO_MANY_ERRORS
         return OUTCOME_DONE
 
-    async def _open_client(self, stack: AsyncExitStack, token: Secret | None) -> ServiceClient:
+    async def _first_token(self, tokens: TokenProvider) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await tokens.current()
+                return
+            except RequestError as error:  # IAM unreachable or busy: try again, patiently
+                delay = self._policy.delay(attempt, error, self._rng)
+                if delay is None:
+                    raise ServiceError(f"no token to send: {error.message}") from None
+                log.warning("%s; trying again in %.1f s", error.message, delay)
+                await self._sleep(delay)
+
+    async def _open_client(
+        self, stack: AsyncExitStack, credentials: Credentials | None
+    ) -> tuple[ServiceClient, TokenProvider | None]:
         service = self.job.service
         url = service.url
+        tokens = credentials.tokens if credentials is not None else None
+        app_code = credentials.app_code if credentials is not None else None
         model = service.embedded_model
         if model is not None:
-            from batchrunner.service import FaultSettings, fault_middleware, start_service
+            from batchrunner.service import (
+                FaultSettings,
+                ServiceOptions,
+                fault_middleware,
+                start_service,
+            )
 
             faults = []
             if service.embedded is not None:
                 settings = FaultSettings(**service.embedded.model_dump())
                 faults.append(fault_middleware(settings))
-            running = await start_service(model, extra_middlewares=faults)
+            running = await start_service(ServiceOptions(model=model), extra_middlewares=faults)
             stack.push_async_callback(running.close)
-            url, token = running.url, Secret(running.token)
+            url, tokens = running.url, FixedToken(Secret(running.token))
         client = ServiceClient(
             url,
-            token,
+            None,  # each request carries the token ``tokens`` gives it
+            app_code=app_code,
             timeout=service.timeout,
             connect_timeout=service.connect_timeout,
             verify_tls=service.verify_tls,
@@ -438,9 +483,15 @@ class Runner:
             max_connections=self.job.batch.max_in_flight,
         )
         await stack.enter_async_context(client)
-        return client
+        return client, tokens
 
-    async def _pipeline(self, source: Source, client: ServiceClient, journal: Journal) -> None:
+    async def _pipeline(
+        self,
+        source: Source,
+        client: ServiceClient,
+        tokens: TokenProvider | None,
+        journal: Journal,
+    ) -> None:
         concurrency = self.job.batch.max_in_flight
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -450,6 +501,7 @@ class Runner:
             self._limiter,
             self._policy,
             self.stats,
+            tokens=tokens,
             max_request_bytes=self.job.batch.max_request_bytes,
             rate=RateLimiter(self.job.batch.rate_limit) if self.job.batch.rate_limit else None,
             stopping=self._stopping,

@@ -14,15 +14,28 @@ from typer.testing import CliRunner
 from batchrunner.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "test-token-5f1b0c7e9a2d4e68b3c1"  # a known token: tests check that it never leaks
+# Known secrets: tests check that they never leak.
+TOKEN = "test-token-5f1b0c7e9a2d4e68b3c1"
+PASSWORD = "pass-word-9c2e4a71b80d3f56"
+APPCODE = "app-code-3d7f0b5c1e9a2864"
 
 
 @pytest.fixture(autouse=True)
-def _in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _in_tmp_cwd(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     # Relative paths in jobs resolve against the working folder: give each test its own.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MODELARTS_TOKEN", TOKEN)
+    # The IAM token cache: never the user's own, and (as for real) not in the working folder.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     yield
+
+
+@pytest.fixture
+def cache_dir() -> Path:
+    """The folder where this test's runs cache IAM tokens."""
+    return Path(os.environ["XDG_CACHE_HOME"]) / "batchrunner"
 
 
 Invoke = Callable[..., Any]
@@ -55,6 +68,19 @@ def write_job(path: Path, text: str) -> Path:
 
 def read_output(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()  # type: ignore[no-any-return]
+
+
+def iris_csv(copies: int = 1) -> Path:
+    """The iris sample's id and features, ``copies`` times over with distinct ids."""
+    with (REPO / "samples" / "iris.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    features = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    table = [
+        (f"{copy}-{row['id']}", *(row[f] for f in features))
+        for copy in range(copies)
+        for row in rows
+    ]
+    return write_csv(Path("iris.csv"), ["id", *features], table)
 
 
 @pytest.fixture

@@ -1,16 +1,20 @@
-"""Small purpose-built HTTP servers for tests: real aiohttp servers on loopback, each in a
-thread of its own (the command under test runs its own event loop in the main thread)."""
+"""Small purpose-built HTTP servers for tests, and the embedded service: real aiohttp servers
+on loopback, each in a thread of its own (the command under test runs its own event loop in
+the main thread)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from batchrunner.service import RunningService, ServiceOptions, ServiceStats, start_service
 
 Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
 
@@ -101,3 +105,68 @@ def answer(call: Call, **extra: Any) -> web.Response:
 def gateway_error(status: int, code: str, message: str, **headers: str) -> web.Response:
     body = {"error_code": code, "error_msg": message, "request_id": "0" * 32}
     return web.json_response(body, status=status, headers=headers)
+
+
+class ThreadedService:
+    """The embedded reference service (with its IAM endpoint, if the options have an
+    account) on loopback, in a thread of its own, for tests that run the real command."""
+
+    def __init__(
+        self, options: ServiceOptions, extra_middlewares: Sequence[Middleware] = ()
+    ) -> None:
+        self._options = options
+        self._middlewares = extra_middlewares
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._stop: asyncio.Event | None = None
+        self._service: RunningService | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def service(self) -> RunningService:
+        assert self._service is not None, "the service is not running"
+        return self._service
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def iam_url(self) -> str:
+        assert self.service.iam_url is not None, "the service has no IAM account"
+        return self.service.iam_url
+
+    @property
+    def stats(self) -> ServiceStats:
+        return self.service.stats
+
+    def __enter__(self) -> ThreadedService:
+        self._thread.start()
+        if not self._ready.wait(5):
+            raise RuntimeError("the embedded service did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            self._service = await start_service(self._options, extra_middlewares=self._middlewares)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        async with self._service:
+            self._ready.set()
+            await self._stop.wait()

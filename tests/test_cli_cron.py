@@ -181,6 +181,37 @@ def test_warns_about_a_token_cron_will_not_have(invoke, tmp_path: Path, fake_cro
     )
 
 
+def test_warns_about_the_iam_password_and_appcode_cron_will_not_have(
+    invoke, tmp_path: Path, fake_crontab
+) -> None:
+    job = write_job(
+        tmp_path / "iam.toml",
+        '[input]\npath = "in.csv"\n[service]\nurl = "https://gw.example.com/v1/infers/1"\n'
+        '[service.iam]\nurl = "https://iam.example.com/v3/auth/tokens"\nuser = "alice"\n'
+        'domain = "acme"\nproject = "eu"\npassword_env = "IAM_PASSWORD"\n'
+        '[service.app]\nappcode_env = "APP_CODE"\n',
+    )
+    result = invoke("cron", str(job), "--schedule", "@daily")
+    assert result.exit_code == 0
+    assert result.stderr.startswith(
+        "warning: the job reads its IAM password from $IAM_PASSWORD, which cron does not set: "
+        "put IAM_PASSWORD=... in a file only you can read, and give it with --env-file\n"
+        "warning: the job reads its AppCode from $APP_CODE, which cron does not set: "
+        "put APP_CODE=... in a file only you can read, and give it with --env-file\n"
+    )
+    assert "MODELARTS_TOKEN" not in result.stderr  # the token comes from IAM
+
+    env = tmp_path / "nightly.env"
+    env.write_text("IAM_PASSWORD=x\n")
+    env.chmod(0o600)
+    result = invoke("cron", str(job), "--schedule", "@daily", "--env-file", str(env))
+    assert result.exit_code == 0
+    assert result.stderr.startswith(
+        f"warning: {env} does not set APP_CODE, which the job reads its AppCode from: "
+        "add a line APP_CODE=...\n"
+    )
+
+
 def test_a_broken_crontab_command_exits_1(invoke, job: Path, fake_crontab: FakeCrontab) -> None:
     fake_crontab.break_it()
     result = invoke("cron", str(job), "--schedule", "@daily", "--install")

@@ -134,3 +134,13 @@ def test_validate_reports_the_same_errors(invoke, server, data) -> None:
     result = invoke("validate", "job.toml")
     assert result.exit_code == 2
     assert "input.columns" in result.stderr
+
+
+def test_serve_with_iam_needs_the_password_in_the_environment(invoke, monkeypatch) -> None:
+    monkeypatch.delenv("BATCHRUNNER_SERVE_IAM_PASSWORD", raising=False)
+    result = invoke("serve", "--port", "0", "--iam-user", "alice")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: --iam-user: set the user's password in the environment variable "
+        "BATCHRUNNER_SERVE_IAM_PASSWORD (a password never goes on the command line)\n"
+    )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from batchrunner.job import load_job
 from tests.conftest import REPO, FakeCrontab
 
 README = (REPO / "README.md").read_text()
@@ -46,6 +49,33 @@ def test_shipped_jobs_are_valid_and_run(invoke, job: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     result = invoke("run", str(job), "--limit", "20")
     assert result.exit_code == 0, result.stderr
+
+
+def test_every_toml_block_in_the_readme_is_a_valid_job(tmp_path: Path) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        document = tomllib.loads(block)
+        # A fragment (one section) is completed into a job with the least it needs.
+        document.setdefault("input", {"path": "data.csv"})
+        service = document.setdefault("service", {})
+        # [service.embedded] sets faults of the embedded service: it needs an embedded URL.
+        url = "embedded:iris" if "embedded" in service else "https://gw.example/v1/infers/x"
+        service.setdefault("url", url)
+        path = tmp_path / "job.toml"
+        path.write_text(tomli_w_dumps(document))
+        load_job(path)  # raises SettingError, naming the setting, if the README drifted
+
+
+def tomli_w_dumps(document: dict[str, object], prefix: str = "") -> str:
+    """Just enough TOML writing for the README's blocks: tables of scalars and lists."""
+    scalars = {k: v for k, v in document.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in document.items() if isinstance(v, dict)}
+    text = f"[{prefix}]\n" if prefix and scalars else ""
+    text += "".join(f"{key} = {json.dumps(value)}\n" for key, value in scalars.items())
+    for key, table in tables.items():
+        text += tomli_w_dumps(table, f"{prefix}.{key}" if prefix else key)
+    return text
 
 
 def readme_section(heading: str) -> str:

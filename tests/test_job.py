@@ -300,3 +300,80 @@ def test_incremental_is_not_part_of_the_job_fingerprint(tmp_path: Path) -> None:
     assert identity_changes(job_identity(job, [data]), after) == [
         "input.incremental, or the items it remembers, changed"
     ]
+
+
+IAM = """
+[service.iam]
+url = "https://iam.example/v3/auth/tokens"
+user = "alice"
+domain = "acme"
+project = "eu-west-0"
+"""
+
+
+def test_token_sources(tmp_path: Path) -> None:
+    def source(extra: str) -> str | None:
+        return load_job(job_file(tmp_path, MINIMAL + extra)).service.token_source
+
+    assert source("") == "token_env"  # $MODELARTS_TOKEN by default
+    assert source('token_file = "t"\n') == "token_file"
+    assert source(IAM + 'password_env = "PW"\n') == "iam"
+    assert source('[service.app]\nappcode_env = "AC"\n') is None  # the AppCode alone
+    assert source('token_env = "T"\n[service.app]\nappcode_file = "ac"\n') == "token_env"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            'token_env = "T"\ntoken_file = "t"\n',
+            "service: choose one token source: token_env, token_file or [service.iam]; "
+            "set here: token_env, token_file",
+        ),
+        (
+            'token_file = "t"\n' + IAM + 'password_env = "PW"\n',
+            "set here: token_file, iam",
+        ),
+        (
+            IAM,
+            "service.iam: set exactly one of password_env (an environment variable holding "
+            "the IAM password) or password_file (a file holding it)",
+        ),
+        (IAM + 'password_env = "P"\npassword_file = "p"\n', "both are set: password_env"),
+        (
+            IAM + 'password = "hunter2"\n',
+            "unknown setting service.iam.password (did you mean 'password_env'?)",
+        ),
+        (
+            IAM.replace("https://iam.example/v3/auth/tokens", "iam.example")
+            + 'password_env = "P"\n',
+            "service.iam.url: must be an http(s) URL such as "
+            "https://iam.<region>.<cloud-domain>/v3/auth/tokens, got 'iam.example'",
+        ),
+        (IAM.replace('user = "alice"\n', "") + 'password_env = "P"\n', "service.iam.user: "),
+        (
+            IAM + 'password_env = "P"\nrenew_before = -1\n',
+            "service.iam.renew_before: input should be greater than or equal to 0",
+        ),
+        ("[service.app]\n", "service.app: set exactly one of appcode_env"),
+    ],
+)
+def test_token_source_errors_name_the_setting(tmp_path: Path, extra: str, message: str) -> None:
+    assert message in error_of(tmp_path, MINIMAL + extra)
+
+
+@pytest.mark.parametrize("setting", ["token_env", "[service.iam] password_env", "appcode_env"])
+def test_a_secret_pasted_where_a_name_belongs_is_refused_and_not_shown(
+    tmp_path: Path, setting: str
+) -> None:
+    pasted = "MIIEhgYJKoZIhvcNAQcCoIIEdzCCBHMCAQExDTALBglghkgBZQMEAgEwggLUBgkq+="
+    if setting == "token_env":
+        extra = f'token_env = "{pasted}"\n'
+    elif setting == "appcode_env":
+        extra = f'[service.app]\nappcode_env = "{pasted}"\n'
+    else:
+        extra = IAM + f'password_env = "{pasted}"\n'
+    message = error_of(tmp_path, MINIMAL + extra)
+    assert "must be the name of an environment variable" in message
+    assert "secrets never go into the job file" in message
+    assert pasted not in message

@@ -1,14 +1,27 @@
-"""A known token must appear in no output, log, summary or file."""
+"""Known secrets (the token, the IAM password, the AppCode, every token IAM issues) appear in
+no output, log, error message, summary, state or output file."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import orjson
+import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from batchrunner.auth import Secret, mask_headers
-from tests.conftest import TOKEN, write_csv, write_job
-from tests.servers import Call, ThreadedServer, answer, gateway_error
+from batchrunner.service import GatewayError, IamAccount, ServiceOptions
+from tests.conftest import APPCODE, PASSWORD, REPO, TOKEN, iris_csv, write_csv, write_job
+from tests.servers import Call, ThreadedServer, ThreadedService, answer, gateway_error
 
 
 def test_secret_is_masked() -> None:
@@ -23,12 +36,56 @@ def test_secret_is_masked() -> None:
     }
 
 
-def test_token_appears_nowhere(invoke) -> None:
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def assert_nowhere(secrets: list[str], texts: list[str], files: list[Path]) -> None:
+    for secret in secrets:
+        assert secret, "an empty secret proves nothing"
+        for text in texts:
+            assert secret not in text
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def env_file_outside(folder: Path, secrets: dict[str, str]) -> Path:
+    """A cron env file holding ``secrets``, outside the working folder (it is their home)."""
+    path = folder / "nightly.env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in secrets.items()))
+    path.chmod(0o600)
+    return path
+
+
+def cron_and_inspect(invoke, job: Path, env_file: Path) -> list[str]:
+    """What ``cron`` (the line it prints) and ``inspect`` (of every output) show."""
+    shown = []
+    cron = invoke("cron", str(job), "--schedule", "0 2 * * *", "--env-file", str(env_file))
+    assert cron.exit_code == 0, cron.stderr
+    assert "warning" not in cron.stderr  # the env file sets every secret the job reads
+    assert f". {env_file} &&" in cron.stdout  # the line sources the file, never its values
+    shown += [cron.stdout, cron.stderr]
+    outputs = sorted(Path().rglob("*.parquet"))
+    assert outputs
+    for output in outputs:
+        for args in (("inspect", str(output)), ("inspect", str(output), "--errors")):
+            result = invoke(*args)
+            assert result.exit_code == 0, result.stderr
+            shown += [result.stdout, result.stderr]
+    return shown
+
+
+def state_files(files: list[Path]) -> list[Path]:
+    """The run state kept under ``.batchrunner/`` (the journal of an unfinished run)."""
+    return [p for p in files if ".batchrunner" in p.parts and p.suffix != ".lock"]
+
+
+def test_token_appears_nowhere(invoke, fake_crontab, tmp_path_factory) -> None:
     async def handle(call: Call) -> web.Response:
         assert call.headers["X-Auth-Token"] == TOKEN  # it is sent, and only here
         if call.number == 1:
             return gateway_error(503, "APIG.0203", "busy")
-        if call.number == 4:
+        if call.number in (4, 6):  # each run aborts: the second resumes the first
             return gateway_error(401, "APIG.0301", "token expires")
         return answer(call)
 
@@ -49,10 +106,131 @@ def test_token_appears_nowhere(invoke) -> None:
             result = invoke(*args)
             printed += [result.stdout, result.stderr]
     assert any("not sent" in text for text in printed)  # the 401 path ran
-    for text in printed:
-        assert TOKEN not in text
-    files = [p for p in Path().rglob("*") if p.is_file()]
+    env_file = env_file_outside(tmp_path_factory.mktemp("env"), {"MODELARTS_TOKEN": TOKEN})
+    printed += cron_and_inspect(invoke, job, env_file)
+    assert fake_crontab.calls == []  # printing the line touches no table
+    files = files_under(Path())
     assert any(p.suffix == ".parquet" for p in files)
     assert any(p.name.endswith(".summary.json") for p in files)
-    for path in files:
-        assert TOKEN.encode() not in path.read_bytes(), path
+    assert state_files(files)  # the aborted runs kept their state, to resume
+    assert_nowhere([TOKEN], printed, files)
+
+
+def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
+    invoke, monkeypatch, cache_dir: Path, fake_crontab, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    wrong = "wrong-password-61d0e7c3a5"
+    # Changed between runs: how slow the model is, how many more logins IAM accepts.
+    service_state: dict[str, float | None] = {"delay": 0.002, "logins_left": None}
+
+    @web.middleware
+    async def echoing_iam(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A careless IAM that echoes the password it was given: it must not reach the user.
+        if request.path == "/v3/auth/tokens":
+            body = orjson.loads(await request.read())
+            given = body["auth"]["identity"]["password"]["user"]["password"]
+            logins_left = service_state["logins_left"]
+            if given != PASSWORD or logins_left == 0:
+                raise GatewayError(401, "IAM.0002", f"password {given!r} is wrong")
+            if logins_left is not None:
+                service_state["logins_left"] = logins_left - 1
+        elif request.path.startswith("/v1/"):
+            assert request.headers["X-Apig-AppCode"] == APPCODE
+            # a run of 75 requests outlives many 50 ms tokens
+            await asyncio.sleep(service_state["delay"] or 0)
+        return await handler(request)
+
+    monkeypatch.setenv("APP_CODE", APPCODE)
+    monkeypatch.setenv("IAM_PASSWORD", PASSWORD)
+    data = iris_csv()
+    account = IamAccount("alice", PASSWORD, "acme", "eu-west-0")
+    # Tokens live 50 ms, renewed only when refused: the run goes through 401s and logins.
+    options = ServiceOptions(token=TOKEN, iam=account, token_ttl=0.05)
+    printed: list[str] = []
+    with ThreadedService(options, [echoing_iam]) as service:
+        job = write_job(
+            Path("job.toml"),
+            f'name = "secrets"\n[input]\npath = "{data}"\nid_column = "id"\n'
+            f'[service]\nurl = "{service.url}/x"\n'
+            f'[service.iam]\nurl = "{service.iam_url}"\nuser = "alice"\ndomain = "acme"\n'
+            'project = "eu-west-0"\npassword_env = "IAM_PASSWORD"\nrenew_before = 0\n'
+            '[service.app]\nappcode_env = "APP_CODE"\n'
+            "[batch]\nsize = 2\nconcurrency = 2\n[retry]\nbackoff_initial = 0.001\n",
+        )
+        for args in (
+            ("validate", str(job)),
+            ("run", str(job), "--dry-run"),
+            ("run", str(job), "--log-format", "json"),
+            ("run", str(job), "--log-format", "text", "--progress"),
+        ):
+            result = invoke(*args)
+            printed += [result.stdout, result.stderr]
+            assert result.exit_code == 0, result.stderr
+        # The cache holds the last token (that is its job), for its user only, outside
+        # the working folder, and no other secret.
+        (cache,) = cache_dir.iterdir()
+        assert cache.read_text().count(service.service.issued_tokens[-1]) == 1
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+        assert not cache.resolve().is_relative_to(Path.cwd().resolve())
+        assert_nowhere([PASSWORD, APPCODE, TOKEN], [], [cache])
+        # A run whose renewal IAM refuses mid-run (echoing the password): aborted, exit 3,
+        # its finished batches kept in its state under .batchrunner/, to resume.
+        service_state.update(delay=0.01, logins_left=1)
+        aborted = invoke("run", str(job), "--log-format", "json")
+        printed += [aborted.stdout, aborted.stderr]
+        assert aborted.exit_code == 3, aborted.stderr
+        assert "password '****' is wrong" in aborted.stderr
+        service_state.update(delay=0.002, logins_left=None)
+        assert state_files(files_under(Path()))
+        env_file = env_file_outside(
+            tmp_path_factory.mktemp("env"), {"IAM_PASSWORD": PASSWORD, "APP_CODE": APPCODE}
+        )
+        printed += cron_and_inspect(invoke, job, env_file)
+        cache.unlink()  # so that the next run logs in, with a wrong password
+        monkeypatch.setenv("IAM_PASSWORD", wrong)
+        refused = invoke("run", str(job))
+        printed += [refused.stdout, refused.stderr]
+        issued = list(service.service.issued_tokens)
+        stats = service.stats
+    assert refused.exit_code == 3
+    assert "password '****' is wrong" in refused.stderr  # IAM's message, scrubbed
+    assert stats.expired_tokens > 0 and stats.logins > 2  # the 401 and re-login paths ran
+    dry_run = printed[2]  # its stdout
+    assert "X-Auth-Token: ****" in dry_run and "X-Apig-AppCode: ****" in dry_run
+    assert "auth:         token from an IAM login at" in dry_run
+    assert "; AppCode from $APP_CODE" in dry_run
+    files = files_under(Path())
+    assert any(p.suffix == ".parquet" for p in files)
+    assert state_files(files)
+    assert_nowhere([TOKEN, PASSWORD, APPCODE, wrong, *issued], printed, files)
+
+
+def test_serve_shows_no_secret() -> None:
+    env = {
+        **os.environ,
+        "BATCHRUNNER_SERVE_TOKEN": TOKEN,
+        "BATCHRUNNER_SERVE_IAM_PASSWORD": PASSWORD,
+        "PYTHONPATH": str(REPO),
+    }
+    command = [sys.executable, "-m", "batchrunner", "serve", "--port", "0", "--iam-user", "alice"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ready = b""
+    try:
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 20
+            while b"press Ctrl-C" not in ready:
+                assert selector.select(timeout=deadline - time.monotonic()), ready
+                chunk = os.read(process.stdout.fileno(), 4096)
+                assert chunk, f"serve ended early: {ready!r}"
+                ready += chunk
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    shown = (ready + stdout + stderr).decode()
+    assert "X-Auth-Token: the value of BATCHRUNNER_SERVE_TOKEN" in shown
+    assert "/v3/auth/tokens logs in user 'alice' (domain 'alice', project 'local')" in shown
+    assert "with the password in BATCHRUNNER_SERVE_IAM_PASSWORD" in shown
+    assert_nowhere([TOKEN, PASSWORD], [shown], [])

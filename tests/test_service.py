@@ -7,7 +7,7 @@ import csv
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,16 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from batchrunner.service import (
     MODEL_NAMES,
     GatewayError,
+    IamAccount,
     IrisModel,
     ModelInputError,
     RunningService,
+    ServiceOptions,
     TextModel,
     load_model,
     run_service,
@@ -53,13 +55,16 @@ def iris_records() -> list[dict[str, Any]]:
 
 def with_service(
     test: Callable[[RunningService, aiohttp.ClientSession], Awaitable[None]],
+    extra_middlewares: Sequence[Middleware] = (),
     **options: Any,
 ) -> None:
     """Run ``test`` against a fresh service and client session, closing both after."""
 
     async def main() -> None:
         async with (
-            await start_service("iris", token=TOKEN, **options) as service,
+            await start_service(
+                ServiceOptions(token=TOKEN, **options), extra_middlewares=extra_middlewares
+            ) as service,
             aiohttp.ClientSession() as session,
         ):
             await test(service, session)
@@ -417,12 +422,13 @@ def test_the_vendors_curl_command_works() -> None:
 
 def test_run_service_calls_on_ready_and_stops_when_cancelled() -> None:
     async def main() -> None:
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_service("iris", "127.0.0.1", 0, TOKEN, ready.set_result))
+        ready: asyncio.Future[RunningService] = asyncio.get_running_loop().create_future()
+        options = ServiceOptions(token=TOKEN)
+        task = asyncio.create_task(run_service(options, "127.0.0.1", 0, ready.set_result))
         # Either it is ready, or it failed to start: never wait on a future that won't come.
         either: set[asyncio.Future[Any]] = {ready, task}
         await asyncio.wait(either, timeout=5, return_when=asyncio.FIRST_COMPLETED)
-        url = ready.result()
+        url = ready.result().url
         async with aiohttp.ClientSession() as session:
             record = {"sepal_length": 6, "sepal_width": 3, "petal_length": 4.8, "petal_width": 1.8}
             status, _ = await post(session, url, {"data": {"req_data": [record]}})
@@ -444,9 +450,11 @@ def test_start_service_makes_a_random_token_and_refuses_bad_settings() -> None:
             assert first.url.startswith("http://127.0.0.1:")
             assert first.url.endswith("/v1/infers/iris")
         with pytest.raises(ValueError, match="known models are: iris"):
-            await start_service("tulips")
+            await start_service(ServiceOptions(model="tulips"))
         with pytest.raises(ValueError, match="must not be empty"):
-            await start_service(token="")
+            await start_service(ServiceOptions(token=""))
+        with pytest.raises(ValueError, match="token_ttl must be > 0"):
+            await start_service(ServiceOptions(token_ttl=0))
 
     asyncio.run(main())
 
@@ -485,3 +493,113 @@ def test_an_extra_middleware_can_inject_gateway_faults() -> None:
         assert dict(service.stats.by_status) == {429: 1, 502: 1, 500: 1, 200: 1}
 
     with_service(test, extra_middlewares=[faults])
+
+
+# --- the embedded IAM --------------------------------------------------------------------------
+
+ACCOUNT = IamAccount("alice", "s3cret-password", "acme", "eu-west-0")
+RECORD = {"sepal_length": 6, "sepal_width": 3, "petal_length": 4.8, "petal_width": 1.8}
+
+
+def login_request(
+    user: str = "alice", password: str = "s3cret-password", project: str = "eu-west-0"
+) -> dict[str, Any]:
+    return {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {"name": user, "password": password, "domain": {"name": "acme"}}
+                },
+            },
+            "scope": {"project": {"name": project}},
+        }
+    }
+
+
+async def log_in(
+    session: aiohttp.ClientSession, service: RunningService, body: Any
+) -> tuple[int, str | None, Any]:
+    assert service.iam_url is not None
+    headers = {"Content-Type": "application/json;charset=utf8"}
+    async with session.post(service.iam_url, data=orjson.dumps(body), headers=headers) as answer:
+        return (
+            answer.status,
+            answer.headers.get("X-Subject-Token"),
+            orjson.loads(await answer.read()),
+        )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_iam_login_issues_a_token_that_expires() -> None:
+    clock = Clock()
+
+    async def test(service: RunningService, session: aiohttp.ClientSession) -> None:
+        assert service.iam_url is not None and service.iam_url.endswith("/v3/auth/tokens")
+        status, token, body = await log_in(session, service, login_request())
+        assert status == 201 and token
+        assert body["token"]["expires_at"] == "2023-11-14T22:13:50.000000Z"  # now (22:13:20) + 30 s
+        assert body["token"]["user"] == {"name": "alice", "domain": {"name": "acme"}}
+        assert body["token"]["project"] == {"name": "eu-west-0"}
+        assert service.stats.logins == 1
+        request = {"data": {"req_data": [RECORD]}}
+        assert (await post(session, service.url, request, token=token))[0] == 200
+        assert (await post(session, service.url, request, token=TOKEN))[0] == 200  # fixed one
+        clock.now += 30
+        status, error = await post(session, service.url, request, token=token)
+        assert status == 401
+        assert_gateway_error(error, "APIG.0301")
+        assert error["error_msg"] == "Incorrect IAM authentication information: token expires"
+        assert service.stats.expired_tokens == 1
+        assert (await post(session, service.url, request, token=TOKEN))[0] == 200  # still fine
+        # a new login gives a new token; the old one stays expired
+        status, renewed, _ = await log_in(session, service, login_request())
+        assert status == 201 and renewed != token
+        assert (await post(session, service.url, request, token=renewed))[0] == 200
+
+    with_service(test, iam=ACCOUNT, token_ttl=30.0, clock=clock)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        (login_request(password="wrong"), 401, "IAM.0002", "The username or password is wrong."),
+        (login_request(user="bob"), 401, "IAM.0002", "The username or password is wrong."),
+        (login_request(project="cn-north-4"), 401, "IAM.0002", "no access to project"),
+        ({"auth": {}}, 400, "IAM.0001", "methods must include 'password'"),
+        (b"{", 400, "IAM.0001", "not valid JSON"),
+    ],
+)
+def test_iam_refuses_a_wrong_login(body: Any, status: int, code: str, message: str) -> None:
+    async def test(service: RunningService, session: aiohttp.ClientSession) -> None:
+        assert service.iam_url is not None
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        async with session.post(service.iam_url, data=data) as answer:
+            assert answer.status == status
+            assert "X-Subject-Token" not in answer.headers
+            error = orjson.loads(await answer.read())
+        assert_gateway_error(error, code)
+        assert message in error["error_msg"]
+        assert "s3cret-password" not in error["error_msg"]
+        assert service.stats.logins == 0
+
+    with_service(test, iam=ACCOUNT)
+
+
+def test_without_an_account_there_is_no_iam_and_no_password_shows() -> None:
+    async def test(service: RunningService, session: aiohttp.ClientSession) -> None:
+        assert service.iam_url is None
+        base = service.url.removesuffix("/v1/infers/iris")
+        async with session.post(base + "/v3/auth/tokens", data=b"{}") as answer:
+            assert answer.status == 404
+
+    with_service(test)
+    options = ServiceOptions(iam=ACCOUNT)
+    assert "s3cret-password" not in repr(options) and "s3cret-password" not in repr(ACCOUNT)

@@ -20,6 +20,7 @@ from batchrunner.protocols.modelarts import FileCodec
 from batchrunner.service import (
     ModelInputError,
     RunningService,
+    ServiceOptions,
     load_model,
     start_service,
 )
@@ -125,7 +126,7 @@ def with_colors(
 ) -> None:
     async def main() -> None:
         async with (
-            await start_service("colors", token=TOKEN, **options) as service,
+            await start_service(ServiceOptions(model="colors", token=TOKEN, **options)) as service,
             aiohttp.ClientSession(headers={"X-Auth-Token": TOKEN}) as session,
         ):
             await test(service, session)

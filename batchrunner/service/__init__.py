@@ -1,17 +1,21 @@
 """The embedded reference service: a real HTTP inference service to run batchrunner against.
 
 ``url = "embedded:iris"`` in a job, ``batchrunner serve`` on the command line, and the tests
-all use it. ``models`` holds the models, ``app`` the aiohttp.web application and the ways
-to run it. This package is the only part of batchrunner that imports ``aiohttp.web``.
+all use it. ``models`` holds the models, ``iam`` its IAM (login, expiring tokens), ``app``
+the aiohttp.web application and the ways to run it. This package is the only part of
+batchrunner that imports ``aiohttp.web``.
 """
 
 from __future__ import annotations
 
 from batchrunner.service.app import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_TOKEN_TTL_S,
+    IAM_PATH,
     STATS_KEY,
     GatewayError,
     RunningService,
+    ServiceOptions,
     ServiceStats,
     create_app,
     run_service,
@@ -19,6 +23,7 @@ from batchrunner.service.app import (
     start_service,
 )
 from batchrunner.service.faults import FaultSettings, fault_middleware
+from batchrunner.service.iam import IamAccount
 from batchrunner.service.models import (
     MODEL_NAMES,
     FileModel,
@@ -31,15 +36,19 @@ from batchrunner.service.models import (
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_TOKEN_TTL_S",
+    "IAM_PATH",
     "MODEL_NAMES",
     "STATS_KEY",
     "FaultSettings",
     "FileModel",
     "GatewayError",
+    "IamAccount",
     "IrisModel",
     "Model",
     "ModelInputError",
     "RunningService",
+    "ServiceOptions",
     "ServiceStats",
     "TextModel",
     "create_app",

@@ -11,7 +11,7 @@ and answers the model's JSON object.
 
 Error codes (status, code, when):
 
-    401 APIG.0301        X-Auth-Token missing or wrong (the gateway's code)
+    401 APIG.0301        X-Auth-Token missing, wrong, or expired ("token expires")
     404 APIG.0101        no such path (the gateway's "API does not exist")
     405 APIG.0101        a method other than POST (with `Allow: POST`)
     413 APIG.0201        body over ``max_body_bytes`` (the gateway's code and message)
@@ -26,6 +26,15 @@ Error codes (status, code, when):
     500 ModelArts.5000   the model's code failed unexpectedly (our choice; logged)
     4xx APIG.0<status>   any other error aiohttp itself raises keeps its status (our choice)
 
+With an IAM account in its options, the service also answers IAM's password login at
+``POST /v3/auth/tokens`` (see ``service.iam``): 201 with the token in ``X-Subject-Token``
+and ``{"token": {"expires_at": ...}}``; the inference routes then accept every issued
+token until ``token_ttl`` seconds after its issue, besides the fixed token. Its errors
+(codes our choice; the body is the gateway's, as IAM's is):
+
+    400 IAM.0001         the body is not a password login
+    401 IAM.0002         wrong user name, password or domain, or a project not the account's
+
 Fault injection (latency, 429 above a capacity, 503s, dropped connections, HTML 502 pages)
 belongs in a middleware passed as ``extra_middlewares``: they run after the request is
 counted and before authentication, where a gateway's own throttling and failures happen.
@@ -36,9 +45,10 @@ response (an HTML page) as it is.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import dataclasses
 import logging
 import secrets
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -52,6 +62,13 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.typedefs import Handler, Middleware
 
+from batchrunner.service.iam import (
+    IamAccount,
+    TokenRegistry,
+    login_fails,
+    parse_login,
+    token_document,
+)
 from batchrunner.service.models import FileModel, ModelInputError, TextModel, load_model
 
 DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's limit through the API URL
@@ -61,7 +78,11 @@ MAX_UUID_CHARS = 64
 _INLINE_FILE_BYTES = 64 * 1024
 
 TOKEN_HEADER = "X-Auth-Token"
+SUBJECT_TOKEN_HEADER = "X-Subject-Token"
 REQUEST_ID_HEADER = "X-Request-Id"
+IAM_PATH = "/v3/auth/tokens"
+_IAM_ROUTE = "iam-tokens"
+DEFAULT_TOKEN_TTL_S = 24 * 3600.0  # the real IAM's
 
 # Graceful shutdown waits this long for requests still in flight. Short: the embedded
 # service lives inside a run or a test, and a stuck request must not hold up its end.
@@ -85,6 +106,9 @@ class ServiceStats:
     rows_scored: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    logins: int = 0  # IAM logins that got a token
+    logins_refused: int = 0
+    expired_tokens: int = 0  # requests refused because their token had expired
 
 
 STATS_KEY = web.AppKey("batchrunner_service_stats", ServiceStats)
@@ -180,26 +204,48 @@ def _make_gateway_middleware(stats: ServiceStats, max_body_bytes: int) -> Middle
     return gateway
 
 
-def _make_auth_middleware(token: str) -> Middleware:
-    """Refuse requests without the right token; unknown paths fall through to 404/405."""
-    expected = token.encode("utf-8")
+def _make_auth_middleware(tokens: TokenRegistry, stats: ServiceStats) -> Middleware:
+    """Refuse requests without a good token; unknown paths fall through to 404/405."""
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         # A path that matches no API has no token to check: the gateway says 404 first.
-        if request.match_info.http_exception is not None:
+        # The IAM login is how a token is got: it needs none.
+        if request.match_info.http_exception is not None or (
+            request.match_info.route.name == _IAM_ROUTE
+        ):
             return await handler(request)
-        given = request.headers.get(TOKEN_HEADER)
-        if given is None:
-            reason = f"the {TOKEN_HEADER} header is missing"
-        elif not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-            reason = "the token is not valid"
-        else:
+        reason = tokens.refusal(request.headers.get(TOKEN_HEADER))
+        if reason is None:
             return await handler(request)
+        if reason == "token expires":
+            stats.expired_tokens += 1
         # Never echo the given token: it may be a real one meant for another service.
         raise GatewayError(401, "APIG.0301", f"Incorrect IAM authentication information: {reason}")
 
     return authenticate
+
+
+def _make_login_handler(account: IamAccount, tokens: TokenRegistry, stats: ServiceStats) -> Handler:
+    async def log_in(request: web.Request) -> web.StreamResponse:
+        try:
+            login = parse_login(await request.read())
+        except ValueError as exc:
+            raise GatewayError(400, "IAM.0001", str(exc)) from None
+        refusal = login_fails(account, login)
+        if refusal is not None:
+            stats.logins_refused += 1
+            raise GatewayError(401, "IAM.0002", refusal)
+        token, issued_at, expires_at = tokens.issue()
+        stats.logins += 1
+        return web.Response(
+            status=201,
+            body=orjson.dumps(token_document(account, issued_at, expires_at)),
+            content_type="application/json",
+            headers={SUBJECT_TOKEN_HEADER: token},
+        )
+
+    return log_in
 
 
 def _make_text_handler(model: TextModel, stats: ServiceStats, max_body_bytes: int) -> Handler:
@@ -330,34 +376,57 @@ def _parse_text_request(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
     return meta_uuid, records
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    """How the embedded service runs: its model, the tokens it accepts, its limits.
+
+    ``token`` is a fixed token the inference routes accept (``start_service`` makes a
+    random one when it is None). With ``iam``, the service also answers IAM logins for
+    that account, and accepts the tokens it issues for ``token_ttl`` seconds. ``clock`` is
+    the wall clock tokens expire by; tests inject their own.
+    """
+
+    model: str = "iris"
+    token: str | None = None
+    iam: IamAccount | None = None
+    token_ttl: float = DEFAULT_TOKEN_TTL_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    clock: Callable[[], float] = time.time
+
+
+TOKENS_KEY = web.AppKey("batchrunner_service_tokens", TokenRegistry)
+
+
 def create_app(
-    model_name: str,
-    token: str,
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    extra_middlewares: Sequence[Middleware] = (),
+    options: ServiceOptions, *, extra_middlewares: Sequence[Middleware] = ()
 ) -> web.Application:
-    """Build the service for the model ``model_name``, guarded by ``token``.
+    """Build the service ``options`` describe; ``options.token`` must be set.
 
     ``extra_middlewares`` run, in order, after the request is counted and before the
-    token is checked: the place for fault injection. Raises ValueError for an unknown
-    model, an empty token, or a ``max_body_bytes`` below 1.
+    token is checked (on every route, the IAM login included): the place for fault
+    injection. Raises ValueError for an unknown model, a missing or empty token, a
+    ``max_body_bytes`` below 1 or a ``token_ttl`` not above 0.
     """
-    if not token:
+    if not options.token:
         raise ValueError("the service token must not be empty")
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    model = load_model(model_name)
+    if options.max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {options.max_body_bytes}")
+    if not options.token_ttl > 0:
+        raise ValueError(f"token_ttl must be > 0 seconds, got {options.token_ttl}")
+    model = load_model(options.model)
     stats = ServiceStats()
+    tokens = TokenRegistry(options.token, options.token_ttl, options.clock)
+    max_body_bytes = options.max_body_bytes
     app = web.Application(
         client_max_size=max_body_bytes,
         middlewares=[
             _make_gateway_middleware(stats, max_body_bytes),
             *extra_middlewares,
-            _make_auth_middleware(token),
+            _make_auth_middleware(tokens, stats),
         ],
     )
     app[STATS_KEY] = stats
+    app[TOKENS_KEY] = tokens
     handler = (
         _make_text_handler(model, stats, max_body_bytes)
         if isinstance(model, TextModel)
@@ -365,24 +434,44 @@ def create_app(
     )
     app.router.add_post("/v1/infers/{service_id}", handler)
     app.router.add_post("/v1/infers/{service_id}/{tail:.*}", handler)
+    if options.iam is not None:
+        app.router.add_post(
+            IAM_PATH, _make_login_handler(options.iam, tokens, stats), name=_IAM_ROUTE
+        )
     return app
 
 
 class RunningService:
     """A service listening on a port of this event loop; close it (or use ``async with``).
 
-    ``url`` is the inference URL to give a client, ``token`` the one it must send.
+    ``url`` is the inference URL to give a client, ``token`` the fixed one it may send;
+    ``iam_url`` is the IAM token endpoint (None without an IAM account).
     """
 
-    def __init__(self, runner: web.AppRunner, url: str, token: str, stats: ServiceStats) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        url: str,
+        options: ServiceOptions,
+        iam_url: str | None,
+        app: web.Application,
+    ) -> None:
         self._runner = runner
         self.url = url
-        self._token = token
-        self.stats = stats
+        self.options = options
+        self.iam_url = iam_url
+        self.stats = app[STATS_KEY]
+        self._tokens = app[TOKENS_KEY]
 
     @property
     def token(self) -> str:
-        return self._token
+        assert self.options.token is not None  # start_service always sets one
+        return self.options.token
+
+    @property
+    def issued_tokens(self) -> tuple[str, ...]:
+        """The IAM tokens issued so far (for tests that look for leaks)."""
+        return self._tokens.issued
 
     def __repr__(self) -> str:
         return f"<RunningService {self.url} token=***>"
@@ -404,27 +493,24 @@ class RunningService:
 
 
 async def start_service(
-    model_name: str = "iris",
+    options: ServiceOptions | None = None,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    token: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     extra_middlewares: Sequence[Middleware] = (),
     access_log: bool = False,
 ) -> RunningService:
-    """Start the service for ``model_name`` on the running event loop.
+    """Start the service ``options`` describe (default: iris) on the running event loop.
 
     ``port=0`` takes a free port (give ``host`` as an IP address then: a name that resolves
-    to several addresses would get a different free port on each). ``token=None`` makes a
-    random one. The service id in the URL is the model name. Raises ValueError for an
-    unknown model and OSError when the address cannot be bound.
+    to several addresses would get a different free port on each). A ``token`` of None in
+    the options becomes a random one. The service id in the URL is the model name. Raises
+    ValueError for bad options and OSError when the address cannot be bound.
     """
-    if token is None:
-        token = secrets.token_urlsafe(32)
-    app = create_app(
-        model_name, token, max_body_bytes=max_body_bytes, extra_middlewares=extra_middlewares
-    )
+    options = options or ServiceOptions()
+    if options.token is None:
+        options = dataclasses.replace(options, token=secrets.token_urlsafe(32))
+    app = create_app(options, extra_middlewares=extra_middlewares)
     runner = web.AppRunner(
         app,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
@@ -439,44 +525,40 @@ async def start_service(
         await runner.cleanup()
         raise
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    url = f"http://{url_host}:{bound_port}/v1/infers/{model_name}"
-    return RunningService(runner, url, token, app[STATS_KEY])
+    base = f"http://{url_host}:{bound_port}"
+    iam_url = base + IAM_PATH if options.iam is not None else None
+    return RunningService(runner, f"{base}/v1/infers/{options.model}", options, iam_url, app)
 
 
 async def run_service(
-    model_name: str,
+    options: ServiceOptions,
     host: str,
     port: int,
-    token: str,
-    on_ready: Callable[[str], None] | None = None,
+    on_ready: Callable[[RunningService], None] | None = None,
+    *,
     extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
-    """Serve until cancelled; call ``on_ready(url)`` once listening. The body of ``serve``."""
+    """Serve until cancelled; call ``on_ready(service)`` once listening. The body of ``serve``."""
     service = await start_service(
-        model_name,
-        host=host,
-        port=port,
-        token=token,
-        access_log=True,
-        extra_middlewares=extra_middlewares,
+        options, host=host, port=port, access_log=True, extra_middlewares=extra_middlewares
     )
     async with service:
         if on_ready is not None:
-            on_ready(service.url)
+            on_ready(service)
         await asyncio.Event().wait()  # forever: only cancellation ends a server
 
 
 def serve(
-    model_name: str,
+    options: ServiceOptions,
     host: str,
     port: int,
-    token: str,
-    on_ready: Callable[[str], None] | None = None,
+    on_ready: Callable[[RunningService], None] | None = None,
+    *,
     extra_middlewares: Sequence[Middleware] = (),
 ) -> None:
     """Run the service in the foreground (``batchrunner serve``) until Ctrl-C.
 
-    Blocks; calls ``on_ready(url)`` once listening. Ctrl-C closes the service, then raises
-    KeyboardInterrupt for the caller to turn into an exit code. Never prints.
+    Blocks; calls ``on_ready(service)`` once listening. Ctrl-C closes the service, then
+    raises KeyboardInterrupt for the caller to turn into an exit code. Never prints.
     """
-    asyncio.run(run_service(model_name, host, port, token, on_ready, extra_middlewares))
+    asyncio.run(run_service(options, host, port, on_ready, extra_middlewares=extra_middlewares))

@@ -1,0 +1,116 @@
+"""The credentials a run sends, as ``[service]`` chooses them: a token source and an AppCode.
+
+``read_credentials`` reads every secret the settings point at (a missing variable or file is
+a ``SettingError`` before any request) and sends nothing: the IAM login happens at the
+first ``current()``. ``describe_auth`` says in words where the credentials come from, for
+``validate`` and ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchrunner.auth import (
+    FileToken,
+    FixedToken,
+    Secret,
+    TokenProvider,
+    read_env_token,
+    read_secret_env,
+    read_secret_file,
+)
+from batchrunner.client import login
+from batchrunner.iam import Clock, IamToken, TokenCache, default_cache_dir, password_source
+from batchrunner.job import DEFAULT_TOKEN_ENV, AppSettings, IamSettings, ServiceSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a run authenticates with: a token source (None: no token), an AppCode (or None)."""
+
+    tokens: TokenProvider | None
+    app_code: Secret | None
+
+
+def read_credentials(
+    settings: ServiceSettings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    cache_dir: Path | None = None,
+    clock: Clock = time.time,
+) -> Credentials:
+    """Read the secrets ``settings`` point at; a missing one is a ``SettingError``.
+
+    ``cache_dir`` holds the IAM token cache (default: ``$XDG_CACHE_HOME/batchrunner``).
+    """
+    env = os.environ if environ is None else environ
+    tokens: TokenProvider | None = None
+    source = settings.token_source
+    if source == "token_file":
+        assert settings.token_file is not None
+        tokens = FileToken(Path(settings.token_file))
+    elif source == "iam":
+        assert settings.iam is not None
+        tokens = IamToken(
+            settings.iam,
+            _read_password(settings.iam, env),
+            login=functools.partial(
+                login,
+                timeout=settings.timeout,
+                connect_timeout=settings.connect_timeout,
+                verify_tls=settings.verify_tls,
+                ca_bundle=settings.ca_bundle,
+            ),
+            cache=TokenCache(cache_dir or default_cache_dir(env), settings.iam),
+            clock=clock,
+        )
+    elif source == "token_env":
+        tokens = FixedToken(read_env_token(settings.token_env or DEFAULT_TOKEN_ENV, env))
+    app_code = _read_app_code(settings.app, env) if settings.app is not None else None
+    return Credentials(tokens, app_code)
+
+
+def _read_password(settings: IamSettings, environ: Mapping[str, str]) -> Secret:
+    if settings.password_env is not None:
+        return read_secret_env(
+            settings.password_env, "service.iam.password_env", "IAM password", environ
+        )
+    assert settings.password_file is not None
+    return read_secret_file(Path(settings.password_file), "service.iam.password_file")
+
+
+def _read_app_code(settings: AppSettings, environ: Mapping[str, str]) -> Secret:
+    if settings.appcode_env is not None:
+        return read_secret_env(settings.appcode_env, "service.app.appcode_env", "AppCode", environ)
+    assert settings.appcode_file is not None
+    return read_secret_file(Path(settings.appcode_file), "service.app.appcode_file")
+
+
+def describe_auth(settings: ServiceSettings) -> str:
+    """Where the credentials come from, in words (no secret in them)."""
+    source = settings.token_source
+    if settings.embedded_model is not None:
+        return "a random token of the embedded service"
+    parts: list[str] = []
+    if source == "token_file":
+        parts.append(f"token from file {settings.token_file} (read again when refused)")
+    elif source == "iam":
+        iam = settings.iam
+        assert iam is not None
+        parts.append(
+            f"token from an IAM login at {iam.url} as user {iam.user} (domain {iam.domain}, "
+            f"project {iam.project}; password in {password_source(iam)}), cached and renewed"
+        )
+    elif source == "token_env":
+        parts.append(f"token from ${settings.token_env or DEFAULT_TOKEN_ENV}")
+    if settings.app is not None:
+        where = settings.app.appcode_env
+        parts.append(
+            f"AppCode from ${where}" if where else f"AppCode from file {settings.app.appcode_file}"
+        )
+    return "; ".join(parts)
