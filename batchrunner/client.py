@@ -131,13 +131,7 @@ class ServiceClient:
                 retryable=True,
             ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise RequestError(
-                f"TLS certificate of {exc.host} not trusted: {exc.certificate_error}; "
-                "set service.ca_bundle to your CA file (or service.verify_tls = false)",
-                kind="tls",
-                retryable=False,
-                fatal=True,
-            ) from None
+            raise _untrusted(exc, "") from None
         except aiohttp.ClientPayloadError as exc:
             raise RequestError(
                 f"the answer was cut off: {exc}", kind="connection", retryable=True
@@ -194,19 +188,24 @@ async def login(
             retryable=True,
         ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
-        raise RequestError(
-            f"TLS certificate of IAM at {exc.host} not trusted: {exc.certificate_error}; "
-            "set service.ca_bundle to your CA file (or service.verify_tls = false)",
-            kind="tls",
-            retryable=False,
-            fatal=True,
-        ) from None
+        raise _untrusted(exc, "IAM at ") from None
     except aiohttp.ClientError as exc:
         raise RequestError(
             f"cannot reach IAM at {url}: {exc.__class__.__name__}: {exc}",
             kind="iam_login",
             retryable=True,
         ) from None
+
+
+def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> RequestError:
+    # No certificate will become trusted by asking again: the run stops and says what to set.
+    return RequestError(
+        f"TLS certificate of {peer}{exc.host} not trusted: {exc.certificate_error}; "
+        "set service.ca_bundle to your CA file (or service.verify_tls = false)",
+        kind="tls",
+        retryable=False,
+        fatal=True,
+    )
 
 
 def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:

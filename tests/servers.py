@@ -5,6 +5,7 @@ the main thread)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class ThreadedServer:
     handler: Handler
     path: str = "/v1/infers/test"
     calls: list[Call] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None  # HTTPS when given
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -44,7 +46,8 @@ class ThreadedServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.path}"
 
     def start(self) -> ThreadedServer:
         self._thread.start()
@@ -86,7 +89,7 @@ class ThreadedServer:
             app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.1
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()
