@@ -130,7 +130,8 @@ def test_only_a_status_column() -> None:
         (
             lambda: Path("out").mkdir(),
             "out",
-            "out is a folder: give an output file, e.g. out/<job>.parquet",
+            "out is a folder with no Parquet parts: give an output file, e.g. out/<job>.parquet, "
+            "or an output folder of --engine ray",
         ),
         (
             lambda: pq.write_table(pa.table({"a": [1], "b": ["x"]}), "other.parquet"),
