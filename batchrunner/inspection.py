@@ -112,6 +112,10 @@ def _open(path: Path) -> ds.Dataset:
     try:
         if path.is_dir():
             dataset = ds.dataset(path, format="parquet")
+            if dataset.files:  # parts may differ: a field only some blocks' results had
+                schemas = [pq.read_schema(file) for file in dataset.files]
+                schema = pa.unify_schemas(schemas, promote_options="permissive")
+                dataset = ds.dataset(path, format="parquet", schema=schema)
             if not dataset.files:
                 raise InputError(
                     f"{path} is a folder with no Parquet parts: give an output file, e.g. "

@@ -101,7 +101,11 @@ def test_iris_on_ray_gives_the_rows_of_the_local_engine(invoke, local_ray, iris_
     assert rows_by_key(ray_table) == rows_by_key(pq.read_table("out/local.parquet"))
     shown = invoke("inspect", "out/ray.parquet")
     assert shown.exit_code == 0
-    assert "out/ray.parquet: 150 rows" in shown.stdout
+    assert shown.stdout.startswith(
+        "out/ray.parquet: 150 rows\n\n"
+        "run summary: none (a folder of parts, as --engine ray writes, has none)\n\n"
+        "rows by status\n  ok  150\n"
+    )
 
 
 @pytest.mark.ray
