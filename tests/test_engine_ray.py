@@ -126,3 +126,16 @@ def test_a_faulty_service_loses_nothing_on_ray(invoke, local_ray, iris_job) -> N
     assert sorted(int(key) for key in table.column("_key").to_pylist()) == list(range(1, 151))
     assert set(table.column("_status").to_pylist()) == {"ok"}
     assert max(table.column("_attempts").to_pylist()) > 1  # the faults were met, and retried
+
+
+@pytest.mark.ray
+@on_ray
+def test_a_refused_token_stops_the_ray_run_with_exit_3_and_no_output(
+    invoke, local_ray, iris_job
+) -> None:
+    with ThreadedService(ServiceOptions(model="iris", token="another-token")) as service:
+        result = invoke("run", str(iris_job), "--engine", "ray", "--url", service.url)
+    assert result.exit_code == 3
+    assert "error: HTTP 401 APIG.0301: Incorrect IAM authentication information" in result.stderr
+    assert not Path("out/iris.parquet").exists()
+    assert TOKEN not in result.stderr

@@ -96,14 +96,15 @@ def split_concurrency(total: int, actors: int) -> list[int]:
 class BlockScorer:
     """A Ray actor's work: one block of input rows in, the same block's output rows out."""
 
-    def __init__(self, job: Job, in_flight: int, environ: dict[str, str]) -> None:
+    def __init__(self, job: Job, send: list[str], in_flight: int, environ: dict[str, str]) -> None:
         self._job = job
+        self._send = send
         self._in_flight = in_flight
         self._environ = environ
         self._loop = asyncio.new_event_loop()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        scoring = score_block(self._job, table, self._in_flight, self._environ)
+        scoring = score_block(self._job, table, self._send, self._in_flight, self._environ)
         return self._loop.run_until_complete(scoring)
 
 
@@ -120,13 +121,12 @@ def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
 
 
 async def score_block(
-    job: Job, table: pa.Table, in_flight: int, environ: Mapping[str, str]
+    job: Job, table: pa.Table, send: list[str], in_flight: int, environ: Mapping[str, str]
 ) -> pa.Table:
     """Send ``table``'s rows as the local engine would (``batch.size`` rows a request, at
     most ``in_flight`` at once); their output rows, one per input row, in input order."""
     id_column = job.input.id_column
     assert id_column is not None
-    send = job.input.columns or [name for name in table.schema.names if name != id_column]
     rows = table.combine_chunks().to_batches()
     record = rows[0] if rows else pa.RecordBatch.from_pylist([], schema=table.schema)
     keys = pc.cast(record.column(id_column), pa.string()).to_pylist()
@@ -208,6 +208,9 @@ def run_on_ray(job: Job, *, actors: int | None = None) -> RayResult:
     environ = secret_environ(job, os.environ)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    if hasattr(context, "raise_original_map_exception"):  # a refused token says so, as itself
+        context.raise_original_map_exception = True
     started = datetime.now().astimezone()
     output = resolve_output_path(job, started, new_run_id(started)).absolute()
     work = output.with_name(f".{output.name}.partial")
@@ -223,7 +226,7 @@ def run_on_ray(job: Job, *, actors: int | None = None) -> RayResult:
     )  # fmt: skip
     scored = dataset.map_batches(
         BlockScorer,
-        fn_constructor_args=(job, shares[0], environ),
+        fn_constructor_args=(job, list(source.send_columns), shares[0], environ),
         batch_format="pyarrow",
         batch_size=job.batch.size * shares[0] * 8,
         compute=ray.data.ActorPoolStrategy(size=len(shares)),
@@ -231,9 +234,9 @@ def run_on_ray(job: Job, *, actors: int | None = None) -> RayResult:
     )
     try:
         scored.write_parquet(str(work))
-    except ray.exceptions.RayError as exc:
+    except (ray.exceptions.RayError, BatchRunnerError) as exc:
         shutil.rmtree(work, ignore_errors=True)
-        raise ServiceError(f"the Ray run failed: {_cause(exc)}") from None
+        raise _failure(exc) from None
     result = check_output(work, source_keys(paths, source.format, job))
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
@@ -254,11 +257,25 @@ def _read(ray: Any, format: str, paths: list[str], job: Job) -> Any:
     return ray.data.read_csv(paths, parse_options=csv.ParseOptions(delimiter=delimiter))
 
 
-def _cause(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BatchRunnerError):
-        return str(cause)
-    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+def _failure(exc: BaseException) -> BatchRunnerError:
+    """Our own error behind Ray's wrappers (a refused token: exit 3), else Ray's last line."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # Ray re-raises a task's error as a class derived from both its own and ours: the
+        # error itself is the one whose class is ours.
+        if (
+            isinstance(current, BatchRunnerError)
+            and type(current).__module__ == "batchrunner.errors"
+        ):
+            return current
+        pending += [current.__context__, current.__cause__, getattr(current, "cause", None)]
+    text = str(exc).strip()
+    return ServiceError(f"the Ray run failed: {text.splitlines()[-1] if text else exc!r}")
 
 
 def source_keys(paths: list[str], format: str, job: Job) -> pa.Array:
