@@ -218,17 +218,20 @@ def run_on_ray(job: Job, *, actors: int | None = None) -> RayResult:
     clock = time.perf_counter()
     count = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     shares = split_concurrency(job.batch.max_in_flight, count)
+    # Ray's actors are alike (one constructor): each gets the smallest share, so the total in
+    # flight is never above the job's concurrency (7 over 2 actors: 3 each).
+    each = shares[-1]
     paths = [str(path.absolute()) for path in source.paths]  # workers have their own cwd
     dataset = _read(ray, source.format, paths, job)
     log.info(
         "ray run: %s -> %s via %s (%d actors, %s in flight each)",
-        job.input.path, output, job.service.url, len(shares), shares[0],
+        job.input.path, output, job.service.url, len(shares), each,
     )  # fmt: skip
     scored = dataset.map_batches(
         BlockScorer,
-        fn_constructor_args=(job, list(source.send_columns), shares[0], environ),
+        fn_constructor_args=(job, list(source.send_columns), each, environ),
         batch_format="pyarrow",
-        batch_size=job.batch.size * shares[0] * 8,
+        batch_size=job.batch.size * each * 8,
         compute=ray.data.ActorPoolStrategy(size=len(shares)),
         num_cpus=0.5,
     )
