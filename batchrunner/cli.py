@@ -24,7 +24,7 @@ import orjson
 import typer
 
 from batchrunner import __version__
-from batchrunner.errors import BatchRunnerError, ScheduleError, SettingError
+from batchrunner.errors import BatchRunnerError, InputError, ScheduleError, SettingError
 from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
 from batchrunner.report import StatsSnapshot
 
@@ -56,6 +56,11 @@ app = typer.Typer(
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
+
+
+class Engine(StrEnum):
+    local = "local"
+    ray = "ray"
 
 
 def _fail(error: BatchRunnerError, log_format: LogFormat = LogFormat.text) -> NoReturn:
@@ -138,6 +143,14 @@ def run(
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
     ] = LogFormat.text,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            "--engine",
+            help="local: this process, one Parquet file; ray: Ray Data, a folder of Parquet "
+            "parts (needs pip install 'batchrunner[ray]').",
+        ),
+    ] = Engine.local,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
     on_terminal = sys.stderr.isatty()
@@ -157,6 +170,9 @@ def run(
         job = _load(job_file, overrides, set_ or [])
         if dry_run:
             _show_plan(plan_job(job, limit=limit), dry_run=True)
+            return
+        if engine is Engine.ray:
+            _run_ray(job, limit, log_format)
             return
         if live and console is not None:
             result = _run_live(job, limit, console, resume=not no_resume)
@@ -185,6 +201,27 @@ def run(
         _say_error(
             f"error rate {rate:.2%} is above max_error_rate {job.max_error_rate:.2%}; "
             "the output was written (see the error rows' _error column)",
+            log_format,
+        )
+        raise typer.Exit(EXIT_TOO_MANY_ERRORS)
+
+
+def _run_ray(job: Job, limit: int | None, log_format: LogFormat) -> None:
+    from batchrunner.engines.ray import run_on_ray
+
+    if limit is not None:
+        raise InputError("--limit is not available with --engine ray")
+    result = run_on_ray(job)
+    log.info(
+        "ray run done: %s rows (%s ok, %s errors) in %.1f s with %d actors: output folder %s",
+        f"{result.rows:,}", f"{result.rows_ok:,}", f"{result.rows_error:,}",
+        result.seconds, result.actors, result.output,
+    )  # fmt: skip
+    if result.error_rate > job.max_error_rate:
+        _say_error(
+            f"error rate {result.error_rate:.2%} is above max_error_rate "
+            f"{job.max_error_rate:.2%}; the output was written (see the error rows' _error "
+            "column)",
             log_format,
         )
         raise typer.Exit(EXIT_TOO_MANY_ERRORS)

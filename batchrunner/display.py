@@ -223,6 +223,8 @@ def inspection_text(inspection: Inspection) -> str:
     if inspection.summary is not None:
         title = f"run summary (from the file's metadata): {summary_title(inspection.summary)}"
         sections.append(plain_table(title, summary_rows(inspection.summary)))
+    elif inspection.path.is_dir():
+        sections.append("run summary: none (a folder of parts, as --engine ray writes, has none)")
     else:
         sections.append("run summary: none in the file's metadata (not written by batchrunner run)")
     sections.append(

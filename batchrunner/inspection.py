@@ -3,7 +3,8 @@
 ``inspect_output`` streams: the row count and the summary come from the Parquet footer, the
 counts from a pass over the few ``_`` columns they need, one record batch at a time, so a
 file of any size is inspected in flat memory. A Parquet file that ``batchrunner run`` did
-not write is still counted if it has a ``_status`` column.
+not write is still counted if it has a ``_status`` column. A folder of Parquet parts (the
+output of ``--engine ray``) is read the same way, as one dataset (it has no summary).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError
@@ -67,7 +69,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     Raises ``InputError`` when the file is missing, not Parquet, or has no ``_status``.
     """
     parquet = _open(path)
-    schema = parquet.schema_arrow
+    schema = parquet.schema
     if "_status" not in schema.names:
         shown = ", ".join(schema.names[:10]) + (", ..." if len(schema.names) > 10 else "")
         raise InputError(
@@ -80,7 +82,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     error_rows: list[ErrorRow] = []
     columns = [name for name in _READ_COLUMNS if name in schema.names]
     try:
-        for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=columns):
+        for batch in parquet.to_batches(batch_size=ROWS_PER_READ, columns=columns):
             statuses.update(_value_counts(batch.column("_status"), NO_STATUS))
             errors = batch.filter(pc.equal(batch.column("_status"), STATUS_ERROR))
             if errors.num_rows:
@@ -92,7 +94,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
         raise InputError(f"{path}: cannot read it: {exc}") from None
     return Inspection(
         path=path,
-        rows=parquet.metadata.num_rows,
+        rows=parquet.count_rows(),
         summary=_summary(schema),
         statuses=tuple(statuses.most_common()),
         error_kinds=tuple(
@@ -103,13 +105,25 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     )
 
 
-def _open(path: Path) -> pq.ParquetFile:
-    if path.is_dir():
-        raise InputError(f"{path} is a folder: give an output file, e.g. out/<job>.parquet")
+def _open(path: Path) -> ds.Dataset:
+    """A file, or a folder of Parquet parts (``--engine ray``), as one dataset."""
     if not path.exists():
         raise InputError(f"no such file: {path}")
     try:
-        return pq.ParquetFile(path)
+        if path.is_dir():
+            dataset = ds.dataset(path, format="parquet")
+            if dataset.files:  # parts may differ: a field only some blocks' results had
+                schemas = [pq.read_schema(file) for file in dataset.files]
+                schema = pa.unify_schemas(schemas, promote_options="permissive")
+                dataset = ds.dataset(path, format="parquet", schema=schema)
+            if not dataset.files:
+                raise InputError(
+                    f"{path} is a folder with no Parquet parts: give an output file, e.g. "
+                    "out/<job>.parquet, or an output folder of --engine ray"
+                )
+            return dataset
+        file = pq.ParquetFile(path)  # a clear error for a file that is not Parquet
+        return ds.dataset(path, format="parquet", schema=file.schema_arrow)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(
             f"{path} is not a Parquet file ({exc}): give an output of batchrunner run"

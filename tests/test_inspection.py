@@ -130,7 +130,8 @@ def test_only_a_status_column() -> None:
         (
             lambda: Path("out").mkdir(),
             "out",
-            "out is a folder: give an output file, e.g. out/<job>.parquet",
+            "out is a folder with no Parquet parts: give an output file, e.g. out/<job>.parquet, "
+            "or an output folder of --engine ray",
         ),
         (
             lambda: pq.write_table(pa.table({"a": [1], "b": ["x"]}), "other.parquet"),
@@ -228,3 +229,18 @@ def test_inspect_refuses_with_exit_2(invoke, path: str, message: str) -> None:
     result = invoke("inspect", path)
     assert result.exit_code == 2
     assert result.stderr == message
+
+
+def test_a_folder_of_parts_is_read_as_one_output() -> None:
+    # What --engine ray writes: parts with the output's columns, in no particular order.
+    Path("parts").mkdir()
+    pq.write_table(pa.table({"_key": ["2", "1"], "_status": ["ok", "ok"]}), "parts/a.parquet")
+    pq.write_table(
+        pa.table({"_key": ["3"], "_status": ["error"], "_error_kind": ["http_503"]}),
+        "parts/b.parquet",
+    )
+    found = inspect_output(Path("parts"))
+    assert found.rows == 3
+    assert found.summary is None
+    assert found.statuses == (("ok", 2), ("error", 1))
+    assert [(kind.kind, kind.rows) for kind in found.error_kinds] == [("http_503", 1)]

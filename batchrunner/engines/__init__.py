@@ -1,0 +1,1 @@
+"""Engines other than the local asyncio pipeline (``runner``): today, Ray Data (``ray``)."""
