@@ -123,6 +123,19 @@ def _one_of(settings: BaseModel, names: tuple[str, ...]) -> list[str]:
     return [name for name in names if getattr(settings, name) is not None]
 
 
+def _require_one_secret_source(settings: BaseModel, secret: str) -> None:
+    """Exactly one of ``<secret>_env`` and ``<secret>_file`` must be set."""
+    env, file = f"{secret}_env", f"{secret}_file"
+    given = _one_of(settings, (env, file))
+    if len(given) != 1:
+        noun = "the IAM password" if secret == "password" else "the AppCode"
+        raise ValueError(
+            f"set exactly one of {env} (an environment variable holding {noun}) "
+            f"or {file} (a file holding it)"
+            + (f"; both are set: {', '.join(given)}" if given else "")
+        )
+
+
 class IamSettings(_Settings):
     """``[service.iam]``: log in to IAM with a user's password and use the token it gives.
 
@@ -147,13 +160,7 @@ class IamSettings(_Settings):
 
     @model_validator(mode="after")
     def _one_password_source(self) -> IamSettings:
-        given = _one_of(self, ("password_env", "password_file"))
-        if len(given) != 1:
-            raise ValueError(
-                "set exactly one of password_env (an environment variable holding the IAM "
-                "password) or password_file (a file holding it)"
-                + (f"; both are set: {', '.join(given)}" if given else "")
-            )
+        _require_one_secret_source(self, "password")
         return self
 
 
@@ -167,13 +174,7 @@ class AppSettings(_Settings):
 
     @model_validator(mode="after")
     def _one_appcode_source(self) -> AppSettings:
-        given = _one_of(self, ("appcode_env", "appcode_file"))
-        if len(given) != 1:
-            raise ValueError(
-                "set exactly one of appcode_env (an environment variable holding the AppCode) "
-                "or appcode_file (a file holding it)"
-                + (f"; both are set: {', '.join(given)}" if given else "")
-            )
+        _require_one_secret_source(self, "appcode")
         return self
 
 
