@@ -118,6 +118,53 @@ def test_three_nights_on_a_growing_parquet(invoke) -> None:
     assert pq.read_metadata(SEEN).num_rows == 35
 
 
+def png(color: tuple[int, int, int]) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_three_nights_on_an_image_folder(invoke) -> None:
+    red, blue = png((220, 20, 30)), png((20, 40, 210))
+    folder = Path("drop")
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(red)
+    job = write_job(
+        Path("photos.toml"),
+        'name = "photos"\n[input]\npath = "drop"\nincremental = true\n'
+        '[service]\nurl = "embedded:colors"\n',
+    )
+
+    first, summary = night(invoke, job, 1)
+    assert first.exit_code == 0, first.stderr
+    assert keys_of("out/night1.parquet") == ["a/1.png", "a/2.png", "b/3.png"]
+    assert summary["requests"] == 3
+
+    # Night two: one file arrives, one is replaced by another picture (a new size and time).
+    (folder / "b" / "4.png").write_bytes(red)
+    time.sleep(0.01)  # a modification time the file system can tell apart
+    (folder / "a" / "2.png").write_bytes(blue + b"\0")
+    second, summary = night(invoke, job, 2)
+    assert second.exit_code == 0, second.stderr
+    sent = read_output("out/night2.parquet")
+    assert [row["_key"] for row in sent] == ["a/2.png", "b/4.png"]
+    assert [row["predicted_label"] for row in sent] == ["blue", "red"]
+    assert summary["requests"] == 2
+    assert summary["rows"]["skipped"] == 2
+
+    # Night three: nothing new: exit 0, an empty output, nothing sent.
+    third, summary = night(invoke, job, 3)
+    assert third.exit_code == 0, third.stderr
+    assert pq.read_table("out/night3.parquet").num_rows == 0
+    assert summary["requests"] == 0
+    assert summary["rows"]["skipped"] == 4
+
+
 def test_a_row_that_keeps_failing_is_sent_every_night(invoke) -> None:
     rows = iris_like(12)
     rows[4]["sepal_length"] = None
