@@ -123,7 +123,7 @@ class Dispatcher:
         return [*first.result(), *second.result()]
 
     async def _send_whole(self, batch: Batch) -> tuple[Outcome, RequestError | None]:
-        latencies: list[float] = []
+        last_latency: float | None = None
         attempt = 0  # requests sent so far
         tries = 0  # attempts of the retry budget (a token IAM could not give is one)
         renewals = 0  # sends answered by a renewed token: they do not count as retries
@@ -138,7 +138,7 @@ class Dispatcher:
                     request = await self._encode(batch)
                 except RequestError as unfit:
                     # Nothing of this attempt was sent; the same item would fail the same way.
-                    return self._failed(batch, unfit, attempt, latencies, None, None), unfit
+                    return self._failed(batch, unfit, attempt, last_latency, None, None), unfit
                 if len(request.body) > self._max_request_bytes:
                     too_big = RequestError(
                         f"the request would be {len(request.body):,} bytes, over "
@@ -147,7 +147,7 @@ class Dispatcher:
                         retryable=False,
                         row_specific=True,
                     )
-                    return self._failed(batch, too_big, attempt, latencies, None, None), too_big
+                    return self._failed(batch, too_big, attempt, last_latency, None, None), too_big
                 if self._rate is not None:
                     await self._rate.acquire()
                 # Encoding and the rate limit may have waited: a renewal or a fatal answer
@@ -165,7 +165,7 @@ class Dispatcher:
                         request.body, request.content_type, token=token
                     )
                     http_status = response.status
-                    latencies.append(response.latency_ms)
+                    last_latency = response.latency_ms
                     self._stats.latency.add(response.latency_ms)
                     self._limiter.feedback(
                         response.latency_ms, pushed_back=response.status in PUSH_BACK_STATUSES
@@ -184,7 +184,6 @@ class Dispatcher:
                         attempts=attempt,
                         latency_ms=response.latency_ms,
                         request_uuid=sent_uuid,
-                        latencies_ms=latencies,
                     )
                     return outcome, None
                 except RequestError as failure:
@@ -209,7 +208,7 @@ class Dispatcher:
                 continue
             delay = self._policy.delay(tries - renewals, error, self._rng)
             if delay is None:
-                outcome = self._failed(batch, error, attempt, latencies, http_status, sent_uuid)
+                outcome = self._failed(batch, error, attempt, last_latency, http_status, sent_uuid)
                 return outcome, error
             if self._stopping.is_set():
                 raise _Dropped
@@ -281,7 +280,7 @@ class Dispatcher:
         batch: Batch,
         error: RequestError,
         attempts: int,
-        latencies: list[float],
+        latency_ms: float | None,
         http_status: int | None,
         request_uuid: str | None,
     ) -> Outcome:
@@ -292,9 +291,8 @@ class Dispatcher:
             error_kind=error.kind,
             http_status=http_status,
             attempts=attempts,
-            latency_ms=latencies[-1] if latencies else None,
+            latency_ms=latency_ms,
             request_uuid=request_uuid,
-            latencies_ms=latencies,
         )
 
 

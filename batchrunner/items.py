@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class Outcome:
     attempts: int = 0
     latency_ms: float | None = None
     request_uuid: str | None = None
-    latencies_ms: Sequence[float] = field(default_factory=tuple)  # every attempt's latency
 
     @property
     def ok(self) -> bool:

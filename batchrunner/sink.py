@@ -261,7 +261,6 @@ class Journal:
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
         self._next_part = 0
-        self.rows_written = 0
 
     def append(self, batch: pa.RecordBatch) -> None:
         if self._schema is not None and _fits(batch.schema, self._schema):
@@ -274,7 +273,6 @@ class Journal:
             batch = conform(batch, schema)
         assert self._writer is not None
         self._writer.write_batch(batch)
-        self.rows_written += batch.num_rows
 
     def _open_part(self, schema: pa.Schema) -> None:
         self.close()
