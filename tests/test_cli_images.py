@@ -443,6 +443,18 @@ def echo_key(call: Call) -> web.Response:
     return web.json_response({"file": payload.decode()})
 
 
+def refusing_after_two() -> tuple[dict[str, bool], Any]:
+    """A handler that echoes two files, then refuses the token while ``refuse["token"]``."""
+    refuse = {"token": True}
+
+    async def handle(call: Call) -> web.Response:
+        if call.number >= 2 and refuse["token"]:
+            return gateway_error(401, "APIG.0301", "token expires")
+        return echo_key(call)
+
+    return refuse, handle
+
+
 def put_keyed(*keys: str) -> None:
     for key in keys:
         put(Path("photos") / key, key.encode())
@@ -456,13 +468,7 @@ def assert_each_row_has_its_own_result(keys: list[str]) -> None:
 
 def test_an_image_run_resumes_and_takes_files_added_after_what_it_finished(invoke) -> None:
     put_keyed(*RESUMED)
-    refuse = {"token": True}
-
-    async def handle(call: Call) -> web.Response:
-        if call.number >= 2 and refuse["token"]:
-            return gateway_error(401, "APIG.0301", "token expires")
-        return echo_key(call)
-
+    refuse, handle = refusing_after_two()
     with ThreadedServer(handle) as server:
         job = image_job(server, concurrency=1)
         first = invoke("run", str(job))
@@ -546,13 +552,7 @@ def test_an_aborted_image_run_whose_subfolders_lost_files_is_not_resumed(
     invoke, removed: list[str], message: str
 ) -> None:
     put_keyed(*RESUMED)
-    refuse = {"token": True}
-
-    async def handle(call: Call) -> web.Response:
-        if call.number >= 2 and refuse["token"]:
-            return gateway_error(401, "APIG.0301", "token expires")
-        return echo_key(call)
-
+    refuse, handle = refusing_after_two()
     with ThreadedServer(handle) as server:
         job = image_job(server, concurrency=1)
         assert invoke("run", str(job)).exit_code == 3  # a/1.png and a/2.png finished
