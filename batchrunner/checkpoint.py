@@ -38,8 +38,8 @@ from batchrunner.job import fingerprint, identity_changes
 from batchrunner.report import RunStats
 from batchrunner.retry import is_transient_kind
 from batchrunner.sink import (
-    SEQ,
     Journal,
+    by_batch,
     journal_parts,
     next_generation,
     read_journal,
@@ -175,8 +175,7 @@ def _resume(paths: StatePaths, stats: RunStats) -> Checkpoint:
         shutil.rmtree(compacted)
     generation = next_generation(paths.state)
     journal = Journal(compacted, generation)
-    for batch in read_journal(old_parts):
-        seq = batch.column(SEQ)[0].as_py()
+    for seq, batch in (piece for message in read_journal(old_parts) for piece in by_batch(message)):
         if seq < len(finished) and finished[seq]:
             continue
         if _worth_resending(batch):

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from batchrunner.auth import Secret, TokenProvider
 from batchrunner.client import ServiceClient
@@ -54,6 +56,8 @@ PUSH_BACK_STATUSES = frozenset({429, 503})
 # project), and renewing again would only log in forever.
 MAX_RENEWALS_IN_A_ROW = 3
 UNAUTHORIZED = 401
+# Files up to this size are read on the event loop (see _small_file).
+READ_ON_LOOP_BYTES = 256 * 1024
 
 
 class _Dropped(Exception):
@@ -225,7 +229,8 @@ class Dispatcher:
 
     async def _encode(self, batch: Batch) -> EncodedRequest:
         request_uuid = str(uuid.uuid4())
-        if batch.path is not None:  # reading a file may block: off the event loop
+        if batch.path is not None and not _small_file(batch.path):
+            # Reading a large file takes a while: off the event loop.
             return await asyncio.to_thread(self._codec.encode, batch, request_uuid)
         return self._codec.encode(batch, request_uuid)
 
@@ -294,6 +299,19 @@ class Dispatcher:
             latency_ms=latency_ms,
             request_uuid=request_uuid,
         )
+
+
+def _small_file(path: Path) -> bool:
+    """Whether ``path`` is a file small enough to read on the event loop.
+
+    Reading a small file takes a few system calls (tens of microseconds); a hop to a worker
+    thread costs more than that, and the worker's Python code holds the lock the event loop
+    needs for its own. Anything else (large, or a stat that fails) is read in a worker.
+    """
+    try:
+        return os.stat(path).st_size <= READ_ON_LOOP_BYTES
+    except OSError:
+        return False
 
 
 def _fatal_error(error: RequestError, renewals_in_a_row: int = 0) -> ServiceError:

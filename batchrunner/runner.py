@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ OUTCOME_ABORTED = "aborted"
 NOT_SENT = "not_sent"
 # How many failed batches are logged one by one before the log only counts them.
 LOGGED_FAILURES = 20
+# Batches that finished together share a journal message of up to about this many rows.
+JOURNAL_MESSAGE_ROWS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,32 +601,50 @@ class Runner:
             await outcomes.put(finished)
 
     async def _write(self, outcomes: asyncio.Queue[list[Outcome] | None], journal: Journal) -> None:
-        while (finished := await outcomes.get()) is not None:
-            self._journal(finished, journal)
+        # What finished together goes in one journal message: one table to build and one
+        # write for many small batches (an image each) rather than one per batch.
+        ended = False
+        while not ended and (finished := await outcomes.get()) is not None:
+            together = [finished]
+            rows = sum(len(outcome.batch) for outcome in finished)
+            while rows < JOURNAL_MESSAGE_ROWS and not outcomes.empty():
+                more = outcomes.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                together.append(more)
+                rows += sum(len(outcome.batch) for outcome in more)
+            self._journal(together, journal)
 
-    def _journal(self, finished: list[Outcome], journal: Journal) -> None:
-        seq = finished[0].batch.seq
-        kept = self._kept_names(finished[0].batch)
-        journal.append(outcome_table(finished, kept, self._field_types))
-        if seq >= len(self._finished):
-            self._finished.extend(bytes(seq + 1 - len(self._finished)))
-        self._finished[seq] = 1
-        for outcome in finished:
-            rows = len(outcome.batch)
-            if outcome.ok:
-                self.stats.rows_ok += rows
-                continue
-            self.stats.rows_error += rows
-            kind = outcome.error_kind or "error"
-            message = outcome.error or ""
-            self.stats.record_error_rows(kind, rows, outcome.batch.keys[0], message)
-            if kind == NOT_SENT:
-                continue
-            self._failures_logged += 1
-            if self._failures_logged <= LOGGED_FAILURES:
-                _log_failure(outcome)
-            elif self._failures_logged == LOGGED_FAILURES + 1:
-                log.warning("more batches failed; the summary counts them all")
+    def _journal(self, together: list[list[Outcome]], journal: Journal) -> None:
+        """Journal the outcomes of one or more batches (``together``: each batch's, in row
+        order), then count them."""
+        kept = self._kept_names(together[0][0].batch)
+        journal.append(outcome_table(list(chain.from_iterable(together)), kept, self._field_types))
+        for finished in together:
+            seq = finished[0].batch.seq
+            if seq >= len(self._finished):
+                self._finished.extend(bytes(seq + 1 - len(self._finished)))
+            self._finished[seq] = 1
+            for outcome in finished:
+                self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        rows = len(outcome.batch)
+        if outcome.ok:
+            self.stats.rows_ok += rows
+            return
+        self.stats.rows_error += rows
+        kind = outcome.error_kind or "error"
+        message = outcome.error or ""
+        self.stats.record_error_rows(kind, rows, outcome.batch.keys[0], message)
+        if kind == NOT_SENT:
+            return
+        self._failures_logged += 1
+        if self._failures_logged <= LOGGED_FAILURES:
+            _log_failure(outcome)
+        elif self._failures_logged == LOGGED_FAILURES + 1:
+            log.warning("more batches failed; the summary counts them all")
 
     @staticmethod
     def _kept_names(batch: Batch) -> list[str]:
@@ -638,7 +658,7 @@ class Runner:
             if batch.seq >= len(self._rows_per_batch):
                 self._count_read(batch)
             if len(batch) and not self._is_finished(batch.seq):
-                self._journal([Outcome(batch, None, error=message, error_kind=NOT_SENT)], journal)
+                self._journal([[Outcome(batch, None, error=message, error_kind=NOT_SENT)]], journal)
         self._check_nothing_finished_beyond_input()
 
     async def _report(self) -> None:

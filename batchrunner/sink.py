@@ -1,13 +1,14 @@
 """Where results go: a journal of finished batches, then one Parquet file in input order.
 
-While the run goes, each finished batch becomes one Arrow record batch appended to a journal
-part (Arrow IPC stream files in a state folder beside the output), in the order batches
-finish: nothing is held back, so a crash loses only what was in flight. At the end,
-``assemble`` indexes the parts (where each batch's message starts), checks that every batch
-is there exactly once with all its rows, merges the schemas (a field that appears later is
-added; types that disagree become JSON text), then reads the batches back in input order,
-each from its place, and writes the Parquet file aside before renaming it into place.
-Memory holds the index (a few bytes per batch), never the results.
+While the run goes, finished batches are appended to a journal part (Arrow IPC stream files
+in a state folder beside the output) in the order they finish: the batches that finished
+together become one record batch (a message), nothing is held back, so a crash loses only
+what was in flight. At the end, ``assemble`` indexes the parts (where each batch's message
+starts and its row there), checks that every batch is there exactly once with all its rows,
+merges the schemas (a field that appears later is added; types that disagree become JSON
+text), then reads the batches back in input order, each from its place, and writes the
+Parquet file aside before renaming it into place. Memory holds the index (a few bytes per
+batch), never the results.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import operator
 import os
 import sys
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, chain, repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrunner.errors import CoverageError
@@ -61,6 +65,9 @@ ROW_GROUP_ROWS = 64 * 1024
 # Batches waiting for their row group are merged this many at a time: a batch of one row
 # (an image) costs kilobytes as separate Arrow buffers, and a row group holds 65,536 of them.
 MERGE_BATCHES = 1024
+# Up to this many rows, a value per outcome is spread over its rows in a Python list; above,
+# by run-end decoding (in C, but about 40 us a call).
+SPREAD_IN_PYTHON = 4096
 
 
 # --- one outcome as a table ------------------------------------------------------------------
@@ -71,43 +78,69 @@ def outcome_table(
     kept_names: Sequence[str] = (),
     hints: dict[str, pa.DataType] | None = None,
 ) -> pa.RecordBatch:
-    """The output rows of one batch (one or more outcomes, in row order) plus ``_seq``.
+    """The output rows of ``outcomes`` plus ``_seq``, one outcome's rows after another's.
 
-    ``hints`` (one dict per run, filled as it goes) remembers the result fields' types.
+    The outcomes may come from several batches (the writer journals what finished together
+    in one message); each batch's outcomes must be together and in row order. Columns are
+    built once for all of them: the per-outcome values (status, error, latency, ...) are
+    spread over their rows by run-end decoding, in C. ``hints`` (one dict per run, filled
+    as it goes) remembers the result fields' types.
     """
-    parts = [_single_outcome_table(outcome, kept_names, hints) for outcome in outcomes]
-    if len(parts) == 1:
-        return parts[0]
-    schema = merge_schemas([part.schema for part in parts])
-    return pa.concat_batches([conform(part, schema) for part in parts])
+    outcomes = [outcome for outcome in outcomes if len(outcome.batch)]
+    lengths = [len(outcome.batch) for outcome in outcomes]
+    total = sum(lengths)
+    run_ends = pa.array(list(accumulate(lengths)), pa.int64()) if total > SPREAD_IN_PYTHON else None
 
+    def spread(values: list[Any], type_: pa.DataType) -> pa.Array:
+        first = values[0]
+        if all(value == first for value in values):  # status, error, attempts mostly
+            return _constant(first, type_, total)
+        if total <= SPREAD_IN_PYTHON:
+            return pa.array(list(chain.from_iterable(map(repeat, values, lengths))), type_)
+        decoded = pc.run_end_decode(
+            pa.RunEndEncodedArray.from_arrays(run_ends, pa.array(values, type_))
+        )
+        return cast(pa.Array, decoded)
 
-def _single_outcome_table(
-    outcome: Outcome, kept_names: Sequence[str], hints: dict[str, pa.DataType] | None
-) -> pa.RecordBatch:
-    batch = outcome.batch
-    n = len(batch)
     columns: dict[str, pa.Array] = {
-        SEQ: pa.repeat(pa.scalar(batch.seq, pa.int64()), n),
-        "_key": pa.array(batch.keys, pa.string()),
-        "_status": _constant(STATUS_OK if outcome.ok else STATUS_ERROR, pa.string(), n),
-        "_error": _constant(outcome.error, pa.string(), n),
-        "_error_kind": _constant(outcome.error_kind, pa.string(), n),
-        "_http_status": _constant(outcome.http_status, pa.int32(), n),
-        "_attempts": _constant(outcome.attempts, pa.int32(), n),
-        "_latency_ms": _constant(outcome.latency_ms, pa.float64(), n),
-        "_request_uuid": _constant(outcome.request_uuid, pa.string(), n),
+        SEQ: spread([outcome.batch.seq for outcome in outcomes], pa.int64()),
+        "_key": pa.array(
+            list(chain.from_iterable(outcome.batch.keys for outcome in outcomes)), pa.string()
+        ),
+        "_status": spread(
+            [STATUS_OK if outcome.ok else STATUS_ERROR for outcome in outcomes], pa.string()
+        ),
+        "_error": spread([outcome.error for outcome in outcomes], pa.string()),
+        "_error_kind": spread([outcome.error_kind for outcome in outcomes], pa.string()),
+        "_http_status": spread([outcome.http_status for outcome in outcomes], pa.int32()),
+        "_attempts": spread([outcome.attempts for outcome in outcomes], pa.int32()),
+        "_latency_ms": spread([outcome.latency_ms for outcome in outcomes], pa.float64()),
+        "_request_uuid": spread([outcome.request_uuid for outcome in outcomes], pa.string()),
     }
     taken = set(columns) | set(kept_names)
-    if outcome.results is not None:
-        for name, values in _result_columns(outcome.results, hints).items():
-            columns[_result_name(name, taken)] = values
-    if batch.kept is not None:
-        for name, column in zip(batch.kept.schema.names, batch.kept.columns, strict=True):
-            # the journal is read back message by message: no dictionary messages in it
-            is_dictionary = pa.types.is_dictionary(column.type)
-            columns[name] = column.dictionary_decode() if is_dictionary else column
+    for name, values in _result_columns(outcomes, total, hints).items():
+        columns[_result_name(name, taken)] = values
+    kept = [outcome.batch.kept for outcome in outcomes if outcome.batch.kept is not None]
+    if kept:
+        if len(kept) != len(outcomes):
+            raise ValueError("either every batch keeps input columns or none does")
+        # the journal is read back message by message: no dictionary messages in it
+        kept = [_decode_dictionaries(part) for part in kept]
+        schema = merge_schemas([part.schema for part in kept])
+        whole = pa.concat_batches([conform(part, schema) for part in kept])
+        for name, column in zip(whole.schema.names, whole.columns, strict=True):
+            columns[name] = column
     return pa.RecordBatch.from_pydict(columns)
+
+
+def _decode_dictionaries(batch: pa.RecordBatch) -> pa.RecordBatch:
+    if not any(pa.types.is_dictionary(field.type) for field in batch.schema):
+        return batch
+    columns = [
+        column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+        for column in batch.columns
+    ]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _result_name(name: str, taken: set[str]) -> str:
@@ -124,9 +157,29 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def _result_columns(
-    results: list[dict[str, Any]], hints: dict[str, pa.DataType] | None
+    outcomes: Sequence[Outcome], total: int, hints: dict[str, pa.DataType] | None
 ) -> dict[str, pa.Array]:
-    return {name: _to_array(values, name, hints) for name, values in _transpose(results)}
+    """The result fields of the outcomes that succeeded, null in the rows of those that
+    failed."""
+    answered = [outcome.results for outcome in outcomes if outcome.results is not None]
+    if not answered:
+        return {}
+    results = answered[0] if len(answered) == 1 else list(chain.from_iterable(answered))
+    columns = {name: _to_array(values, name, hints) for name, values in _transpose(results)}
+    if len(results) == total:
+        return columns
+    # Some outcomes failed: where each row's result is (null for a failed outcome's rows).
+    positions: list[int | None] = []
+    done = 0
+    for outcome in outcomes:
+        rows = len(outcome.batch)
+        if outcome.results is None:
+            positions.extend([None] * rows)
+        else:
+            positions.extend(range(done, done + rows))
+            done += rows
+    where = pa.array(positions, pa.int64())
+    return {name: column.take(where) for name, column in columns.items()}
 
 
 def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
@@ -162,10 +215,15 @@ def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
 # column refuses non-strings, and a float column is checked for booleans (which it would
 # otherwise take as 0.0 and 1.0) before the hint is used.
 _HINTABLE = (pa.float64(), pa.string())
+# The hint of a field whose values came in types no Arrow type holds (["rose", 0.9]): JSON
+# text. Once JSON text, its column in the output is JSON text whatever comes later.
+JSON_TEXT = pa.large_string()
 
 
 def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None) -> pa.Array:
     hint = hints.get(name) if hints is not None else None
+    if hint is JSON_TEXT:
+        return pa.array([_json_text(value) for value in values], pa.string())
     if hint is not None and (hint == pa.string() or not any(type(v) is bool for v in values)):
         try:
             return pa.array(values, hint)
@@ -174,7 +232,10 @@ def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None
     try:
         array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        # Values whose types disagree (a number here, a string there): keep them all, as JSON.
+        # Values whose types disagree (a number here, a string there): keep them all, as JSON
+        # text, from now on without trying (a failed inference costs more than converting).
+        if hints is not None:
+            hints[name] = JSON_TEXT
         return pa.array([_json_text(value) for value in values], pa.string())
     if hints is not None and array.type in _HINTABLE:
         hints[name] = array.type
@@ -335,20 +396,42 @@ def read_journal(parts: Sequence[Path]) -> Iterator[pa.RecordBatch]:
 # --- assembly ------------------------------------------------------------------------------------
 
 
+def by_batch(message: pa.RecordBatch) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """A journal message's batches: (seq, its rows), in the order they were written.
+
+    A message holds the rows of one or more batches, each batch's rows together."""
+    if message.num_rows == 0:
+        return
+    seqs = message.column(SEQ)
+    first = seqs[0].as_py()
+    # The common case, one batch, is checked in C without a loop.
+    if seqs[-1].as_py() == first and pc.all(pc.equal(seqs, first)).as_py():
+        yield first, message
+        return
+    runs = pc.run_end_encode(seqs)
+    start = 0
+    for seq, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+        yield seq, message.slice(start, end - start)
+        start = end
+
+
 @dataclass
 class _Index:
-    """Where each batch of the journal is: its part, and its message's offset there."""
+    """Where each batch of the journal is: its part, its message's offset there, and the
+    row its rows start at in that message."""
 
     parts: list[Path]
     schemas: list[pa.Schema]
     part_of: array[int]
     offset_of: array[int]
+    row_of: array[int]
 
 
 def _index_journal(parts: Sequence[Path], rows_per_batch: array[int]) -> _Index:
     expected = len(rows_per_batch)
     part_of = array("i", [-1]) * expected
     offset_of = array("q", [0]) * expected
+    row_of = array("q", [0]) * expected
     schemas = []
     for number, part in enumerate(parts):
         with pa.OSFile(str(part), "rb") as source:
@@ -357,23 +440,26 @@ def _index_journal(parts: Sequence[Path], rows_per_batch: array[int]) -> _Index:
             while True:
                 offset = source.tell()
                 try:
-                    batch = reader.read_next_batch()
+                    message = reader.read_next_batch()
                 except StopIteration:
                     break
-                seq = batch.column(0)[0].as_py() if batch.num_rows else -1
-                if not 0 <= seq < expected:
-                    raise CoverageError(_coverage_message(f"batch {seq} was not read"))
-                if part_of[seq] >= 0:
-                    raise CoverageError(_coverage_message(f"batch {seq} appears twice"))
-                if batch.num_rows != rows_per_batch[seq]:
-                    raise CoverageError(
-                        _coverage_message(
-                            f"batch {seq} has {batch.num_rows} result rows "
-                            f"for {rows_per_batch[seq]} input rows"
+                row = 0
+                for seq, batch in by_batch(message):
+                    if not 0 <= seq < expected:
+                        raise CoverageError(_coverage_message(f"batch {seq} was not read"))
+                    if part_of[seq] >= 0:
+                        raise CoverageError(_coverage_message(f"batch {seq} appears twice"))
+                    if batch.num_rows != rows_per_batch[seq]:
+                        raise CoverageError(
+                            _coverage_message(
+                                f"batch {seq} has {batch.num_rows} result rows "
+                                f"for {rows_per_batch[seq]} input rows"
+                            )
                         )
-                    )
-                part_of[seq] = number
-                offset_of[seq] = offset
+                    part_of[seq] = number
+                    offset_of[seq] = offset
+                    row_of[seq] = row
+                    row += batch.num_rows
     # A batch left with no rows (every row done by an earlier run: input.incremental) was not
     # sent, so it has nothing in the journal; it is covered as it is.
     missing = [seq for seq in range(expected) if part_of[seq] < 0 and rows_per_batch[seq]]
@@ -382,21 +468,39 @@ def _index_journal(parts: Sequence[Path], rows_per_batch: array[int]) -> _Index:
         raise CoverageError(
             _coverage_message(f"{len(missing)} of {expected} batches have no results ({shown})")
         )
-    return _Index(list(parts), schemas, part_of, offset_of)
+    return _Index(list(parts), schemas, part_of, offset_of, row_of)
 
 
-def _in_input_order(index: _Index) -> Iterator[pa.RecordBatch]:
+# Messages read back and kept for the batches after: batches finish roughly in input order,
+# so those journaled together are mostly read back close together.
+_CACHED_MESSAGES = 16
+
+
+def _in_input_order(index: _Index, rows_per_batch: array[int]) -> Iterator[pa.RecordBatch]:
     # Batches finish out of order and resumed runs add parts: read each one from its place.
     sources = [pa.OSFile(str(part), "rb") for part in index.parts]
+    cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
     try:
         for seq in range(len(index.part_of)):
             number = index.part_of[seq]
             if number < 0:
                 continue  # a batch with no rows (see _index_journal)
-            source = sources[number]
-            source.seek(index.offset_of[seq])
-            message = pa.ipc.read_message(source)
-            yield pa.ipc.read_record_batch(message, index.schemas[number])
+            where = (number, index.offset_of[seq])
+            message = cache.get(where)
+            if message is None:
+                source = sources[number]
+                source.seek(where[1])
+                message = pa.ipc.read_record_batch(
+                    pa.ipc.read_message(source), index.schemas[number]
+                )
+                cache[where] = message
+                if len(cache) > _CACHED_MESSAGES:
+                    cache.popitem(last=False)
+            rows = rows_per_batch[seq]
+            if rows == message.num_rows:
+                yield message
+            else:
+                yield message.slice(index.row_of[seq], rows)
     finally:
         for source in sources:
             source.close()
@@ -429,7 +533,7 @@ def assemble(
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
             merged = 0  # pending[:merged] are merged runs of batches; the rest as read
-            for batch in _in_input_order(index):
+            for batch in _in_input_order(index, rows_per_batch):
                 pending.append(conform(batch.drop_columns([SEQ]), schema))
                 pending_rows += batch.num_rows
                 if len(pending) - merged >= MERGE_BATCHES:

@@ -259,3 +259,92 @@ def test_one_row_batches_are_merged_once_and_keep_their_order(
     assert pq.read_table(output).column("_key").to_pylist() == [f"k{i:02d}" for i in range(25)]
     metadata = pq.ParquetFile(output).metadata
     assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10, 10, 5]
+
+
+def test_batches_that_finished_together_share_one_message(tmp_path: Path) -> None:
+    # The writer journals what finished together as one message: batches out of input
+    # order, ok and failed, and split batches (two outcomes of one seq) side by side.
+    together = [
+        ok(3, ["g"], [{"label": "g", "p": 0.5}]),
+        failed(1, ["c", "d"]),
+        ok(0, ["a"], [{"label": "a", "p": 1.0}]),
+        failed(0, ["b"]),  # batch 0 was split: its first row ok, its second refused
+    ]
+    first = outcome_table(together, (), {})
+    assert first.column("_seq").to_pylist() == [3, 1, 1, 0, 0]
+    assert first.column("label").to_pylist() == ["g", None, None, "a", None]
+    assert first.column("_status").to_pylist() == ["ok", "error", "error", "ok", "error"]
+    assert first.column("_attempts").to_pylist() == [1, 5, 5, 1, 5]
+    second = outcome_table([ok(2, ["e", "f"], [{"label": "e"}, {"label": "f"}])])
+    state = journal_of(tmp_path, [first, second])
+    assert len(journal_parts(state)) == 1
+    output = tmp_path / "out.parquet"
+    assert assemble(state, output, array("q", [2, 2, 2, 1])) == 7
+    table = pq.read_table(output)
+    assert table.column("_key").to_pylist() == ["a", "b", "c", "d", "e", "f", "g"]
+    assert table.column("label").to_pylist() == ["a", None, None, None, "e", "f", "g"]
+    assert table.column("p").to_pylist() == [1.0, None, None, None, None, None, 0.5]
+    assert table.column("_error").to_pylist()[:4] == [None, "HTTP 503", "HTTP 503", "HTTP 503"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "rows", "message"),
+    [
+        ([[0, 1], [1]], [1, 1], "batch 1 appears twice"),
+        ([[0, 1, 0]], [1, 1], "batch 0 appears twice"),  # a batch's rows apart
+        ([[0, 2]], [1, 1, 1], "1 of 3 batches have no results (1)"),
+        ([[1, 0]], [2, 1], "batch 0 has 1 result rows for 2 input rows"),
+    ],
+)
+def test_shared_messages_are_checked_batch_by_batch(
+    tmp_path: Path, messages: list[list[int]], rows: list[int], message: str
+) -> None:
+    tables = [outcome_table([ok(s, [f"k{s}"], [{}]) for s in seqs]) for seqs in messages]
+    state = journal_of(tmp_path, tables)
+    with pytest.raises(CoverageError, match=re.escape(message)):
+        assemble(state, tmp_path / "o.parquet", array("q", rows))
+
+
+def test_kept_columns_of_batches_journaled_together() -> None:
+    # Batches of one run may keep columns whose types were widened between them, and a
+    # dictionary column is journaled decoded.
+    first = pa.RecordBatch.from_pydict({"x": pa.array([1], pa.int64())})
+    dictionary = pa.array(["red"]).dictionary_encode()
+    second = pa.RecordBatch.from_pydict({"x": pa.array([2.5], pa.float64())})
+    third = pa.RecordBatch.from_arrays([pa.array([3.0])], names=["x"])
+    outcomes = [
+        Outcome(batch(0, ["a"], kept=first), [{"v": 1}], attempts=1),
+        Outcome(batch(1, ["b"], kept=second), [{"v": 2}], attempts=1),
+        Outcome(batch(2, ["c"], kept=third), None, error="HTTP 500", error_kind="http_500"),
+    ]
+    table = outcome_table(outcomes, ["x"])
+    assert table.column("x").type == pa.float64()
+    assert table.column("x").to_pylist() == [1.0, 2.5, 3.0]
+    assert table.column("v").to_pylist() == [1, 2, None]
+    coloured = Outcome(
+        batch(0, ["a"], kept=pa.RecordBatch.from_arrays([dictionary], names=["c"])), [{}]
+    )
+    assert outcome_table([coloured], ["c"]).column("c").type == pa.string()
+
+
+def test_a_field_once_json_text_stays_json_text_without_trying_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ["rose", 0.9] has no Arrow type: a failed inference costs more than the conversion, so
+    # the field is remembered as JSON text; later values of it are JSON text as the merged
+    # output column would make them anyway.
+    hints: dict[str, pa.DataType] = {}
+    first = outcome_table([ok(0, ["a"], [{"scores": [["rose", 0.9]]}])], (), hints)
+    assert first.column("scores").to_pylist() == ['[["rose",0.9]]']
+    inferred: list[object] = []
+    array = pa.array
+
+    def spying(values: object, type_: object = None, **options: object) -> pa.Array:
+        if type_ is None:
+            inferred.append(values)
+        return array(values, type_, **options)
+
+    monkeypatch.setattr(sink.pa, "array", spying)
+    later = outcome_table([ok(1, ["b", "c"], [{"scores": [[0.5]]}, {"scores": None}])], (), hints)
+    assert later.column("scores").to_pylist() == ["[[0.5]]", None]
+    assert inferred == []

@@ -92,7 +92,7 @@ def choose_boundary(seed: str, content: bytes) -> str:
     A boundary found inside the file would cut it short; a random seed makes that all but
     impossible, and the check makes it impossible.
     """
-    base = "batchrunner-" + "".join(c for c in seed if c.isalnum())
+    base = "batchrunner-" + "".join(filter(str.isalnum, seed))
     boundary, extra = base, 0
     while f"--{boundary}".encode("ascii") in content:
         extra += 1
@@ -127,8 +127,12 @@ def read_file(path: Path, max_bytes: int) -> bytes:
             raise _unreadable("not a regular file")
         if status.st_size > max_bytes:
             raise _too_large(status.st_size, max_bytes)
-        with open(descriptor, "rb", closefd=False) as file:
-            content = file.read(max_bytes + 1)
+        with open(descriptor, "rb", buffering=0, closefd=False) as file:
+            # What fstat says plus one byte (a buffer of max_bytes would be allocated, and
+            # given back, for every file), then the rest if the file grew meanwhile.
+            content = file.read(status.st_size + 1)
+            if len(content) > status.st_size:
+                content += file.read(max_bytes + 1 - len(content))
     except OSError as exc:
         raise _unreadable(exc.strerror or str(exc)) from None
     finally:
