@@ -206,6 +206,26 @@ def test_each_file_is_sent_as_a_form_under_the_jobs_field(invoke, photos: dict[s
     assert rows[0]["scores"] == [["rose", "0.990"]]  # strings stay as they came
 
 
+def test_small_and_large_files_arrive_whole(invoke) -> None:
+    # Files up to 256 KiB are read on the event loop, larger ones in a worker thread.
+    small = os.urandom(1000)
+    large = os.urandom(300 * 1024 + 7)
+    put(Path("photos/a-small.png"), small)
+    put(Path("photos/b-large.png"), large)
+
+    async def handle(call: Call) -> web.Response:
+        return classify(call)
+
+    with ThreadedServer(handle) as server:
+        result = invoke("run", str(image_job(server)))
+    assert result.exit_code == 0, result.stderr
+    sent = {}
+    for call in server.calls:
+        part = parse_form(call)
+        sent[part.get_filename()] = part.get_payload(decode=True)
+    assert sent == {"a-small.png": small, "b-large.png": large}
+
+
 def test_a_file_too_large_is_an_error_row_without_a_request(invoke) -> None:
     put(Path("photos/small.png"), b"s" * 100)
     put(Path("photos/huge.png"), b"h" * 5000)

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import BodyPartReader, web
 
 from batchrunner.errors import RequestError
+from batchrunner.protocols import multipart
 from batchrunner.protocols.multipart import (
     choose_boundary,
     content_type_of,
@@ -180,6 +181,30 @@ def test_a_file_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
     assert caught.value.kind == "file_too_large"
     assert not caught.value.retryable
     assert caught.value.message.startswith("the file is 6 bytes; at most 5 fit in one request")
+
+
+@pytest.mark.parametrize(("limit", "refused"), [(100, False), (50, True)])
+def test_a_file_that_grows_after_its_size_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, refused: bool
+) -> None:
+    # fstat said 10 bytes; the file holds 60 by the time it is read: all of it is read, up
+    # to the limit (and one byte beyond, to know it is over).
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"g" * 60)
+    real = os.fstat
+
+    def stale(descriptor: int) -> os.stat_result:
+        fields = list(real(descriptor))
+        fields[6] = 10  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(multipart.os, "fstat", stale)
+    if not refused:
+        assert read_file(path, limit) == b"g" * 60
+        return
+    with pytest.raises(RequestError) as caught:
+        read_file(path, limit)
+    assert caught.value.kind == "file_too_large"
 
 
 @pytest.mark.parametrize(
