@@ -82,8 +82,15 @@ class AdaptiveLimiter(ConcurrencyLimiter):
 
     - Start at ``initial``; until the first push-back, grow by half a request per answer
       (slow start: the bound grows by half every round trip).
-    - After that, grow by ``1 / limit`` per answer (one per round trip), and by a tenth of
-      that within one of the bound at which the service last pushed back.
+    - After that, grow by ``1 / limit`` per answer (one per round trip) up to just below the
+      bound at which the service last pushed back (the ceiling). Going past it is a probe
+      that costs a refused request (parked for its Retry-After), so it waits ``probe_hold``
+      seconds after the last cut, then creeps (a tenth of a request per round trip); each
+      probe the service refuses again doubles the wait (up to ``max_probe_hold``), and one
+      it takes (capacity grew) lifts the ceiling.
+    - The bound grows only while it is in use (requests wait for a slot, or every slot is
+      taken): a run whose input is slower than the service, or that is draining at its
+      end, has nothing to learn by raising it.
     - On a 429/503, or an answer slower than ``latency_tolerance`` times the fastest seen
       lately, shrink to ``backoff`` times the bound (half, the first time), at most once
       per round trip.
@@ -97,6 +104,8 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         minimum: int = 1,
         backoff: float = 0.9,
         latency_tolerance: float = 3.0,
+        probe_hold: float = 1.0,
+        max_probe_hold: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(max(minimum, min(initial, maximum)))
@@ -104,6 +113,9 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         self._maximum = maximum
         self._backoff = backoff
         self._tolerance = latency_tolerance
+        self._base_hold = probe_hold
+        self._max_hold = max_probe_hold
+        self._hold = probe_hold
         self._clock = clock
         self._slow_start = True
         self._ceiling: float | None = None  # the bound at the last push-back
@@ -126,30 +138,39 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         )
         if pushed_back or inflated:
             self._decrease(now)
-        else:
-            self._increase()
+        elif self._waiting or self._in_flight >= self.limit:
+            self._increase(now)
 
     def _decrease(self, now: float) -> None:
         round_trip = (self._fastest_ms or 0.0) / 1000.0
         if now - self._last_decrease < max(round_trip, 0.001):
             return  # one cut per round trip: the answers in flight saw the old bound
+        if self._ceiling is not None and self._limit >= self._ceiling - 1:
+            # refused again where it was refused before: probe less often
+            self._hold = min(self._max_hold, self._hold * 2)
         self._ceiling = self._limit
-        # Leaving slow start, the bound overshot by up to twice (it doubles per round trip):
-        # halve it, as TCP does; afterwards a gentle cut is enough.
+        # Leaving slow start, the bound overshot by up to half (it grows x1.5 per round
+        # trip): halve it, as TCP does; afterwards a gentle cut is enough.
         factor = 0.5 if self._slow_start else self._backoff
         self._limit = max(float(self._minimum), self._limit * factor)
         self._slow_start = False
         self._last_decrease = now
         self.decreases += 1
 
-    def _increase(self) -> None:
+    def _increase(self, now: float) -> None:
         before = self.limit
         if self._slow_start:
             step = 0.5  # x1.5 per round trip: a smaller overshoot than doubling
         else:
             step = 1.0 / self._limit
-            if self._ceiling is not None and self._limit >= self._ceiling - 1:
-                step /= 10.0  # near where the service pushed back: probe gently
+            ceiling = self._ceiling
+            if ceiling is not None and self._limit >= ceiling - 1:
+                if now - self._last_decrease < self._hold:
+                    return  # just below where the service pushed back: stay a while
+                step /= 10.0  # then probe gently
+                if self._limit + step >= ceiling + 1:  # taken past it: capacity grew
+                    self._ceiling = None
+                    self._hold = self._base_hold
         self._limit = min(float(self._maximum), self._limit + step)
         if self.limit > before and self._waiting:
             asyncio.get_running_loop().create_task(self._wake())

@@ -224,7 +224,7 @@ def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None
     hint = hints.get(name) if hints is not None else None
     if hint is JSON_TEXT:
         return pa.array([_json_text(value) for value in values], pa.string())
-    if hint is not None and (hint == pa.string() or not any(type(v) is bool for v in values)):
+    if hint is not None and (hint == pa.string() or bool not in set(map(type, values))):
         try:
             return pa.array(values, hint)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 from pathlib import Path
 
 import orjson
@@ -22,6 +23,12 @@ class FakeClock:
         self.now += seconds
 
 
+def busy(limiter: AdaptiveLimiter) -> AdaptiveLimiter:
+    """As if requests were waiting for a slot: the bound is in use, so it may grow."""
+    limiter._waiting = 1
+    return limiter
+
+
 def test_fixed_limiter_bounds_holders() -> None:
     async def scenario() -> int:
         limiter = ConcurrencyLimiter(3)
@@ -39,7 +46,7 @@ def test_fixed_limiter_bounds_holders() -> None:
 def test_slow_start_grows_fast_until_the_first_push_back() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(4, 64, clock=clock)
+        limiter = busy(AdaptiveLimiter(4, 64, clock=clock))
         for _ in range(4):
             limiter.feedback(10.0, pushed_back=False)
         assert limiter.limit == 6  # x1.5 in a round trip of 4 answers
@@ -53,7 +60,7 @@ def test_slow_start_grows_fast_until_the_first_push_back() -> None:
 def test_push_back_cuts_once_per_round_trip() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(20, 64, clock=clock)
+        limiter = busy(AdaptiveLimiter(20, 64, clock=clock))
         limiter.feedback(10.0, pushed_back=False)  # round trip 10 ms
         limiter.feedback(10.0, pushed_back=True)
         after_first = limiter.limit
@@ -68,10 +75,10 @@ def test_push_back_cuts_once_per_round_trip() -> None:
     asyncio.run(scenario())
 
 
-def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
+def test_growth_is_additive_then_waits_below_the_ceiling_then_probes_gently() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(32, 64, clock=clock)
+        limiter = busy(AdaptiveLimiter(32, 64, clock=clock))
         limiter.feedback(10.0, pushed_back=True)  # leaves slow start: 16
         clock.now += 1.0
         limiter.feedback(10.0, pushed_back=True)  # ceiling 16, now 14.4
@@ -80,11 +87,66 @@ def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
             limiter.feedback(10.0, pushed_back=False)
             answers += 1
         assert 5 <= answers <= 20  # about one per round trip of 14 answers
+        for _ in range(1000):
+            limiter.feedback(10.0, pushed_back=False)
+        assert limiter.limit == 15  # within one of the ceiling: held for a second
+        clock.now += 1.0
         answers = 0
         while limiter.limit < 16:
             limiter.feedback(10.0, pushed_back=False)
             answers += 1
-        assert answers > 100  # within one of the ceiling: ten times slower
+        assert answers > 100  # then a probe, ten times slower than before
+
+    asyncio.run(scenario())
+
+
+def test_each_refused_probe_doubles_the_wait_and_an_accepted_one_lifts_the_ceiling() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = busy(AdaptiveLimiter(32, 64, clock=clock))
+        limiter.feedback(10.0, pushed_back=True)  # 16, ceiling 32
+        clock.now += 1.0
+        limiter.feedback(10.0, pushed_back=True)  # 14.4, ceiling 16
+
+        def wait_for_probe(limit: int) -> float:
+            start = clock.now
+            while limiter.limit < limit:
+                limiter.feedback(10.0, pushed_back=False)
+                clock.now += 0.01
+            return clock.now - start
+
+        waits = []
+        for _ in range(4):
+            waits.append(wait_for_probe(16))
+            limiter.feedback(10.0, pushed_back=True)  # refused again at 16
+        # each wait is the hold (1 s, then 2, 4, 8) plus the gentle creep to the ceiling
+        assert [round(b - a, 1) for a, b in itertools.pairwise(waits)] == [1.0, 2.0, 4.0]
+        wait_for_probe(16)
+        wait_for_probe(18)  # the service took 17 and more: the ceiling is gone
+        start = clock.now
+        wait_for_probe(30)
+        assert clock.now - start < 3  # additive again: one per round trip
+
+    asyncio.run(scenario())
+
+
+def test_an_unused_bound_does_not_grow() -> None:
+    # The input is slower than the service, or the run is draining: nothing is learned by
+    # raising a bound no request waits for.
+    async def scenario() -> None:
+        limiter = AdaptiveLimiter(4, 64, clock=FakeClock())
+        for _ in range(100):
+            async with limiter:
+                limiter.feedback(10.0, pushed_back=False)
+        assert limiter.limit == 4
+
+        async def hold() -> None:
+            async with limiter:
+                await asyncio.sleep(0)
+                limiter.feedback(10.0, pushed_back=False)
+
+        await asyncio.gather(*(hold() for _ in range(40)))
+        assert limiter.limit > 4  # requests waited: it grew
 
     asyncio.run(scenario())
 
@@ -92,7 +154,7 @@ def test_growth_is_additive_and_gentle_near_the_ceiling() -> None:
 def test_fast_refusals_do_not_make_real_answers_look_slow() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(16, 64, clock=clock)
+        limiter = busy(AdaptiveLimiter(16, 64, clock=clock))
         limiter.feedback(50.0, pushed_back=False)
         limiter.feedback(0.5, pushed_back=True)  # a 429 comes back at once
         clock.now += 1.0
@@ -107,7 +169,7 @@ def test_fast_refusals_do_not_make_real_answers_look_slow() -> None:
 def test_latency_inflation_counts_as_push_back() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        limiter = AdaptiveLimiter(10, 64, clock=clock)
+        limiter = busy(AdaptiveLimiter(10, 64, clock=clock))
         limiter.feedback(10.0, pushed_back=False)
         limiter.feedback(35.0, pushed_back=False)  # 3.5x the fastest
         assert limiter.decreases == 1
