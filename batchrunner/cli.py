@@ -164,8 +164,15 @@ def run(
         OPTION_SETTINGS["concurrency"]: concurrency,
         OPTION_SETTINGS["batch_size"]: batch_size,
     }
-    from batchrunner.runner import OUTCOME_ABORTED, OUTCOME_DONE, plan_job, run_job
+    from batchrunner.runner import (
+        OUTCOME_ABORTED,
+        OUTCOME_DONE,
+        plan_job,
+        run_job,
+        use_lean_memory_pool,
+    )
 
+    use_lean_memory_pool()
     try:
         job = _load(job_file, overrides, set_ or [])
         if dry_run:

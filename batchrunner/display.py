@@ -10,17 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import RenderableType
-from rich.progress_bar import ProgressBar
-from rich.spinner import Spinner
-from rich.table import Table
-from rich.text import Text
-
-from batchrunner.inspection import Inspection
 from batchrunner.report import StatsSnapshot
+
+if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-up does not
+    from rich.console import RenderableType
+    from rich.table import Table
+
+    from batchrunner.inspection import Inspection
 
 OUTCOME_TITLES = {
     "done": "done",
@@ -95,6 +93,8 @@ class ProgressView:
 
     def __init__(self, job_name: str) -> None:
         self.job_name = job_name
+        from rich.spinner import Spinner
+
         self.snapshot: StatsSnapshot | None = None
         self._spinner = Spinner("dots")
 
@@ -102,6 +102,10 @@ class ProgressView:
         self.snapshot = snapshot
 
     def __rich__(self) -> RenderableType:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         grid = Table.grid(padding=(0, 1))
         snapshot = self.snapshot
         if snapshot is None:
@@ -206,6 +210,9 @@ def plain_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
 
 def rich_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     """The same rows as ``plain_table``, as a rich table for a terminal."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", show_header=False, box=box.ROUNDED)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")

@@ -12,17 +12,19 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError
 from batchrunner.items import STATUS_ERROR
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 ROWS_PER_READ = 64 * 1024
 #: The kind of an error row without ``_error_kind`` (as the runner counts it).
@@ -107,6 +109,8 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
 
 def _open(path: Path) -> ds.Dataset:
     """A file, or a folder of Parquet parts (``--engine ray``), as one dataset."""
+    import pyarrow.dataset as ds  # 15 MB of libraries: only when an output is read
+
     if not path.exists():
         raise InputError(f"no such file: {path}")
     try:

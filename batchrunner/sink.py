@@ -472,14 +472,17 @@ def _index_journal(parts: Sequence[Path], rows_per_batch: array[int]) -> _Index:
 
 
 # Messages read back and kept for the batches after: batches finish roughly in input order,
-# so those journaled together are mostly read back close together.
+# so those journaled together are mostly read back close together. At most this many
+# messages, and rows (beyond the one message being read).
 _CACHED_MESSAGES = 16
+_CACHED_ROWS = 16 * 1024
 
 
 def _in_input_order(index: _Index, rows_per_batch: array[int]) -> Iterator[pa.RecordBatch]:
     # Batches finish out of order and resumed runs add parts: read each one from its place.
     sources = [pa.OSFile(str(part), "rb") for part in index.parts]
     cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
+    cached_rows = 0
     try:
         for seq in range(len(index.part_of)):
             number = index.part_of[seq]
@@ -494,8 +497,11 @@ def _in_input_order(index: _Index, rows_per_batch: array[int]) -> Iterator[pa.Re
                     pa.ipc.read_message(source), index.schemas[number]
                 )
                 cache[where] = message
-                if len(cache) > _CACHED_MESSAGES:
-                    cache.popitem(last=False)
+                cached_rows += message.num_rows
+                while len(cache) > 1 and (
+                    len(cache) > _CACHED_MESSAGES or cached_rows > _CACHED_ROWS
+                ):
+                    cached_rows -= cache.popitem(last=False)[1].num_rows
             rows = rows_per_batch[seq]
             if rows == message.num_rows:
                 yield message

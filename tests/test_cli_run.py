@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -171,3 +174,22 @@ def test_help_for_every_command(invoke) -> None:
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Usage" in result.stdout
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [("", "jemalloc"), ("system", "system")])
+def test_runs_allocate_from_a_pool_that_gives_memory_back(chosen: str, expected: str) -> None:
+    # mimalloc, pyarrow's default, keeps what a run freed: peak RSS 165-185 MB instead of
+    # 135-150 MB over 1M rows. A pool the user chose stays.
+    import pyarrow as pa
+
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow is built without jemalloc")
+    code = (
+        "from batchrunner.runner import use_lean_memory_pool; use_lean_memory_pool(); "
+        "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    )
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": chosen}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == expected, done.stderr

@@ -348,3 +348,17 @@ def test_a_field_once_json_text_stays_json_text_without_trying_again(
     later = outcome_table([ok(1, ["b", "c"], [{"scores": [[0.5]]}, {"scores": None}])], (), hints)
     assert later.column("scores").to_pylist() == ["[[0.5]]", None]
     assert inferred == []
+
+
+def test_messages_evicted_from_the_read_cache_are_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sink, "_CACHED_MESSAGES", 1)
+    monkeypatch.setattr(sink, "_CACHED_ROWS", 1)
+    # batches 0..5 journaled in two messages that interleave in input order
+    first = outcome_table([ok(s, [f"k{s}"], [{"n": s}]) for s in (4, 0, 2)])
+    second = outcome_table([ok(s, [f"k{s}"], [{"n": s}]) for s in (1, 5, 3)])
+    state = journal_of(tmp_path, [first, second])
+    output = tmp_path / "out.parquet"
+    assert assemble(state, output, array("q", [1] * 6)) == 6
+    assert pq.read_table(output).column("n").to_pylist() == [0, 1, 2, 3, 4, 5]
