@@ -180,6 +180,10 @@ def test_linear_model_scores_every_number() -> None:
     assert isinstance(model, TextModel)
     records = [{"a": 1, "b": 2.5, "label": "x", "flag": True}, {}]
     assert model.predict(records) == [{"score": 2.75}, {"score": 1.0}]
+    # numbers only: the fast path gives the same scores
+    assert model.predict([{"a": 1, "b": 2.5}, {}]) == [{"score": 2.75}, {"score": 1.0}]
+    assert model.predict([{"flag": True}, {"a": 1}]) == [{"score": 1.0}, {"score": 1.5}]
+    assert model.predict([]) == []
     with pytest.raises(ModelInputError, match=r"req_data\[0\]: a record must be a JSON object"):
         model.predict([[1, 2]])  # type: ignore[list-item]
 
