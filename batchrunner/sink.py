@@ -93,7 +93,7 @@ def outcome_table(
 
     def spread(values: list[Any], type_: pa.DataType) -> pa.Array:
         first = values[0]
-        if all(value == first for value in values):  # status, error, attempts mostly
+        if values.count(first) == len(values):  # status, error, attempts mostly
             return _constant(first, type_, total)
         if total <= SPREAD_IN_PYTHON:
             return pa.array(list(chain.from_iterable(map(repeat, values, lengths))), type_)
@@ -192,7 +192,7 @@ def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
         # case, transposed in C by itemgetter and zip.
         if len(names) == 1:
             name = names[0]
-            column = [item[name] for item in results]
+            column = list(map(operator.itemgetter(name), results))
             if sum(map(len, results)) == len(results):
                 return [(name, column)]
         elif names:
