@@ -61,9 +61,11 @@ RESERVED = pa.schema(
 )
 RESULT_SUFFIX = "_result"
 SUMMARY_METADATA_KEY = b"batchrunner.summary"
-ROW_GROUP_ROWS = 64 * 1024
+# Rows per output row group. The Parquet writer's own buffers grow with it (about 10 MB more
+# at 65,536 rows, beyond what the benchmark's 150 MB allows).
+ROW_GROUP_ROWS = 32 * 1024
 # Batches waiting for their row group are merged this many at a time: a batch of one row
-# (an image) costs kilobytes as separate Arrow buffers, and a row group holds 65,536 of them.
+# (an image) costs kilobytes as separate Arrow buffers, and a row group holds 32,768 of them.
 MERGE_BATCHES = 1024
 # Up to this many rows, a value per outcome is spread over its rows in a Python list; above,
 # by run-end decoding (in C, but about 40 us a call).
