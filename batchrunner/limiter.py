@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,7 +31,12 @@ class LimiterStatistics:
 
 
 class ConcurrencyLimiter:
-    """An async context manager that admits at most ``limit`` holders at a time."""
+    """An async context manager that admits at most ``limit`` holders at a time.
+
+    Waiters are served first come, first served, and a slot given back goes straight to the
+    first waiter (its future is resolved with the slot already counted): the next request
+    starts on the event loop's next turn, without re-checking a condition.
+    """
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -38,23 +44,31 @@ class ConcurrencyLimiter:
         self._limit = float(limit)
         self._in_flight = 0
         self._peak = 0
-        self._waiting = 0
-        self._room = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def limit(self) -> int:
         return max(1, int(self._limit))
 
+    @property
+    def _waiting(self) -> int:
+        return len(self._waiters)  # a cancelled waiter removes itself
+
     async def __aenter__(self) -> None:
-        if self._in_flight >= self.limit or self._waiting:
-            self._waiting += 1
-            try:
-                async with self._room:
-                    await self._room.wait_for(lambda: self._in_flight < self.limit)
-            finally:
-                self._waiting -= 1
-        self._in_flight += 1
-        self._peak = max(self._peak, self._in_flight)
+        if self._in_flight < self.limit and not self._waiters:
+            self._take()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved by _grant, which counts the slot as ours
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._give_back()  # granted, then cancelled before it could start
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     async def __aexit__(
         self,
@@ -62,10 +76,23 @@ class ConcurrencyLimiter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._give_back()
+
+    def _take(self) -> None:
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+
+    def _give_back(self) -> None:
         self._in_flight -= 1
-        if self._waiting:
-            async with self._room:
-                self._room.notify(max(1, self.limit - self._in_flight))
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hand free slots to the waiters, oldest first."""
+        while self._waiters and self._in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                self._take()
+                waiter.set_result(None)
 
     def feedback(self, latency_ms: float | None, *, pushed_back: bool) -> None:
         """An answer came: its latency, and whether the service pushed back (429/503).
@@ -172,12 +199,8 @@ class AdaptiveLimiter(ConcurrencyLimiter):
                     self._ceiling = None
                     self._hold = self._base_hold
         self._limit = min(float(self._maximum), self._limit + step)
-        if self.limit > before and self._waiting:
-            asyncio.get_running_loop().create_task(self._wake())
-
-    async def _wake(self) -> None:
-        async with self._room:
-            self._room.notify(self.limit - self._in_flight)
+        if self.limit > before:
+            self._grant()
 
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -24,8 +24,8 @@ class FakeClock:
 
 
 def busy(limiter: AdaptiveLimiter) -> AdaptiveLimiter:
-    """As if requests were waiting for a slot: the bound is in use, so it may grow."""
-    limiter._waiting = 1
+    """As if every slot were taken: the bound is in use, so it may grow."""
+    limiter._in_flight = 10**6
     return limiter
 
 
@@ -41,6 +41,63 @@ def test_fixed_limiter_bounds_holders() -> None:
         return limiter.statistics().peak_in_flight
 
     assert asyncio.run(scenario()) == 3
+
+
+def test_a_slot_given_back_goes_to_the_first_waiter_without_leaking() -> None:
+    async def scenario() -> None:
+        limiter = ConcurrencyLimiter(1)
+        order: list[str] = []
+
+        async def hold(name: str, release: asyncio.Event) -> None:
+            async with limiter:
+                order.append(name)
+                await release.wait()
+
+        gates = {name: asyncio.Event() for name in "abcd"}
+        tasks = {name: asyncio.create_task(hold(name, gates[name])) for name in "abcd"}
+        await asyncio.sleep(0)
+        assert order == ["a"]
+        assert limiter.statistics().waiting == 3
+        tasks["b"].cancel()  # gives up while waiting
+        gates["a"].set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert order == ["a", "c"]  # b left the queue; c was next
+        assert limiter.statistics().in_flight == 1
+        # granted, then cancelled before it could run: the slot goes on to the next
+        gates["c"].set()
+        await asyncio.sleep(0)  # c gives its slot back: d is granted it...
+        tasks["d"].cancel()  # ...and cancelled before it runs
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert order == ["a", "c"]
+        stats = limiter.statistics()
+        assert (stats.in_flight, stats.waiting, stats.peak_in_flight) == (0, 0, 1)
+        async with limiter:  # nothing leaked: the slot is free
+            pass
+
+    asyncio.run(scenario())
+
+
+def test_a_bound_that_grows_lets_waiters_in_at_once() -> None:
+    async def scenario() -> None:
+        limiter = AdaptiveLimiter(1, 8, clock=FakeClock())
+        started: list[int] = []
+
+        async def hold(number: int) -> None:
+            async with limiter:
+                started.append(number)
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(hold(n)) for n in range(4)]
+        await asyncio.sleep(0)
+        assert started == [0]
+        for _ in range(4):  # answers while requests wait: slow start raises the bound
+            limiter.feedback(10.0, pushed_back=False)
+        await asyncio.sleep(0)
+        assert started == [0, 1, 2]  # bound 3: two more started, without a slot given back
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
 
 
 def test_slow_start_grows_fast_until_the_first_push_back() -> None:

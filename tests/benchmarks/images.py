@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from batchrunner.job import load_job
-from batchrunner.runner import Runner
+from batchrunner.runner import Runner, use_lean_memory_pool
 
 FILES_PER_FOLDER = 500
 
@@ -61,6 +61,7 @@ def main() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_before = usage.ru_utime + usage.ru_stime
         started = time.perf_counter()
+        use_lean_memory_pool()  # as `batchrunner run` does
         result = asyncio.run(Runner(job).run())
         elapsed = time.perf_counter() - started
         usage = resource.getrusage(resource.RUSAGE_SELF)
