@@ -67,9 +67,11 @@ ROW_GROUP_ROWS = 32 * 1024
 # Batches waiting for their row group are merged this many at a time: a batch of one row
 # (an image) costs kilobytes as separate Arrow buffers, and a row group holds 32,768 of them.
 MERGE_BATCHES = 1024
-# Up to this many rows, a value per outcome is spread over its rows in a Python list; above,
-# by run-end decoding (in C, but about 40 us a call).
-SPREAD_IN_PYTHON = 4096
+# How a value per outcome is spread over the outcome's rows: up to this many rows in all, in
+# a Python list (~0.04 us a row); above, for a few outcomes, by one repeat per outcome
+# (~10 us each); for more, by run-end decoding (in C, but ~45 us a call).
+SPREAD_IN_PYTHON = 1024
+SPREAD_BY_REPEATS = 4
 
 
 # --- one outcome as a table ------------------------------------------------------------------
@@ -85,22 +87,27 @@ def outcome_table(
     The outcomes may come from several batches (the writer journals what finished together
     in one message); each batch's outcomes must be together and in row order. Columns are
     built once for all of them: the per-outcome values (status, error, latency, ...) are
-    spread over their rows by run-end decoding, in C. ``hints`` (one dict per run, filled
+    spread over their rows in bulk (see ``SPREAD_IN_PYTHON``). ``hints`` (one dict per run, filled
     as it goes) remembers the result fields' types.
     """
     outcomes = [outcome for outcome in outcomes if len(outcome.batch)]
     lengths = [len(outcome.batch) for outcome in outcomes]
     total = sum(lengths)
-    run_ends = pa.array(list(accumulate(lengths)), pa.int64()) if total > SPREAD_IN_PYTHON else None
 
     def spread(values: list[Any], type_: pa.DataType) -> pa.Array:
-        first = values[0]
+        first = values[0] if values else None
         if values.count(first) == len(values):  # status, error, attempts mostly
             return _constant(first, type_, total)
         if total <= SPREAD_IN_PYTHON:
             return pa.array(list(chain.from_iterable(map(repeat, values, lengths))), type_)
+        if len(values) <= SPREAD_BY_REPEATS:
+            return pa.concat_arrays(
+                [_constant(value, type_, rows) for value, rows in zip(values, lengths, strict=True)]
+            )
         decoded = pc.run_end_decode(
-            pa.RunEndEncodedArray.from_arrays(run_ends, pa.array(values, type_))
+            pa.RunEndEncodedArray.from_arrays(
+                pa.array(list(accumulate(lengths)), pa.int64()), pa.array(values, type_)
+            )
         )
         return cast(pa.Array, decoded)
 

@@ -362,3 +362,14 @@ def test_messages_evicted_from_the_read_cache_are_read_again(
     output = tmp_path / "out.parquet"
     assert assemble(state, output, array("q", [1] * 6)) == 6
     assert pq.read_table(output).column("n").to_pylist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("rows", [1, 300, 3000])  # a Python list, repeats, run-end decoding
+def test_values_per_outcome_are_spread_over_their_rows(rows: int) -> None:
+    outcomes = [ok(seq, [f"k{seq}-{i}" for i in range(rows)], [{}] * rows) for seq in range(6)]
+    for count in (2, 6):  # few outcomes, many
+        table = outcome_table(outcomes[:count])
+        assert table.column("_seq").to_pylist() == [s for s in range(count) for _ in range(rows)]
+        uuids = table.column("_request_uuid").to_pylist()
+        assert uuids == [f"u{s}" for s in range(count) for _ in range(rows)]
+    assert outcome_table([]).num_rows == 0
