@@ -63,7 +63,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 #: Error kinds that say nothing against the rows themselves: a later run sends them again.
-_TRANSIENT_KINDS = frozenset({"timeout", "connection", "not_json", "not_sent", "http_429"})
+# "unreadable": a file that could not be read (gone, no permission, not a regular file) may
+# have been mended since; reading it again costs no request if it has not.
+_TRANSIENT_KINDS = frozenset(
+    {"timeout", "connection", "not_json", "not_sent", "http_429", "unreadable"}
+)
 
 
 def is_transient_kind(kind: str | None) -> bool:

@@ -507,6 +507,30 @@ def test_an_image_run_resumes_and_takes_files_added_after_what_it_finished(invok
     assert_each_row_has_its_own_result([*RESUMED, "c/6.png"])
 
 
+def test_a_file_that_could_not_be_read_is_read_again_on_resume(invoke) -> None:
+    put_keyed(*(key for key in RESUMED if key != "a/2.png"))
+    # A manifest names a file not there yet: an `unreadable` error row, unsent.
+    Path("photos/todo.txt").write_text("".join(f"{key}\n" for key in RESUMED))
+    refuse, handle = refusing_after_two()
+    with ThreadedServer(handle) as server:
+        job = image_job(server, concurrency=1)
+        job.write_text(job.read_text().replace('path = "photos"', 'path = "photos/todo.txt"'))
+        first = invoke("run", str(job))
+        assert first.exit_code == 3, first.stderr
+        rows = {row["_key"]: row for row in read_output("out/imgs.parquet")}
+        assert rows["a/2.png"]["_error_kind"] == "unreadable"
+        put_keyed("a/2.png")  # now it is there
+        refuse["token"] = False
+        server.calls.clear()
+        second = invoke("run", str(job))
+    assert second.exit_code == 0, second.stderr
+    assert "resuming: 2 rows in 2 finished batches are kept; 3 failed batches" in second.stderr
+    assert sorted(parse_form(call).get_filename() for call in server.calls) == [
+        "2.png", "4.png", "5.png",
+    ]  # fmt: skip
+    assert_each_row_has_its_own_result(list(RESUMED))
+
+
 def interrupted_image_run(server: ThreadedServer, job: Path, calls: int) -> None:
     """Run ``job`` in a child process and interrupt it (SIGINT) after ``calls`` requests."""
     env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
