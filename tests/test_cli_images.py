@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -486,24 +487,30 @@ def assert_each_row_has_its_own_result(keys: list[str]) -> None:
     assert all(row["_status"] == "ok" and row["file"] == row["_key"] for row in rows), rows
 
 
-def test_an_image_run_resumes_and_takes_files_added_after_what_it_finished(invoke) -> None:
-    put_keyed(*RESUMED)
+def abort_then_resume(invoke, job_extra: str, mend: Callable[[], None]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Run an image job whose token is refused after two files (exit 3), ``mend`` things,
+    run it again with the token accepted: it resumes. The names of the files it sent."""
     refuse, handle = refusing_after_two()
     with ThreadedServer(handle) as server:
         job = image_job(server, concurrency=1)
+        job.write_text(job.read_text().replace('path = "photos"', job_extra))
         first = invoke("run", str(job))
         assert first.exit_code == 3, first.stderr
-        # A file after every finished one, in a subfolder (the input folder's own
-        # modification time, in the job's identity, does not change).
-        put_keyed("c/6.png")
+        mend()
         refuse["token"] = False
         server.calls.clear()
         second = invoke("run", str(job))
     assert second.exit_code == 0, second.stderr
     assert "resuming: 2 rows in 2 finished batches are kept; 3 failed batches" in second.stderr
-    assert sorted(parse_form(call).get_filename() for call in server.calls) == [
-        "3.png", "4.png", "5.png", "6.png",
-    ]  # fmt: skip
+    return sorted(str(parse_form(call).get_filename()) for call in server.calls)
+
+
+def test_an_image_run_resumes_and_takes_files_added_after_what_it_finished(invoke) -> None:
+    put_keyed(*RESUMED)
+    # A file after every finished one, in a subfolder (the input folder's own modification
+    # time, in the job's identity, does not change).
+    sent = abort_then_resume(invoke, 'path = "photos"', lambda: put_keyed("c/6.png"))
+    assert sent == ["3.png", "4.png", "5.png", "6.png"]
     assert_each_row_has_its_own_result([*RESUMED, "c/6.png"])
 
 
@@ -511,23 +518,14 @@ def test_a_file_that_could_not_be_read_is_read_again_on_resume(invoke) -> None:
     put_keyed(*(key for key in RESUMED if key != "a/2.png"))
     # A manifest names a file not there yet: an `unreadable` error row, unsent.
     Path("photos/todo.txt").write_text("".join(f"{key}\n" for key in RESUMED))
-    refuse, handle = refusing_after_two()
-    with ThreadedServer(handle) as server:
-        job = image_job(server, concurrency=1)
-        job.write_text(job.read_text().replace('path = "photos"', 'path = "photos/todo.txt"'))
-        first = invoke("run", str(job))
-        assert first.exit_code == 3, first.stderr
+
+    def mend() -> None:
         rows = {row["_key"]: row for row in read_output("out/imgs.parquet")}
         assert rows["a/2.png"]["_error_kind"] == "unreadable"
         put_keyed("a/2.png")  # now it is there
-        refuse["token"] = False
-        server.calls.clear()
-        second = invoke("run", str(job))
-    assert second.exit_code == 0, second.stderr
-    assert "resuming: 2 rows in 2 finished batches are kept; 3 failed batches" in second.stderr
-    assert sorted(parse_form(call).get_filename() for call in server.calls) == [
-        "2.png", "4.png", "5.png",
-    ]  # fmt: skip
+
+    sent = abort_then_resume(invoke, 'path = "photos/todo.txt"', mend)
+    assert sent == ["2.png", "4.png", "5.png"]
     assert_each_row_has_its_own_result(list(RESUMED))
 
 
