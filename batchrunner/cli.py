@@ -179,7 +179,7 @@ def run(
             _show_plan(plan_job(job, limit=limit), dry_run=True)
             return
         if engine is Engine.ray:
-            _run_ray(job, limit, log_format)
+            _run_ray(job, limit, log_format, resume=not no_resume)
             return
         if live and console is not None:
             result = _run_live(job, limit, console, resume=not no_resume)
@@ -213,16 +213,19 @@ def run(
         raise typer.Exit(EXIT_TOO_MANY_ERRORS)
 
 
-def _run_ray(job: Job, limit: int | None, log_format: LogFormat) -> None:
+def _run_ray(job: Job, limit: int | None, log_format: LogFormat, *, resume: bool) -> None:
     from batchrunner.engines.ray import run_on_ray
 
     if limit is not None:
         raise InputError("--limit is not available with --engine ray")
-    result = run_on_ray(job)
+    result = run_on_ray(job, resume=resume)
+    reused = f", {result.blocks_reused:,} finished earlier" if result.blocks_reused else ""
     log.info(
-        "ray run done: %s rows (%s ok, %s errors) in %.1f s with %d actors: output folder %s",
+        "ray run done: %s rows (%s ok, %s errors) in %.1f s with %d actors, %s blocks%s: "
+        "output folder %s, summary %s",
         f"{result.rows:,}", f"{result.rows_ok:,}", f"{result.rows_error:,}",
-        result.seconds, result.actors, result.output,
+        result.seconds, result.actors, f"{result.blocks:,}", reused, result.output,
+        result.summary_path,
     )  # fmt: skip
     if result.error_rate > job.max_error_rate:
         _say_error(

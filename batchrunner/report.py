@@ -52,6 +52,14 @@ class LatencyHistogram:
     def mean_ms(self) -> float | None:
         return self.total_ms / self.count if self.count else None
 
+    def merge(self, other: LatencyHistogram) -> None:
+        """Add ``other``'s samples to these (histograms of several processes, summed)."""
+        self._buckets.update(other._buckets)
+        self.count += other.count
+        self.total_ms += other.total_ms
+        self.max_ms = max(self.max_ms, other.max_ms)
+        self.min_ms = min(self.min_ms, other.min_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class LatencySummary:
@@ -155,6 +163,18 @@ class RunStats:
         if tally.example_key is None:
             tally.example_key, tally.example_message = key, message
 
+    def merge(self, other: RunStats) -> None:
+        """Add ``other``'s counts to these: the Ray engine sums the statistics of its blocks
+        (each example of an error kind is the first one met in merge order)."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency.merge(other.latency)
+        for kind, tally in other.errors.items():
+            mine = self.errors.setdefault(kind, ErrorTally())
+            mine.rows += tally.rows
+            if mine.example_key is None:
+                mine.example_key, mine.example_message = tally.example_key, tally.example_message
+
     def snapshot(self, in_flight: int, elapsed_s: float, total: int | None = None) -> StatsSnapshot:
         latency = self.latency
         return StatsSnapshot(
@@ -182,6 +202,19 @@ class RunStats:
                 for kind, t in sorted(self.errors.items(), key=lambda item: -item[1].rows)
             ),
         )
+
+
+_COUNTERS = (
+    "batches_read",
+    "rows_read",
+    "rows_ok",
+    "rows_error",
+    "rows_skipped",
+    "requests",
+    "retries",
+    "splits",
+    "throttled",
+)
 
 
 def build_summary(

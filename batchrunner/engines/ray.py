@@ -1,28 +1,36 @@
 """The same job on Ray Data: ``batchrunner run JOB.toml --engine ray``.
 
-Ray reads the input (``read_parquet`` / ``read_csv`` / ``read_json``); each block goes
-through the same codec and the same ``Dispatcher`` as the local engine (retries, poison-row
-splitting, token renewal) inside a callable class run by ``actors`` Ray actors, each with its
-own event loop, client session and concurrency bound (the job's ``concurrency`` split across
-the actors, so the total in flight never exceeds it). Ray writes the rows to a folder of
-Parquet parts, checked (rows and distinct keys against the input) before it is renamed
-into place as ``<output>``.
+Ray reads a table (``read_parquet`` / ``read_csv`` / ``read_json``); an image folder is
+walked here, by the local engine's own walk (same extensions, links, manifest and keys), and
+its files' paths handed to Ray in blocks. Each block goes through the same codec and the same
+``Dispatcher`` as the local engine (retries, poison-row splitting, token renewal; each image
+read, size-checked and sent as multipart by the actor) inside a callable class run by
+``actors`` Ray actors, each with its own event loop, client session and concurrency bound (the
+job's ``concurrency`` split across the actors, so the total in flight never exceeds it).
 
-This first version: table input only, keyed by ``input.id_column`` (required: row numbers
-are not stable across Ray blocks), a real service URL (``embedded:`` runs in one process),
-no resume (a re-run starts fresh and replaces the output folder). This is the only module
-that imports ray, and only when a run asks for it.
+Each actor writes its finished block as a Parquet part into the run's state (see ``blocks``)
+and hands the driver only the block's name and counts. When every block is done, the driver
+checks the parts (rows and distinct keys against the input), puts them in a folder renamed
+into place as ``<output>``, and writes ``<output>.summary.json`` beside it. A run that stops
+(a refused token: exit 3; a crash) keeps its finished blocks: a re-run of the same job sends
+only the others.
+
+Tables are keyed by ``input.id_column`` (required: row numbers are not stable across Ray
+blocks); a real service URL is needed (``embedded:`` runs in one process). This is the only
+module that imports ray, and only when a run asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import pickle
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,33 +41,76 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from batchrunner.checkpoint import StatePaths
 from batchrunner.client import ServiceClient
 from batchrunner.credentials import read_credentials
 from batchrunner.dispatch import Dispatcher
-from batchrunner.errors import BatchRunnerError, CoverageError, InputError, ServiceError
-from batchrunner.items import STATUS_OK, Batch
-from batchrunner.job import DEFAULT_TOKEN_ENV, IMAGES, TABULAR, Job, resolve_output_path
+from batchrunner.engines.blocks import (
+    RayState,
+    block_name,
+    open_ray_state,
+    reusable_part,
+    write_part,
+)
+from batchrunner.errors import (
+    BatchRunnerError,
+    CoverageError,
+    InputError,
+    RequestError,
+    ServiceError,
+)
+from batchrunner.items import STATUS_OK, Batch, Outcome
+from batchrunner.job import (
+    DEFAULT_TOKEN_ENV,
+    IMAGES,
+    TABULAR,
+    Job,
+    fingerprint,
+    job_identity,
+    resolve_output_path,
+)
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
-from batchrunner.report import RunStats
+from batchrunner.lock import JobLock
+from batchrunner.report import RunStats, build_summary
 from batchrunner.retry import RetryPolicy
-from batchrunner.runner import codec_for, kind_of, new_run_id, open_source
-from batchrunner.sink import SEQ, outcome_table
+from batchrunner.runner import (
+    OUTCOME_DONE,
+    OUTCOME_TOO_MANY_ERRORS,
+    codec_for,
+    kind_of,
+    new_run_id,
+    open_source,
+)
+from batchrunner.sink import SEQ, outcome_table, write_json_atomically
+from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
 
 log = logging.getLogger("batchrunner")
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'batchrunner[ray]'"
+# What an image block carries to its actor: each file's key and absolute path.
+IMAGE_KEY, IMAGE_PATH = "_key", "_path"
+# What an actor hands back for each block: its name, rows, whether an earlier run had
+# finished it, and its statistics (a pickled ``RunStats``).
+BLOCK_SCHEMA = pa.schema(
+    [("block", pa.string()), ("rows", pa.int64()), ("reused", pa.bool_()), ("stats", pa.binary())]
+)
 
 
 @dataclass(frozen=True, slots=True)
 class RayResult:
-    """A finished Ray run: the output folder and its rows by status."""
+    """A finished Ray run: the output folder, its summary, and its rows by status."""
 
+    outcome: str
     output: Path
+    summary_path: Path
+    summary: dict[str, Any]
     rows: int
     rows_ok: int
     rows_error: int
     actors: int
+    blocks: int
+    blocks_reused: int
     seconds: float
 
     @property
@@ -67,7 +118,7 @@ class RayResult:
         return self.rows_error / self.rows if self.rows else 0.0
 
 
-def check_ray_job(job: Job) -> None:
+def check_ray_job(job: Job, kind: str = TABULAR) -> None:
     """Refuse, before Ray starts, what this engine does not do (``InputError``: exit 2)."""
     if job.service.embedded_model is not None:
         raise InputError(
@@ -75,7 +126,7 @@ def check_ray_job(job: Job) -> None:
             "start it with `batchrunner serve --model "
             f"{job.service.embedded_model}` and set service.url to its address"
         )
-    if job.input.id_column is None:
+    if kind == TABULAR and job.input.id_column is None:
         raise InputError(
             "--engine ray needs input.id_column: rows are keyed by it (row numbers are not "
             "stable across Ray blocks)"
@@ -93,19 +144,61 @@ def split_concurrency(total: int, actors: int) -> list[int]:
     return [share + (1 if index < extra else 0) for index in range(actors)]
 
 
-class BlockScorer:
-    """A Ray actor's work: one block of input rows in, the same block's output rows out."""
+def block_items(job: Job, kind: str) -> int:
+    """Items per block: twice ``concurrency`` requests' worth (rows, or image files), so each
+    actor keeps its share in flight; a block is also the unit of resume."""
+    return (1 if kind == IMAGES else job.batch.size) * 2 * job.batch.max_in_flight
 
-    def __init__(self, job: Job, send: list[str], in_flight: int, environ: dict[str, str]) -> None:
+
+class BlockScorer:
+    """A Ray actor's work: one block of input in, its part written, its counts out.
+
+    A block whose part an earlier run of the same job finished is not sent again.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        kind: str,
+        send: list[str],
+        in_flight: int,
+        environ: dict[str, str],
+        parts: str,
+    ) -> None:
         self._job = job
+        self._kind = kind
         self._send = send
         self._in_flight = in_flight
         self._environ = environ
+        self._state = RayState(Path(parts).parent)
         self._loop = asyncio.new_event_loop()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        scoring = score_block(self._job, table, self._send, self._in_flight, self._environ)
-        return self._loop.run_until_complete(scoring)
+        if table.num_rows == 0:
+            return BLOCK_SCHEMA.empty_table()
+        record = table.combine_chunks().to_batches()[0]
+        keys = block_keys(self._job, self._kind, record)
+        name = block_name(keys)
+        part = self._state.part(name)
+        stats = reusable_part(part)
+        reused = stats is not None
+        if stats is None:
+            scoring = score_block(
+                self._job, self._kind, record, keys, self._send, self._in_flight, self._environ
+            )
+            rows, stats = self._loop.run_until_complete(scoring)
+            write_part(part, rows, stats)
+        row = {"block": name, "rows": len(keys), "reused": reused, "stats": pickle.dumps(stats)}
+        return pa.Table.from_pylist([row], schema=BLOCK_SCHEMA)
+
+
+def block_keys(job: Job, kind: str, record: pa.RecordBatch) -> list[str]:
+    """Each row's key, as the local engine makes it: the id column as text, or an image's
+    path relative to the input folder."""
+    column = IMAGE_KEY if kind == IMAGES else job.input.id_column
+    assert column is not None
+    keys: list[str] = pc.cast(record.column(column), pa.string()).to_pylist()
+    return keys
 
 
 def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
@@ -121,31 +214,23 @@ def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
 
 
 async def score_block(
-    job: Job, table: pa.Table, send: list[str], in_flight: int, environ: Mapping[str, str]
-) -> pa.Table:
-    """Send ``table``'s rows as the local engine would (``batch.size`` rows a request, at
-    most ``in_flight`` at once); their output rows, one per input row, in input order."""
-    id_column = job.input.id_column
-    assert id_column is not None
-    rows = table.combine_chunks().to_batches()
-    record = rows[0] if rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-    keys = pc.cast(record.column(id_column), pa.string()).to_pylist()
-    safe = json_safe(record.select(send))
-    kept = record if job.output.keep_input else None
-    size = job.batch.size
-    batches = [
-        Batch(
-            seq=start // size,
-            keys=keys[start : start + size],
-            rows=safe.slice(start, size),
-            kept=None if kept is None else kept.slice(start, size),
-        )
-        for start in range(0, record.num_rows, size)
-    ]
+    job: Job,
+    kind: str,
+    record: pa.RecordBatch,
+    keys: Sequence[str],
+    send: list[str],
+    in_flight: int,
+    environ: Mapping[str, str],
+) -> tuple[pa.Table, RunStats]:
+    """Send a block as the local engine would (``batch.size`` rows a request, or one file,
+    at most ``in_flight`` at once): its output rows, one per input row in input order, and
+    its statistics."""
+    batches = _batches(job, kind, record, keys, send)
     credentials = read_credentials(job.service, environ=environ)
     retry = job.retry
     policy = RetryPolicy(retry.max_attempts, retry.backoff_initial, retry.backoff_max)
     service = job.service
+    stats = RunStats()
     async with AsyncExitStack() as stack:
         client = ServiceClient(
             service.url,
@@ -161,20 +246,60 @@ async def score_block(
         share = in_flight / job.batch.max_in_flight
         dispatcher = Dispatcher(
             client,
-            codec_for(job, TABULAR),
+            codec_for(job, kind),
             ConcurrencyLimiter(in_flight),
             policy,
-            RunStats(),
+            stats,
             tokens=credentials.tokens,
             max_request_bytes=job.batch.max_request_bytes,
             rate=RateLimiter(job.batch.rate_limit * share) if job.batch.rate_limit else None,
             rng=random.Random(),
         )
         outcomes = await asyncio.gather(*(dispatcher.send(batch) for batch in batches))
-    kept_names = kept.schema.names if kept is not None else []
+    kept_names = list(record.schema.names) if job.output.keep_input else []
     hints: dict[str, pa.DataType] = {}
-    tables = [_without_seq(outcome_table(finished, kept_names, hints)) for finished in outcomes]
-    return _concat(tables)
+    tables = []
+    for finished in outcomes:
+        _count(finished, stats)
+        tables.append(_without_seq(outcome_table(finished, kept_names, hints)))
+    return _concat(tables), stats
+
+
+def _batches(
+    job: Job, kind: str, record: pa.RecordBatch, keys: Sequence[str], send: list[str]
+) -> list[Batch]:
+    if kind == IMAGES:
+        paths = record.column(IMAGE_PATH).to_pylist()
+        return [
+            Batch(seq=seq, keys=(key,), path=Path(path))
+            for seq, (key, path) in enumerate(zip(keys, paths, strict=True))
+        ]
+    safe = json_safe(record.select(send))
+    kept = record if job.output.keep_input else None
+    size = job.batch.size
+    return [
+        Batch(
+            seq=start // size,
+            keys=keys[start : start + size],
+            rows=safe.slice(start, size),
+            kept=None if kept is None else kept.slice(start, size),
+        )
+        for start in range(0, record.num_rows, size)
+    ]
+
+
+def _count(finished: list[Outcome], stats: RunStats) -> None:
+    # As the local engine counts what it journals: rows by status, error rows by kind.
+    stats.batches_read += 1
+    for outcome in finished:
+        rows = len(outcome.batch)
+        stats.rows_read += rows
+        if outcome.ok:
+            stats.rows_ok += rows
+        else:
+            stats.rows_error += rows
+            kind = outcome.error_kind or "error"
+            stats.record_error_rows(kind, rows, outcome.batch.keys[0], outcome.error or "")
 
 
 def _without_seq(batch: pa.RecordBatch) -> pa.Table:
@@ -197,56 +322,181 @@ def import_ray() -> Any:
     return ray
 
 
-def run_on_ray(job: Job, *, actors: int | None = None) -> RayResult:
-    """Run ``job`` on Ray (the running one, ``RAY_ADDRESS``, or a local one started here)."""
+def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> RayResult:
+    """Run ``job`` on Ray (the running one, ``RAY_ADDRESS``, or a local one started here).
+
+    With ``resume``, blocks an unfinished run of the same job finished are not sent again.
+    """
     ray = import_ray()
-    check_ray_job(job)
     source = open_source(job)  # the same checks of the input as the local engine
-    if kind_of(source) == IMAGES:
-        raise InputError("--engine ray reads tables only for now; run image input locally")
+    kind = kind_of(source)
+    check_ray_job(job, kind)
     read_credentials(job.service)  # a missing secret stops the run here, before Ray starts
     environ = secret_environ(job, os.environ)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    if hasattr(context, "raise_original_map_exception"):  # a refused token says so, as itself
-        context.raise_original_map_exception = True
     started = datetime.now().astimezone()
-    output = resolve_output_path(job, started, new_run_id(started)).absolute()
-    work = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    clock = time.perf_counter()
+    run_id = new_run_id(started)
+    output = resolve_output_path(job, started, run_id).absolute()
+    identity = job_identity(job, source.paths, kind=kind)
+    with JobLock(StatePaths.beside(output, job.name).lock, job.name):
+        state, note = open_ray_state(output, job.name, identity, resume=resume)
+        if note:
+            log.info("%s", note)
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        clock = time.perf_counter()
+        scored = _score_blocks(ray, job, source, state, environ, actors, f"{run_id} -> {output}")
+        if isinstance(scored, BatchRunnerError):
+            # The failed execution keeps its actors (and their CPUs) while it is referenced,
+            # through cycles in its traceback: collect it (its frame is gone), so that they
+            # go now; a re-run in the same process would wait for them forever.
+            gc.collect()
+            raise _kept_for_resume(scored, state)
+        blocks, keys, shares = scored
+        stats = RunStats()
+        for block in blocks:
+            stats.merge(pickle.loads(block["stats"]))
+        names = [block["block"] for block in blocks]
+        rows, ok = commit_parts(state, names, keys, output)
+        seconds = time.perf_counter() - clock
+        reused = sum(1 for block in blocks if block["reused"])
+        outcome = (
+            OUTCOME_TOO_MANY_ERRORS if rows and (rows - ok) / rows > job.max_error_rate
+            else OUTCOME_DONE
+        )  # fmt: skip
+        summary = build_summary(
+            stats.snapshot(0, seconds, total=rows),
+            job_name=job.name,
+            fingerprint=fingerprint(identity),
+            run_id=run_id,
+            input_path=job.input.path,
+            output_path=str(output),
+            url=job.service.url,
+            started=started.isoformat(timespec="seconds"),
+            finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+            outcome=outcome,
+            max_error_rate=job.max_error_rate,
+        )
+        summary["engine"] = "ray"
+        summary["actors"] = shares
+        summary["blocks"] = {"total": len(names), "reused": reused}
+        summary_path = output.with_name(output.name + ".summary.json")
+        write_json_atomically(summary_path, summary)
+        state.remove()
+    return RayResult(
+        outcome, output, summary_path, summary, rows, ok, rows - ok, shares, len(names), reused,
+        seconds,
+    )  # fmt: skip
+
+
+def _score_blocks(
+    ray: Any,
+    job: Job,
+    source: Source,
+    state: RayState,
+    environ: dict[str, str],
+    actors: int | None,
+    run: str,
+) -> tuple[list[dict[str, Any]], pa.Array, int] | BatchRunnerError:
+    """Every block through the actors: their rows, the input's keys and the actors used;
+    or, returned (not raised, so that nothing refers to Ray's execution), why it failed."""
+    kind = kind_of(source)
+    context = ray.data.DataContext.get_current()
+    if hasattr(context, "raise_original_map_exception"):  # a refused token, as itself
+        context.raise_original_map_exception = True
+    # Blocks in input order: a re-run cuts the same blocks, and finds their parts.
+    context.execution_options.preserve_order = True
     count = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = block_items(job, kind)
+    if isinstance(source, ImageSource):
+        image_keys, tables = _image_blocks(source, size)
+        dataset = ray.data.from_arrow(tables)
+        batch_size = None  # one call per block, as cut here
+        count = min(count, len(tables))  # no actor without a block
+    else:
+        paths = [str(path.absolute()) for path in source.paths]  # workers have their own cwd
+        dataset = _read(ray, source.format, paths, job)
+        batch_size = size
     shares = split_concurrency(job.batch.max_in_flight, count)
-    # Ray's actors are alike (one constructor): each gets the smallest share, so the total in
-    # flight is never above the job's concurrency (7 over 2 actors: 3 each).
+    # Ray's actors are alike (one constructor): each gets the smallest share, so the total
+    # in flight is never above the job's concurrency (7 over 2 actors: 3 each).
     each = shares[-1]
-    paths = [str(path.absolute()) for path in source.paths]  # workers have their own cwd
-    dataset = _read(ray, source.format, paths, job)
     log.info(
-        "ray run: %s -> %s via %s (%d actors, %s in flight each)",
-        job.input.path, output, job.service.url, len(shares), each,
+        "ray run %s via %s (%d actors, %s in flight each, blocks of %s %s)",
+        run, job.service.url, len(shares), each, f"{size:,}",
+        "files" if kind == IMAGES else "rows",
     )  # fmt: skip
     scored = dataset.map_batches(
         BlockScorer,
-        fn_constructor_args=(job, list(source.send_columns), each, environ),
+        fn_constructor_args=(job, kind, list(source.send_columns), each, environ, str(state.parts)),
         batch_format="pyarrow",
-        batch_size=job.batch.size * each * 8,
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=len(shares)),
         num_cpus=0.5,
     )
     try:
-        scored.write_parquet(str(work))
+        blocks: list[dict[str, Any]] = scored.take_all()
     except (ray.exceptions.RayError, BatchRunnerError) as exc:
+        return _failure(exc)
+    keys = image_keys if kind == IMAGES else source_keys(paths, source.format, job)
+    return blocks, keys, len(shares)
+
+
+def _image_blocks(source: ImageSource, size: int) -> tuple[pa.Array, list[pa.Table]]:
+    """Every file's key (the local engine's walk), and the files in blocks of ``size``."""
+    keys: list[str] = []
+    files: list[str] = []
+    for batch in source.iter_batches(1):
+        assert batch.path is not None
+        keys.append(batch.keys[0])
+        files.append(str(batch.path.absolute()))  # workers have their own cwd
+    tables = [
+        pa.table({IMAGE_KEY: keys[start : start + size], IMAGE_PATH: files[start : start + size]})
+        for start in range(0, len(keys), size)
+    ]
+    empty = pa.table({IMAGE_KEY: pa.array([], pa.string()), IMAGE_PATH: pa.array([], pa.string())})
+    return pa.array(keys, pa.string()), tables or [empty]
+
+
+def commit_parts(
+    state: RayState, names: Sequence[str], keys: pa.Array, output: Path
+) -> tuple[int, int]:
+    """Put the parts of ``names`` (this run's blocks, in input order) in a folder, check it
+    holds one row per input item (``CoverageError``), and rename it into place as
+    ``output``. Rows and ``ok`` rows; the state keeps its parts until the caller drops it."""
+    work = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for index, name in enumerate(names):
+        # A link, not a move: a failed check leaves the state whole for another try. A
+        # block met twice (the same keys twice over in the input) is there twice.
+        _link_or_copy(state.part(name), work / f"part-{index:08d}.parquet")
+    try:
+        result = check_output(work, keys)
+    except CoverageError:
         shutil.rmtree(work, ignore_errors=True)
-        raise _failure(exc) from None
-    result = check_output(work, source_keys(paths, source.format, job))
+        raise
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
-    output.parent.mkdir(parents=True, exist_ok=True)
     work.rename(output)
-    rows, ok = result
-    return RayResult(output, rows, ok, rows - ok, len(shares), time.perf_counter() - clock)
+    return result
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _kept_for_resume(error: BatchRunnerError, state: RayState) -> BatchRunnerError:
+    """``error``, saying that the finished blocks are kept and a re-run resumes."""
+    if not isinstance(error, ServiceError):
+        return error
+    kept = len(state.finished_parts())
+    return type(error)(
+        f"{error}; {kept:,} finished blocks are kept in {state.parts}: re-run the same "
+        "command to resume (they are not sent again)"
+    )
 
 
 def _read(ray: Any, format: str, paths: list[str], job: Job) -> Any:
@@ -275,7 +525,12 @@ def _failure(exc: BaseException) -> BatchRunnerError:
             isinstance(current, BatchRunnerError)
             and type(current).__module__ == "batchrunner.errors"
         ):
-            return current
+            # A new error, with no reference to Ray's (see run_on_ray), and without the
+            # lines Ray adds to its message.
+            message = str(current).strip().splitlines()[0]
+            if isinstance(current, RequestError):  # its own constructor: not meant to escape
+                return ServiceError(message)
+            return type(current)(message)
         pending += [current.__context__, current.__cause__, getattr(current, "cause", None)]
     text = str(exc).strip()
     return ServiceError(f"the Ray run failed: {text.splitlines()[-1] if text else exc!r}")
@@ -299,7 +554,12 @@ def source_keys(paths: list[str], format: str, job: Job) -> pa.Array:
 def check_output(folder: Path, keys: pa.Array) -> tuple[int, int]:
     """Rows and ``ok`` rows of the written folder, after checking it holds one row per input
     row: as many rows, and the same distinct keys, as the input (``CoverageError``)."""
-    table = ds.dataset(str(folder), format="parquet").to_table(columns=["_key", "_status"])
+    dataset = ds.dataset(str(folder), format="parquet")
+    columns = ["_key", "_status"]
+    if dataset.files:
+        table = dataset.to_table(columns=columns)
+    else:  # an empty input: no blocks, no parts
+        table = pa.table({name: pa.array([], pa.string()) for name in columns})
     written = table.column("_key")
     if table.num_rows != len(keys):
         raise CoverageError(
