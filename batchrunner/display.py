@@ -227,11 +227,15 @@ def rich_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
 def inspection_text(inspection: Inspection) -> str:
     """What ``batchrunner inspect`` shows of a file, as plain text."""
     sections = [f"{inspection.path}: {inspection.rows:,} rows"]
+    folder = inspection.path.is_dir()
     if inspection.summary is not None:
-        title = f"run summary (from the file's metadata): {summary_title(inspection.summary)}"
+        where = f"{inspection.path.name}.summary.json" if folder else "the file's metadata"
+        title = f"run summary (from {where}): {summary_title(inspection.summary)}"
         sections.append(plain_table(title, summary_rows(inspection.summary)))
-    elif inspection.path.is_dir():
-        sections.append("run summary: none (a folder of parts, as --engine ray writes, has none)")
+    elif folder:
+        sections.append(
+            f"run summary: none (no {inspection.path.name}.summary.json beside the folder)"
+        )
     else:
         sections.append("run summary: none in the file's metadata (not written by batchrunner run)")
     sections.append(

@@ -4,7 +4,8 @@
 counts from a pass over the few ``_`` columns they need, one record batch at a time, so a
 file of any size is inspected in flat memory. A Parquet file that ``batchrunner run`` did
 not write is still counted if it has a ``_status`` column. A folder of Parquet parts (the
-output of ``--engine ray``) is read the same way, as one dataset (it has no summary).
+output of ``--engine ray``) is read the same way, as one dataset; its summary is the
+``<folder>.summary.json`` beside it.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     return Inspection(
         path=path,
         rows=parquet.count_rows(),
-        summary=_summary(schema),
+        summary=_summary(schema) if not path.is_dir() else _summary_beside(path),
         statuses=tuple(statuses.most_common()),
         error_kinds=tuple(
             ErrorKindCount(kind, rows, *examples[kind]) for kind, rows in kinds.most_common()
@@ -136,8 +137,19 @@ def _open(path: Path) -> ds.Dataset:
 
 def _summary(schema: pa.Schema) -> dict[str, Any] | None:
     raw = (schema.metadata or {}).get(SUMMARY_METADATA_KEY)
-    if raw is None:
+    return None if raw is None else _parsed(raw)
+
+
+def _summary_beside(folder: Path) -> dict[str, Any] | None:
+    """A folder of parts (``--engine ray``) has its summary in ``<folder>.summary.json``."""
+    try:
+        raw = folder.with_name(folder.name + ".summary.json").read_bytes()
+    except OSError:
         return None
+    return _parsed(raw)
+
+
+def _parsed(raw: bytes) -> dict[str, Any] | None:
     try:
         summary = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -126,10 +126,9 @@ def test_iris_on_ray_gives_the_rows_of_the_local_engine(invoke, local_ray, iris_
     shown = invoke("inspect", "out/ray.parquet")
     assert shown.exit_code == 0
     assert shown.stdout.startswith(
-        "out/ray.parquet: 150 rows\n\n"
-        "run summary: none (a folder of parts, as --engine ray writes, has none)\n\n"
-        "rows by status\n  ok  150\n"
+        "out/ray.parquet: 150 rows\n\nrun summary (from ray.parquet.summary.json): iris: done\n"
     )
+    assert "\nrows by status\n  ok  150\n" in shown.stdout
 
 
 @pytest.mark.ray
@@ -207,8 +206,11 @@ def test_colors_on_ray_gives_the_rows_and_summary_of_the_local_engine(
     assert summary["engine"] == "ray"
     assert summary["actors"] == 2
     assert summary["blocks"] == {"total": 3, "reused": 0}  # 10 files in blocks of 4
-    for field in ("rows", "error_rate", "outcome", "requests", "errors"):
+    for field in ("rows", "error_rate", "outcome", "errors"):
         assert summary[field] == expected[field], field
+    # the same requests, but for retries (a slow moment on a loaded machine may cost one)
+    sent = summary["requests"] - summary["retries"]
+    assert sent == expected["requests"] - expected["retries"]
     assert summary["latency_ms"]["p50"] > 0
     assert not Path("out/.batchrunner/colors.state").exists()  # gone with the success
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -242,5 +243,8 @@ def test_a_folder_of_parts_is_read_as_one_output() -> None:
     found = inspect_output(Path("parts"))
     assert found.rows == 3
     assert found.summary is None
+    # its summary, when there is one, is beside it
+    Path("parts.summary.json").write_bytes(orjson.dumps({"job": "j", "outcome": "done"}))
+    assert inspect_output(Path("parts")).summary == {"job": "j", "outcome": "done"}
     assert found.statuses == (("ok", 2), ("error", 1))
     assert [(kind.kind, kind.rows) for kind in found.error_kinds] == [("http_503", 1)]
