@@ -133,26 +133,49 @@ def open_checkpoint(
     With ``resume`` and a state of the same job identity, finished batches are kept (and
     counted into ``stats``); anything else starts fresh.
     """
-    note = None
-    manifest = _read_manifest(paths.manifest)
-    if manifest is not None and resume:
-        if manifest.get("fingerprint") == fingerprint(identity):
-            return _resume(paths, stats)
-        changes = identity_changes(manifest.get("identity", {}), identity)
-        note = (
-            "starting fresh: the job changed since its unfinished run ("
-            + "; ".join(changes or ["its identity"])
-            + ")"
-        )
-    elif manifest is not None:
-        note = "starting fresh (--no-resume): the unfinished run's results are discarded"
-    if paths.state.exists():
-        shutil.rmtree(paths.state)
-    paths.state.mkdir(parents=True)
-    write_json_atomically(
-        paths.manifest, {"fingerprint": fingerprint(identity), "identity": dict(identity)}
-    )
+    same, note = resumable(paths.manifest, identity, resume=resume)
+    if same:
+        return _resume(paths, stats)
+    start_fresh(paths.state, paths.manifest, identity)
     return Checkpoint(Journal(paths.state), bytearray(), 0, note)
+
+
+def resumable(
+    manifest: Path,
+    identity: Mapping[str, Any],
+    *,
+    resume: bool,
+    run: str = "run",
+    held: str = "results",
+) -> tuple[bool, str | None]:
+    """Whether the unfinished run whose ``manifest`` this is can be resumed by a run of
+    ``identity``; if not, why it starts fresh (None: there was no unfinished run).
+
+    ``run`` and ``held`` name the run and what it kept, for the note.
+    """
+    document = _read_manifest(manifest)
+    if document is None:
+        return False, None
+    if not resume:
+        return False, f"starting fresh (--no-resume): the unfinished {run}'s {held} are discarded"
+    if document.get("fingerprint") == fingerprint(identity):
+        return True, None
+    changes = identity_changes(document.get("identity", {}), identity)
+    return False, (
+        f"starting fresh: the job changed since its unfinished {run} ("
+        + "; ".join(changes or ["its identity"])
+        + ")"
+    )
+
+
+def start_fresh(folder: Path, manifest: Path, identity: Mapping[str, Any]) -> None:
+    """Empty ``folder`` and write the ``manifest`` of a run of ``identity`` in it."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json_atomically(
+        manifest, {"fingerprint": fingerprint(identity), "identity": dict(identity)}
+    )
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:

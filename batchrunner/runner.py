@@ -21,7 +21,7 @@ import signal
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -231,6 +231,31 @@ def make_limiter(job: Job) -> ConcurrencyLimiter:
     return ConcurrencyLimiter(batch.concurrency)
 
 
+def job_summary(
+    job: Job,
+    snapshot: StatsSnapshot,
+    identity: Mapping[str, Any],
+    run_id: str,
+    output: Path,
+    started: datetime,
+    outcome: str,
+) -> dict[str, Any]:
+    """The run summary of a run of ``job`` (either engine), finished now."""
+    return build_summary(
+        snapshot,
+        job_name=job.name,
+        fingerprint=fingerprint(identity),
+        run_id=run_id,
+        input_path=job.input.path,
+        output_path=str(output),
+        url=job.service.url,
+        started=started.isoformat(timespec="seconds"),
+        finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+        outcome=outcome,
+        max_error_rate=job.max_error_rate,
+    )
+
+
 def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
@@ -327,19 +352,7 @@ class Runner:
             if seen is not None and not final.rows_done and final.rows_skipped:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
             outcome = self._judge(abort_reason)
-            summary = build_summary(
-                final,
-                job_name=job.name,
-                fingerprint=fingerprint(identity),
-                run_id=run_id,
-                input_path=job.input.path,
-                output_path=str(output),
-                url=job.service.url,
-                started=started.isoformat(timespec="seconds"),
-                finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-                outcome=outcome,
-                max_error_rate=job.max_error_rate,
-            )
+            summary = job_summary(job, final, identity, run_id, output, started, outcome)
             assemble(
                 paths.state,
                 output,

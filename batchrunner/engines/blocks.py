@@ -34,11 +34,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrunner.checkpoint import StatePaths
-from batchrunner.job import fingerprint, identity_changes
+from batchrunner.checkpoint import StatePaths, resumable, start_fresh
 from batchrunner.report import ErrorTally, RunStats
 from batchrunner.retry import is_transient_kind
-from batchrunner.sink import write_json_atomically
 
 BLOCK_METADATA_KEY = b"batchrunner.block"
 NAME_BYTES = 16  # a block's name: 32 hex digits, no collision in any real input
@@ -91,26 +89,12 @@ def open_ray_state(
     starts fresh (the parts of a changed job could answer for other rows).
     """
     state = RayState.beside(output, job_name)
-    before = _read_json(state.manifest)
-    if before is not None and resume:
-        if before.get("fingerprint") == fingerprint(identity):
-            parts = state.finished_parts()
-            return state, f"resuming: {len(parts):,} finished blocks are kept in {state.parts}"
-        changes = identity_changes(before.get("identity", {}), identity)
-        note = (
-            "starting fresh: the job changed since its unfinished Ray run ("
-            + "; ".join(changes or ["its identity"])
-            + ")"
-        )
-    elif before is not None:
-        note = "starting fresh (--no-resume): the unfinished Ray run's blocks are discarded"
-    else:
-        note = None
-    shutil.rmtree(state.folder, ignore_errors=True)
-    state.parts.mkdir(parents=True)
-    write_json_atomically(
-        state.manifest, {"fingerprint": fingerprint(identity), "identity": dict(identity)}
-    )
+    same, note = resumable(state.manifest, identity, resume=resume, run="Ray run", held="blocks")
+    if same:
+        parts = state.finished_parts()
+        return state, f"resuming: {len(parts):,} finished blocks are kept in {state.parts}"
+    start_fresh(state.folder, state.manifest, identity)
+    state.parts.mkdir()
     return state, note
 
 
@@ -150,11 +134,3 @@ def reusable_part(path: Path) -> RunStats | None:
         return None
     stats.errors = errors
     return stats
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        document = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return document if isinstance(document, dict) else None

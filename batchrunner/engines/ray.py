@@ -65,18 +65,18 @@ from batchrunner.job import (
     IMAGES,
     TABULAR,
     Job,
-    fingerprint,
     job_identity,
     resolve_output_path,
 )
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
-from batchrunner.report import RunStats, build_summary
+from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 from batchrunner.runner import (
     OUTCOME_DONE,
     OUTCOME_TOO_MANY_ERRORS,
     codec_for,
+    job_summary,
     kind_of,
     new_run_id,
     open_source,
@@ -363,19 +363,8 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
             OUTCOME_TOO_MANY_ERRORS if rows and (rows - ok) / rows > job.max_error_rate
             else OUTCOME_DONE
         )  # fmt: skip
-        summary = build_summary(
-            stats.snapshot(0, seconds, total=rows),
-            job_name=job.name,
-            fingerprint=fingerprint(identity),
-            run_id=run_id,
-            input_path=job.input.path,
-            output_path=str(output),
-            url=job.service.url,
-            started=started.isoformat(timespec="seconds"),
-            finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-            outcome=outcome,
-            max_error_rate=job.max_error_rate,
-        )
+        snapshot = stats.snapshot(0, seconds, total=rows)
+        summary = job_summary(job, snapshot, identity, run_id, output, started, outcome)
         summary["engine"] = "ray"
         summary["actors"] = shares
         summary["blocks"] = {"total": len(names), "reused": reused}
