@@ -25,7 +25,8 @@ Imports flow one way, down this list; a module imports only from those above it:
                 with its IAM
     runner      the asyncio pipeline
     engines     other engines than the local pipeline: ray (Ray Data, the only module that
-                imports ray, lazily; `run --engine ray`)
+                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
+                blocks, for resume)
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
     inspection  an output file read back: summary, counts by status, error kinds, fields
