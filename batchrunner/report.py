@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchrunner.items import Outcome
+
 _GROWTH = 1.02  # each bucket is 2% wider than the last: percentiles within 1%
 _LOG_GROWTH = math.log(_GROWTH)
 _FLOOR_MS = 0.01
@@ -156,6 +158,18 @@ class RunStats:
     throttled: int = 0  # answers 429: the service asked us to slow down
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
+
+    def count_outcome(self, outcome: Outcome) -> str | None:
+        """Count a finished outcome's rows: ok, or error rows of its kind (which it returns;
+        None when ok). Both engines count what they finish this way."""
+        rows = len(outcome.batch)
+        if outcome.ok:
+            self.rows_ok += rows
+            return None
+        self.rows_error += rows
+        kind = outcome.error_kind or "error"
+        self.record_error_rows(kind, rows, outcome.batch.keys[0], outcome.error or "")
+        return kind
 
     def record_error_rows(self, kind: str, rows: int, key: str, message: str) -> None:
         tally = self.errors.setdefault(kind, ErrorTally())

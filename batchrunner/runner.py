@@ -44,6 +44,7 @@ from batchrunner.job import (
     IMAGES,
     TABULAR,
     Job,
+    ServiceSettings,
     check_input_kind,
     fingerprint,
     job_identity,
@@ -210,6 +211,28 @@ def codec_for(job: Job, kind: str) -> Codec:
     return TextCodec()
 
 
+def retry_policy(job: Job) -> RetryPolicy:
+    """The job's ``[retry]`` settings as a policy."""
+    return RetryPolicy(job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max)
+
+
+def service_client(
+    service: ServiceSettings, url: str, app_code: Secret | None, max_connections: int
+) -> ServiceClient:
+    """A client of the service at ``url`` with the job's ``[service]`` settings; each
+    request carries the token the caller gives it."""
+    return ServiceClient(
+        url,
+        None,
+        app_code=app_code,
+        timeout=service.timeout,
+        connect_timeout=service.connect_timeout,
+        verify_tls=service.verify_tls,
+        ca_bundle=service.ca_bundle,
+        max_connections=max_connections,
+    )
+
+
 def use_lean_memory_pool() -> None:
     """Have Arrow allocate from jemalloc, set to give freed memory back to the system at
     once; the default pool (mimalloc) keeps what a run's batches used, on top of what the
@@ -284,9 +307,7 @@ class Runner:
         self._progress_interval = progress_interval
         self._handle_signals = handle_signals
         self.stats = RunStats()
-        self._policy = RetryPolicy(
-            job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max
-        )
+        self._policy = retry_policy(job)
         self._limiter = make_limiter(job)
         # Batches started and not yet finished (sending, or waiting to retry): bounded, so
         # that memory stays flat; twice the concurrency keeps the pipe full during backoffs.
@@ -501,16 +522,7 @@ class Runner:
             running = await start_service(ServiceOptions(model=model), extra_middlewares=faults)
             stack.push_async_callback(running.close)
             url, tokens = running.url, FixedToken(Secret(running.token))
-        client = ServiceClient(
-            url,
-            None,  # each request carries the token ``tokens`` gives it
-            app_code=app_code,
-            timeout=service.timeout,
-            connect_timeout=service.connect_timeout,
-            verify_tls=service.verify_tls,
-            ca_bundle=service.ca_bundle,
-            max_connections=self.job.batch.max_in_flight,
-        )
+        client = service_client(service, url, app_code, self.job.batch.max_in_flight)
         await stack.enter_async_context(client)
         return client, tokens
 
@@ -657,15 +669,8 @@ class Runner:
                 self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
-        rows = len(outcome.batch)
-        if outcome.ok:
-            self.stats.rows_ok += rows
-            return
-        self.stats.rows_error += rows
-        kind = outcome.error_kind or "error"
-        message = outcome.error or ""
-        self.stats.record_error_rows(kind, rows, outcome.batch.keys[0], message)
-        if kind == NOT_SENT:
+        kind = self.stats.count_outcome(outcome)
+        if kind is None or kind == NOT_SENT:
             return
         self._failures_logged += 1
         if self._failures_logged <= LOGGED_FAILURES:

@@ -42,7 +42,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchrunner.checkpoint import StatePaths
-from batchrunner.client import ServiceClient
 from batchrunner.credentials import read_credentials
 from batchrunner.dispatch import Dispatcher
 from batchrunner.engines.blocks import (
@@ -71,7 +70,6 @@ from batchrunner.job import (
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.report import RunStats
-from batchrunner.retry import RetryPolicy
 from batchrunner.runner import (
     OUTCOME_DONE,
     OUTCOME_TOO_MANY_ERRORS,
@@ -80,6 +78,8 @@ from batchrunner.runner import (
     kind_of,
     new_run_id,
     open_source,
+    retry_policy,
+    service_client,
 )
 from batchrunner.sink import SEQ, outcome_table, write_json_atomically
 from batchrunner.sources import ImageSource, Source
@@ -227,28 +227,16 @@ async def score_block(
     its statistics."""
     batches = _batches(job, kind, record, keys, send)
     credentials = read_credentials(job.service, environ=environ)
-    retry = job.retry
-    policy = RetryPolicy(retry.max_attempts, retry.backoff_initial, retry.backoff_max)
-    service = job.service
     stats = RunStats()
     async with AsyncExitStack() as stack:
-        client = ServiceClient(
-            service.url,
-            None,
-            app_code=credentials.app_code,
-            timeout=service.timeout,
-            connect_timeout=service.connect_timeout,
-            verify_tls=service.verify_tls,
-            ca_bundle=service.ca_bundle,
-            max_connections=in_flight,
-        )
+        client = service_client(job.service, job.service.url, credentials.app_code, in_flight)
         await stack.enter_async_context(client)
         share = in_flight / job.batch.max_in_flight
         dispatcher = Dispatcher(
             client,
             codec_for(job, kind),
             ConcurrencyLimiter(in_flight),
-            policy,
+            retry_policy(job),
             stats,
             tokens=credentials.tokens,
             max_request_bytes=job.batch.max_request_bytes,
@@ -292,14 +280,8 @@ def _count(finished: list[Outcome], stats: RunStats) -> None:
     # As the local engine counts what it journals: rows by status, error rows by kind.
     stats.batches_read += 1
     for outcome in finished:
-        rows = len(outcome.batch)
-        stats.rows_read += rows
-        if outcome.ok:
-            stats.rows_ok += rows
-        else:
-            stats.rows_error += rows
-            kind = outcome.error_kind or "error"
-            stats.record_error_rows(kind, rows, outcome.batch.keys[0], outcome.error or "")
+        stats.rows_read += len(outcome.batch)
+        stats.count_outcome(outcome)
 
 
 def _without_seq(batch: pa.RecordBatch) -> pa.Table:
