@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -81,6 +82,15 @@ def iris_csv(copies: int = 1) -> Path:
         for row in rows
     ]
     return write_csv(Path("iris.csv"), ["id", *features], table)
+
+
+@pytest.fixture
+def iris_job(tmp_path: Path) -> Path:
+    """The shipped job and sample, copied into the test's working folder."""
+    (tmp_path / "samples").mkdir()
+    shutil.copy(REPO / "samples" / "iris.csv", tmp_path / "samples" / "iris.csv")
+    (tmp_path / "jobs").mkdir()
+    return Path(shutil.copy(REPO / "jobs" / "iris.toml", tmp_path / "jobs" / "iris.toml"))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,6 @@ import pytest
 
 from batchrunner.sink import SUMMARY_METADATA_KEY
 from tests.conftest import REPO, read_output, write_csv, write_job
-
-
-@pytest.fixture
-def iris_job(tmp_path: Path) -> Path:
-    # The shipped job and sample, copied into the test's working folder.
-    (tmp_path / "samples").mkdir()
-    shutil.copy(REPO / "samples" / "iris.csv", tmp_path / "samples" / "iris.csv")
-    (tmp_path / "jobs").mkdir()
-    return Path(shutil.copy(REPO / "jobs" / "iris.toml", tmp_path / "jobs" / "iris.toml"))
 
 
 def iris_rows() -> list[dict[str, str]]:

@@ -35,14 +35,6 @@ COMPARED = ["_key", "_status", "predictresult"]
 on_ray = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
-@pytest.fixture
-def iris_job(tmp_path: Path) -> Path:
-    (tmp_path / "samples").mkdir()
-    shutil.copy(REPO / "samples" / "iris.csv", tmp_path / "samples" / "iris.csv")
-    (tmp_path / "jobs").mkdir()
-    return Path(shutil.copy(REPO / "jobs" / "iris.toml", tmp_path / "jobs" / "iris.toml"))
-
-
 @pytest.fixture(scope="session")
 def local_ray() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
