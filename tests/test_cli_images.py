@@ -487,7 +487,7 @@ def assert_each_row_has_its_own_result(keys: list[str]) -> None:
     assert all(row["_status"] == "ok" and row["file"] == row["_key"] for row in rows), rows
 
 
-def abort_then_resume(invoke, job_extra: str, mend: Callable[[], None]) -> list[str]:  # type: ignore[no-untyped-def]
+def abort_then_resume(invoke, job_extra: str, mend: Callable[[], None]) -> list[str]:
     """Run an image job whose token is refused after two files (exit 3), ``mend`` things,
     run it again with the token accepted: it resumes. The names of the files it sent."""
     refuse, handle = refusing_after_two()

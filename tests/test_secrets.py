@@ -57,6 +57,22 @@ def env_file_outside(folder: Path, secrets: dict[str, str]) -> Path:
     return path
 
 
+def validate_and_run(invoke, job: Path, *, must_succeed: bool) -> list[str]:
+    """What validate, a dry run and runs with JSON and text logs print (stdout, stderr)."""
+    printed: list[str] = []
+    for args in (
+        ("validate", str(job)),
+        ("run", str(job), "--dry-run"),
+        ("run", str(job), "--log-format", "json"),
+        ("run", str(job), "--log-format", "text", "--progress"),
+    ):
+        result = invoke(*args)
+        printed += [result.stdout, result.stderr]
+        if must_succeed:
+            assert result.exit_code == 0, result.stderr
+    return printed
+
+
 def cron_and_inspect(invoke, job: Path, env_file: Path) -> list[str]:
     """What ``cron`` (the line it prints) and ``inspect`` (of every output) show."""
     shown = []
@@ -97,14 +113,7 @@ def test_token_appears_nowhere(invoke, fake_crontab, tmp_path_factory) -> None:
             f'[input]\npath = "{data}"\n[service]\nurl = "{server.url}"\n'
             "[batch]\nsize = 2\nconcurrency = 1\n[retry]\nbackoff_initial = 0.001\n",
         )
-        for args in (
-            ("validate", str(job)),
-            ("run", str(job), "--dry-run"),
-            ("run", str(job), "--log-format", "json"),
-            ("run", str(job), "--log-format", "text", "--progress"),
-        ):
-            result = invoke(*args)
-            printed += [result.stdout, result.stderr]
+        printed += validate_and_run(invoke, job, must_succeed=False)
     assert any("not sent" in text for text in printed)  # the 401 path ran
     env_file = env_file_outside(tmp_path_factory.mktemp("env"), {"MODELARTS_TOKEN": TOKEN})
     printed += cron_and_inspect(invoke, job, env_file)
@@ -157,15 +166,7 @@ def test_iam_password_appcode_and_issued_tokens_appear_nowhere(
             '[service.app]\nappcode_env = "APP_CODE"\n'
             "[batch]\nsize = 2\nconcurrency = 2\n[retry]\nbackoff_initial = 0.001\n",
         )
-        for args in (
-            ("validate", str(job)),
-            ("run", str(job), "--dry-run"),
-            ("run", str(job), "--log-format", "json"),
-            ("run", str(job), "--log-format", "text", "--progress"),
-        ):
-            result = invoke(*args)
-            printed += [result.stdout, result.stderr]
-            assert result.exit_code == 0, result.stderr
+        printed += validate_and_run(invoke, job, must_succeed=True)
         # The cache holds the last token (that is its job), for its user only, outside
         # the working folder, and no other secret.
         (cache,) = cache_dir.iterdir()
