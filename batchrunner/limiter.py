@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -61,14 +62,14 @@ class ConcurrencyLimiter:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await waiter  # resolved by _grant, which counts the slot as ours
+            await waiter  # resolved by _grant, which took it off the queue and counted the slot
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.cancelled():  # still queued: leave the queue
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
+            else:
                 self._give_back()  # granted, then cancelled before it could start
             raise
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
 
     async def __aexit__(
         self,
