@@ -1,9 +1,9 @@
 """The embedded reference service: a real HTTP inference service to run batchrunner against.
 
 ``url = "embedded:iris"`` in a job, ``batchrunner serve`` on the command line, and the tests
-all use it. ``models`` holds the models, ``iam`` its IAM (login, expiring tokens), ``app``
-the aiohttp.web application and the ways to run it. This package is the only part of
-batchrunner that imports ``aiohttp.web``.
+all use it. ``models`` holds the models (``registry`` loads them by name), ``iam`` its IAM
+(login, expiring tokens), ``app`` the aiohttp.web application and the ways to run it. This
+package is the only part of batchrunner that imports ``aiohttp.web``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from batchrunner.service.app import (
 from batchrunner.service.faults import FaultSettings, fault_middleware
 from batchrunner.service.iam import IamAccount
 from batchrunner.service.models import (
-    MODEL_NAMES,
     FileModel,
     IrisModel,
     Model,
     ModelInputError,
     TextModel,
-    load_model,
 )
+from batchrunner.service.registry import MODEL_NAMES, load_model
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",

@@ -69,7 +69,8 @@ from batchrunner.service.iam import (
     parse_login,
     token_document,
 )
-from batchrunner.service.models import FileModel, ModelInputError, TextModel, load_model
+from batchrunner.service.models import FileModel, ModelInputError, TextModel
+from batchrunner.service.registry import load_model
 
 DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's limit through the API URL
 MAX_UUID_CHARS = 64

@@ -1,4 +1,4 @@
-"""The models behind the embedded reference service: what they are, and how they are loaded.
+"""The models behind the embedded reference service: what they are (``registry`` loads them).
 
 A model is one of two kinds, matching the two input kinds of the protocol (``PROTOCOL.md``):
 
@@ -16,10 +16,9 @@ needs Pillow) names the dominant colour of an image.
 from __future__ import annotations
 
 import csv
-import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from os import PathLike
@@ -294,38 +293,3 @@ class LinearModel(TextModel):
             {"score": 0.5 * sum([v for v in record.values() if type(v) in numbers]) + 1.0}
             for record in records
         ]
-
-
-def _load_iris() -> IrisModel:
-    return IrisModel.fit_csv(DATA_DIR / "iris.csv")
-
-
-def _load_colors() -> Model:
-    from batchrunner.service.colors import ColorsModel  # Pillow, imported when needed
-
-    return ColorsModel()
-
-
-# One loader per model name.
-_LOADERS: dict[str, Callable[[], Model]] = {
-    "iris": _load_iris,
-    "linear": LinearModel,
-    "colors": _load_colors,
-}
-
-MODEL_NAMES: tuple[str, ...] = tuple(_LOADERS)
-
-
-def load_model(name: str) -> Model:
-    """Return the fitted model called ``name`` (fitted once, then cached).
-
-    Raises ValueError, listing the known names, when there is no such model.
-    """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown model {name!r}; the known models are: {', '.join(MODEL_NAMES)}")
-    return _load_cached(name)
-
-
-@functools.cache
-def _load_cached(name: str) -> Model:
-    return _LOADERS[name]()
