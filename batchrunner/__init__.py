@@ -30,10 +30,100 @@ Imports flow one way, down this list; a module imports only from those above it:
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
     inspection  an output file read back: summary, counts by status, error kinds, fields
+    api         the library API: load, plan, run on either engine, read back (re-exported here)
     display     how runs and outputs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# The library API. Imported when first used, so that ``import batchrunner`` (and so the
+# command line's start-up) does not pay for the job model, pyarrow and aiohttp up front.
+_EXPORTS = {
+    "load_job": "batchrunner.job",
+    "Job": "batchrunner.job",
+    "job_from_settings": "batchrunner.api",
+    "plan": "batchrunner.api",
+    "run": "batchrunner.api",
+    "read_output": "batchrunner.api",
+    "Engine": "batchrunner.api",
+    "Outcome": "batchrunner.api",
+    "RunReport": "batchrunner.api",
+    "Plan": "batchrunner.runner",
+    "Inspection": "batchrunner.inspection",
+    "BatchRunnerError": "batchrunner.errors",
+    "JobError": "batchrunner.errors",
+    "SettingError": "batchrunner.errors",
+    "InputError": "batchrunner.errors",
+    "StateError": "batchrunner.errors",
+    "ServiceError": "batchrunner.errors",
+    "AuthError": "batchrunner.errors",
+    "CoverageError": "batchrunner.errors",
+    "LockedError": "batchrunner.errors",
+    "RunInterrupted": "batchrunner.errors",
+}
+
+__all__ = [
+    "AuthError",
+    "BatchRunnerError",
+    "CoverageError",
+    "Engine",
+    "InputError",
+    "Inspection",
+    "Job",
+    "JobError",
+    "LockedError",
+    "Outcome",
+    "Plan",
+    "RunInterrupted",
+    "RunReport",
+    "ServiceError",
+    "SettingError",
+    "StateError",
+    "__version__",
+    "job_from_settings",
+    "load_job",
+    "plan",
+    "read_output",
+    "run",
+]
+
+if TYPE_CHECKING:
+    from batchrunner.api import (
+        Engine,
+        Outcome,
+        RunReport,
+        job_from_settings,
+        plan,
+        read_output,
+        run,
+    )
+    from batchrunner.errors import (
+        AuthError,
+        BatchRunnerError,
+        CoverageError,
+        InputError,
+        JobError,
+        LockedError,
+        RunInterrupted,
+        ServiceError,
+        SettingError,
+        StateError,
+    )
+    from batchrunner.inspection import Inspection
+    from batchrunner.job import Job, load_job
+    from batchrunner.runner import Plan
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchrunner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
