@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from batchrunner.runner import RunResult
     from batchrunner.schedule import Schedule
 
-EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
 EXIT_INVALID = 2
 EXIT_ABORTED = 3

@@ -267,11 +267,6 @@ class TableEdit:
     changed: bool
 
 
-def job_lines(table: str, job_file: Path) -> tuple[str, ...]:
-    """The lines of ``table`` that run ``job_file`` (by their marker)."""
-    return tuple(line for line in _split(table) if _runs(line, job_file))
-
-
 def install_line(table: str, line: str, job_file: Path) -> TableEdit:
     """``table`` with ``line`` as the one line of ``job_file``: added, or replacing the old."""
     lines = _split(_VIXIE_HEADER.sub("", table))

@@ -12,7 +12,6 @@ from batchrunner.schedule import (
     CronJob,
     cron_line,
     install_line,
-    job_lines,
     marker,
     parse_schedule,
     remove_lines,
@@ -209,7 +208,7 @@ def test_installing_twice_changes_nothing() -> None:
     twice = install_line(once, line_at("0 2 * * *"), JOB_FILE)
     assert not twice.changed
     assert twice.table == once
-    assert job_lines(twice.table, JOB_FILE) == (line_at("0 2 * * *"),)
+    assert twice.old_lines == (line_at("0 2 * * *"),)
 
 
 def test_a_new_schedule_replaces_the_line_where_it_was() -> None:
@@ -236,8 +235,9 @@ def test_the_job_file_is_the_identity_not_the_name() -> None:
 
 
 def test_a_similar_path_is_another_job() -> None:
-    assert job_lines(line_at("0 2 * * *"), Path("/srv/jobs/iris.toml.bak")) == ()
-    assert job_lines(line_at("0 2 * * *"), Path("/srv/jobs/iris")) == ()
+    for similar in (Path("/srv/jobs/iris.toml.bak"), Path("/srv/jobs/iris")):
+        edit = remove_lines(line_at("0 2 * * *") + "\n", similar)
+        assert (edit.changed, edit.old_lines) == (False, ())
 
 
 def test_remove_keeps_other_lines() -> None:

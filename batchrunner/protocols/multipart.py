@@ -126,7 +126,7 @@ def read_file(path: Path, max_bytes: int) -> bytes:
         if not stat.S_ISREG(status.st_mode):
             raise _unreadable("not a regular file")
         if status.st_size > max_bytes:
-            raise _too_large(status.st_size, max_bytes)
+            raise too_large(status.st_size, max_bytes)
         with open(descriptor, "rb", buffering=0, closefd=False) as file:
             # What fstat says plus one byte (a buffer of max_bytes would be allocated, and
             # given back, for every file), then the rest if the file grew meanwhile.
@@ -138,7 +138,7 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     finally:
         os.close(descriptor)
     if len(content) > max_bytes:  # it grew after the size was checked
-        raise _too_large(len(content), max_bytes)
+        raise too_large(len(content), max_bytes)
     return content
 
 
@@ -148,10 +148,6 @@ def _unreadable(reason: str) -> RequestError:
 
 def too_large(size: int, max_bytes: int) -> RequestError:
     """The error of a file of ``size`` bytes where at most ``max_bytes`` fit a request."""
-    return _too_large(size, max_bytes)
-
-
-def _too_large(size: int, max_bytes: int) -> RequestError:
     return RequestError(
         f"the file is {size:,} bytes; at most {max_bytes:,} fit in one request "
         "(batch.max_request_bytes less the form around the file): shrink the file, or raise "
