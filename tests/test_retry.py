@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import pytest
 
 from batchrunner.errors import RequestError
-from batchrunner.retry import MAX_RETRY_AFTER, RetryPolicy, parse_retry_after
+from batchrunner.retry import DEFAULT_RETRY_AFTER_MAX, RetryPolicy, parse_retry_after
 
 
 def failure(
@@ -47,7 +47,9 @@ def test_retry_after_is_a_floor() -> None:
 
 def test_absurd_retry_after_is_capped() -> None:
     policy = RetryPolicy(max_attempts=5)
-    assert policy.delay(1, failure(retry_after=86400.0), random.Random(0)) == MAX_RETRY_AFTER
+    assert (
+        policy.delay(1, failure(retry_after=86400.0), random.Random(0)) == DEFAULT_RETRY_AFTER_MAX
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,11 @@ decides its fields: ``predicted_label`` and ``scores`` for classifiers). The pro
 no ``meta.uuid`` for files, so none is sent. A file too large for one request, or that
 cannot be read, fails without being sent.
 
+Many models echo the fields they were sent in each ``resp_data`` item (the reference iris
+model does). Where an item carries a sent field under the same name, ``check_echo``
+compares it with what that row sent: a reversed or reordered answer fails the batch
+instead of putting its results on the wrong rows.
+
 ``classify_failure`` reads a non-2xx answer (gateway ``APIG.*``, platform ``ModelArts.*``,
 model ``MR.*`` codes, or an HTML page) into a ``RequestError``.
 """
@@ -20,14 +25,15 @@ from __future__ import annotations
 import base64
 import decimal
 import functools
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError
+from batchrunner.errors import RequestError, clip
 from batchrunner.items import Batch
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.protocols import EncodedRequest
@@ -107,6 +113,59 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
     return results
 
 
+# Sent columns of these types are compared with their echo: their JSON form is what the
+# column holds (a timestamp or a binary value is sent as text, and echoed as the model likes).
+_ECHO_TYPES = (
+    pa.types.is_integer,
+    pa.types.is_floating,
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_boolean,
+)
+_ABSENT = object()
+# A model computing in float32 echoes 5.1 as 5.099999904632568: equal enough.
+_ECHO_REL_TOL = 1e-6
+
+
+def check_echo(results: list[dict[str, Any]], rows: pa.RecordBatch, keys: Sequence[str]) -> None:
+    """Raise ``RequestError`` when a result echoes a sent field with another row's value.
+
+    Only the fields the first item carries are compared (an answer's items have the same
+    fields); an item without the field is not compared. Numbers compare within a relative
+    1e-6, a null with a null or NaN, everything else exactly.
+    """
+    if not results:
+        return
+    first = results[0]
+    for name, column in zip(rows.schema.names, rows.columns, strict=True):
+        if name not in first or not any(check(column.type) for check in _ECHO_TYPES):
+            continue
+        sent = column.to_pylist()
+        echoed = [item.get(name, _ABSENT) for item in results]
+        if echoed == sent:  # in C: the common case costs little
+            continue
+        for position, (value, echo) in enumerate(zip(sent, echoed, strict=True)):
+            if echo is _ABSENT or _same_value(value, echo):
+                continue
+            raise _bad_response(
+                f"data.resp_data[{position}].{name} is {clip(repr(echo), 60)}, but the row "
+                f"sent there (key {keys[position]}) has {clip(repr(value), 60)}: the answer's "
+                "items are not in the order of the rows sent; results cannot be matched to rows"
+            )
+
+
+def _same_value(sent: Any, echoed: Any) -> bool:
+    if sent == echoed and type(sent) is not bool and type(echoed) is not bool:
+        return True
+    if isinstance(sent, bool) or isinstance(echoed, bool):
+        return type(sent) is type(echoed) and sent == echoed
+    if sent is None or (isinstance(sent, float) and math.isnan(sent)):
+        return echoed is None  # JSON has no NaN: it was sent as null
+    if isinstance(sent, int | float) and isinstance(echoed, int | float):
+        return math.isclose(sent, echoed, rel_tol=_ECHO_REL_TOL)
+    return False
+
+
 def classify_failure(status: int, body: bytes, retry_after: float | None = None) -> RequestError:
     """A ``RequestError`` describing a non-2xx answer: its kind, and whether to retry."""
     code, detail = _error_fields(body)
@@ -148,7 +207,10 @@ class TextCodec:
         return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid)
 
     def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
-        return decode_text(body, len(batch), request_uuid)
+        results = decode_text(body, len(batch), request_uuid)
+        if batch.rows is not None:
+            check_echo(results, batch.rows, batch.keys)
+        return results
 
 
 class FileCodec:
