@@ -43,15 +43,17 @@ def _log_to_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logger, "propagate", True)
 
 
-def job_file(url: str, rows: int = 6, *, size: int = 2, extra: str = "") -> Path:
+def job_file(url: str, rows: int = 6, *, size: int = 2, extra: str = "", service: str = "") -> Path:
     data = write_csv(Path("d.csv"), ["x"], [(i,) for i in range(rows)])
     return write_job(
         Path("h.toml"),
-        f'name = "h"\n[input]\npath = "{data}"\n[service]\nurl = "{url}"\n'
+        f'name = "h"\n[input]\npath = "{data}"\n[service]\nurl = "{url}"\n{service}'
         f"[batch]\nsize = {size}\nconcurrency = 1\n"
         f"[retry]\nbackoff_initial = 0.001\nmax_attempts = 2\n{extra}",
     )
 
+
+APP_CODE_AND_TOKEN = 'token_env = "MODELARTS_TOKEN"\n[service.app]\nappcode_env = "APP_CODE"\n'
 
 # --- 1. redirects --------------------------------------------------------------------------
 
@@ -63,8 +65,7 @@ def test_a_redirect_is_an_error_and_no_credential_reaches_the_other_origin(
     monkeypatch.setenv("APP_CODE", "appcode-5d0c1e77aa")
     with ThreadedServer(answer_ok, any_path=True) as elsewhere:
         with ThreadedServer(redirecting(status, elsewhere.url)) as gateway:
-            job = job_file(gateway.url, extra='[service.app]\nappcode_env = "APP_CODE"\n')
-            # the token_env default is also read: both credentials would go along
+            job = job_file(gateway.url, service=APP_CODE_AND_TOKEN)
             result = invoke("run", str(job))
         assert elsewhere.calls == []  # nothing, with or without a credential
     assert len(gateway.calls) == 1  # fatal: no other request after it
@@ -330,3 +331,29 @@ def test_the_token_is_sent_to_the_service(invoke) -> None:
         result = invoke("run", str(job_file(server.url, rows=1)))
     assert result.exit_code == 0, result.stderr
     assert server.calls[0].headers["X-Auth-Token"] == TOKEN
+
+
+# --- 3. a token with a line break -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_a_token_with_a_line_break_is_refused_at_load_with_exit_2(
+    invoke, monkeypatch, where: str
+) -> None:
+    value = "tok-91ab\r\nX-Injected: 77cd"
+    if where == "env":
+        monkeypatch.setenv("MODELARTS_TOKEN", value)
+        service = ""
+    else:
+        Path("token.txt").write_text(value)
+        service = 'token_file = "token.txt"\n'
+    with ThreadedServer(answer_ok) as server:
+        result = invoke("run", str(job_file(server.url, rows=2, service=service)))
+    assert server.calls == []
+    assert result.exit_code == 2, result.stderr
+    named = "environment variable MODELARTS_TOKEN" if where == "env" else "token.txt"
+    assert named in result.stderr
+    assert "carriage return (CR)" in result.stderr or "line feed (LF)" in result.stderr
+    assert "tok-91ab" not in result.stderr + result.stdout
+    assert "77cd" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
