@@ -69,3 +69,16 @@ def test_absurd_retry_after_is_capped() -> None:
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     now = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
     assert parse_retry_after(header, now) == expected
+
+
+def test_a_retry_after_that_is_no_number_is_ignored_and_a_huge_one_bounded() -> None:
+    assert parse_retry_after("inf") is None
+    assert parse_retry_after("-inf") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("1e308") == 1e308
+    far = parse_retry_after("Thu, 01 Jan 2037 00:00:00 GMT")
+    assert far is not None and far > 10 * 365 * 86400
+    policy = RetryPolicy(max_attempts=5, initial=0.5, maximum=2.0, retry_after_max=7.0)
+    for seconds in (1e308, far, 8.0):
+        assert policy.delay(1, failure(retry_after=seconds), random.Random(0)) == 7.0
+    assert policy.delay(1, failure(retry_after=3.0), random.Random(0)) == 3.0
