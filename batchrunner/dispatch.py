@@ -231,7 +231,7 @@ class Dispatcher:
                         self._last_success = self._clock()
                     else:
                         raise classify_failure(response.status, body, response.retry_after)
-                    results = self._codec.decode(body, batch, sent_uuid or "")
+                    results = self._codec.decode(body, batch, request)
                     outcome = Outcome(
                         batch,
                         results,

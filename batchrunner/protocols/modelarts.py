@@ -26,6 +26,7 @@ import base64
 import decimal
 import functools
 import math
+import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,7 +82,11 @@ def _record_builder(names: tuple[str, ...]) -> Callable[[list[list[Any]]], list[
 
 def encode_text(rows: pa.RecordBatch, request_uuid: str) -> bytes:
     """The request body for text input: ``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``."""
-    body = {"meta": {"uuid": request_uuid}, "data": {"req_data": rows_to_records(rows)}}
+    return _encode_records(rows_to_records(rows), request_uuid)
+
+
+def _encode_records(records: list[dict[str, Any]], request_uuid: str) -> bytes:
+    body = {"meta": {"uuid": request_uuid}, "data": {"req_data": records}}
     return orjson.dumps(body, default=_json_default)
 
 
@@ -113,51 +118,40 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
     return results
 
 
-# Sent columns of these types are compared with their echo: their JSON form is what the
-# column holds (a timestamp or a binary value is sent as text, and echoed as the model likes).
-_ECHO_TYPES = (
-    pa.types.is_integer,
-    pa.types.is_floating,
-    pa.types.is_string,
-    pa.types.is_large_string,
-    pa.types.is_boolean,
-)
+# Sent values of these types are compared with their echo (nested values and the rest are
+# sent as the JSON encoder makes them, and echoed as the model likes).
+_ECHO_SCALARS = frozenset({int, float, str, bool, type(None)})
 _ABSENT = object()
 # A model computing in float32 echoes 5.1 as 5.099999904632568: equal enough.
 _ECHO_REL_TOL = 1e-6
 
 
-def check_echo(results: list[dict[str, Any]], rows: pa.RecordBatch, keys: Sequence[str]) -> None:
+def check_echo(
+    results: list[dict[str, Any]], sent: list[dict[str, Any]], keys: Sequence[str]
+) -> None:
     """Raise ``RequestError`` when a result echoes a sent field with another row's value.
 
-    Only the fields the first item carries are compared (an answer's items have the same
-    fields); an item without the field is not compared. Numbers compare within a relative
-    1e-6, a null with a null or NaN, everything else exactly.
+    ``sent`` are the rows as sent. Only scalar fields both the first item and the first row
+    carry are compared; an item without the field is not compared. Numbers compare within
+    a relative 1e-6, a null with a null or NaN, everything else exactly.
     """
-    if not results:
+    if not results or not sent:
         return
-    first = results[0]
-    for index, name in _echoable_columns(rows.schema):
-        if name not in first:
-            continue
-        column = rows.column(index)
+    first, sent_first = results[0], sent[0]
+    names = [
+        name for name in first if name in sent_first and type(sent_first[name]) in _ECHO_SCALARS
+    ]
+    if not names:
+        return
+    values = operator.itemgetter(*names)
+    try:
+        if list(map(values, results)) == list(map(values, sent)):  # in C: the common case
+            return
+    except KeyError:
+        pass  # an item without a field: compared one by one
+    for name in names:
         echoed = [item.get(name, _ABSENT) for item in results]
-        try:
-            # In C: the common case (an exact echo) costs a few microseconds a column.
-            if column.equals(pa.array(echoed, column.type)):
-                continue
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            pass  # an item without the field, or an echo of another type: compare one by one
-        _compare_echo(name, column.to_pylist(), echoed, keys)
-
-
-@functools.lru_cache(maxsize=64)
-def _echoable_columns(schema: pa.Schema) -> tuple[tuple[int, str], ...]:
-    return tuple(
-        (index, field.name)
-        for index, field in enumerate(schema)
-        if any(check(field.type) for check in _ECHO_TYPES)
-    )
+        _compare_echo(name, [row[name] for row in sent], echoed, keys)
 
 
 def _compare_echo(name: str, sent: list[Any], echoed: list[Any], keys: Sequence[str]) -> None:
@@ -220,13 +214,14 @@ class TextCodec:
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
         if batch.rows is None:
             raise ValueError("text input needs rows: this batch carries a file")
-        body = encode_text(batch.rows, request_uuid)
-        return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid)
+        records = rows_to_records(batch.rows)
+        body = _encode_records(records, request_uuid)
+        return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid, records=records)
 
-    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
-        results = decode_text(body, len(batch), request_uuid)
-        if batch.rows is not None:
-            check_echo(results, batch.rows, batch.keys)
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
+        results = decode_text(body, len(batch), request.request_uuid or "")
+        if request.records is not None:
+            check_echo(results, request.records, batch.keys)
         return results
 
 
@@ -267,7 +262,7 @@ class FileCodec:
         ).replace("\r\n", "\n")
         return EncodedRequest(body, form.content_type, request_uuid=None, preview=preview)
 
-    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
         """The answer's JSON object, as it came, as the one result of the file."""
         return [decode_file(body)]
 
