@@ -57,6 +57,45 @@ def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: (MASK if k.lower() in sensitive else v) for k, v in headers.items()}
 
 
+class Scrubber:
+    """Every secret a run holds, to take out of text that comes from elsewhere.
+
+    A service or IAM may echo what it was sent (a token in an error body, a password in a
+    login refusal): whatever reaches a log, an error row, a summary or an output passes
+    through here first. The dispatcher adds each token it sends (renewed IAM tokens too).
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, *secrets: Secret | None) -> None:
+        self._values: dict[str, bytes] = {}
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: Secret | None) -> None:
+        """Hold ``secret`` too (None and empty secrets are ignored)."""
+        if secret is not None and secret.reveal() and secret.reveal() not in self._values:
+            self._values[secret.reveal()] = secret.reveal().encode("utf-8")
+
+    def text(self, text: str) -> str:
+        """``text`` with every secret held replaced by the mask."""
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+    def body(self, body: bytes) -> bytes:
+        """The bytes ``body`` with every secret held replaced by the mask (an answer is
+        scrubbed before it is judged, so that no secret reaches a result or a snippet)."""
+        for value in self._values.values():
+            if value in body:
+                body = body.replace(value, _MASK_BYTES)
+        return body
+
+
+_MASK_BYTES = MASK.encode("ascii")
+
+
 def scrub(text: str, *secrets: Secret | None) -> str:
     """``text`` with every occurrence of the secrets replaced by the mask.
 
@@ -83,7 +122,21 @@ def read_secret_env(name: str, setting: str, what: str, environ: Mapping[str, st
             f"{setting}: environment variable {name} is not set or empty; "
             f"export the {what} as {name}"
         )
+    _check_printable(value, f"{setting}: environment variable {name}")
     return Secret(value)
+
+
+def _check_printable(value: str, where: str) -> None:
+    # A line break would end the HTTP header the secret goes in (aiohttp refuses it with a
+    # ValueError mid-run): refused at load, naming where it is, never the value.
+    bad = [c for c in value if c < " " or c == "\x7f"]
+    if bad:
+        names = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}
+        what = names.get(bad[0], f"a control character (U+{ord(bad[0]):04X})")
+        raise SettingError(
+            f"{where} holds {what} inside the secret; a secret must be one line of "
+            "printable text: remove it"
+        )
 
 
 def read_secret_file(path: Path, setting: str) -> Secret:
@@ -96,6 +149,7 @@ def read_secret_file(path: Path, setting: str) -> Secret:
         raise SettingError(f"{setting}: {path} is not UTF-8 text") from None
     if not value:
         raise SettingError(f"{setting}: {path} is empty")
+    _check_printable(value, f"{setting}: {path}")
     return Secret(value)
 
 
@@ -222,6 +276,7 @@ class FileToken(RenewingToken):
         super().__init__()
         self.path = path
         self._token = read_token_file(path)  # a missing file is a SettingError at once
+        self.first = self._token
         self._reread_delays = reread_delays
         self.reads = 1
 

@@ -3,7 +3,15 @@
 One ``aiohttp.ClientSession`` per run, TLS verified by default, the token sent in the
 ``X-Auth-Token`` header (and an AppCode in ``X-Apig-AppCode``) and nowhere else. Network
 failures come out as ``RequestError`` (``timeout``, ``connection``, ``tls``); HTTP answers
-of any status come back as ``Response`` for the protocol codec to judge.
+of any status come back as ``Response`` for the protocol codec to judge, except two:
+
+- a redirect (3xx) is never followed, for the service as for the IAM login: following it
+  would send the token, the AppCode or the password to whatever address the answer names,
+  and a gateway does not redirect ``POST /v1/infers/...``. It is a fatal ``RequestError``
+  of kind ``redirect`` (``iam_login`` for IAM) that says where it pointed;
+- an answer larger than ``max_response_bytes`` (counted after decompression, so that a
+  gzip bomb is cut off too) is a ``RequestError`` of kind ``response_too_large``, read no
+  further.
 
 ``login`` posts an IAM login (built and judged by ``iam``) and hands back the answer, the
 token already wrapped in a ``Secret``.
@@ -20,16 +28,19 @@ from types import TracebackType
 from typing import Self
 
 import aiohttp
+from yarl import URL
 
 from batchrunner import __version__
 from batchrunner.auth import Secret
-from batchrunner.errors import RequestError, SettingError
+from batchrunner.errors import RequestError, SettingError, clip
+from batchrunner.job import DEFAULT_MAX_RESPONSE_BYTES
 from batchrunner.retry import parse_retry_after
 
 USER_AGENT = f"batchrunner/{__version__}"
 TOKEN_HEADER = "X-Auth-Token"
 APP_CODE_HEADER = "X-Apig-AppCode"
 SUBJECT_TOKEN_HEADER = "X-Subject-Token"
+_READ_CHUNK = 256 * 1024
 IAM_CONTENT_TYPE = "application/json;charset=utf8"  # as IAM documents it
 
 
@@ -61,9 +72,11 @@ class ServiceClient:
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.url = url
+        self._max_response_bytes = max_response_bytes
         self._token = token
         self._app_code = app_code
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -115,8 +128,12 @@ class ServiceClient:
             headers[TOKEN_HEADER] = token.reveal()
         started = self._clock()
         try:
-            async with self._session.post(self.url, data=body, headers=headers or None) as answer:
-                payload = await answer.read()
+            async with self._session.post(
+                self.url, data=body, headers=headers or None, allow_redirects=False
+            ) as answer:
+                if 300 <= answer.status < 400:
+                    raise _redirected(answer, "the service", "service.url")
+                payload = await _read_capped(answer, self._max_response_bytes)
                 return Response(
                     status=answer.status,
                     body=payload,
@@ -176,9 +193,11 @@ async def login(
             aiohttp.ClientSession(
                 connector=connector, headers=headers, timeout=client_timeout
             ) as session,
-            session.post(url, data=body.reveal().encode("utf-8")) as answer,
+            session.post(url, data=body.reveal().encode("utf-8"), allow_redirects=False) as answer,
         ):
-            payload = await answer.read()
+            if 300 <= answer.status < 400:
+                raise _redirected(answer, f"IAM at {url}", "service.iam.url", kind="iam_login")
+            payload = await _read_capped(answer, DEFAULT_MAX_RESPONSE_BYTES)
             token = answer.headers.get(SUBJECT_TOKEN_HEADER)
             return LoginAnswer(answer.status, Secret(token) if token else None, payload)
     except TimeoutError:
@@ -195,6 +214,56 @@ async def login(
             kind="iam_login",
             retryable=True,
         ) from None
+
+
+def _redirected(
+    answer: aiohttp.ClientResponse, who: str, setting: str, *, kind: str = "redirect"
+) -> RequestError:
+    location = answer.headers.get("Location", "")
+    try:
+        # Where it points, without its query (which may carry anything).
+        target = answer.url.join(URL(location)).with_query(None).with_fragment(None)
+        where = f"to {clip(str(target), 120)}"
+    except ValueError:
+        where = "to an address that is not a URL"
+    return RequestError(
+        f"{who} answered HTTP {answer.status}, a redirect {where}; batchrunner never follows "
+        f"redirects (the credentials would go along): set {setting} to the address that answers",
+        kind=kind,
+        retryable=False,
+        fatal=True,
+        http_status=answer.status,
+    )
+
+
+async def _read_capped(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole answer body, or a ``RequestError`` once it is over ``limit`` bytes."""
+    encoded = answer.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+    length = answer.content_length
+    if length is not None and length > limit:
+        raise _too_large(answer, limit, encoded)
+    if length is not None and not encoded:
+        return await answer.read()  # the common case: its size is known, and fits
+    received = bytearray()
+    # aiohttp hands the body over decompressed: the count is what would be kept.
+    async for chunk in answer.content.iter_chunked(_READ_CHUNK):
+        received += chunk
+        if len(received) > limit:
+            raise _too_large(answer, limit, encoded)
+    return bytes(received)
+
+
+def _too_large(answer: aiohttp.ClientResponse, limit: int, encoded: bool) -> RequestError:
+    counted = " (decompressed)" if encoded else ""
+    return RequestError(
+        f"HTTP {answer.status}: the answer is over service.max_response_bytes ({limit:,} "
+        f"bytes){counted} and was not read further; raise the setting, or make batch.size "
+        "smaller",
+        kind="response_too_large",
+        retryable=False,
+        row_specific=True,  # a smaller batch has a smaller answer: halves are worth a try
+        http_status=answer.status,
+    )
 
 
 def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> RequestError:

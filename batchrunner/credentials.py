@@ -18,6 +18,7 @@ from pathlib import Path
 from batchrunner.auth import (
     FileToken,
     FixedToken,
+    Scrubber,
     Secret,
     TokenProvider,
     read_env_token,
@@ -35,6 +36,13 @@ class Credentials:
 
     tokens: TokenProvider | None
     app_code: Secret | None
+    # Every secret read (the token, the IAM password, the AppCode): scrubbed from whatever
+    # the service or IAM sends back (tokens issued later are added as they are sent).
+    secrets: tuple[Secret, ...] = ()
+
+    def scrubber(self) -> Scrubber:
+        """A scrubber holding every secret read so far."""
+        return Scrubber(*self.secrets)
 
 
 def read_credentials(
@@ -50,15 +58,20 @@ def read_credentials(
     """
     env = os.environ if environ is None else environ
     tokens: TokenProvider | None = None
+    secrets: list[Secret] = []
     source = settings.token_source
     if source == "token_file":
         assert settings.token_file is not None
-        tokens = FileToken(Path(settings.token_file))
+        file_token = FileToken(Path(settings.token_file))
+        secrets.append(file_token.first)
+        tokens = file_token
     elif source == "iam":
         assert settings.iam is not None
+        password = _read_password(settings.iam, env)
+        secrets.append(password)
         tokens = IamToken(
             settings.iam,
-            _read_password(settings.iam, env),
+            password,
             login=functools.partial(
                 login,
                 timeout=settings.timeout,
@@ -70,9 +83,13 @@ def read_credentials(
             clock=clock,
         )
     elif source == "token_env":
-        tokens = FixedToken(read_env_token(settings.token_env or DEFAULT_TOKEN_ENV, env))
+        token = read_env_token(settings.token_env or DEFAULT_TOKEN_ENV, env)
+        secrets.append(token)
+        tokens = FixedToken(token)
     app_code = _read_app_code(settings.app, env) if settings.app is not None else None
-    return Credentials(tokens, app_code)
+    if app_code is not None:
+        secrets.append(app_code)
+    return Credentials(tokens, app_code, tuple(secrets))
 
 
 def _read_password(settings: IamSettings, environ: Mapping[str, str]) -> Secret:

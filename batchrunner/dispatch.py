@@ -30,15 +30,17 @@ import asyncio
 import logging
 import os
 import random
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from batchrunner.auth import Secret, TokenProvider
+from batchrunner.auth import Scrubber, Secret, TokenProvider
 from batchrunner.client import ServiceClient
 from batchrunner.errors import AuthError, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
+from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest
 from batchrunner.protocols.modelarts import classify_failure
@@ -48,6 +50,7 @@ from batchrunner.retry import RetryPolicy
 log = logging.getLogger("batchrunner")
 
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 # Answers that say "too many at once": the adaptive limiter backs off on them.
 PUSH_BACK_STATUSES = frozenset({429, 503})
 
@@ -56,6 +59,11 @@ PUSH_BACK_STATUSES = frozenset({429, 503})
 # project), and renewing again would only log in forever.
 MAX_RENEWALS_IN_A_ROW = 3
 UNAUTHORIZED = 401
+# The service counts as unreachable only after at least this many requests in a row failed
+# to connect or timed out (and none succeeded for service.unreachable_after seconds).
+UNREACHABLE_STREAK = 8
+# Failures that say nothing reached the service.
+_UNREACHED_KINDS = frozenset({"connection", "timeout"})
 # Files up to this size are read on the event loop (see _small_file).
 READ_ON_LOOP_BYTES = 256 * 1024
 
@@ -85,6 +93,9 @@ class Dispatcher:
         stopping: asyncio.Event | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        scrubber: Scrubber | None = None,
+        unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._codec = codec
@@ -97,6 +108,11 @@ class Dispatcher:
         self._stopping = stopping or asyncio.Event()
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._scrubber = scrubber if scrubber is not None else Scrubber()
+        self._unreachable_after = unreachable_after
+        self._clock = clock
+        self._last_success = clock()  # or the start: no success yet
+        self._unreached_in_a_row = 0  # requests that failed to connect or timed out
         self._fatal: ServiceError | None = None  # set once: no request may start after it
         self._renewing = 0  # renewals under way; no request starts until they are done
         self._renewed = asyncio.Event()
@@ -116,15 +132,42 @@ class Dispatcher:
 
     async def _send_splitting(self, batch: Batch) -> list[Outcome]:
         outcome, error = await self._send_whole(batch)
-        if error is None or not error.row_specific or len(batch) < 2 or batch.rows is None:
+        if not _worth_splitting(batch, error):
             return [outcome]
+        return await self._split(batch, uniform_above=False)
+
+    async def _split(self, batch: Batch, *, uniform_above: bool) -> list[Outcome]:
+        """Send the halves of ``batch`` (refused for a reason one row may cause), and the
+        halves of a half refused so, until the bad rows are alone.
+
+        When both halves fail the same way (same kind, same status), one bad row cannot be
+        the cause; when it happens twice in a row (at this split and at the one above it),
+        halving no longer helps: the service refuses every row alike, and the halves' rows
+        become error rows as they are. A batch refused whole thus costs at most 7 requests
+        (itself, 2 halves, 4 quarters) instead of 2n - 1.
+        """
         self._stats.splits += 1
-        log.debug("batch %d: %s; splitting %d rows in halves", batch.seq, error, len(batch))
+        log.debug("batch %d: splitting %d rows in halves", batch.seq, len(batch))
         left, right = batch.split()
-        async with asyncio.TaskGroup() as halves:
-            first = halves.create_task(self._send_splitting(left))
-            second = halves.create_task(self._send_splitting(right))
-        return [*first.result(), *second.result()]
+        (left_outcome, left_error), (right_outcome, right_error) = await _both(
+            self._send_whole(left), self._send_whole(right)
+        )
+        uniform = _same_failure(left_error, right_error)
+        if uniform and uniform_above:
+            log.debug("batch %d: every half fails alike: splitting stops", batch.seq)
+            return [left_outcome, right_outcome]
+        first, second = await _both(
+            self._descend(left, left_outcome, left_error, uniform),
+            self._descend(right, right_outcome, right_error, uniform),
+        )
+        return [*first, *second]
+
+    async def _descend(
+        self, half: Batch, outcome: Outcome, error: RequestError | None, uniform: bool
+    ) -> list[Outcome]:
+        if not _worth_splitting(half, error):
+            return [outcome]
+        return await self._split(half, uniform_above=uniform)
 
     async def _send_whole(self, batch: Batch) -> tuple[Outcome, RequestError | None]:
         last_latency: float | None = None
@@ -137,6 +180,8 @@ class Dispatcher:
             sent_uuid: str | None = None
             renewed = False
             async with self._limiter:
+                if self._stopping.is_set():
+                    raise _Dropped  # waited for a slot while the run was told to stop
                 await self._check_open()
                 try:
                     request = await self._encode(batch)
@@ -162,6 +207,7 @@ class Dispatcher:
                 tries += 1
                 try:
                     token = await self._current_token()
+                    self._scrubber.add(token)  # whatever comes back, this is not shown
                     attempt += 1
                     sent_uuid = request.request_uuid
                     self._stats.requests += 1
@@ -169,7 +215,11 @@ class Dispatcher:
                         request.body, request.content_type, token=token
                     )
                     http_status = response.status
+                    self._unreached_in_a_row = 0
                     last_latency = response.latency_ms
+                    # Service-provided text reaches results, error rows, logs and the
+                    # summary: no secret of ours goes with it, whatever the service echoed.
+                    body = self._scrubber.body(response.body)
                     self._stats.latency.add(response.latency_ms)
                     self._limiter.feedback(
                         response.latency_ms, pushed_back=response.status in PUSH_BACK_STATUSES
@@ -178,9 +228,10 @@ class Dispatcher:
                         self._stats.throttled += 1
                     if response.ok:
                         self._renewals_in_a_row = 0  # the token was accepted
+                        self._last_success = self._clock()
                     else:
-                        raise classify_failure(response.status, response.body, response.retry_after)
-                    results = self._codec.decode(response.body, batch, sent_uuid or "")
+                        raise classify_failure(response.status, body, response.retry_after)
+                    results = self._codec.decode(body, batch, request)
                     outcome = Outcome(
                         batch,
                         results,
@@ -191,9 +242,11 @@ class Dispatcher:
                     )
                     return outcome, None
                 except RequestError as failure:
-                    error = failure
+                    error = self._scrubbed(failure)
                     if error.kind == "timeout":
                         self._limiter.feedback(None, pushed_back=True)
+                    if http_status is None and error.kind in _UNREACHED_KINDS:
+                        self._check_reachable(error)
                 if error.http_status == UNAUTHORIZED and token is not None:
                     try:
                         await self._renew(token, error)
@@ -218,7 +271,53 @@ class Dispatcher:
                 raise _Dropped
             self._stats.retries += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
-            await self._sleep(delay)
+            await self._back_off(delay)
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry; a stop (a signal) ends the wait at once:
+        a batch waiting to retry is not in flight, and is left for the next run."""
+        sleeping = asyncio.ensure_future(self._sleep(delay))
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((sleeping, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            stopped.cancel()
+        if self._stopping.is_set():
+            raise _Dropped
+
+    def _scrubbed(self, error: RequestError) -> RequestError:
+        """``error`` with no secret in its message (it may quote the service)."""
+        message = self._scrubber.text(error.message)
+        if message == error.message:
+            return error
+        return RequestError(
+            message,
+            kind=error.kind,
+            retryable=error.retryable,
+            fatal=error.fatal,
+            row_specific=error.row_specific,
+            http_status=error.http_status,
+            retry_after=error.retry_after,
+        )
+
+    def _check_reachable(self, error: RequestError) -> None:
+        """Stop the run (a fatal ``ServiceError``) when nothing has succeeded for
+        ``unreachable_after`` seconds and the latest requests all failed to connect or timed
+        out: the service is down, and the rest of the input would only become error rows."""
+        self._unreached_in_a_row += 1
+        quiet = self._clock() - self._last_success
+        if self._unreached_in_a_row < UNREACHABLE_STREAK or quiet < self._unreachable_after:
+            return
+        raise self._bar(
+            ServiceError(
+                f"the service cannot be reached: no request has succeeded for {quiet:.0f} s "
+                f"and the last {self._unreached_in_a_row} failed to connect or timed out "
+                f"(last: {error.message}); check service.url and the network, then re-run "
+                "the same command to resume (service.unreachable_after = "
+                f"{self._unreachable_after:g} s)"
+            )
+        )
 
     async def _check_open(self) -> None:
         """Wait out a renewal under way; raise if a fatal answer bars every request."""
@@ -271,7 +370,8 @@ class Dispatcher:
     def _bar(self, error: ServiceError) -> ServiceError:
         """Stop every later request because of ``error`` (the first such error wins)."""
         if self._fatal is None:
-            self._fatal = error
+            # Its message may quote the service or IAM: no secret goes with it.
+            self._fatal = type(error)(self._scrubber.text(str(error)))
         return self._barred()
 
     def _barred(self) -> ServiceError:
@@ -299,6 +399,36 @@ class Dispatcher:
             latency_ms=latency_ms,
             request_uuid=request_uuid,
         )
+
+
+def _worth_splitting(batch: Batch, error: RequestError | None) -> bool:
+    """Whether halves of ``batch``, refused with ``error``, may fare better."""
+    return error is not None and error.row_specific and len(batch) >= 2 and batch.rows is not None
+
+
+def _same_failure(first: RequestError | None, second: RequestError | None) -> bool:
+    """Whether the service refused both alike. A body over ``batch.max_request_bytes`` is
+    refused before sending (no status): halving is its cure, and costs no request."""
+    return (
+        first is not None
+        and second is not None
+        and first.http_status is not None
+        and (first.kind, first.http_status) == (second.kind, second.http_status)
+    )
+
+
+async def _both(first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, T]) -> tuple[T, T]:
+    """Await both at once; a stop (``_Dropped``) in either comes out as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            one = group.create_task(first)
+            two = group.create_task(second)
+    except BaseExceptionGroup as failures:
+        _, others = failures.split(_Dropped)
+        if others is None:
+            raise _Dropped from None
+        raise
+    return one.result(), two.result()
 
 
 def _small_file(path: Path) -> bool:

@@ -42,6 +42,11 @@ SECRET_POINTERS = frozenset(
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 DEFAULT_MAX_REQUEST_BYTES = 12 * 1024 * 1024  # the gateway's request body limit (PROTOCOL.md)
+# The largest answer kept (decompressed): the gateway's 12 MB, with room for compression.
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# The run stops when no request has succeeded for this long and the latest ones could not
+# connect or timed out: the service cannot be reached.
+DEFAULT_UNREACHABLE_AFTER = 120.0
 
 #: The two kinds of input, and the protocol input each is sent as.
 TABULAR = "tabular"  # rows, as text input (req_data)
@@ -199,6 +204,11 @@ class ServiceSettings(_Settings):
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
     ca_bundle: str | None = None
+    # An answer larger than this (after decompression) is an error row, read no further.
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
+    # Seconds without a successful request, all the latest failing to connect or timing
+    # out, after which the run stops (exit 3) and leaves the rest for a re-run.
+    unreachable_after: float = Field(default=DEFAULT_UNREACHABLE_AFTER, gt=0)
     # File input: the model's input parameter the file goes under (curl -F 'images=@x.png').
     file_field: str = "images"
     embedded: EmbeddedSettings | None = None
@@ -300,6 +310,8 @@ class RetrySettings(_Settings):
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_initial: float = Field(default=0.5, ge=0)
     backoff_max: float = Field(default=30.0, ge=0)
+    # A Retry-After asking for longer (an HTTP date years ahead) is waited this long at most.
+    retry_after_max: float = Field(default=60.0, ge=0)
 
 
 class OutputSettings(_Settings):

@@ -6,6 +6,7 @@ random source, so every decision is testable without a network or a sleep.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,18 +14,21 @@ from email.utils import parsedate_to_datetime
 
 from batchrunner.errors import RequestError
 
-# A Retry-After beyond this is not honoured as-is: a service asking for an hour is broken,
-# and a batch job must not sleep through the night on its word.
-MAX_RETRY_AFTER = 300.0
+# A Retry-After beyond this (retry.retry_after_max) is not honoured as-is: a service asking
+# for an hour (or for a date in 2037) is broken, and a batch job must not sleep through the
+# night on its word.
+DEFAULT_RETRY_AFTER_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Capped exponential backoff with full jitter, at most ``max_attempts`` sends."""
+    """Capped exponential backoff with full jitter, at most ``max_attempts`` sends; a
+    ``Retry-After`` is honoured up to ``retry_after_max`` seconds."""
 
     max_attempts: int = 5
     initial: float = 0.5
     maximum: float = 30.0
+    retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
 
     def delay(self, attempt: int, failure: RequestError, rng: random.Random) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or None to give up.
@@ -38,12 +42,15 @@ class RetryPolicy:
         cap = min(self.maximum, self.initial * 2 ** (attempt - 1))
         wait = rng.uniform(0.0, cap)
         if failure.retry_after is not None:
-            wait = max(wait, min(failure.retry_after, MAX_RETRY_AFTER))
+            wait = max(wait, min(failure.retry_after, self.retry_after_max))
         return wait
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), else None."""
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), else None.
+
+    What is neither (``inf``, ``nan``, garbage) is None: the ordinary backoff applies.
+    """
     if not value:
         return None
     value = value.strip()
@@ -57,7 +64,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):  # "inf", "nan": not delta-seconds
         return None
     return max(0.0, seconds)
 

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
+from batchrunner.auth import FixedToken, Scrubber, Secret, TokenProvider, mask_headers
 from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
@@ -213,7 +213,10 @@ def codec_for(job: Job, kind: str) -> Codec:
 
 def retry_policy(job: Job) -> RetryPolicy:
     """The job's ``[retry]`` settings as a policy."""
-    return RetryPolicy(job.retry.max_attempts, job.retry.backoff_initial, job.retry.backoff_max)
+    retry = job.retry
+    return RetryPolicy(
+        retry.max_attempts, retry.backoff_initial, retry.backoff_max, retry.retry_after_max
+    )
 
 
 def service_client(
@@ -230,6 +233,7 @@ def service_client(
         verify_tls=service.verify_tls,
         ca_bundle=service.ca_bundle,
         max_connections=max_connections,
+        max_response_bytes=service.max_response_bytes,
     )
 
 
@@ -297,6 +301,7 @@ class Runner:
         on_progress: Callable[[StatsSnapshot], None] | None = None,
         progress_interval: float = 10.0,
         handle_signals: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = job
         self.limit = limit
@@ -306,6 +311,9 @@ class Runner:
         self._on_progress = on_progress
         self._progress_interval = progress_interval
         self._handle_signals = handle_signals
+        self._clock = clock
+        self._scrubber = Scrubber()  # every secret the run holds (see Credentials.secrets)
+        self._grace_timer: asyncio.TimerHandle | None = None
         self.stats = RunStats()
         self._policy = retry_policy(job)
         self._limiter = make_limiter(job)
@@ -336,6 +344,8 @@ class Runner:
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
         credentials = None if job.service.embedded_model else read_credentials(job.service)
+        if credentials is not None:
+            self._scrubber = credentials.scrubber()
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
@@ -422,6 +432,8 @@ class Runner:
         finally:
             journal.close()
             self._remove_signal_handlers()
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
         if self._stopping.is_set():
             raise RunInterrupted(self._interrupted_message(paths))
         return abort_reason
@@ -466,8 +478,10 @@ class Runner:
             "%s: no new requests; %d in flight get %.0f s to finish (signal again to stop now)",
             name, self._limiter.statistics().in_flight, grace,
         )  # fmt: skip
+        # Batches waiting to retry (however long a Retry-After asked) or for a slot are not
+        # in flight: they stop at once, and with nothing in flight so does the run.
         self.stop()
-        asyncio.get_running_loop().call_later(grace, self._drop_requests)
+        self._grace_timer = asyncio.get_running_loop().call_later(grace, self._drop_requests)
 
     def stop(self) -> None:
         """Stop feeding new batches; requests in flight finish (see ``grace_period``)."""
@@ -548,6 +562,9 @@ class Runner:
             stopping=self._stopping,
             sleep=self._sleep,
             rng=self._rng,
+            scrubber=self._scrubber,
+            unreachable_after=self.job.service.unreachable_after,
+            clock=self._clock,
         )
         try:
             async with asyncio.TaskGroup() as group:

@@ -14,6 +14,7 @@ batch), never the results.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import operator
 import os
@@ -240,9 +241,12 @@ def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None
             pass
     try:
         array = pa.array(values)
+        if nesting_depth(array.type) > MAX_NESTING:
+            raise pa.ArrowInvalid("nested too deep to write and read back")
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        # Values whose types disagree (a number here, a string there): keep them all, as JSON
-        # text, from now on without trying (a failed inference costs more than converting).
+        # Values whose types disagree (a number here, a string there), or nested too deep
+        # for Arrow and Parquet: keep them all, as JSON text, from now on without trying (a
+        # failed inference costs more than converting).
         if hints is not None:
             hints[name] = JSON_TEXT
         return pa.array([_json_text(value) for value in values], pa.string())
@@ -251,10 +255,29 @@ def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None
     return array
 
 
+# The deepest result values kept as Arrow lists and structs: Arrow's IPC (the journal) stops
+# at 64 levels, and pyarrow.parquet.read_table's defaults refuse a schema of lists 50 deep.
+# Deeper values are kept as JSON text, which every reader takes.
+MAX_NESTING = 32
+
+
+def nesting_depth(type_: pa.DataType) -> int:
+    """How many list, struct and map levels ``type_`` has (0 for a flat type)."""
+    if type_.num_fields == 0:
+        return 0
+    return 1 + max(nesting_depth(type_.field(i).type) for i in range(type_.num_fields))
+
+
 def _json_text(value: Any) -> str | None:
     if value is None:
         return None
-    return orjson.dumps(value, default=str).decode()
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
+        try:
+            return json.dumps(value, default=str)
+        except RecursionError:
+            return '"<a value nested too deep to keep>"'
 
 
 # --- schemas ------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ThreadedServer:
     path: str = "/v1/infers/test"
     calls: list[Call] = field(default_factory=list)
     ssl_context: ssl.SSLContext | None = None  # HTTPS when given
+    # Record (and answer) requests of any method to any path, not only POSTs to ``path``:
+    # a second origin that must see nothing.
+    any_path: bool = False
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -85,6 +88,8 @@ class ThreadedServer:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_post(self.path, self._handle)
+        if self.any_path:
+            app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.1
         )
@@ -108,6 +113,88 @@ def answer(call: Call, **extra: Any) -> web.Response:
 def gateway_error(status: int, code: str, message: str, **headers: str) -> web.Response:
     body = {"error_code": code, "error_msg": message, "request_id": "0" * 32}
     return web.json_response(body, status=status, headers=headers)
+
+
+# --- hostile servers ---------------------------------------------------------------------
+
+
+def redirecting(status: int, target: str) -> Handler:
+    """A gateway that answers every request with a redirect to ``target``."""
+
+    async def handle(call: Call) -> web.Response:
+        return web.Response(status=status, headers={"Location": target})
+
+    return handle
+
+
+def echoing_token(status: int = 400) -> Handler:
+    """A careless gateway whose error body (and a header) quote the request's credentials."""
+
+    async def handle(call: Call) -> web.Response:
+        token = call.headers.get("X-Auth-Token", "")
+        app_code = call.headers.get("X-Apig-AppCode", "")
+        return gateway_error(
+            status,
+            "APIG.0101",
+            f"token {token} (AppCode {app_code}) is not allowed here",
+            **{"X-Echo": token},
+        )
+
+    return handle
+
+
+def huge_answer(size: int, *, gzip: bool = False) -> Handler:
+    """An answer of ``size`` bytes (JSON whitespace before a well-formed answer); with
+    ``gzip``, sent compressed (a gzip bomb: a few kB that inflate to ``size``)."""
+    import gzip as gzip_module
+
+    async def handle(call: Call) -> web.Response:
+        body = b" " * size + answer(call).body  # type: ignore[operator]
+        headers = {"Content-Type": "application/json"}
+        if gzip:
+            body = gzip_module.compress(body, 9)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    return handle
+
+
+def nested(depth: int) -> Any:
+    """A value nested ``depth`` levels deep: objects in lists in objects..."""
+    value: Any = 1
+    for level in range(depth):
+        value = {"a": value} if level % 2 else [value]
+    return value
+
+
+def deeply_nested_answer(depth: int) -> Handler:
+    """Every row's result carries a field nested ``depth`` levels deep."""
+
+    async def handle(call: Call) -> web.Response:
+        return answer(call, deep=nested(depth))
+
+    return handle
+
+
+def reversed_echo(call: Call) -> Awaitable[web.Response]:
+    """A service that echoes the sent fields, but answers the rows in reverse order."""
+
+    async def handle() -> web.Response:
+        records = call.body["data"]["req_data"]
+        results = [{**record, "score": position} for position, record in enumerate(records)]
+        meta = {"uuid": call.body.get("meta", {}).get("uuid", "")}
+        return web.json_response({"meta": meta, "data": {"resp_data": results[::-1]}})
+
+    return handle()
+
+
+def busy_until(retry_after: str) -> Handler:
+    """A gateway that answers every request 503 with a (hostile) ``Retry-After``."""
+
+    async def handle(call: Call) -> web.Response:
+        return gateway_error(503, "APIG.0203", "busy", **{"Retry-After": retry_after})
+
+    return handle
 
 
 class ThreadedService:

@@ -11,9 +11,11 @@ from batchrunner.auth import (
     FileToken,
     FixedToken,
     RenewingToken,
+    Scrubber,
     Secret,
     mask_headers,
     read_env_token,
+    read_secret_file,
     scrub,
 )
 from batchrunner.errors import AuthError, SettingError
@@ -49,6 +51,33 @@ def test_scrub_removes_secrets_a_server_echoed() -> None:
     text = f"user u with password {TOKEN} is locked"
     assert scrub(text, Secret(TOKEN), None) == "user u with password **** is locked"
     assert scrub("nothing here", Secret("")) == "nothing here"
+
+
+def test_a_scrubber_takes_every_secret_it_holds_out_of_text_and_bytes() -> None:
+    scrubber = Scrubber(Secret(TOKEN), None, Secret(""))
+    scrubber.add(Secret("issued-2"))  # a token IAM issued later
+    text = f"{TOKEN} and issued-2, again {TOKEN}"
+    assert scrubber.text(text) == "**** and ****, again ****"
+    assert scrubber.body(text.encode()) == b"**** and ****, again ****"
+    assert scrubber.body(b"clean") == b"clean"
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", "\r\n", "\x00"])
+def test_a_secret_with_a_line_break_is_refused_naming_where_never_the_value(
+    bad: str, tmp_path: Path
+) -> None:
+    value = f"tok-a1b2{bad}X-Injected: c3d4"
+    with pytest.raises(SettingError) as caught:
+        read_env_token("MY_TOKEN", {"MY_TOKEN": value})
+    message = str(caught.value)
+    assert message.startswith("service.token_env: environment variable MY_TOKEN holds a")
+    assert "tok-a1b2" not in message and "c3d4" not in message
+    path = tmp_path / "token"
+    path.write_text(value + "\n")
+    with pytest.raises(SettingError) as caught:
+        read_secret_file(path, "service.token_file")
+    assert str(caught.value).startswith(f"service.token_file: {path} holds a")
+    assert "tok-a1b2" not in str(caught.value)
 
 
 def test_env_token_names_the_variable_when_missing() -> None:

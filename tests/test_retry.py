@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import pytest
 
 from batchrunner.errors import RequestError
-from batchrunner.retry import MAX_RETRY_AFTER, RetryPolicy, parse_retry_after
+from batchrunner.retry import DEFAULT_RETRY_AFTER_MAX, RetryPolicy, parse_retry_after
 
 
 def failure(
@@ -47,7 +47,9 @@ def test_retry_after_is_a_floor() -> None:
 
 def test_absurd_retry_after_is_capped() -> None:
     policy = RetryPolicy(max_attempts=5)
-    assert policy.delay(1, failure(retry_after=86400.0), random.Random(0)) == MAX_RETRY_AFTER
+    assert (
+        policy.delay(1, failure(retry_after=86400.0), random.Random(0)) == DEFAULT_RETRY_AFTER_MAX
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,3 +69,16 @@ def test_absurd_retry_after_is_capped() -> None:
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     now = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
     assert parse_retry_after(header, now) == expected
+
+
+def test_a_retry_after_that_is_no_number_is_ignored_and_a_huge_one_bounded() -> None:
+    assert parse_retry_after("inf") is None
+    assert parse_retry_after("-inf") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("1e308") == 1e308
+    far = parse_retry_after("Thu, 01 Jan 2037 00:00:00 GMT")
+    assert far is not None and far > 10 * 365 * 86400
+    policy = RetryPolicy(max_attempts=5, initial=0.5, maximum=2.0, retry_after_max=7.0)
+    for seconds in (1e308, far, 8.0):
+        assert policy.delay(1, failure(retry_after=seconds), random.Random(0)) == 7.0
+    assert policy.delay(1, failure(retry_after=3.0), random.Random(0)) == 3.0

@@ -20,8 +20,24 @@ from aiohttp.typedefs import Handler
 
 from batchrunner.auth import Secret, mask_headers
 from batchrunner.service import GatewayError, IamAccount, ServiceOptions
-from tests.conftest import APPCODE, PASSWORD, REPO, TOKEN, iris_csv, write_csv, write_job
-from tests.servers import Call, ThreadedServer, ThreadedService, answer, gateway_error
+from tests.conftest import (
+    APPCODE,
+    PASSWORD,
+    REPO,
+    TOKEN,
+    iris_csv,
+    read_output,
+    write_csv,
+    write_job,
+)
+from tests.servers import (
+    Call,
+    ThreadedServer,
+    ThreadedService,
+    answer,
+    gateway_error,
+    redirecting,
+)
 
 
 def test_secret_is_masked() -> None:
@@ -123,6 +139,74 @@ def test_token_appears_nowhere(invoke, fake_crontab, tmp_path_factory) -> None:
     assert any(p.name.endswith(".summary.json") for p in files)
     assert state_files(files)  # the aborted runs kept their state, to resume
     assert_nowhere([TOKEN], printed, files)
+
+
+def test_credentials_a_service_echoes_appear_nowhere(
+    invoke, monkeypatch, fake_crontab, tmp_path_factory
+) -> None:
+    # A careless service quotes the request's token and AppCode: in a 400's JSON body (the
+    # batch is split), a 503's (retried), an HTML 502 page, a header, and in the results.
+    async def handle(call: Call) -> web.Response:
+        token, code = call.headers["X-Auth-Token"], call.headers["X-Apig-AppCode"]
+        records = call.body["data"]["req_data"]
+        quoted = f"token {token} with AppCode {code}"
+        if call.number % 4 == 0:
+            return gateway_error(400, "APIG.0101", f"{quoted} refused", **{"X-Echo": token})
+        if call.number % 4 == 1:
+            return gateway_error(503, "APIG.0203", f"busy: {quoted}")
+        if call.number % 4 == 2:
+            page = f"<html><body><h1>502</h1><p>{quoted}</p></body></html>"
+            return web.Response(status=502, text=page, content_type="text/html")
+        results = [{**record, "note": f"scored for {quoted}"} for record in records]
+        return web.json_response({"data": {"resp_data": results}})
+
+    monkeypatch.setenv("APP_CODE", APPCODE)
+    data = write_csv(Path("data.csv"), ["x"], [(i,) for i in range(16)])
+    printed: list[str] = []
+    with ThreadedServer(handle) as server:
+        job = write_job(
+            Path("job.toml"),
+            f'[input]\npath = "{data}"\n[service]\nurl = "{server.url}"\n'
+            'token_env = "MODELARTS_TOKEN"\n[service.app]\nappcode_env = "APP_CODE"\n'
+            "[batch]\nsize = 4\nconcurrency = 1\n[retry]\nbackoff_initial = 0.001\n"
+            "max_attempts = 2\n",
+        )
+        printed += validate_and_run(invoke, job, must_succeed=False)
+    assert all(call.headers["X-Auth-Token"] == TOKEN for call in server.calls)
+    env_file = env_file_outside(
+        tmp_path_factory.mktemp("env"), {"MODELARTS_TOKEN": TOKEN, "APP_CODE": APPCODE}
+    )
+    printed += cron_and_inspect(invoke, job, env_file)
+    files = files_under(Path())
+    rows = read_output(sorted(Path().rglob("*.parquet"))[0])
+    # every path ran: a scrubbed error and a scrubbed result
+    assert any("token **** with AppCode ****" in (row["_error"] or "") for row in rows)
+    assert any(row.get("note") == "scored for token **** with AppCode ****" for row in rows)
+    assert_nowhere([TOKEN, APPCODE], printed, files)
+
+
+def test_a_redirect_takes_no_credential_elsewhere_and_shows_none(invoke, monkeypatch) -> None:
+    monkeypatch.setenv("APP_CODE", APPCODE)
+    data = write_csv(Path("data.csv"), ["x"], [(i,) for i in range(4)])
+    printed: list[str] = []
+    with ThreadedServer(redirecting_handler_ok, any_path=True) as elsewhere:
+        # The target names the token in its path: the message must not show it.
+        target = f"http://127.0.0.1:{elsewhere.port}/{TOKEN}/{APPCODE}?t={TOKEN}"
+        for status in (301, 302, 307, 308):
+            with ThreadedServer(redirecting(status, target)) as gateway:
+                job = write_job(
+                    Path("job.toml"),
+                    f'[input]\npath = "{data}"\n[service]\nurl = "{gateway.url}"\n'
+                    'token_env = "MODELARTS_TOKEN"\n[service.app]\nappcode_env = "APP_CODE"\n',
+                )
+                printed += validate_and_run(invoke, job, must_succeed=False)
+        assert elsewhere.calls == []
+    assert any("a redirect to http://127.0.0.1" in text for text in printed)
+    assert_nowhere([TOKEN, APPCODE], printed, files_under(Path()))
+
+
+async def redirecting_handler_ok(call: Call) -> web.Response:
+    return answer(call)
 
 
 def test_iam_password_appcode_and_issued_tokens_appear_nowhere(

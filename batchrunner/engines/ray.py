@@ -242,6 +242,8 @@ async def score_block(
             max_request_bytes=job.batch.max_request_bytes,
             rate=RateLimiter(job.batch.rate_limit * share) if job.batch.rate_limit else None,
             rng=random.Random(),
+            scrubber=credentials.scrubber(),
+            unreachable_after=job.service.unreachable_after,
         )
         outcomes = await asyncio.gather(*(dispatcher.send(batch) for batch in batches))
     kept_names = list(record.schema.names) if job.output.keep_input else []

@@ -31,6 +31,8 @@ class EncodedRequest:
     content_type: str
     request_uuid: str | None = None
     preview: str | None = None
+    # Text input: the rows as sent (JSON-ready dicts), to check an answer's echo against.
+    records: list[dict[str, Any]] | None = None
 
 
 class Codec(Protocol):
@@ -44,6 +46,7 @@ class Codec(Protocol):
         """
         ...
 
-    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
-        """One result object per row of ``batch``; raises ``RequestError`` on a bad shape."""
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
+        """One result object per row of ``batch`` (sent as ``request``); raises
+        ``RequestError`` on a bad shape."""
         ...

@@ -11,6 +11,11 @@ decides its fields: ``predicted_label`` and ``scores`` for classifiers). The pro
 no ``meta.uuid`` for files, so none is sent. A file too large for one request, or that
 cannot be read, fails without being sent.
 
+Many models echo the fields they were sent in each ``resp_data`` item (the reference iris
+model does). Where an item carries a sent field under the same name, ``check_echo``
+compares it with what that row sent: a reversed or reordered answer fails the batch
+instead of putting its results on the wrong rows.
+
 ``classify_failure`` reads a non-2xx answer (gateway ``APIG.*``, platform ``ModelArts.*``,
 model ``MR.*`` codes, or an HTML page) into a ``RequestError``.
 """
@@ -20,14 +25,16 @@ from __future__ import annotations
 import base64
 import decimal
 import functools
+import math
+import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError
+from batchrunner.errors import RequestError, clip
 from batchrunner.items import Batch
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.protocols import EncodedRequest
@@ -75,7 +82,11 @@ def _record_builder(names: tuple[str, ...]) -> Callable[[list[list[Any]]], list[
 
 def encode_text(rows: pa.RecordBatch, request_uuid: str) -> bytes:
     """The request body for text input: ``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``."""
-    body = {"meta": {"uuid": request_uuid}, "data": {"req_data": rows_to_records(rows)}}
+    return _encode_records(rows_to_records(rows), request_uuid)
+
+
+def _encode_records(records: list[dict[str, Any]], request_uuid: str) -> bytes:
+    body = {"meta": {"uuid": request_uuid}, "data": {"req_data": records}}
     return orjson.dumps(body, default=_json_default)
 
 
@@ -105,6 +116,65 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
             "the answer belongs to another request"
         )
     return results
+
+
+# Sent values of these types are compared with their echo (nested values and the rest are
+# sent as the JSON encoder makes them, and echoed as the model likes).
+_ECHO_SCALARS = frozenset({int, float, str, bool, type(None)})
+_ABSENT = object()
+# A model computing in float32 echoes 5.1 as 5.099999904632568: equal enough.
+_ECHO_REL_TOL = 1e-6
+
+
+def check_echo(
+    results: list[dict[str, Any]], sent: list[dict[str, Any]], keys: Sequence[str]
+) -> None:
+    """Raise ``RequestError`` when a result echoes a sent field with another row's value.
+
+    ``sent`` are the rows as sent. Only scalar fields both the first item and the first row
+    carry are compared; an item without the field is not compared. Numbers compare within
+    a relative 1e-6, a null with a null or NaN, everything else exactly.
+    """
+    if not results or not sent:
+        return
+    first, sent_first = results[0], sent[0]
+    names = [
+        name for name in first if name in sent_first and type(sent_first[name]) in _ECHO_SCALARS
+    ]
+    if not names:
+        return
+    values = operator.itemgetter(*names)
+    try:
+        if list(map(values, results)) == list(map(values, sent)):  # in C: the common case
+            return
+    except KeyError:
+        pass  # an item without a field: compared one by one
+    for name in names:
+        echoed = [item.get(name, _ABSENT) for item in results]
+        _compare_echo(name, [row[name] for row in sent], echoed, keys)
+
+
+def _compare_echo(name: str, sent: list[Any], echoed: list[Any], keys: Sequence[str]) -> None:
+    for position, (value, echo) in enumerate(zip(sent, echoed, strict=True)):
+        if echo is _ABSENT or _same_value(value, echo):
+            continue
+        raise _bad_response(
+            f"data.resp_data[{position}].{name} is {clip(repr(echo), 60)}, but the row "
+            f"sent there (key {keys[position]}) has {clip(repr(value), 60)}: the answer's "
+            "items are not in the order of the rows sent; results cannot be matched to rows"
+        )
+
+
+def _same_value(sent: Any, echoed: Any) -> bool:
+    if sent == echoed and type(sent) is not bool and type(echoed) is not bool:
+        return True
+    if isinstance(sent, bool) or isinstance(echoed, bool):
+        return type(sent) is type(echoed) and sent == echoed
+    if sent is None or (isinstance(sent, float) and math.isnan(sent)):
+        return echoed is None  # JSON has no NaN: it was sent as null
+    if isinstance(sent, int | float) and isinstance(echoed, int | float):
+        return math.isclose(sent, echoed, rel_tol=_ECHO_REL_TOL)
+    return False
 
 
 def classify_failure(status: int, body: bytes, retry_after: float | None = None) -> RequestError:
@@ -144,11 +214,15 @@ class TextCodec:
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
         if batch.rows is None:
             raise ValueError("text input needs rows: this batch carries a file")
-        body = encode_text(batch.rows, request_uuid)
-        return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid)
+        records = rows_to_records(batch.rows)
+        body = _encode_records(records, request_uuid)
+        return EncodedRequest(body, JSON_CONTENT_TYPE, request_uuid=request_uuid, records=records)
 
-    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
-        return decode_text(body, len(batch), request_uuid)
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
+        results = decode_text(body, len(batch), request.request_uuid or "")
+        if request.records is not None:
+            check_echo(results, request.records, batch.keys)
+        return results
 
 
 class FileCodec:
@@ -188,7 +262,7 @@ class FileCodec:
         ).replace("\r\n", "\n")
         return EncodedRequest(body, form.content_type, request_uuid=None, preview=preview)
 
-    def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
         """The answer's JSON object, as it came, as the one result of the file."""
         return [decode_file(body)]
 
