@@ -7,6 +7,7 @@ setting (``batch.size must be >= 1, got 0``), with a "did you mean" for unknown 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -595,6 +596,18 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")
+
+
+def output_name_glob(job: Job) -> str:
+    """A glob matching the file name of every run's output (placeholders of the date, time
+    and run id as ``*``), for finding what earlier runs of the job left beside it."""
+    name = Path(job.output.path).name
+    wild = "\x00"
+    try:
+        filled = name.format(name=job.name, date=wild, time=wild, run_id=wild)
+    except (KeyError, ValueError, IndexError):
+        return glob.escape(name)
+    return "*".join(glob.escape(part) for part in filled.split(wild))
 
 
 def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:

@@ -48,6 +48,7 @@ from batchrunner.job import (
     check_input_kind,
     fingerprint,
     job_identity,
+    output_name_glob,
     resolve_output_path,
 )
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
@@ -56,7 +57,13 @@ from batchrunner.protocols import Codec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
-from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
+from batchrunner.sink import (
+    SUMMARY_METADATA_KEY,
+    Journal,
+    assemble,
+    outcome_table,
+    remove_leftovers,
+)
 from batchrunner.sink import write_json_atomically as write_summary
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
 
@@ -66,6 +73,7 @@ OUTCOME_DONE = "done"
 OUTCOME_TOO_MANY_ERRORS = "too_many_errors"
 OUTCOME_ABORTED = "aborted"
 NOT_SENT = "not_sent"
+SUMMARY_SUFFIX = ".summary.json"  # the summary's file name: the output's, with this added
 # How many failed batches are logged one by one before the log only counts them.
 LOGGED_FAILURES = 20
 # Batches that finished together share a journal message of up to about this many rows.
@@ -339,10 +347,14 @@ class Runner:
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
-        summary_path = output.with_name(output.name + ".summary.json")
+        summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
+            written = output_name_glob(job)
+            for name_glob in (written, written + SUMMARY_SUFFIX):
+                for leftover in remove_leftovers(output.parent, name_glob):
+                    log.info("removed %s, left by a run killed while writing it", leftover)
             if credentials is not None and credentials.tokens is not None:
                 # The first token (an IAM login, if the cache has none) before the run's
                 # state is opened or anything is written: a refused login stops the run
@@ -372,6 +384,8 @@ class Runner:
             final = self.snapshot()
             if seen is not None and not final.rows_done and final.rows_skipped:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
+            if not final.rows_read and not final.rows_skipped and abort_reason is None:
+                log.warning("%s has no rows (only a header?): the output is empty", job.input.path)
             outcome = self._judge(abort_reason)
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
             assemble(

@@ -541,7 +541,7 @@ def assemble(
     schema = pa.schema([*RESERVED, *result_fields], metadata=dict(metadata or {}))
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    temporary = aside_name(output)
     written = 0
     try:
         with pq.ParquetWriter(str(temporary), schema) as writer:
@@ -580,9 +580,50 @@ def _coverage_message(detail: str) -> str:
 def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
     """Write a JSON document aside and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = aside_name(path)
     temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     os.replace(temporary, path)
+
+
+def aside_name(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.<name>.tmp-<pid>``."""
+    return path.with_name(f".{path.name}{ASIDE_MARK}{os.getpid()}")
+
+
+ASIDE_MARK = ".tmp-"
+
+
+def remove_leftovers(folder: Path, name_glob: str) -> list[Path]:
+    """Remove the files killed runs left while writing aside (see ``aside_name``) in
+    ``folder``, for the file names matching ``name_glob``; return those removed.
+
+    Only the files of a process that is gone (or of this one, which is not writing them) are
+    removed: a live process's may be in the middle of a write. Call it holding the job's lock.
+    """
+    removed = []
+    for path in folder.glob(f".{name_glob}{ASIDE_MARK}*"):
+        pid_text = path.name.rpartition(ASIDE_MARK)[2]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and _is_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def fsync(path: Path) -> None:

@@ -262,6 +262,12 @@ def open_tabular(
     headers: dict[Path, list[str] | None] = {}
     if fmt == "csv":
         headers = {p: read_csv_header(p, delimiters[p]) for p in paths}
+        for file, header in headers.items():
+            if header is None:
+                raise InputError(
+                    f"{file}: the file is empty: a CSV file needs a header line naming its "
+                    "columns (a file with only a header is a valid input with no rows)"
+                )
         first, schema = csv_schema(paths, headers, delimiters, id_column, block_bytes)
     elif fmt == "parquet":
         first, schema = paths[0], parquet_schema(paths[0])
