@@ -176,7 +176,8 @@ def run(
     try:
         job = _load(job_file, overrides, set_ or [])
         if dry_run:
-            _show_plan(plan_job(job, limit=limit), dry_run=True)
+            plan = plan_job(job, limit=limit, folder_output=engine is Engine.ray)
+            _show_plan(plan, dry_run=True)
             return
         if engine is Engine.ray:
             _run_ray(job, limit, log_format, resume=not no_resume)

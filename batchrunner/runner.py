@@ -37,7 +37,14 @@ from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
+from batchrunner.errors import (
+    BatchRunnerError,
+    RequestError,
+    RunInterrupted,
+    ServiceError,
+    SettingError,
+    did_you_mean,
+)
 from batchrunner.incremental import SeenItems, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
@@ -61,6 +68,7 @@ from batchrunner.sink import (
     SUMMARY_METADATA_KEY,
     Journal,
     assemble,
+    check_writable,
     outcome_table,
     remove_leftovers,
 )
@@ -150,8 +158,26 @@ def batch_size_for(job: Job, kind: str) -> int:
     return 1 if kind == IMAGES else job.batch.size
 
 
-def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
-    """Check the job, its token source and its input, and describe the run; send nothing."""
+def check_service_url(service: ServiceSettings) -> None:
+    """Raise ``SettingError`` for an ``embedded:<model>`` URL of a model there is none of."""
+    model = service.embedded_model
+    if model is None:
+        return
+    from batchrunner.service import MODEL_NAMES
+
+    if model not in MODEL_NAMES:
+        raise SettingError(
+            f"service.url: no embedded model {model!r}{did_you_mean(model, MODEL_NAMES)}; "
+            f"the embedded models are: {', '.join(MODEL_NAMES)}"
+        )
+
+
+def plan_job(
+    job: Job, *, limit: int | None = None, count: bool = True, folder_output: bool = False
+) -> Plan:
+    """Check the job, its token source, its input and its output path, and describe the run;
+    send nothing. ``folder_output``: the output is a folder (``--engine ray``)."""
+    check_service_url(job.service)
     source = open_source(job)
     kind = kind_of(source)
     size = batch_size_for(job, kind)
@@ -190,6 +216,8 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         sends = list(source.send_columns)
         key = job.input.id_column or "row number"
     now = datetime.now()
+    output = resolve_output_path(job, now, new_run_id(now))
+    check_writable(output, folder=folder_output)
     return Plan(
         job=job,
         kind=kind,
@@ -200,7 +228,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         rows=rows,
         batch_size=size,
         batches=batches,
-        output=resolve_output_path(job, now, new_run_id(now)),
+        output=output,
         url=job.service.url,
         auth=describe_auth(job.service),
         headers=mask_headers(headers),
@@ -340,6 +368,7 @@ class Runner:
 
     async def run(self) -> RunResult:
         job = self.job
+        check_service_url(job.service)
         source = open_source(job)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
@@ -348,6 +377,7 @@ class Runner:
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
         summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
+        check_writable(output)
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):

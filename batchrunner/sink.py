@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrunner.errors import CoverageError
+from batchrunner.errors import CoverageError, SettingError
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
 
 log = logging.getLogger("batchrunner")
@@ -583,6 +583,29 @@ def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
     temporary = aside_name(path)
     temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     os.replace(temporary, path)
+
+
+def check_writable(output: Path, *, folder: bool = False) -> None:
+    """Raise ``SettingError`` (naming ``output.path``) if ``output`` cannot be written: it is
+    a folder (unless the output is one: ``folder``), or the folder it goes in (or the nearest one that exists) is not a folder, is
+    read-only or is not writable by this user. Writes nothing."""
+    if output.is_dir() and not folder:
+        raise SettingError(
+            f"output.path: {output} is a folder; give the path of a file ending in .parquet "
+            f"inside it, e.g. {output / 'results.parquet'}"
+        )
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingError(f"output.path: {parent} is not a folder, so {output} cannot be written")
+    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise SettingError(
+            f"output.path: the folder {parent} {why}, so {output} cannot be written there; "
+            "choose another output.path (--output) or make the folder writable"
+        )
 
 
 def aside_name(path: Path) -> Path:

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from batchrunner.errors import InputError
 from batchrunner.sources import open_tabular
-from tests.conftest import write_csv
+from tests.conftest import write_csv, write_job
+from tests.servers import Call, ThreadedServer, answer
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
@@ -92,3 +96,91 @@ def test_the_next_run_removes_what_a_killed_assembly_left(invoke) -> None:
     assert not parquet.exists() and not summary.exists()
     assert other_job.exists() and alive.exists()
     assert f"removed {parquet}" in result.stderr
+
+
+# -- outputs that cannot be written, caught before the first request (item 10) ---------------
+
+
+@pytest.fixture
+def service():
+    async def handle(call: Call) -> web.Response:
+        return answer(call)
+
+    with ThreadedServer(handle) as running:
+        yield running
+
+
+def _job(url: str, output: str) -> Path:
+    write_csv(Path("d.csv"), IRIS_FEATURES, [(5.1, 3.5, 1.4, 0.2)])
+    text = f'[input]\npath = "d.csv"\n[service]\nurl = "{url}"\n[output]\npath = "{output}"\n'
+    return write_job(Path("job.toml"), text)
+
+
+def _refused_up_front(invoke, service, output: str, message: str) -> None:
+    _job(service.url, output)
+    for command in (
+        ["validate", "job.toml"],
+        ["run", "job.toml"],
+        ["run", "job.toml", "--dry-run"],
+    ):
+        result = invoke(*command)
+        assert result.exit_code == 2, (command, result.stderr)
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+    assert service.calls == []
+
+
+def test_an_output_path_that_is_a_folder_is_refused_up_front(invoke, service) -> None:
+    Path("out.parquet").mkdir()
+    _refused_up_front(invoke, service, "out.parquet", "output.path: out.parquet is a folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_refused_up_front(invoke, service) -> None:
+    Path("ro").mkdir()
+    Path("ro").chmod(0o555)
+    _refused_up_front(invoke, service, "ro/sub/o.parquet", "ro is not writable by this user")
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a small tmpfs with the given options (skips the test where this cannot be done:
+    not root, no mount command, a container without the right)."""
+    mounts: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounts)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(point)
+        return point
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_an_output_folder_on_a_read_only_mount_is_refused_up_front(
+    invoke, service, mounted
+) -> None:
+    point = mounted("ro,size=64k")
+    _refused_up_front(
+        invoke, service, f"{point}/o.parquet", f"{point} is on a read-only file system"
+    )
+
+
+def test_an_unknown_embedded_model_is_refused_up_front(invoke) -> None:
+    _job("embedded:nosuch", "o.parquet")
+    for command in (["validate", "job.toml"], ["run", "job.toml"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "service.url: no embedded model 'nosuch'; the embedded models are: iris" in (
+            result.stderr
+        )
