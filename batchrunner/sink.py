@@ -587,8 +587,9 @@ def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
 
 def check_writable(output: Path, *, folder: bool = False) -> None:
     """Raise ``SettingError`` (naming ``output.path``) if ``output`` cannot be written: it is
-    a folder (unless the output is one: ``folder``), or the folder it goes in (or the nearest one that exists) is not a folder, is
-    read-only or is not writable by this user. Writes nothing."""
+    a folder (unless the output is one: ``folder``), or the folder it goes in (or the nearest
+    one that exists) is not a folder, is read-only or is not writable by this user. Writes
+    nothing."""
     if output.is_dir() and not folder:
         raise SettingError(
             f"output.path: {output} is a folder; give the path of a file ending in .parquet "
