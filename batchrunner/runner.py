@@ -64,16 +64,10 @@ from batchrunner.protocols import Codec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
-from batchrunner.sink import (
-    SUMMARY_METADATA_KEY,
-    Journal,
-    assemble,
-    check_writable,
-    outcome_table,
-    remove_leftovers,
-)
-from batchrunner.sink import write_json_atomically as write_summary
+from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.writing import check_writable, remove_leftovers
+from batchrunner.writing import write_json_atomically as write_summary
 
 log = logging.getLogger("batchrunner")
 

@@ -4,6 +4,8 @@ message and the exit code the README's table gives, never a traceback."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import shutil
@@ -12,7 +14,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
@@ -184,3 +188,128 @@ def test_an_unknown_embedded_model_is_refused_up_front(invoke) -> None:
         assert "service.url: no embedded model 'nosuch'; the embedded models are: iris" in (
             result.stderr
         )
+
+
+# -- a write that fails mid-run: exit 74, finished work kept, a re-run resumes (item 10) ----
+
+ROWS = 2000
+
+
+def _big_job(url: str, output: str = "out/big.parquet", size: int = 50) -> Path:
+    rows = [(i, 5.0 + i % 7, 3.0, 1.4, 0.2) for i in range(ROWS)]
+    write_csv(Path("big.csv"), ["id", *IRIS_FEATURES], rows)
+    text = (
+        f'name = "big"\n[input]\npath = "big.csv"\nid_column = "id"\n'
+        f'[service]\nurl = "{url}"\n[batch]\nsize = {size}\nconcurrency = 2\n'
+        f'[output]\npath = "{output}"\n'
+    )
+    return write_job(Path("job.toml"), text)
+
+
+class _FullDisk:
+    """A disk with ``room`` bytes left: a file written past it fails with ENOSPC."""
+
+    def __init__(self, room: int, applies: Callable[[Path], bool] = lambda path: True) -> None:
+        self.room = room
+        self.applies = applies
+
+    def open_write(self, path: Path) -> pa.NativeFile:
+        disk = self
+
+        class File(io.RawIOBase):
+            def __init__(self) -> None:
+                self.handle = path.open("wb", buffering=0)
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, data: Any) -> int:
+                size = memoryview(data).nbytes
+                if disk.applies(path):
+                    if size > disk.room:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                    disk.room -= size
+                return self.handle.write(data)  # type: ignore[no-any-return]
+
+            def close(self) -> None:
+                self.handle.close()
+                super().close()
+
+        return pa.PythonFile(File(), mode="w")
+
+
+def _check_resumed(invoke, service, first_calls: int) -> None:
+    """A re-run (the disk has room again) finishes, sending only what was not finished."""
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    assert "resuming" in result.stderr
+    assert len(service.calls) - first_calls < ROWS // 50
+    table = pq.read_table("out/big.parquet")
+    assert table.column("_key").to_pylist() == [str(i) for i in range(ROWS)]
+    assert set(table.column("_status").to_pylist()) == {"ok"}
+
+
+def test_a_full_disk_mid_run_exits_74_and_a_rerun_resumes(invoke, service, monkeypatch) -> None:
+    _big_job(service.url)
+    disk = _FullDisk(room=60_000)
+    with monkeypatch.context() as patch:
+        patch.setattr("batchrunner.sink.open_write", disk.open_write)
+        result = invoke("run", "job.toml")
+    assert result.exit_code == 74, result.stderr
+    assert "No space left on device" in result.stderr
+    assert "re-run the same command to resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert 0 < len(service.calls) < ROWS // 50
+    assert not Path("out/big.parquet").exists()
+    _check_resumed(invoke, service, len(service.calls))
+
+
+def test_a_full_disk_during_assembly_exits_74_and_a_rerun_sends_nothing(
+    invoke, service, monkeypatch
+) -> None:
+    _big_job(service.url)
+    disk = _FullDisk(room=1000, applies=lambda path: ".tmp-" in path.name)
+    with monkeypatch.context() as patch:
+        patch.setattr("batchrunner.sink.open_write", disk.open_write)
+        result = invoke("run", "job.toml")
+    assert result.exit_code == 74, result.stderr
+    assert "cannot write the output out/big.parquet: No space left on device" in result.stderr
+    assert len(service.calls) == ROWS // 50
+    assert list(Path("out").glob(".big.parquet.tmp-*")) == []
+    _check_resumed(invoke, service, len(service.calls))
+    assert len(service.calls) == ROWS // 50  # nothing was sent again
+
+
+def test_a_full_tmpfs_mid_run_exits_74_and_a_rerun_resumes(invoke, service, mounted) -> None:
+    point = mounted("size=96k")
+    _big_job(service.url, output=f"{point}/big.parquet")
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 74, result.stderr
+    assert "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+    first_calls = len(service.calls)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(point)], check=True)
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    assert len(service.calls) - first_calls < ROWS // 50
+    table = pq.read_table(point / "big.parquet")
+    assert table.column("_key").to_pylist() == [str(i) for i in range(ROWS)]
+
+
+def test_a_state_folder_removed_mid_run_loses_nothing(invoke) -> None:
+    state = Path(".batchrunner/big.state").absolute()
+
+    async def handle(call: Call) -> web.Response:
+        if call.number == 12:
+            shutil.rmtree(state)
+        return answer(call)
+
+    with ThreadedServer(handle) as server:
+        _big_job(server.url, output="big.parquet")
+        result = invoke("run", "job.toml")
+        assert result.exit_code == 0, result.stderr
+        assert "state folder" in result.stderr and "nothing finished is lost" in result.stderr
+        assert len(server.calls) == ROWS // 50
+    table = pq.read_table("big.parquet")
+    assert table.column("_key").to_pylist() == [str(i) for i in range(ROWS)]
+    assert set(table.column("_status").to_pylist()) == {"ok"}

@@ -81,9 +81,10 @@ from batchrunner.runner import (
     retry_policy,
     service_client,
 )
-from batchrunner.sink import SEQ, check_writable, outcome_table, write_json_atomically
+from batchrunner.sink import SEQ, outcome_table
 from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
+from batchrunner.writing import check_writable, write_json_atomically
 
 log = logging.getLogger("batchrunner")
 
