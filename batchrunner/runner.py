@@ -139,6 +139,8 @@ def open_source(job: Job) -> Source:
         columns=settings.columns,
         keep_input=job.output.keep_input,
         csv_delimiter=settings.csv_delimiter,
+        encoding=settings.encoding,
+        binary=settings.binary,
     )
 
 

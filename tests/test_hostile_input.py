@@ -313,3 +313,88 @@ def test_a_state_folder_removed_mid_run_loses_nothing(invoke) -> None:
     table = pq.read_table("big.parquet")
     assert table.column("_key").to_pylist() == [str(i) for i in range(ROWS)]
     assert set(table.column("_status").to_pylist()) == {"ok"}
+
+
+# -- text in other encodings (item 4) --------------------------------------------------------
+
+
+def test_latin_1_text_in_a_utf8_csv_is_an_error_naming_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "l.csv"
+    path.write_bytes("id,name\n1,ok\n2,café\n".encode("latin-1"))
+    with pytest.raises(
+        InputError,
+        match=r"l\.csv, line 3, column 'name': text that is not valid utf-8 .*"
+        r"input\.encoding",
+    ):
+        open_tabular(path)
+
+
+def test_bad_text_after_the_first_block_is_an_error_naming_line_and_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "l.csv"
+    path.write_bytes(b"id,name\n" + b"1,ok\n" * 500 + "2,café\n".encode("latin-1"))
+    source = open_tabular(path, block_bytes=256)
+    with pytest.raises(InputError, match=r"l\.csv, line 502, column 'name': text that is not"):
+        list(source.iter_batches(100))
+    first = tmp_path / "f.csv"
+    first.write_bytes(b"name,id\n" + b"ok,1\n" * 500 + "café,2\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"line 502, column 'name'"):
+        open_tabular(first, block_bytes=256).scan_count()
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "gbk", "utf-16"])
+def test_input_encoding_reads_other_encodings(tmp_path: Path, encoding: str) -> None:
+    text = "id,name\n1,café\n2,北京\n" if encoding in ("gbk", "utf-16") else "id,name\n1,café\n"
+    if encoding == "gbk":
+        text = "id,name\n1,北京\n"
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_bytes(text.encode(encoding))
+    rows = [row for batch in open_tabular(csv_path, encoding=encoding).iter_batches(10)
+            for row in batch.rows.to_pylist()]  # fmt: skip
+    expected = [line.split(",")[1] for line in text.splitlines()[1:]]
+    assert [row["name"] for row in rows] == expected
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes("".join(f'{{"name": "{name}"}}\n' for name in expected).encode(encoding))
+    source = open_tabular(jsonl, encoding=encoding)
+    assert [r["name"] for b in source.iter_batches(10) for r in b.rows.to_pylist()] == expected
+    assert source.scan_count() == len(expected)
+
+
+def test_latin_1_text_in_utf8_json_lines_is_an_error_not_a_replacement(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(b'{"name": "ok"}\n' + '{"name": "café"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"l\.jsonl, line 2: text that is not valid utf-8 "
+                       r"\(byte 14: e9\)"):  # fmt: skip
+        list(open_tabular(path).iter_batches(10))
+
+
+def test_an_unknown_encoding_names_the_setting(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "a.csv", ["a"], [[1]])
+    with pytest.raises(InputError, match=r"input\.encoding: unknown encoding 'latin-9x'"):
+        open_tabular(path, encoding="latin-9x")
+
+
+def test_bytes_columns_are_refused_unless_base64_is_asked_for(tmp_path: Path) -> None:
+    table = pa.table({"id": [1, 2], "blob": pa.array([b"\x00\xff", b"ab"], pa.binary())})
+    path = tmp_path / "b.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(InputError, match=r"column 'blob' holds bytes .*input\.binary = \"base64\""):
+        open_tabular(path)
+    source = open_tabular(path, binary="base64")
+    assert [r["blob"] for b in source.iter_batches(5) for r in b.rows.to_pylist()] == [
+        "AP8=",
+        "YWI=",
+    ]
+
+
+def test_run_with_latin_1_input_exits_2_before_any_request(invoke, service) -> None:
+    Path("l.csv").write_bytes("id,name\n1,café\n".encode("latin-1"))
+    write_job(Path("job.toml"), f'[input]\npath = "l.csv"\n[service]\nurl = "{service.url}"\n')
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 2
+    assert "l.csv, line 2, column 'name': text that is not valid utf-8" in result.stderr
+    assert service.calls == []
+    result = invoke("run", "job.toml", "--set", "input.encoding=latin-1")
+    assert result.exit_code == 0, result.stderr
+    assert service.calls[0].body["data"]["req_data"] == [{"id": 1, "name": "café"}]
