@@ -17,6 +17,7 @@ Imports flow one way, down this list; a module imports only from those above it:
     report      run statistics and their frozen snapshot, latency histogram, summary
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
                 token renewal
+    writing     local writes: aside and renamed, leftovers of killed runs, writability
     sink        the run's journal of finished batches; assembly into one Parquet file
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)

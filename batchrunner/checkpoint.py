@@ -43,8 +43,8 @@ from batchrunner.sink import (
     journal_parts,
     next_generation,
     read_journal,
-    write_json_atomically,
 )
+from batchrunner.writing import write_json_atomically
 
 log = logging.getLogger("batchrunner")
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 done but the error rate is above ``max_error_rate``; 2 the job or its
 input is invalid (nothing sent); 3 aborted by the service (e.g. the token is refused);
-75 another run holds the job's lock; 130 interrupted.
+74 a local write failed (disk full; state kept); 75 another run holds the job's lock;
+130 interrupted.
 
 Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
 JSON objects; a live display and rich tables when stderr is a terminal); ``validate``,
@@ -24,7 +25,13 @@ import orjson
 import typer
 
 from batchrunner import __version__
-from batchrunner.errors import BatchRunnerError, InputError, ScheduleError, SettingError
+from batchrunner.errors import (
+    BatchRunnerError,
+    InputError,
+    ScheduleError,
+    SettingError,
+    WriteError,
+)
 from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
 from batchrunner.report import StatsSnapshot
 
@@ -175,7 +182,8 @@ def run(
     try:
         job = _load(job_file, overrides, set_ or [])
         if dry_run:
-            _show_plan(plan_job(job, limit=limit), dry_run=True)
+            plan = plan_job(job, limit=limit, folder_output=engine is Engine.ray)
+            _show_plan(plan, dry_run=True)
             return
         if engine is Engine.ray:
             _run_ray(job, limit, log_format, resume=not no_resume)
@@ -192,6 +200,9 @@ def run(
             )
     except BatchRunnerError as error:
         _fail(error, log_format)
+    except OSError as error:  # a local write none of the stages expected: still no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(WriteError(f"{where}{error.strerror or error}; re-run to resume"), log_format)
     except KeyboardInterrupt:
         if log_format is LogFormat.json:
             log.warning("interrupted")

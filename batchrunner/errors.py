@@ -13,6 +13,8 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     │   └── AuthError                 no token the service accepts (401/403), or IAM refused
     │                                 the login: exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
+    ├── WriteError                    a local write failed mid-run (disk full, folder gone):
+    │                                 exit 74, what is finished is kept, a re-run resumes
     ├── LockedError                   another run of this job holds its lock: exit 75
     ├── RunInterrupted                stopped by a signal; the state is kept: exit 130
     ├── ScheduleError                 a cron line cannot be made (bad schedule, no env file): exit 2
@@ -106,6 +108,14 @@ class CoverageError(BatchRunnerError):
     """Committing would lose or double input items; the output is not written."""
 
     exit_code = 1
+
+
+class WriteError(BatchRunnerError):
+    """Writing the journal, the output or the summary failed (the disk is full, a folder was
+    removed or became read-only); the run stops, keeping what is finished for a re-run.
+    Exit 74 (``EX_IOERR``)."""
+
+    exit_code = 74
 
 
 class LockedError(BatchRunnerError):

@@ -47,7 +47,7 @@ from batchrunner.errors import StateError
 from batchrunner.items import STATUS_OK, Batch
 from batchrunner.job import INCREMENTAL_IDENTITY
 from batchrunner.report import RunStats
-from batchrunner.sink import fsync
+from batchrunner.writing import fsync
 
 log = logging.getLogger("batchrunner")
 

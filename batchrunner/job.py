@@ -7,6 +7,7 @@ setting (``batch.size must be >= 1, got 0``), with a "did you mean" for unknown 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -70,6 +71,10 @@ class InputSettings(_Settings):
     id_column: str | None = None
     columns: tuple[str, ...] | None = None
     csv_delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    # CSV and JSON lines: the text encoding (any Python codec name); bad text is an error.
+    encoding: str = Field(default="utf-8", min_length=1)
+    # A sent column of bytes (Parquet binary): refused, or sent as base64 text.
+    binary: Literal["refuse", "base64"] = "refuse"
     extensions: tuple[str, ...] | None = None  # None: the common image types
     recursive: bool = True
     follow_links: bool = False
@@ -527,6 +532,10 @@ def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) 
         "format": job.input.format,
         "files": files,
     }
+    if job.input.encoding != "utf-8":  # only when set: other runs' identities stay the same
+        identity["encoding"] = job.input.encoding
+    if job.input.binary != "refuse":
+        identity["binary"] = job.input.binary
     if kind == IMAGES:
         extensions = job.input.extensions
         identity["images"] = {
@@ -543,7 +552,14 @@ def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) 
 # Settings that mean something for one input kind only: given for the other kind, they are
 # a mistake (a job pointed at the wrong input), never silently ignored.
 _IMAGE_ONLY = ("input.extensions", "input.recursive", "input.follow_links", "service.file_field")
-_TABLE_ONLY = ("input.id_column", "input.columns", "input.csv_delimiter", "output.keep_input")
+_TABLE_ONLY = (
+    "input.id_column",
+    "input.columns",
+    "input.csv_delimiter",
+    "input.encoding",
+    "input.binary",
+    "output.keep_input",
+)
 
 
 def _given(job: Job, dotted: str) -> bool:
@@ -607,6 +623,18 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")
+
+
+def output_name_glob(job: Job) -> str:
+    """A glob matching the file name of every run's output (placeholders of the date, time
+    and run id as ``*``), for finding what earlier runs of the job left beside it."""
+    name = Path(job.output.path).name
+    wild = "\x00"
+    try:
+        filled = name.format(name=job.name, date=wild, time=wild, run_id=wild)
+    except (KeyError, ValueError, IndexError):
+        return glob.escape(name)
+    return "*".join(glob.escape(part) for part in filled.split(wild))
 
 
 def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:

@@ -37,7 +37,14 @@ from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
-from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
+from batchrunner.errors import (
+    BatchRunnerError,
+    RequestError,
+    RunInterrupted,
+    ServiceError,
+    SettingError,
+    did_you_mean,
+)
 from batchrunner.incremental import SeenItems, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
@@ -48,6 +55,7 @@ from batchrunner.job import (
     check_input_kind,
     fingerprint,
     job_identity,
+    output_name_glob,
     resolve_output_path,
 )
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
@@ -57,8 +65,9 @@ from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
-from batchrunner.sink import write_json_atomically as write_summary
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.writing import check_writable, remove_leftovers
+from batchrunner.writing import write_json_atomically as write_summary
 
 log = logging.getLogger("batchrunner")
 
@@ -66,6 +75,7 @@ OUTCOME_DONE = "done"
 OUTCOME_TOO_MANY_ERRORS = "too_many_errors"
 OUTCOME_ABORTED = "aborted"
 NOT_SENT = "not_sent"
+SUMMARY_SUFFIX = ".summary.json"  # the summary's file name: the output's, with this added
 # How many failed batches are logged one by one before the log only counts them.
 LOGGED_FAILURES = 20
 # Batches that finished together share a journal message of up to about this many rows.
@@ -129,6 +139,8 @@ def open_source(job: Job) -> Source:
         columns=settings.columns,
         keep_input=job.output.keep_input,
         csv_delimiter=settings.csv_delimiter,
+        encoding=settings.encoding,
+        binary=settings.binary,
     )
 
 
@@ -142,8 +154,26 @@ def batch_size_for(job: Job, kind: str) -> int:
     return 1 if kind == IMAGES else job.batch.size
 
 
-def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
-    """Check the job, its token source and its input, and describe the run; send nothing."""
+def check_service_url(service: ServiceSettings) -> None:
+    """Raise ``SettingError`` for an ``embedded:<model>`` URL of a model there is none of."""
+    model = service.embedded_model
+    if model is None:
+        return
+    from batchrunner.service import MODEL_NAMES
+
+    if model not in MODEL_NAMES:
+        raise SettingError(
+            f"service.url: no embedded model {model!r}{did_you_mean(model, MODEL_NAMES)}; "
+            f"the embedded models are: {', '.join(MODEL_NAMES)}"
+        )
+
+
+def plan_job(
+    job: Job, *, limit: int | None = None, count: bool = True, folder_output: bool = False
+) -> Plan:
+    """Check the job, its token source, its input and its output path, and describe the run;
+    send nothing. ``folder_output``: the output is a folder (``--engine ray``)."""
+    check_service_url(job.service)
     source = open_source(job)
     kind = kind_of(source)
     size = batch_size_for(job, kind)
@@ -182,6 +212,8 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         sends = list(source.send_columns)
         key = job.input.id_column or "row number"
     now = datetime.now()
+    output = resolve_output_path(job, now, new_run_id(now))
+    check_writable(output, folder=folder_output)
     return Plan(
         job=job,
         kind=kind,
@@ -192,7 +224,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         rows=rows,
         batch_size=size,
         batches=batches,
-        output=resolve_output_path(job, now, new_run_id(now)),
+        output=output,
         url=job.service.url,
         auth=describe_auth(job.service),
         headers=mask_headers(headers),
@@ -340,6 +372,7 @@ class Runner:
 
     async def run(self) -> RunResult:
         job = self.job
+        check_service_url(job.service)
         source = open_source(job)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
@@ -349,10 +382,15 @@ class Runner:
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
         output = resolve_output_path(job, started, run_id)
-        summary_path = output.with_name(output.name + ".summary.json")
+        summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
+        check_writable(output)
         paths = StatePaths.beside(output, job.name)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
+            written = output_name_glob(job)
+            for name_glob in (written, written + SUMMARY_SUFFIX):
+                for leftover in remove_leftovers(output.parent, name_glob):
+                    log.info("removed %s, left by a run killed while writing it", leftover)
             if credentials is not None and credentials.tokens is not None:
                 # The first token (an IAM login, if the cache has none) before the run's
                 # state is opened or anything is written: a refused login stops the run
@@ -382,6 +420,8 @@ class Runner:
             final = self.snapshot()
             if seen is not None and not final.rows_done and final.rows_skipped:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
+            if not final.rows_read and not final.rows_skipped and abort_reason is None:
+                log.warning("%s has no rows (only a header?): the output is empty", job.input.path)
             outcome = self._judge(abort_reason)
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
             assemble(

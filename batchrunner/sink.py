@@ -21,8 +21,10 @@ import os
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate, chain, repeat
 from pathlib import Path
 from typing import Any, cast
@@ -32,8 +34,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrunner.errors import CoverageError
+from batchrunner.errors import CoverageError, WriteError
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
+from batchrunner.writing import (
+    aside_name,
+    copy_descriptor,
+    folder_id,
+    fsync,
+    open_write,
+    reason,
+)
 
 log = logging.getLogger("batchrunner")
 
@@ -344,18 +354,29 @@ class Journal:
     leaves every finished batch readable. A new part starts only when a batch brings a field
     or type the current part's schema cannot hold. Parts are named by ``generation`` (one
     per run that wrote to the folder) so that resumed and new parts never collide.
+
+    The journal holds every file of the folder open for reading (the manifest and the parts:
+    a few), so that when the folder is removed while the run goes on (a clean-up script, a
+    hasty ``rm -rf``) it can put them back from what it holds: the work done is not lost.
+    A write that fails (the disk full) raises ``WriteError``.
     """
 
     def __init__(self, directory: Path, generation: int | None = None) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        self._guard(lambda: directory.mkdir(parents=True, exist_ok=True), directory)
         self.generation = next_generation(directory) if generation is None else generation
         self._sink: pa.NativeFile | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
         self._next_part = 0
+        self._held: dict[str, int] = {}  # file name -> a descriptor open for reading
+        for path in sorted(directory.iterdir()):
+            if path.is_file():
+                self._hold(path)
+        self._folder_id = folder_id(directory)
 
     def append(self, batch: pa.RecordBatch) -> None:
+        self._check_folder()
         if self._schema is not None and _fits(batch.schema, self._schema):
             batch = conform(batch, self._schema)
         else:
@@ -364,26 +385,85 @@ class Journal:
                 schema = merge_schemas([self._schema, batch.schema])
             self._open_part(schema)
             batch = conform(batch, schema)
-        assert self._writer is not None
-        self._writer.write_batch(batch)
+        writer = self._writer
+        assert writer is not None
+        self._guard(lambda: writer.write_batch(batch), self._part_path(self._next_part - 1))
+
+    def _part_path(self, number: int) -> Path:
+        return self.directory / f"part-{self.generation:04d}-{number:06d}.arrows"
 
     def _open_part(self, schema: pa.Schema) -> None:
-        self.close()
-        path = self.directory / f"part-{self.generation:04d}-{self._next_part:06d}.arrows"
+        self._close_part()
+        path = self._part_path(self._next_part)
         self._next_part += 1
-        self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+        def open_part() -> None:
+            self._sink = open_write(path)
+            self._hold(path)
+            self._writer = pa.ipc.new_stream(self._sink, schema)
+
+        self._guard(open_part, path)
         self._schema = schema
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
-            fsync(self.directory)
+    def _hold(self, path: Path) -> None:
+        old = self._held.pop(path.name, None)
+        if old is not None:
+            os.close(old)
+        self._held[path.name] = os.open(path, os.O_RDONLY)
+
+    def _close_part(self) -> None:
+        writer, sink = self._writer, self._sink
+        self._writer = self._sink = None
         self._schema = None
+        if writer is not None:
+            self._guard(writer.close, self.directory)
+        if sink is not None:
+            self._guard(sink.close, self.directory)
+
+    def close(self) -> None:
+        """Finish the current part, put the folder back if it was removed, and let go of
+        the files held. Calling it again does nothing."""
+        wrote = self._sink is not None
+        self._close_part()
+        if self._held:
+            self._check_folder()
+            for descriptor in self._held.values():
+                os.close(descriptor)
+            self._held.clear()
+        if wrote:
+            self._guard(lambda: fsync(self.directory), self.directory)
+
+    def _check_folder(self) -> None:
+        """Put the folder's files back from those held if the folder was removed or
+        replaced since the journal opened it."""
+        if folder_id(self.directory) == self._folder_id:
+            return
+        self._close_part()  # its rows are in the file held; later ones go to a new part
+        self._guard(lambda: self.directory.mkdir(parents=True, exist_ok=True), self.directory)
+        restored = 0
+        for name, descriptor in self._held.items():
+            target = self.directory / name
+            if not target.exists():
+                self._guard(partial(copy_descriptor, descriptor, target), target)
+                restored += 1
+        self._folder_id = folder_id(self.directory)
+        log.warning(
+            "the run's state folder %s was removed while the run went on: put back its "
+            "%d files from the copies the run held open; nothing finished is lost",
+            self.directory,
+            restored,
+        )
+
+    def _guard(self, write: Callable[[], object], path: Path) -> None:
+        """Do ``write``; a failure (the disk full, the folder read-only) is a WriteError."""
+        try:
+            write()
+        except OSError as exc:
+            raise WriteError(
+                f"cannot write the run's state in {path}: {reason(exc)}. The run stopped; "
+                f"the batches finished before are kept in {self.directory}: make room (or "
+                "fix the folder) and re-run the same command to resume"
+            ) from exc
 
 
 def _fits(schema: pa.Schema, target: pa.Schema) -> bool:
@@ -563,11 +643,11 @@ def assemble(
     result_fields = [f for f in merged if f.name not in RESERVED.names and f.name != SEQ]
     schema = pa.schema([*RESERVED, *result_fields], metadata=dict(metadata or {}))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    temporary = aside_name(output)
     written = 0
     try:
-        with pq.ParquetWriter(str(temporary), schema) as writer:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open_write(temporary) as file, pq.ParquetWriter(file, schema) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
             merged = 0  # pending[:merged] are merged runs of batches; the rest as read
@@ -588,8 +668,15 @@ def assemble(
         fsync(temporary)
         os.replace(temporary, output)
         fsync(output.parent)
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write the output {output}: {reason(exc)}. Every result is kept in "
+            f"{journal_dir}: make room (or fix the folder) and re-run the same command; it "
+            "writes the output again without sending anything"
+        ) from exc
     finally:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):
+            temporary.unlink(missing_ok=True)
     return written
 
 
@@ -598,20 +685,3 @@ def _coverage_message(detail: str) -> str:
         f"the results do not cover the input exactly once: {detail}. "
         "The output was not written; the journal is kept for inspection."
     )
-
-
-def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
-    """Write a JSON document aside and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(temporary, path)
-
-
-def fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries (a rename), to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -156,15 +156,13 @@ def test_rows_sent_are_json_safe_from_every_format(tmp_path: Path) -> None:
 def test_empty_inputs_yield_no_batches(tmp_path: Path) -> None:
     header_only = tmp_path / "h.csv"
     header_only.write_text("id,v\n")
-    zero_bytes = tmp_path / "z.csv"
-    zero_bytes.write_text("")
     empty_jsonl = tmp_path / "e.jsonl"
     empty_jsonl.write_text("")
     empty_parquet = write_parquet(
         tmp_path / "e.parquet",
         pa.table({"id": pa.array([], pa.int64()), "v": pa.array([], pa.float64())}),
     )
-    for path in [header_only, zero_bytes, empty_jsonl, empty_parquet]:
+    for path in [header_only, empty_jsonl, empty_parquet]:
         source = open_tabular(path)
         assert list(source.iter_batches(10)) == [], path
         assert source.scan_count() == 0

@@ -81,9 +81,10 @@ from batchrunner.runner import (
     retry_policy,
     service_client,
 )
-from batchrunner.sink import SEQ, outcome_table, write_json_atomically
+from batchrunner.sink import SEQ, outcome_table
 from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
+from batchrunner.writing import check_writable, write_json_atomically
 
 log = logging.getLogger("batchrunner")
 
@@ -320,6 +321,7 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
     started = datetime.now().astimezone()
     run_id = new_run_id(started)
     output = resolve_output_path(job, started, run_id).absolute()
+    check_writable(output, folder=True)
     identity = job_identity(job, source.paths, kind=kind)
     with JobLock(StatePaths.beside(output, job.name).lock, job.name):
         state, note = open_ray_state(output, job.name, identity, resume=resume)

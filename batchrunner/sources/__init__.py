@@ -12,6 +12,7 @@ The tabular source is made of small modules; imports flow one way, down this lis
     files           input.path as files (file, folder, glob; hidden names skipped), formats
     jsonsafe        values made JSON-safe, a column at a time (``json_safe``)
     batching        chunks of rows cut into batches of exactly ``size`` rows; row-number keys
+    encoding        text encodings: other encodings transcoded, text not valid in one refused
     widening        CSV / JSON-lines column types, pinned, then widened when a value won't fit
     columns         the columns sent and read, checked against the schema
     csv_files       CSV: delimiters, headers, schema, streaming, counting

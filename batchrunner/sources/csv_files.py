@@ -22,11 +22,23 @@ import pyarrow.csv as pcsv
 from batchrunner.errors import InputError, clip, did_you_mean
 from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
+from batchrunner.sources.encoding import UTF8, invalid_text
 from batchrunner.sources.files import data_suffix
 from batchrunner.sources.widening import log_widening, read_widening, widen_text
 
-__all__ = ["CsvReader", "check_csv_headers", "csv_delimiters", "csv_schema", "read_csv_header"]
+__all__ = [
+    "CsvReader",
+    "check_csv_headers",
+    "check_csv_text",
+    "csv_delimiters",
+    "csv_schema",
+    "read_csv_header",
+]
 
+_ESCAPED = re.compile("[\udc80-\udcff]")  # a byte surrogateescape kept: not valid text
+_CSV_BAD_UTF8 = re.compile(
+    r"In CSV column #(\d+): Row #(\d+): CSV conversion error to \w+: invalid UTF8"
+)
 _CSV_CONVERSION = re.compile(
     r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (.+?): invalid value '(.*)'",
     re.DOTALL,
@@ -46,14 +58,22 @@ def csv_delimiters(
     }
 
 
-def read_csv_header(path: Path, delimiter: str) -> list[str] | None:
+def read_csv_header(path: Path, delimiter: str, encoding: str = UTF8) -> list[str] | None:
     """The column names on the file's first line; None for an empty file."""
     try:
         with (
             pa.input_stream(str(path), compression="detect") as stream,
-            io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as text,
+            io.TextIOWrapper(
+                stream,
+                encoding="utf-8-sig" if encoding == UTF8 else encoding,
+                # Bad bytes further on are not the header's: they are found when read.
+                errors="surrogateescape",
+                newline="",
+            ) as text,
         ):
             for row in csv.reader(text, delimiter=delimiter):
+                if any(_ESCAPED.search(name) for name in row):
+                    raise InputError(invalid_text(path, encoding, line=1))
                 if row:
                     return row
     except (OSError, csv.Error, pa.ArrowInvalid) as exc:
@@ -67,6 +87,7 @@ def csv_schema(
     delimiters: dict[Path, str],
     id_column: str | None,
     block_bytes: int,
+    encoding: str = UTF8,
 ) -> tuple[Path | None, pa.Schema]:
     """The schema Arrow infers from the first block of the first file with a header."""
     first = next((p for p in paths if headers[p] is not None), None)
@@ -76,13 +97,26 @@ def csv_schema(
     # The id is text whatever it looks like: "007" stays "007", long ids stay exact.
     types = {id_column: pa.string()} if id_column is not None else None
     try:
-        with _open_csv(first, delimiters[first], block_bytes, bad_rows, column_types=types) as r:
-            return first, r.schema
+        with _open_csv(
+            first, delimiters[first], block_bytes, bad_rows, encoding, column_types=types
+        ) as reader:
+            return first, reader.schema
+    except UnicodeDecodeError as exc:
+        raise InputError(invalid_text(first, encoding)) from exc
     except pa.ArrowInvalid as exc:
         message = f"{first}: cannot read as CSV: {exc}"
         raise InputError(_bad_row_or(message, first, bad_rows, delimiters[first])) from exc
     except OSError as exc:
         raise InputError(f"{first}: cannot read: {exc}") from exc
+
+
+def check_csv_text(path: Path, schema: pa.Schema, names: list[str], encoding: str) -> None:
+    """Raise an InputError for a read column Arrow inferred as binary: CSV holds text, so its
+    first block holds bytes that are not valid ``encoding`` text (sent, they would go out as
+    base64)."""
+    for name in names:
+        if pa.types.is_binary(schema.field(name).type):
+            raise InputError(invalid_text(path, encoding, column=name))
 
 
 def check_csv_headers(
@@ -117,11 +151,13 @@ class CsvReader:
         headers: dict[Path, list[str] | None],
         types: dict[str, pa.DataType],
         block_bytes: int,
+        encoding: str = UTF8,
     ) -> None:
         self._delimiters = delimiters
         self._headers = headers
         self._types = types
         self._block_bytes = block_bytes
+        self._encoding = encoding
 
     def read(self, path: Path, skip: int) -> FileRows:
         """(row number within the file, record batch), every row (``skip`` is ignored)."""
@@ -136,6 +172,7 @@ class CsvReader:
                 self._delimiters[path],
                 self._block_bytes,
                 bad_rows,
+                self._encoding,
                 column_types=dict(self._types),
                 include_columns=list(self._types),
             )
@@ -144,14 +181,22 @@ class CsvReader:
             self._widen(path, error, bad_rows)
 
         gave_up = "column types kept changing while reading; giving up"
-        return read_widening(path, len(self._types), open_reader, widen, gave_up)
+        return read_widening(
+            path, len(self._types), open_reader, widen, gave_up, encoding=self._encoding
+        )
 
     def _widen(self, path: Path, exc: Exception, bad_rows: list[Any]) -> None:
         """Widen the column a conversion error names, or raise the error as an InputError."""
         if bad_rows:
             raise InputError(_bad_csv_row(path, bad_rows[0], self._delimiters[path])) from exc
-        match = _CSV_CONVERSION.search(str(exc))
         header = self._headers.get(path) or []
+        bad_text = _CSV_BAD_UTF8.search(str(exc))
+        if bad_text is not None:
+            index = int(bad_text[1])
+            column = header[index] if index < len(header) else f"#{index + 1}"
+            at = int(bad_text[2])
+            raise InputError(invalid_text(path, self._encoding, line=at, column=column)) from exc
+        match = _CSV_CONVERSION.search(str(exc))
         name = header[int(match[1])] if match and int(match[1]) < len(header) else None
         if match is None or name not in self._types:
             raise InputError(f"{path}: {exc}") from exc
@@ -180,11 +225,20 @@ class CsvReader:
                 delimiter,
                 self._block_bytes,
                 bad_rows,
+                self._encoding,
                 column_types={header[0]: pa.string()},
                 include_columns=[header[0]],
             ) as reader:
                 return sum(batch.num_rows for batch in reader)
+        except UnicodeDecodeError as exc:
+            raise InputError(invalid_text(path, self._encoding)) from exc
         except pa.ArrowInvalid as exc:
+            bad_text = _CSV_BAD_UTF8.search(str(exc))
+            if bad_text is not None and not bad_rows:
+                line, column = int(bad_text[2]), header[int(bad_text[1])]
+                raise InputError(
+                    invalid_text(path, self._encoding, line=line, column=column)
+                ) from exc
             raise InputError(_bad_row_or(f"{path}: {exc}", path, bad_rows, delimiter)) from exc
         except OSError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from exc
@@ -195,6 +249,7 @@ def _open_csv(
     delimiter: str,
     block_bytes: int,
     bad_rows: list[Any],
+    encoding: str,
     *,
     column_types: dict[str, pa.DataType] | None = None,
     include_columns: list[str] | None = None,
@@ -206,7 +261,13 @@ def _open_csv(
     return pcsv.open_csv(
         str(path),
         # One thread: Arrow then numbers the rows, so that errors can name the line.
-        read_options=pcsv.ReadOptions(use_threads=False, block_size=block_bytes),
+        # "utf8", Arrow's own name: read as it is, not transcoded; bad bytes are then found
+        # by Arrow's checks (see check_csv_text and CsvReader._widen).
+        read_options=pcsv.ReadOptions(
+            use_threads=False,
+            block_size=block_bytes,
+            encoding="utf8" if encoding == UTF8 else encoding,
+        ),
         parse_options=pcsv.ParseOptions(
             delimiter=delimiter, newlines_in_values=True, invalid_row_handler=record
         ),

@@ -19,6 +19,13 @@ import pyarrow.json as pjson
 
 from batchrunner.errors import InputError
 from batchrunner.sources.batching import FileRows
+from batchrunner.sources.encoding import (
+    UTF8,
+    find_invalid_text,
+    has_replacement,
+    invalid_text,
+    open_text,
+)
 from batchrunner.sources.widening import (
     describe_type,
     describe_value,
@@ -34,16 +41,23 @@ _EMPTY_JSON = "Empty JSON stream"
 _COUNT_FIELD = "\x00batchrunner-count"  # a field no row has: JSON rows counted, nothing built
 
 
-def jsonl_schema(paths: list[Path], block_bytes: int) -> tuple[Path | None, pa.Schema]:
+def jsonl_schema(
+    paths: list[Path], block_bytes: int, encoding: str = UTF8
+) -> tuple[Path | None, pa.Schema]:
     """The schema Arrow infers from the first block of the first file with a row."""
     for path in paths:
         try:
-            with _open_jsonl(path, block_bytes, None) as reader:
-                return path, reader.schema
+            with _open_jsonl(path, block_bytes, None, encoding) as reader:
+                schema = reader.schema
+                if encoding == UTF8 and find_invalid_text(path, UTF8, limit=block_bytes):
+                    raise InputError(invalid_text(path, encoding))
+                return path, schema
+        except UnicodeDecodeError as exc:
+            raise InputError(invalid_text(path, encoding)) from exc
         except pa.ArrowInvalid as exc:
             if _EMPTY_JSON in str(exc):
                 continue
-            scan_jsonl(path, 0, None)  # raises with the line, if it is a line's fault
+            scan_jsonl(path, 0, None, encoding)  # raises with the line, if it is a line's fault
             raise InputError(f"{path}: cannot read JSON lines: {exc}") from exc
         except OSError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from exc
@@ -57,9 +71,12 @@ class JsonlReader:
     not fit widens it in place, for this and every later read.
     """
 
-    def __init__(self, *, types: dict[str, pa.DataType], block_bytes: int) -> None:
+    def __init__(
+        self, *, types: dict[str, pa.DataType], block_bytes: int, encoding: str = UTF8
+    ) -> None:
         self._types = types
         self._block_bytes = block_bytes
+        self._encoding = encoding
 
     def read(self, path: Path, skip: int) -> FileRows:
         """(row number within the file, record batch), every row (``skip`` is ignored)."""
@@ -67,7 +84,7 @@ class JsonlReader:
         def open_reader() -> Any:
             schema = pa.schema([pa.field(name, kind) for name, kind in self._types.items()])
             try:
-                return _open_jsonl(path, self._block_bytes, schema)
+                return _open_jsonl(path, self._block_bytes, schema, self._encoding)
             except pa.ArrowInvalid as exc:
                 if _EMPTY_JSON in str(exc):
                     return None
@@ -77,11 +94,27 @@ class JsonlReader:
             self._widen(path, error, rows)
 
         gave_up = "field types kept changing while reading; giving up"
-        return read_widening(path, len(self._types), open_reader, widen, gave_up)
+        rows = read_widening(
+            path, len(self._types), open_reader, widen, gave_up, encoding=self._encoding
+        )
+        return rows if self._encoding != UTF8 else self._checked(path, rows)
+
+    def _checked(self, path: Path, rows: FileRows) -> FileRows:
+        """``rows``, refused at the first batch Arrow read bad UTF-8 into (as U+FFFD)."""
+        checked = False  # the file was read again and holds U+FFFD itself: no more checks
+        try:
+            for file_row, batch in rows:
+                if not checked and has_replacement(batch):
+                    if find_invalid_text(path, UTF8) is not None:
+                        raise InputError(invalid_text(path, UTF8))
+                    checked = True
+                yield file_row, batch
+        finally:
+            rows.close()
 
     def _widen(self, path: Path, exc: Exception, read_rows: int) -> None:
         """Find the line Arrow failed on; widen its fields or raise an InputError naming it."""
-        found = scan_jsonl(path, read_rows, dict(self._types))
+        found = scan_jsonl(path, read_rows, dict(self._types), self._encoding)
         if found is None:
             raise InputError(f"{path}: cannot read JSON lines: {exc}") from exc
         line, widenings = found
@@ -93,19 +126,21 @@ class JsonlReader:
         """The file's number of rows, read through."""
         try:
             schema = pa.schema([(_COUNT_FIELD, pa.null())])
-            with _open_jsonl(path, self._block_bytes, schema) as reader:
+            with _open_jsonl(path, self._block_bytes, schema, self._encoding) as reader:
                 return sum(batch.num_rows for batch in reader)
+        except UnicodeDecodeError as exc:
+            raise InputError(invalid_text(path, self._encoding)) from exc
         except pa.ArrowInvalid as exc:
             if _EMPTY_JSON in str(exc):
                 return 0
-            scan_jsonl(path, 0, {})  # raises with the line, if it is a line's fault
+            scan_jsonl(path, 0, {}, self._encoding)  # raises with the line, if it is a line's fault
             raise InputError(f"{path}: cannot read JSON lines: {exc}") from exc
         except OSError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from exc
 
 
 def scan_jsonl(
-    path: Path, start_row: int, types: dict[str, pa.DataType] | None
+    path: Path, start_row: int, types: dict[str, pa.DataType] | None, encoding: str = UTF8
 ) -> tuple[int, list[tuple[str, pa.DataType, Any]]] | None:
     """Read the file line by line from row ``start_row`` (only after Arrow failed on it).
 
@@ -116,8 +151,17 @@ def scan_jsonl(
     """
     inferring = types is None
     known: dict[str, pa.DataType] = {} if types is None else dict(types)
+    try:
+        return _scan_lines(path, start_row, known, inferring, encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(invalid_text(path, encoding)) from exc
+
+
+def _scan_lines(
+    path: Path, start_row: int, known: dict[str, pa.DataType], inferring: bool, encoding: str
+) -> tuple[int, list[tuple[str, pa.DataType, Any]]] | None:
     row = 0
-    with io.BufferedReader(pa.input_stream(str(path), compression="detect")) as lines:
+    with io.BufferedReader(open_text(path, encoding)) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -170,14 +214,14 @@ def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _open_jsonl(path: Path, block_bytes: int, schema: pa.Schema | None) -> Any:
+def _open_jsonl(path: Path, block_bytes: int, schema: pa.Schema | None, encoding: str) -> Any:
     parse = (
         pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         if schema is not None
         else pjson.ParseOptions()
     )
     return pjson.open_json(
-        str(path),
+        str(path) if encoding == UTF8 else open_text(path, encoding),
         # Errors are located by scan_jsonl, not by Arrow. (The streaming reader parses on
         # one thread whatever use_threads says.)
         read_options=pjson.ReadOptions(use_threads=True, block_size=block_bytes),

@@ -34,10 +34,12 @@ from batchrunner.sources.columns import check_unique, read_columns, send_columns
 from batchrunner.sources.csv_files import (
     CsvReader,
     check_csv_headers,
+    check_csv_text,
     csv_delimiters,
     csv_schema,
     read_csv_header,
 )
+from batchrunner.sources.encoding import UTF8, check_encoding
 from batchrunner.sources.files import (
     COMPRESSIONS,
     FORMATS,
@@ -51,6 +53,8 @@ from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.sources.parquet_files import ParquetReader, check_parquet_files, parquet_schema
 
 __all__ = [
+    "BINARY_BASE64",
+    "BINARY_REFUSE",
     "COMPRESSIONS",
     "DEFAULT_BLOCK_BYTES",
     "DEFAULT_PARQUET_BATCH_ROWS",
@@ -62,6 +66,8 @@ __all__ = [
 
 DEFAULT_BLOCK_BYTES = 4 << 20  # CSV / JSON lines: bytes per read block (and the type sample)
 DEFAULT_PARQUET_BATCH_ROWS = 65_536
+BINARY_REFUSE = "refuse"  # input.binary: a sent column of bytes is an error
+BINARY_BASE64 = "base64"  # ... or goes out as base64 text
 
 
 class _FileReader(Protocol):
@@ -101,6 +107,7 @@ class TabularSource:
         file_rows: dict[Path, int],
         block_bytes: int,
         parquet_batch_rows: int,
+        encoding: str = UTF8,
     ) -> None:
         self.paths = paths
         self.format = format
@@ -123,10 +130,14 @@ class TabularSource:
             )
         elif format == "csv":
             self._reader = CsvReader(
-                delimiters=delimiters, headers=headers, types=types, block_bytes=block_bytes
+                delimiters=delimiters,
+                headers=headers,
+                types=types,
+                block_bytes=block_bytes,
+                encoding=encoding,
             )
         else:
-            self._reader = JsonlReader(types=types, block_bytes=block_bytes)
+            self._reader = JsonlReader(types=types, block_bytes=block_bytes, encoding=encoding)
 
     def __repr__(self) -> str:
         first = self.paths[0] if self.paths else None
@@ -240,6 +251,8 @@ def open_tabular(
     csv_delimiter: str | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     parquet_batch_rows: int = DEFAULT_PARQUET_BATCH_ROWS,
+    encoding: str = UTF8,
+    binary: str = BINARY_REFUSE,
 ) -> TabularSource:
     """Find the input's files, read its schema, and check the job's columns against it.
 
@@ -249,10 +262,13 @@ def open_tabular(
     "jsonl") overrides the extensions. Raises ``InputError`` naming the setting, file and
     column for anything that would stop the run later, so that it stops before the first
     request. ``block_bytes`` (CSV / JSON lines) and ``parquet_batch_rows`` size the reads;
-    the first block is the type-inference sample.
+    the first block is the type-inference sample. ``encoding`` is the text encoding of CSV
+    and JSON lines (text not valid in it is an error naming the line); ``binary`` says what
+    a sent column of bytes becomes: refused (``"refuse"``), or base64 text (``"base64"``).
     """
     if block_bytes < 1 or parquet_batch_rows < 1:
         raise ValueError("block_bytes and parquet_batch_rows must be >= 1")
+    encoding = check_encoding(encoding)
     fmt, tab_separated = format_setting(format)
     accept = None if fmt is not None else (lambda file: format_of(file) is not None)
     paths = find_files(path, accept=accept, known=FORMATS)
@@ -261,12 +277,18 @@ def open_tabular(
     delimiters = csv_delimiters(paths, csv_delimiter, tab_separated)
     headers: dict[Path, list[str] | None] = {}
     if fmt == "csv":
-        headers = {p: read_csv_header(p, delimiters[p]) for p in paths}
-        first, schema = csv_schema(paths, headers, delimiters, id_column, block_bytes)
+        headers = {p: read_csv_header(p, delimiters[p], encoding) for p in paths}
+        for file, header in headers.items():
+            if header is None:
+                raise InputError(
+                    f"{file}: the file is empty: a CSV file needs a header line naming its "
+                    "columns (a file with only a header is a valid input with no rows)"
+                )
+        first, schema = csv_schema(paths, headers, delimiters, id_column, block_bytes, encoding)
     elif fmt == "parquet":
         first, schema = paths[0], parquet_schema(paths[0])
     else:
-        first, schema = jsonl_schema(paths, block_bytes)
+        first, schema = jsonl_schema(paths, block_bytes, encoding)
 
     if first is None:  # every file is empty: nothing will be sent, nothing to check
         send: list[str] = []
@@ -279,9 +301,12 @@ def open_tabular(
     if first is not None:
         check_unique(schema.names, needed, first)
         if fmt == "csv":
+            check_csv_text(first, schema, needed, encoding)
             check_csv_headers(paths, headers, needed, first)
         elif fmt == "parquet":
             file_rows = check_parquet_files(paths, schema, needed)
+        if binary != BINARY_BASE64:
+            check_no_bytes(schema, send, first)
     return TabularSource(
         paths=paths,
         format=fmt,
@@ -294,4 +319,36 @@ def open_tabular(
         file_rows=file_rows,
         block_bytes=block_bytes,
         parquet_batch_rows=parquet_batch_rows,
+        encoding=encoding,
+    )
+
+
+def check_no_bytes(schema: pa.Schema, send: list[str], first: Path) -> None:
+    """Raise an InputError for a sent column holding bytes (binary, or binary inside lists
+    and structs): JSON has no bytes, and base64 is sent only when asked for."""
+    for name in send:
+        if _holds_bytes(schema.field(name).type):
+            raise InputError(
+                f"{first}: column {name!r} holds bytes ({schema.field(name).type}), which "
+                'JSON cannot carry as they are; set input.binary = "base64" to send them '
+                "as base64 text, leave the column out with input.columns, or store it as "
+                "text (a string column) if it is text"
+            )
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    types = pa.types
+    if types.is_dictionary(kind):
+        return _holds_bytes(kind.value_type)
+    if types.is_list(kind) or types.is_large_list(kind) or types.is_fixed_size_list(kind):
+        return _holds_bytes(kind.value_type)
+    if types.is_struct(kind):
+        return any(_holds_bytes(field.type) for field in kind)
+    if isinstance(kind, pa.BaseExtensionType):
+        return kind.extension_name != "arrow.uuid" and _holds_bytes(kind.storage_type)
+    return bool(
+        types.is_binary(kind)
+        or types.is_large_binary(kind)
+        or types.is_fixed_size_binary(kind)
+        or types.is_binary_view(kind)
     )

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from batchrunner.errors import InputError, clip
 from batchrunner.sources.batching import FileRows
+from batchrunner.sources.encoding import UTF8, invalid_text
 
 __all__ = [
     "castable",
@@ -65,6 +66,8 @@ def read_widening(
     open_reader: Callable[[], Any],
     widen: Callable[[Exception, int], None],
     gave_up: str,
+    *,
+    encoding: str = UTF8,
 ) -> FileRows:
     """Stream one file, widening its column types and reading it again while values don't fit.
 
@@ -89,6 +92,8 @@ def read_widening(
             widen(handed.cause, counter.rows)
         except pa.ArrowInvalid as exc:
             widen(exc, counter.rows)
+        except UnicodeDecodeError as exc:  # transcoding, or checking UTF-8 (see encoding)
+            raise InputError(invalid_text(path, encoding)) from exc
         except OSError as exc:
             raise InputError(f"{path}: cannot read: {exc}") from exc
         finally:
@@ -146,7 +151,7 @@ def widen_text(current: pa.DataType, value: str) -> pa.DataType | None:
     elif pa.types.is_timestamp(current) and current.unit != "ns":
         candidates = [pa.timestamp("ns", current.tz), pa.string()]
     elif pa.types.is_string(current) or pa.types.is_large_string(current):
-        candidates = [pa.binary()]  # bytes that are not UTF-8
+        candidates = []  # text holds any text; bytes that are not text are an error
     elif pa.types.is_binary(current):
         candidates = []
     else:
