@@ -8,7 +8,8 @@ well assembles the output and removes the state; one that is killed, interrupted
 leaves it, and the next run of the same job picks it up: batches already finished are not
 sent again. Batches whose rows failed for a reason that says nothing against the rows (a
 timeout, a 503, a refused token) are dropped from the state on resume, so that they are sent
-again. A changed job starts fresh.
+again. A changed setting is refused while the unfinished run has finished rows (they would be
+discarded); changed input files start fresh, with a warning.
 Finished batches are known by their ``seq``, their place in the input. The job's identity
 proves that the input is the same for a table (each file's size and modification time), but
 an image folder's identity is the folder alone (statting every file up front would cost a
@@ -33,8 +34,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrunner.errors import InputError
-from batchrunner.job import fingerprint, identity_changes
+from batchrunner.errors import InputError, StateError
+from batchrunner.job import INCREMENTAL_IDENTITY, fingerprint, identity_changes
 from batchrunner.report import RunStats
 from batchrunner.retry import is_transient_kind
 from batchrunner.sink import (
@@ -50,6 +51,8 @@ log = logging.getLogger("batchrunner")
 
 MANIFEST = "manifest.json"
 DIGEST_BYTES = 8  # per finished batch: a digest of its keys, in order
+# Identity parts whose change starts a fresh run (with a warning) rather than being refused.
+_STARTS_FRESH = ("files", INCREMENTAL_IDENTITY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,10 @@ def open_checkpoint(
     same, note = resumable(paths.manifest, identity, resume=resume)
     if same:
         return _resume(paths, stats)
+    if note is not None and resume and journal_parts(paths.state):
+        _refuse_setting_changes(paths.manifest, identity)
+        log.warning("%s; its finished rows are discarded", note)
+        note = None
     start_fresh(paths.state, paths.manifest, identity)
     return Checkpoint(Journal(paths.state), bytearray(), 0, note)
 
@@ -166,6 +173,27 @@ def resumable(
         + "; ".join(changes or ["its identity"])
         + ")"
     )
+
+
+def _refuse_setting_changes(manifest: Path, identity: Mapping[str, Any]) -> None:
+    # The unfinished run finished rows: a changed setting (batch size, columns, URL...) is
+    # more likely a mistake than a wish to discard them, so it is refused; changed input
+    # files (a new night's data) and incremental's remembered items start fresh, warned.
+    document = _read_manifest(manifest) or {}
+    before = document.get("identity", {})
+    settings = {
+        name: value
+        for name, value in identity.items()
+        if name not in _STARTS_FRESH and before.get(name) != value
+    }
+    changes = identity_changes({name: before.get(name) for name in settings}, settings)
+    if changes:
+        raise StateError(
+            "the job changed since its unfinished run ("
+            + "; ".join(changes)
+            + "), which finished rows that would be discarded: run with the same settings "
+            "to resume, or with --no-resume to start fresh"
+        )
 
 
 def start_fresh(folder: Path, manifest: Path, identity: Mapping[str, Any]) -> None:

@@ -193,18 +193,42 @@ def test_resume_after_an_aborted_run_sends_only_what_did_not_finish(invoke) -> N
     assert [r["_key"] for r in rows] == [f"k{i:04d}" for i in range(ROWS)]
 
 
-def test_changed_job_starts_fresh_and_says_why(invoke) -> None:
+def test_changed_setting_refuses_to_discard_finished_rows(invoke) -> None:
     with aborting_server(fail_after=2) as server:
         job = make_job(server.url)
         assert invoke("run", str(job)).exit_code == 3
         server.state["healed"] = True  # type: ignore[attr-defined]
         server.calls.clear()
-        result = invoke("run", str(job), "--batch-size", "30")
-    assert result.exit_code == 0, result.stderr
-    assert "starting fresh: the job changed since its unfinished run (batch_size: 10 -> 30)" in (
-        result.stderr
-    )
+        refused = invoke("run", str(job), "--batch-size", "30")
+        assert refused.exit_code == 2, refused.stderr
+        assert (
+            "the job changed since its unfinished run (batch_size: 10 -> 30), which finished "
+            "rows that would be discarded: run with the same settings to resume, or with "
+            "--no-resume to start fresh" in refused.stderr
+        )
+        assert not server.calls
+        assert "Traceback" not in refused.stderr
+        fresh = invoke("run", str(job), "--batch-size", "30", "--no-resume")
+    assert fresh.exit_code == 0, fresh.stderr
+    assert "starting fresh (--no-resume)" in fresh.stderr
     assert len(server.calls) == ROWS // 30
+
+
+def test_changed_input_file_starts_fresh_with_a_warning(invoke) -> None:
+    with aborting_server(fail_after=2) as server:
+        job = make_job(server.url)
+        assert invoke("run", str(job)).exit_code == 3
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        with Path("data.csv").open("a") as data:
+            data.write("k9999,9999\n")
+        result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "WARNING starting fresh: the job changed since its unfinished run (the input files "
+        "changed" in result.stderr
+    )
+    assert len(server.calls) == BATCHES + 1
 
 
 def test_no_resume_starts_fresh(invoke) -> None:
