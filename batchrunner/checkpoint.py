@@ -61,7 +61,10 @@ class StatePaths:
 
     lock: Path
     state: Path
-    seen: Path  # input.incremental: the items earlier runs finished
+    seen: (
+        Path  # input.incremental: the items earlier runs finished, as an earlier version kept them
+    )
+    keys: Path  # input.incremental: the items earlier runs finished (a key index)
 
     @classmethod
     def beside(cls, output: Path, job_name: str) -> StatePaths:
@@ -70,6 +73,7 @@ class StatePaths:
             lock=folder / f"{job_name}.lock",
             state=folder / f"{job_name}.state",
             seen=folder / f"{job_name}.seen.parquet",
+            keys=folder / f"{job_name}.keys",
         )
 
     @property

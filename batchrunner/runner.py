@@ -12,6 +12,7 @@ order the journal can be.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -70,6 +71,8 @@ NOT_SENT = "not_sent"
 LOGGED_FAILURES = 20
 # Batches that finished together share a journal message of up to about this many rows.
 JOURNAL_MESSAGE_ROWS = 8192
+# Rows hashed together when the input is checked before a run (keys, rows done).
+CHECK_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +352,11 @@ class Runner:
                 # here, with exit 3 and no output.
                 await self._first_token(credentials.tokens)
             if job.input.incremental:
-                self._seen = open_seen(paths.seen, url=job.service.url)
+                self._seen = open_seen(paths.keys, url=job.service.url, legacy=paths.seen)
+                # Before anything is sent: duplicate keys stop the run here (exit 2).
+                check_size = self._batch_size if self._kind == IMAGES else CHECK_BATCH_ROWS
+                read = functools.partial(source.iter_batches, check_size, limit=self.limit)
+                await asyncio.to_thread(self._seen.check, read)
             seen = self._seen
             resume_identity = identity if seen is None else seen.resume_identity(identity)
             checkpoint = open_checkpoint(
@@ -567,8 +574,10 @@ class Runner:
     def _batches(self, source: Source) -> Iterator[Batch]:
         batches = source.iter_batches(self._batch_size, limit=self.limit)
         # input.incremental: rows done by earlier runs leave here, before a batch is counted,
-        # journaled or sent; a batch may be left with no rows (nothing to send or journal).
-        return batches if self._seen is None else self._seen.filter(batches, self.stats)
+        # journaled or sent; the rest are packed into full batches.
+        if self._seen is None:
+            return batches
+        return self._seen.filter(batches, self.stats, self._batch_size)
 
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
         iterator = self._batches(source)
