@@ -64,7 +64,7 @@ from batchrunner.keyindex import (
     RowBits,
     Spill,
     UnreadableIndex,
-    item_hashes,
+    batch_hashes,
     key_hashes,
     match,
     merged,
@@ -83,15 +83,6 @@ NOTHING_REMEMBERED = "nothing remembered"
 _ROW_PERSON = b"batchrunner.row"
 _FILE_PERSON = b"batchrunner.file"
 _DIGEST = operator.methodcaller("digest")
-
-
-def batch_hashes(
-    batch: Batch,
-) -> tuple[np.ndarray[Any, np.dtype[np.uint64]], np.ndarray[Any, np.dtype[np.uint64]]]:
-    """A batch's key hashes and item hashes, in row order."""
-    keys = key_hashes(list(batch.keys))
-    files = [batch.path] if batch.path is not None else []
-    return keys, item_hashes(keys, batch.rows, files)
 
 
 # --- the earlier version's item hash ---------------------------------------------------------

@@ -25,9 +25,9 @@ from aiohttp import web
 from batchrunner import keyindex
 from batchrunner.checkpoint import StatePaths
 from batchrunner.errors import InputError
-from batchrunner.incremental import SeenItems, batch_hashes, legacy_item_hashes, open_seen
+from batchrunner.incremental import SeenItems, legacy_item_hashes, open_seen
 from batchrunner.items import Batch
-from batchrunner.keyindex import PARTITIONS, read_index
+from batchrunner.keyindex import PARTITIONS, batch_hashes, read_index
 from batchrunner.report import RunStats
 from batchrunner.sink import RESERVED
 from batchrunner.sources import open_tabular
