@@ -263,3 +263,52 @@ def test_both_signals_interrupt(signal_number: int) -> None:
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
+
+
+def edit_keeping_mtime(path: Path, rows: list[tuple[str, int]]) -> None:
+    stat = path.stat()
+    write_csv(path, ["id", "x"], rows)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def test_resume_sends_again_a_batch_whose_values_changed_with_size_and_mtime_kept(invoke) -> None:
+    with aborting_server(fail_after=5) as server:
+        job = make_job(server.url)
+        job.write_text(job.read_text().replace(f"concurrency = {CONCURRENCY}", "concurrency = 1"))
+        assert invoke("run", str(job)).exit_code == 3
+        rows = [(f"k{i:04d}", i) for i in range(ROWS)]
+        rows[3] = ("k0003", 9)  # an edited value, same width
+        rows[11], rows[12] = ("k0011", 12), ("k0012", 11)  # two rows' values swapped
+        edit_keeping_mtime(Path("data.csv"), rows)
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        resumed = invoke("run", str(job))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "2 finished batches (20 rows) hold other values now" in resumed.stderr
+    assert first_rows(server.calls)[0] == 1 and first_rows(server.calls)[10] == 1
+    by_key = {row["_key"]: row for row in read_output("out/resume.parquet")}
+    assert len(by_key) == ROWS
+    assert (by_key["k0003"]["x"], by_key["k0011"]["x"], by_key["k0012"]["x"]) == (9, 12, 11)
+
+
+def test_resume_refuses_duplicate_keys(invoke) -> None:
+    with aborting_server(fail_after=5) as server:
+        job = make_job(server.url)
+        assert invoke("run", str(job)).exit_code == 3
+        rows = [(f"k{i:04d}", i) for i in range(ROWS)]
+        rows[250] = ("k0007", 250)
+        write_csv(Path("data.csv"), ["id", "x"], rows)
+        stat = Path("data.csv").stat()
+        os.utime("data.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        # the file changed: a fresh start, which reports the duplicate in the summary
+        result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert "the input's keys are not unique (input.id_column 'id'): 1 keys more than once" in (
+        result.stderr
+    )
+    assert "'k0007' at rows 8 and 251" in result.stderr
+    summary = __import__("orjson").loads(Path("out/resume.parquet.summary.json").read_bytes())
+    assert summary["duplicate_keys"]["keys"] == 1
