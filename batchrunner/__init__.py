@@ -19,9 +19,11 @@ Imports flow one way, down this list; a module imports only from those above it:
                 token renewal
     writing     local writes: aside and renamed, leftovers of killed runs, writability
     sink        the run's journal of finished batches; assembly into one Parquet file
+    keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
+                index of finished items, on disk, partition by partition
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)
-    incremental the items earlier runs finished (.seen.parquet), the filter that leaves them out
+    incremental the items earlier runs finished (a key index), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
                 with its IAM
     runner      the asyncio pipeline

@@ -8,7 +8,8 @@ well assembles the output and removes the state; one that is killed, interrupted
 leaves it, and the next run of the same job picks it up: batches already finished are not
 sent again. Batches whose rows failed for a reason that says nothing against the rows (a
 timeout, a 503, a refused token) are dropped from the state on resume, so that they are sent
-again. A changed job starts fresh.
+again. A changed setting is refused while the unfinished run has finished rows (they would be
+discarded); changed input files start fresh, with a warning.
 Finished batches are known by their ``seq``, their place in the input. The job's identity
 proves that the input is the same for a table (each file's size and modification time), but
 an image folder's identity is the folder alone (statting every file up front would cost a
@@ -24,17 +25,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrunner.errors import InputError
-from batchrunner.job import fingerprint, identity_changes
+from batchrunner.errors import InputError, StateError
+from batchrunner.job import INCREMENTAL_IDENTITY, fingerprint, identity_changes
 from batchrunner.report import RunStats
 from batchrunner.retry import is_transient_kind
 from batchrunner.sink import (
@@ -49,7 +50,10 @@ from batchrunner.writing import write_json_atomically
 log = logging.getLogger("batchrunner")
 
 MANIFEST = "manifest.json"
+DIGESTS = "sent.digests"  # DigestLog: what was sent for each journaled batch
 DIGEST_BYTES = 8  # per finished batch: a digest of its keys, in order
+# Identity parts whose change starts a fresh run (with a warning) rather than being refused.
+_STARTS_FRESH = ("files", INCREMENTAL_IDENTITY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,10 @@ class StatePaths:
 
     lock: Path
     state: Path
-    seen: Path  # input.incremental: the items earlier runs finished
+    seen: (
+        Path  # input.incremental: the items earlier runs finished, as an earlier version kept them
+    )
+    keys: Path  # input.incremental: the items earlier runs finished (a key index)
 
     @classmethod
     def beside(cls, output: Path, job_name: str) -> StatePaths:
@@ -67,11 +74,16 @@ class StatePaths:
             lock=folder / f"{job_name}.lock",
             state=folder / f"{job_name}.state",
             seen=folder / f"{job_name}.seen.parquet",
+            keys=folder / f"{job_name}.keys",
         )
 
     @property
     def manifest(self) -> Path:
         return self.state / MANIFEST
+
+    @property
+    def digests(self) -> Path:
+        return self.state / DIGESTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,22 +132,81 @@ class Checkpoint:
             )
 
 
+class Scan(NamedTuple):
+    """The input as it is now, batch by batch (``DIGEST_BYTES`` per seq): what a resume checks
+    the unfinished run's finished batches against."""
+
+    keys: bytes  # keys_digest of each batch
+    contents: bytes  # keyindex.content_digest of each batch: what would be sent for it
+
+
+class DigestLog:
+    """The state's record of what was sent for each journaled batch: (seq, content digest),
+    16 bytes a batch, appended before the batch is journaled, so that every journaled batch
+    has one. A resume compares them with the input as it is now (``Scan``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+
+    def append(self, records: Iterable[tuple[int, bytes]]) -> None:
+        if self._file is None:
+            self._file = self.path.open("ab", buffering=0)
+        self._file.write(b"".join(seq.to_bytes(8, "little") + d for seq, d in records))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read(self) -> dict[int, bytes]:
+        """seq -> digest, the last record of each seq (a whole record: a cut-off tail is
+        ignored)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        records = {}
+        for start in range(0, len(data) - len(data) % 16, 16):
+            seq = int.from_bytes(data[start : start + 8], "little")
+            records[seq] = data[start + 8 : start + 16]
+        return records
+
+    def rewrite(self, records: dict[int, bytes]) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(
+            b"".join(seq.to_bytes(8, "little") + d for seq, d in sorted(records.items()))
+        )
+        temporary.replace(self.path)
+
+
 def keys_digest(keys: Sequence[str]) -> bytes:
     """A short digest of a batch's keys, in order: what identifies a finished batch."""
     return hashlib.blake2b(orjson.dumps(list(keys)), digest_size=DIGEST_BYTES).digest()
 
 
 def open_checkpoint(
-    paths: StatePaths, identity: Mapping[str, Any], *, resume: bool, stats: RunStats
+    paths: StatePaths,
+    identity: Mapping[str, Any],
+    *,
+    resume: bool,
+    stats: RunStats,
+    scan: Callable[[], Scan] | None = None,
 ) -> Checkpoint:
     """Prepare the state folder for a run and return what it already holds.
 
     With ``resume`` and a state of the same job identity, finished batches are kept (and
-    counted into ``stats``); anything else starts fresh.
+    counted into ``stats``); anything else starts fresh. ``scan`` reads the input as it is
+    now: a finished batch whose keys are the same but whose content changed (an edit that
+    kept the file's size and modification time) is dropped, to be sent again.
     """
     same, note = resumable(paths.manifest, identity, resume=resume)
     if same:
-        return _resume(paths, stats)
+        return _resume(paths, stats, scan() if scan is not None else None)
+    if note is not None and resume and journal_parts(paths.state):
+        _refuse_setting_changes(paths.manifest, identity)
+        log.warning("%s; its finished rows are discarded", note)
+        note = None
     start_fresh(paths.state, paths.manifest, identity)
     return Checkpoint(Journal(paths.state), bytearray(), 0, note)
 
@@ -168,6 +239,27 @@ def resumable(
     )
 
 
+def _refuse_setting_changes(manifest: Path, identity: Mapping[str, Any]) -> None:
+    # The unfinished run finished rows: a changed setting (batch size, columns, URL...) is
+    # more likely a mistake than a wish to discard them, so it is refused; changed input
+    # files (a new night's data) and incremental's remembered items start fresh, warned.
+    document = _read_manifest(manifest) or {}
+    before = document.get("identity", {})
+    settings = {
+        name: value
+        for name, value in identity.items()
+        if name not in _STARTS_FRESH and before.get(name) != value
+    }
+    changes = identity_changes({name: before.get(name) for name in settings}, settings)
+    if changes:
+        raise StateError(
+            "the job changed since its unfinished run ("
+            + "; ".join(changes)
+            + "), which finished rows that would be discarded: run with the same settings "
+            "to resume, or with --no-resume to start fresh"
+        )
+
+
 def start_fresh(folder: Path, manifest: Path, identity: Mapping[str, Any]) -> None:
     """Empty ``folder`` and write the ``manifest`` of a run of ``identity`` in it."""
     if folder.exists():
@@ -186,13 +278,28 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _resume(paths: StatePaths, stats: RunStats) -> Checkpoint:
+def _changed(seq: int, batch: pa.RecordBatch, recorded: bytes | None, now: Scan | None) -> bool:
+    """Whether finished batch ``seq`` holds the same keys as the input now but was sent with
+    another content (other keys are for ``Checkpoint.check_keys`` to refuse)."""
+    if recorded is None or now is None:
+        return False  # no record (a state of an earlier version): trusted, as before
+    place = slice(seq * DIGEST_BYTES, (seq + 1) * DIGEST_BYTES)
+    current = now.contents[place]
+    if len(current) < DIGEST_BYTES or current == recorded:
+        return False
+    return now.keys[place] == keys_digest(batch.column("_key").to_pylist())
+
+
+def _resume(paths: StatePaths, stats: RunStats, now: Scan | None) -> Checkpoint:
     # Rewrite the journal keeping each finished batch once, then drop the old parts. A crash
     # half-way leaves both copies: the next resume keeps the first of each, so it is safe.
     old_parts = journal_parts(paths.state)
     finished = bytearray()
     digests = bytearray()
-    kept_batches = resent_batches = kept_rows = 0
+    kept_batches = resent_batches = kept_rows = changed_batches = changed_rows = 0
+    log_of_digests = DigestLog(paths.digests)
+    recorded = log_of_digests.read()
+    kept_digests: dict[int, bytes] = {}
     compacted = paths.state / "compacted"
     if compacted.exists():
         shutil.rmtree(compacted)
@@ -204,6 +311,12 @@ def _resume(paths: StatePaths, stats: RunStats) -> Checkpoint:
         if _worth_resending(batch):
             resent_batches += 1
             continue
+        if _changed(seq, batch, recorded.get(seq), now):
+            changed_batches += 1
+            changed_rows += batch.num_rows
+            continue
+        if seq in recorded:
+            kept_digests[seq] = recorded[seq]
         if seq >= len(finished):
             finished.extend(bytes(seq + 1 - len(finished)))
             digests.extend(bytes(DIGEST_BYTES * (seq + 1) - len(digests)))
@@ -220,9 +333,17 @@ def _resume(paths: StatePaths, stats: RunStats) -> Checkpoint:
     compacted.rmdir()
     for part in old_parts:
         part.unlink()
+    log_of_digests.rewrite(kept_digests)
     note = f"resuming: {kept_rows:,} rows in {kept_batches:,} finished batches are kept" + (
         f"; {resent_batches:,} failed batches are sent again" if resent_batches else ""
     )
+    if changed_batches:
+        log.warning(
+            "the input changed since the unfinished run of this job: %s finished batches "
+            "(%s rows) hold other values now (the files' sizes and modification times were "
+            "kept); they are sent again",
+            f"{changed_batches:,}", f"{changed_rows:,}",
+        )  # fmt: skip
     journal = Journal(paths.state, generation + 1)
     return Checkpoint(journal, finished, kept_rows, note, bytes(digests))
 

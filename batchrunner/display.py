@@ -241,6 +241,10 @@ def inspection_text(inspection: Inspection) -> str:
     sections.append(
         plain_table("rows by status", [(status, f"{n:,}") for status, n in inspection.statuses])
     )
+    if inspection.duplicate_keys:
+        sections.append(
+            f"duplicate keys: {inspection.duplicate_keys:,} rows repeat an earlier row's _key"
+        )
     kinds = inspection.error_kinds
     if kinds:
         rows = [

@@ -7,7 +7,8 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     ├── JobError                      the job is invalid: exit 2, nothing was sent
     │   ├── SettingError              a setting is unknown, mistyped or out of range
     │   ├── InputError                the input is missing, unreadable or lacks a column
-    │   └── StateError                the items earlier runs finished cannot be read back
+    │   └── StateError                what earlier runs left (remembered items, an unfinished
+    │                                 run's rows) cannot be read back or used as asked
     ├── RequestError                  one request failed; its rows become error rows
     ├── ServiceError                  the service answered in a way that stops the whole run
     │   └── AuthError                 no token the service accepts (401/403), or IAM refused
@@ -54,8 +55,9 @@ class InputError(JobError):
 
 
 class StateError(JobError):
-    """What earlier runs left to go on from (``input.incremental``'s remembered items) cannot
-    be read; raised before any request is sent, rather than sending everything again."""
+    """What earlier runs left to go on from (``input.incremental``'s remembered items, an
+    unfinished run's finished rows) cannot be read, or would be discarded by a changed
+    setting; raised before any request is sent, rather than sending everything again."""
 
 
 class RequestError(BatchRunnerError):

@@ -1,26 +1,35 @@
 """Incremental runs: the items earlier runs finished, and the filter that leaves them out.
 
-With ``input.incremental = true`` a job remembers, in ``.batchrunner/<name>.seen.parquet``
-beside its output, every item a run finished ok: its key, and its *item hash*, 64 bits of
-blake2b over the item's key and content. A later run hashes every item it reads and sends
-only those whose hash is not remembered: new items, and changed ones (another content,
-another hash).
+With ``input.incremental = true`` a job remembers, in ``.batchrunner/<name>.keys`` beside its
+output (a key index, see ``keyindex``), every item a run finished ok: its key hash and its
+*item hash*, over the key and what is sent for it (see ``keyindex.item_hashes``). A later run
+sends only the items whose key and item hash are not remembered: new items, and changed ones.
 
-    a row's content     the fields it sends, as the JSON values they are sent as (1 and 1.0
-                        differ, as in the request), by column name
+    a row's content     the fields it sends, each by name, JSON kind and value (1 and 1.0
+                        differ, as in the request)
     a file's content    its path, size and modification time (ns); the file is not read
 
-The file is read once, when a run starts, into a set of item hashes, and is replaced
-(written aside, renamed) only after the run's output is committed. A run cut short leaves
-it as it was, so that resuming filters exactly as the cut-short run did: its journal holds
-the filtered batches. When the output is committed, each of its rows updates its key: an
-ok row's key is remembered with the row's item hash (replacing what the key had), an error
-row's key is forgotten, so that it is sent again next time. Keys the run did not send keep
-what they had.
+Before anything is sent, ``SeenItems.check`` reads the input once (the same batches the run
+reads), spills each row's key hash, item hash and row number to partition files, and goes
+through them a partition at a time: a key found twice stops the run (``InputError``: which
+row would the remembered result be?), and each row already done gets a bit. The run then
+reads the input again through ``filter``, which leaves the done rows out and packs the others
+into full batches of ``batch.size``, in input order (a night with nothing new does not read
+the input a second time).
 
-Memory: the set costs about 70 bytes per remembered item (a Python int and its slot in
-the set); the hashes of the items a run sends, 8 bytes each until the run ends. Updating
-the file streams it and the output; it holds the keys the run sent.
+The index is replaced (written aside, renamed) only after the run's output is committed, by
+``remember``: every key the run read is remembered with its item hash if its row is done or
+finished ok now, and forgotten if it ended in error (so that it is sent again next time);
+keys the run did not read keep what they had. A run cut short leaves the index as it was,
+so that resuming filters exactly as the cut-short run did.
+
+An index of an earlier version, ``<name>.seen.parquet`` (keys as text and a blake2b item
+hash), is converted once when first read; the night after it, the rows are checked with its
+hash (slower, once) and the index written with today's.
+
+Cost: on disk, 16 bytes a remembered item (the index; another 16 while a new one is
+written aside), and 24 bytes a row of the night's input while it runs (the spill, removed
+after); in memory, one bit a row of the input, and one partition (1/256th) at a time.
 """
 
 from __future__ import annotations
@@ -30,83 +39,88 @@ import hashlib
 import logging
 import operator
 import os
+import shutil
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from itertools import compress
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrunner.errors import StateError
+from batchrunner.errors import InputError, StateError
 from batchrunner.items import STATUS_OK, Batch
 from batchrunner.job import INCREMENTAL_IDENTITY
+from batchrunner.keyindex import (
+    LEGACY_SCHEME,
+    SCHEME,
+    Duplicates,
+    KeyIndex,
+    RowBits,
+    Spill,
+    UnreadableIndex,
+    batch_hashes,
+    key_hashes,
+    match,
+    merged,
+    read_index,
+    write_index,
+)
 from batchrunner.report import RunStats
-from batchrunner.writing import fsync
 
 log = logging.getLogger("batchrunner")
 
-SEEN_SCHEMA = pa.schema([("key", pa.string()), ("item", pa.int64())])
-SEEN_METADATA_KEY = b"batchrunner.seen"
+SEEN_METADATA_KEY = b"batchrunner.seen"  # the metadata of an earlier version's .seen.parquet
 #: The version of an empty memory: no file yet, or one that was removed.
 NOTHING_REMEMBERED = "nothing remembered"
 
-# blake2b's personalization (at most 16 bytes) keeps row and file hashes apart.
+# blake2b's personalization of the earlier version's item hash (see ``legacy_item_hashes``).
 _ROW_PERSON = b"batchrunner.row"
 _FILE_PERSON = b"batchrunner.file"
 _DIGEST = operator.methodcaller("digest")
 
 
-# --- item hashes -----------------------------------------------------------------------------
+# --- the earlier version's item hash ---------------------------------------------------------
 
 
-def item_hashes(batch: Batch) -> array[int]:
-    """Each item's hash (its key and content, 64 bits), in row order."""
+def legacy_item_hashes(batch: Batch) -> array[int]:
+    """Each item's hash as ``.seen.parquet`` files hold it (blake2b over the JSON of the key
+    and the values): used the night after such a file is converted, then never again."""
     if batch.rows is None:
-        return _file_hashes(batch)
+        if batch.path is None:
+            return array("q")
+        try:
+            stat = batch.path.stat()
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size = mtime_ns = -1
+        record = orjson.dumps([batch.keys[0], os.fspath(batch.path), size, mtime_ns])
+        return _signed(hashlib.blake2b(record, digest_size=8, person=_FILE_PERSON).digest())
     names = sorted(batch.rows.schema.names)
-    # The names salt every row's hash: a column sent under another name, or one column
-    # more, makes every row new, as the service sees it.
     salt = hashlib.blake2b(orjson.dumps(names), digest_size=16).digest()
     new_hash = functools.partial(hashlib.blake2b, digest_size=8, salt=salt, person=_ROW_PERSON)
-    # Column by column into Python values, then one JSON array per row (the key, then the
-    # values) and its blake2b, all in C: a Python loop per row would double the cost.
     columns = [batch.rows.column(name).to_pylist() for name in names]
     try:
         records = map(orjson.dumps, zip(batch.keys, *columns, strict=True))
-        return _hashes(b"".join(map(_DIGEST, map(new_hash, records))))
+        return _signed(b"".join(map(_DIGEST, map(new_hash, records))))
     except orjson.JSONEncodeError:
-        # A value JSON cannot hold (an interval, say) still gets a hash: its text. The
-        # request fails too, and an error row is not remembered.
         records = map(_dumps_anything, zip(batch.keys, *columns, strict=True))
-        return _hashes(b"".join(map(_DIGEST, map(new_hash, records))))
+        return _signed(b"".join(map(_DIGEST, map(new_hash, records))))
 
 
 def _dumps_anything(record: tuple[Any, ...]) -> bytes:
     return orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
-def _file_hashes(batch: Batch) -> array[int]:
-    if batch.path is None:
-        return array("q")
-    try:
-        stat = batch.path.stat()
-        size, mtime_ns = stat.st_size, stat.st_mtime_ns
-    except OSError:
-        size = mtime_ns = -1  # gone or unreadable: sent, and its error row is not remembered
-    record = orjson.dumps([batch.keys[0], os.fspath(batch.path), size, mtime_ns])
-    return _hashes(hashlib.blake2b(record, digest_size=8, person=_FILE_PERSON).digest())
-
-
-def _hashes(digests: bytes) -> array[int]:
+def _signed(digests: bytes) -> array[int]:
     hashes = array("q")
     hashes.frombytes(digests)
-    if sys.byteorder == "big":  # the same numbers on every machine: the file may move
+    if sys.byteorder == "big":
         hashes.byteswap()
     return hashes
 
@@ -114,37 +128,31 @@ def _hashes(digests: bytes) -> array[int]:
 # --- the remembered items --------------------------------------------------------------------
 
 
-class Remembered(NamedTuple):
-    """What a run's update did to the remembered items."""
-
-    items: int  # remembered now, in all
-    added: int  # this run's ok rows
-    forgotten: int  # this run's error rows: their keys are sent again next time
-
-
 class SeenItems:
-    """The items earlier runs of a job finished, and the hashes of those this run sends.
+    """The items earlier runs of a job finished, checked against this run's input.
 
-    Made by ``open_seen``. ``filter`` leaves the remembered items out of the run's batches;
-    ``remember`` updates the file from the committed output, once, at the end.
+    Made by ``open_seen``. ``check`` reads the input once (duplicate keys, rows done);
+    ``filter`` leaves the done rows out of the run's batches; ``remember`` updates the index
+    from the committed output, once, at the end.
     """
 
-    def __init__(self, path: Path, items: set[int], version: str) -> None:
+    def __init__(self, path: Path, index: KeyIndex | None, version: str) -> None:
         self.path = path
-        self.version = version  # the run that wrote the file, or NOTHING_REMEMBERED
-        self._items = items
-        self._sent = array("q")  # item hashes of the rows this run sends, in output order
-        self._next_seq = 0  # batches before it were filtered, and their hashes kept
+        self.version = version  # the run that wrote the index, or NOTHING_REMEMBERED
+        self._index = index
+        converting = index is not None and index.scheme == LEGACY_SCHEME
+        self._spill = Spill(path.with_name(path.name + ".work"), converting=converting)
+        self._done: RowBits | None = None
+        self._counted = 0  # input rows whose left-out rows are counted into rows_skipped
 
     def __len__(self) -> int:
-        return len(self._items)
+        return 0 if self._index is None else self._index.count
 
     def resume_identity(self, identity: Mapping[str, Any]) -> dict[str, Any]:
         """``identity`` (the job's) with the remembered items it is filtered against.
 
         A cut-short run is resumed only when they are the same: its journal holds batches
-        filtered against them. Any other run (the file removed, input.incremental turned
-        off or on) starts fresh and says why.
+        filtered against them.
         """
         return {**identity, INCREMENTAL_IDENTITY: self.version}
 
@@ -158,89 +166,217 @@ class SeenItems:
                 output,
             )
 
-    def filter(self, batches: Iterable[Batch], stats: RunStats) -> Iterator[Batch]:
-        """``batches`` without the items already done; a batch keeps its ``seq``, and may
-        come out empty (not to be sent).
-
-        The first time each batch goes through, its left-out rows are counted into
-        ``stats.rows_skipped`` (the filter is its only writer, possibly from the reader's
-        thread) and its kept rows' hashes are kept for ``remember``. Batches must come in
-        ``seq`` order from 0; going through them again (after an abort) is allowed.
-        """
-        for batch in batches:
-            hashes = item_hashes(batch)
-            kept, kept_hashes = self._leave_out_done(batch, hashes)
-            if batch.seq == self._next_seq:
-                self._sent.extend(kept_hashes)
-                stats.rows_skipped += len(batch) - len(kept)
-                self._next_seq += 1
+    def check(self, read: Callable[[], Iterable[Batch]]) -> None:
+        """Read the input (``read()``: the run's batches, before the filter) once: raise
+        ``InputError`` if a key comes twice, and find the rows already done."""
+        legacy = self._index is not None and self._index.scheme == LEGACY_SCHEME
+        for batch in read():
+            keys, items = batch_hashes(batch)
+            if legacy:  # looked up with the old hash; remembered with today's
+                old = np.frombuffer(legacy_item_hashes(batch), np.int64).view(np.uint64)
+                self._spill.add(keys, old, items)
             else:
-                assert batch.seq < self._next_seq, "batches must come in seq order"
-            yield kept
+                self._spill.add(keys, items)
+        duplicates = Duplicates()
+        self._done = match(self._spill, self._index, duplicates.add)
+        if duplicates:
+            name_examples(duplicates, read())
+            self._spill.remove()
+            raise InputError(
+                f"the input's keys are not unique: {duplicates.describe()}. With "
+                "input.incremental each key is remembered with its row: make input.id_column "
+                "unique, or leave it out to key rows by their number"
+            )
 
-    def _leave_out_done(self, batch: Batch, hashes: array[int]) -> tuple[Batch, array[int]]:
-        if not self._items:
-            return batch, hashes
-        done = list(map(self._items.__contains__, hashes))
-        if not any(done):
-            return batch, hashes
-        if all(done):
-            return batch.take([]), array("q")
-        wanted = list(map(operator.not_, done))
-        indices = list(compress(range(len(batch)), wanted))
-        return batch.take(indices), array("q", compress(hashes, wanted))
+    def filter(
+        self, batches: Iterable[Batch], stats: RunStats, size: int, *, dry: bool = False
+    ) -> Iterator[Batch]:
+        """``batches`` (the input, in order) without the rows already done, packed into
+        batches of ``size`` rows numbered from 0 (the last may be shorter).
+
+        The first time rows go through, the left-out ones are counted into
+        ``stats.rows_skipped`` (unless ``dry``); going through them again is allowed.
+        """
+        assert self._done is not None, "check the input first"
+        done = self._done
+        skipped = done.total()
+        if skipped == done.count:  # nothing to send: no need to read the input again
+            if not dry and self._counted < done.count:
+                stats.rows_skipped += skipped
+                self._counted = done.count
+            return
+        row = seq = 0
+        pending: list[Batch] = []
+        pending_rows = 0
+        for batch in batches:
+            left_out = done.get(row, len(batch))
+            if not dry and row >= self._counted:
+                stats.rows_skipped += int(left_out.sum())
+                self._counted = row + len(batch)
+            row += len(batch)
+            kept = batch if not left_out.any() else batch.take(np.flatnonzero(~left_out).tolist())
+            offset = 0
+            while offset < len(kept):
+                take = min(size - pending_rows, len(kept) - offset)
+                pending.append(_rows(kept, offset, take))
+                pending_rows += take
+                offset += take
+                if pending_rows == size:
+                    yield _packed(pending, seq)
+                    seq += 1
+                    pending, pending_rows = [], 0
+        if pending:
+            yield _packed(pending, seq)
 
     def remember(self, output: Path, *, run_id: str, url: str, trial: bool = False) -> None:
-        """Update the file from ``output``, the run's committed output (written aside, then
+        """Update the index from ``output``, the run's committed output (written aside, then
         renamed into place); a ``trial`` run (``--limit``) leaves it as it was."""
         if trial:
             log.info("--limit: a trial run; its items are not remembered as done")
+            self._spill.remove()
             return
-        if not self._sent:
-            return  # nothing sent, nothing changes: the file stays as it is
-        self._items = set()  # not needed any more: its memory goes to the update
-        remembered = _update(self.path, output, self._sent, run_id=run_id, url=url)
+        assert self._done is not None, "check the input first"
+        unchanged = self._index is not None and self._index.scheme == SCHEME
+        if unchanged and self._done.total() == self._done.count:
+            self._spill.remove()
+            return  # nothing sent, nothing changes: the index stays as it is
+        keep, forgotten = _finished_rows(output, self._done)
+        metadata = {
+            "scheme": SCHEME,
+            "run_id": run_id,
+            "url": url,
+            "updated": datetime.now().astimezone().isoformat(),
+        }
+        index = write_index(self.path, merged(self._spill, self._index, keep), metadata)
+        self._spill.remove()
         log.info(
             "remembered %s items in %s: %s finished ok in this run; %s error rows are sent again "
             "next time",
-            f"{remembered.items:,}", self.path, f"{remembered.added:,}",
-            f"{remembered.forgotten:,}",
+            f"{index.count:,}", self.path, f"{keep.total() - self._done.total():,}",
+            f"{forgotten:,}",
         )  # fmt: skip
 
 
-def open_seen(path: Path, *, url: str) -> SeenItems:
-    """The items earlier runs finished, read from ``path`` (none if it does not exist).
+def _rows(batch: Batch, offset: int, count: int) -> Batch:
+    if offset == 0 and count == len(batch):
+        return batch
+    return batch.take(list(range(offset, offset + count)))
+
+
+def _packed(pieces: list[Batch], seq: int) -> Batch:
+    if len(pieces) == 1:
+        piece = pieces[0]
+        return Batch(seq, piece.keys, piece.rows, piece.path, piece.kept)
+    keys = [key for piece in pieces for key in piece.keys]
+    rows = _concat([piece.rows for piece in pieces if piece.rows is not None])
+    kept = _concat([piece.kept for piece in pieces if piece.kept is not None])
+    return Batch(seq, keys, rows, None, kept)
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch | None:
+    if not batches:
+        return None
+    target = batches[-1].schema  # a column widened mid-stream: the latest types
+    return pa.concat_batches([b if b.schema == target else b.cast(target) for b in batches])
+
+
+def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
+    """The input rows to remember (done before, or ok in ``output``), and how many of the
+    rows the run sent ended in error. The output holds the sent rows, in input order."""
+    keep = done.copy()
+    statuses = (
+        np.asarray(pc.equal(rows.column(0), STATUS_OK).to_numpy(zero_copy_only=False), bool)
+        for rows in pq.ParquetFile(output).iter_batches(columns=["_status"])
+    )
+    waiting = np.zeros(0, bool)
+    errors = 0
+    window = 1 << 20
+    for start in range(0, done.count, window):
+        count = min(window, done.count - start)
+        sent = np.flatnonzero(~done.get(start, count)).astype(np.uint64) + np.uint64(start)
+        while len(waiting) < len(sent):
+            more = next(statuses, None)
+            assert more is not None, "the output holds every row the run sent"
+            waiting = np.concatenate([waiting, more])
+        ok, waiting = waiting[: len(sent)], waiting[len(sent) :]
+        keep.set(sent[ok])
+        errors += int((~ok).sum())
+    return keep, errors
+
+
+def name_examples(duplicates: Duplicates, batches: Iterable[Batch]) -> None:
+    """Fill in the keys of ``duplicates``' examples from ``batches`` (the input again)."""
+    wanted = duplicates.example_rows()
+    row = 0
+    for batch in batches:
+        for place in (r - row for r in wanted if row <= r < row + len(batch)):
+            duplicates.texts[row + place] = batch.keys[place]
+        row += len(batch)
+        if row > max(wanted, default=0):
+            break
+
+
+def open_seen(path: Path, *, url: str, legacy: Path | None = None) -> SeenItems:
+    """The items earlier runs finished, from the index at ``path`` (none if it does not
+    exist); an earlier version's ``legacy`` file (``.seen.parquet``) is converted first.
 
     Raises ``StateError`` if the file cannot be read: sending every item again because of a
     damaged file is a decision for a person.
     """
+    if not path.exists() and legacy is not None and legacy.exists():
+        _convert(legacy, path)
     if not path.exists():
         log.info("incremental: nothing remembered yet (%s): every item is sent", path)
-        return SeenItems(path, set(), NOTHING_REMEMBERED)
+        return SeenItems(path, None, NOTHING_REMEMBERED)
     try:
-        file = pq.ParquetFile(path)
-        if file.schema_arrow.get_field_index("item") < 0:
-            raise StateError(_unreadable(path, "it has no column 'item'"))
-        metadata = (file.schema_arrow.metadata or {}).get(SEEN_METADATA_KEY, b"{}")
-        document = orjson.loads(metadata)
-        items: set[int] = set()
-        for batch in file.iter_batches(columns=["item"]):
-            items.update(batch.column(0).to_pylist())
-    except (OSError, pa.ArrowException, orjson.JSONDecodeError) as exc:
+        index = read_index(path)
+    except UnreadableIndex as exc:
         raise StateError(_unreadable(path, str(exc))) from exc
-    version = str(document.get("run_id", path.stat().st_mtime_ns))
+    version = str(index.metadata.get("run_id", path.stat().st_mtime_ns))
     log.info(
         "incremental: %s items remembered in %s; only new and changed items are sent",
-        f"{len(items):,}", path,
+        f"{index.count:,}", path,
     )  # fmt: skip
-    earlier_url = document.get("url")
+    earlier_url = index.metadata.get("url")
     if earlier_url is not None and earlier_url != url:
         log.info(
             "incremental: the remembered items were scored by %s, this run sends to %s; "
             "to score them again, remove %s",
             earlier_url, url, path,
         )  # fmt: skip
-    return SeenItems(path, items, version)
+    return SeenItems(path, index, version)
+
+
+def _convert(legacy: Path, path: Path) -> None:
+    """Write the index of an earlier version's ``.seen.parquet``, once, then remove it."""
+    spill = Spill(path.with_name(path.name + ".work"))
+    try:
+        file = pq.ParquetFile(legacy)
+        names = file.schema_arrow.names
+        if "key" not in names or "item" not in names:
+            raise StateError(_unreadable(legacy, "it has no column 'key' or 'item'"))
+        document = orjson.loads((file.schema_arrow.metadata or {}).get(SEEN_METADATA_KEY, b"{}"))
+        for rows in file.iter_batches(columns=["key", "item"]):
+            items = rows.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+            spill.add(key_hashes(rows.column(0)), items.view(np.uint64))
+        partitions = ((records["key"], records["item"]) for _, records in spill.partitions())
+        metadata = {
+            "scheme": LEGACY_SCHEME,
+            "run_id": str(document.get("run_id", legacy.stat().st_mtime_ns)),
+            "url": document.get("url"),
+            "updated": document.get("updated"),
+            "converted_from": legacy.name,
+        }
+        index = write_index(path, partitions, metadata)
+    except (OSError, pa.ArrowException, orjson.JSONDecodeError) as exc:
+        raise StateError(_unreadable(legacy, str(exc))) from exc
+    finally:
+        spill.remove()
+    legacy.unlink()
+    log.info(
+        "incremental: %s remembered items converted from %s to %s",
+        f"{index.count:,}", legacy, path,
+    )  # fmt: skip
 
 
 def _unreadable(path: Path, reason: str) -> str:
@@ -251,48 +387,6 @@ def _unreadable(path: Path, reason: str) -> str:
     )
 
 
-def _update(path: Path, output: Path, sent: array[int], *, run_id: str, url: str) -> Remembered:
-    result = pq.ParquetFile(output)
-    assert result.metadata.num_rows == len(sent), "one hash per output row"
-    # Every key the run sent replaces what it had: ok rows with their new hash, error rows
-    # with nothing. Held as one Arrow array: the run's keys, not the remembered ones.
-    sent_keys = None
-    if path.exists() and len(sent):
-        sent_keys = pa.chunked_array(
-            [rows.column(0) for rows in result.iter_batches(columns=["_key"])], pa.string()
-        )
-    metadata = {
-        SEEN_METADATA_KEY: orjson.dumps(
-            {"run_id": run_id, "url": url, "updated": datetime.now().astimezone().isoformat()}
-        )
-    }
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    items = added = 0
-    try:
-        with pq.ParquetWriter(str(temporary), SEEN_SCHEMA.with_metadata(metadata)) as writer:
-            if path.exists():
-                for old in pq.ParquetFile(path).iter_batches(columns=SEEN_SCHEMA.names):
-                    if sent_keys is not None:
-                        old = old.filter(pc.invert(pc.is_in(old.column(0), value_set=sent_keys)))
-                    writer.write_batch(old.cast(SEEN_SCHEMA))
-                    items += old.num_rows
-            offset = 0
-            for rows in result.iter_batches(columns=["_key", "_status"]):
-                count = rows.num_rows
-                hashes = _int64_array(sent[offset : offset + count])
-                offset += count
-                ok = pc.equal(rows.column(1), STATUS_OK)
-                new = pa.record_batch([rows.column(0).filter(ok), hashes.filter(ok)], SEEN_SCHEMA)
-                writer.write_batch(new)
-                added += new.num_rows
-        fsync(temporary)
-        os.replace(temporary, path)
-        fsync(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return Remembered(items + added, added, len(sent) - added)
-
-
-def _int64_array(values: array[int]) -> pa.Array:
-    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+def remove_work(path: Path) -> None:
+    """Remove what a run of the index at ``path`` left aside (its spill folder)."""
+    shutil.rmtree(path.with_name(path.name + ".work"), ignore_errors=True)

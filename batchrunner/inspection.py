@@ -10,6 +10,7 @@ output of ``--engine ray``) is read the same way, as one dataset; its summary is
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError
 from batchrunner.items import STATUS_ERROR
+from batchrunner.keyindex import Spill, key_hashes
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class Inspection:
     error_kinds: tuple[ErrorKindCount, ...]  # most rows first
     fields: tuple[tuple[str, str], ...]  # every column but the reserved ones, and its type
     error_rows: tuple[ErrorRow, ...]  # the first error rows, in file order
+    duplicate_keys: int = 0  # rows whose _key an earlier row already has
 
 
 def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
@@ -84,8 +87,13 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     examples: dict[str, tuple[str | None, str | None]] = {}
     error_rows: list[ErrorRow] = []
     columns = [name for name in _READ_COLUMNS if name in schema.names]
+    folder = tempfile.TemporaryDirectory(prefix="batchrunner-inspect-")
+    keys = Spill(Path(folder.name) / "keys")  # 24 bytes a row on disk, a partition in memory
     try:
         for batch in parquet.to_batches(batch_size=ROWS_PER_READ, columns=columns):
+            if "_key" in batch.schema.names:
+                hashes = key_hashes(pc.fill_null(batch.column("_key"), ""))
+                keys.add(hashes, hashes)
             statuses.update(_value_counts(batch.column("_status"), NO_STATUS))
             errors = batch.filter(pc.equal(batch.column("_status"), STATUS_ERROR))
             if errors.num_rows:
@@ -93,8 +101,11 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
                 room = error_limit - len(error_rows)
                 if room > 0:
                     error_rows.extend(_error_rows(errors.slice(0, room)))
+        duplicates = keys.duplicates().rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read it: {exc}") from None
+    finally:
+        folder.cleanup()
     return Inspection(
         path=path,
         rows=parquet.count_rows(),
@@ -105,6 +116,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
         ),
         fields=tuple((f.name, str(f.type)) for f in schema if f.name not in RESERVED.names),
         error_rows=tuple(error_rows),
+        duplicate_keys=duplicates,
     )
 
 

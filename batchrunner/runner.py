@@ -12,6 +12,7 @@ order the journal can be.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -33,19 +34,28 @@ import orjson
 import pyarrow as pa
 
 from batchrunner.auth import FixedToken, Scrubber, Secret, TokenProvider, mask_headers
-from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
+from batchrunner.checkpoint import (
+    DIGEST_BYTES,
+    Checkpoint,
+    DigestLog,
+    Scan,
+    StatePaths,
+    keys_digest,
+    open_checkpoint,
+)
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
 from batchrunner.credentials import Credentials, describe_auth, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import (
     BatchRunnerError,
+    InputError,
     RequestError,
     RunInterrupted,
     ServiceError,
     SettingError,
     did_you_mean,
 )
-from batchrunner.incremental import SeenItems, open_seen
+from batchrunner.incremental import SeenItems, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
     IMAGES,
@@ -58,6 +68,7 @@ from batchrunner.job import (
     output_name_glob,
     resolve_output_path,
 )
+from batchrunner.keyindex import Duplicates, Spill, content_digest
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.protocols import Codec
@@ -80,6 +91,8 @@ SUMMARY_SUFFIX = ".summary.json"  # the summary's file name: the output's, with 
 LOGGED_FAILURES = 20
 # Batches that finished together share a journal message of up to about this many rows.
 JOURNAL_MESSAGE_ROWS = 8192
+# Rows hashed together when the input is checked before a run (keys, rows done).
+CHECK_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +380,9 @@ class Runner:
         self._kind = TABULAR  # known once the source is open
         self._batch_size = job.batch.size
         self._seen: SeenItems | None = None  # input.incremental: the items already done
+        self._batch_digests = bytearray()  # DIGEST_BYTES per seq: what is sent for it
+        self._digest_log = DigestLog(Path(os.devnull))  # the state's, once it is open
+        self._keys: Spill | None = None  # the keys read, for the duplicate-key check
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -397,12 +413,23 @@ class Runner:
                 # here, with exit 3 and no output.
                 await self._first_token(credentials.tokens)
             if job.input.incremental:
-                self._seen = open_seen(paths.seen, url=job.service.url)
+                self._seen = open_seen(paths.keys, url=job.service.url, legacy=paths.seen)
+                # Before anything is sent: duplicate keys stop the run here (exit 2).
+                check_size = self._batch_size if self._kind == IMAGES else CHECK_BATCH_ROWS
+                read = functools.partial(source.iter_batches, check_size, limit=self.limit)
+                await asyncio.to_thread(self._seen.check, read)
             seen = self._seen
             resume_identity = identity if seen is None else seen.resume_identity(identity)
             checkpoint = open_checkpoint(
-                paths, resume_identity, resume=self.resume, stats=self.stats
+                paths,
+                resume_identity,
+                resume=self.resume,
+                stats=self.stats,
+                scan=functools.partial(self._scan_for_resume, source, paths),
             )
+            self._digest_log = DigestLog(paths.digests)
+            if self._kind == TABULAR and job.input.id_column and seen is None:
+                self._keys = Spill(paths.state / "keys")
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
             if seen is not None:
@@ -417,6 +444,7 @@ class Runner:
                 self._batch_size, job.batch.concurrency,
             )  # fmt: skip
             abort_reason = await self._run_pipeline(source, credentials, checkpoint.journal, paths)
+            duplicates = self._duplicates(source)
             final = self.snapshot()
             if seen is not None and not final.rows_done and final.rows_skipped:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
@@ -424,6 +452,8 @@ class Runner:
                 log.warning("%s has no rows (only a header?): the output is empty", job.input.path)
             outcome = self._judge(abort_reason)
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
+            if duplicates:
+                summary["duplicate_keys"] = duplicates.to_json()
             assemble(
                 paths.state,
                 output,
@@ -471,6 +501,7 @@ class Runner:
             raise RunInterrupted(self._interrupted_message(paths)) from None
         finally:
             journal.close()
+            self._digest_log.close()
             self._remove_signal_handlers()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
@@ -621,11 +652,70 @@ class Runner:
                 raise
             raise _first_leaf(matched) from None
 
-    def _batches(self, source: Source) -> Iterator[Batch]:
+    def _batches(self, source: Source, *, dry: bool = False) -> Iterator[Batch]:
         batches = source.iter_batches(self._batch_size, limit=self.limit)
         # input.incremental: rows done by earlier runs leave here, before a batch is counted,
-        # journaled or sent; a batch may be left with no rows (nothing to send or journal).
-        return batches if self._seen is None else self._seen.filter(batches, self.stats)
+        # journaled or sent; the rest are packed into full batches.
+        if self._seen is not None:
+            batches = self._seen.filter(batches, self.stats, self._batch_size, dry=dry)
+        return batches if dry else self._fingerprinted(batches)
+
+    def _fingerprinted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        # In the reader's thread, the first time each batch goes through: the digest of what
+        # is sent for it (journaled with it, for a resume to check), and its keys (for the
+        # duplicate-key check at the end).
+        for batch in batches:
+            if batch.seq == len(self._batch_digests) // DIGEST_BYTES:
+                keys, digest = content_digest(batch)
+                self._batch_digests.extend(digest)
+                if self._keys is not None:
+                    self._keys.add(keys, keys)
+            yield batch
+
+    def _scan_for_resume(self, source: Source, paths: StatePaths) -> Scan:
+        """The input as it is now, batch by batch, read before a resume (see ``Scan``); a key
+        found twice stops the run (``InputError``): results are matched to rows by key."""
+        keys_digests, contents = bytearray(), bytearray()
+        spill = None
+        if self._kind == TABULAR and self.job.input.id_column and self._seen is None:
+            spill = Spill(paths.state / "keys")
+        for batch in self._batches(source, dry=True):
+            keys, digest = content_digest(batch)
+            keys_digests.extend(keys_digest(batch.keys))
+            contents.extend(digest)
+            if spill is not None:
+                spill.add(keys, keys)
+        if spill is not None:
+            duplicates = spill.duplicates()
+            spill.remove()
+            if duplicates:
+                name_examples(duplicates, source.iter_batches(CHECK_BATCH_ROWS, limit=self.limit))
+                raise InputError(
+                    f"the input's keys are not unique: {duplicates.describe()}. A resumed run "
+                    "matches finished results to rows by key: make input.id_column unique, "
+                    "or re-run with --no-resume to start fresh"
+                )
+        return Scan(bytes(keys_digests), bytes(contents))
+
+    def _duplicates(self, source: Source) -> Duplicates | None:
+        """Keys the run read more than once (input.id_column): logged, and in the summary."""
+        if self._keys is None:
+            return None
+        try:
+            if self.stats.rows_read < self._keys.rows:  # stopped early: not the whole input
+                return None
+            duplicates = self._keys.duplicates()
+        finally:
+            self._keys.remove()
+        if not duplicates:
+            return None
+        name_examples(duplicates, source.iter_batches(CHECK_BATCH_ROWS, limit=self.limit))
+        log.warning(
+            "the input's keys are not unique (input.id_column %r): %s; their results cannot be "
+            "told apart by _key",
+            self.job.input.id_column, duplicates.describe(),
+        )  # fmt: skip
+        return duplicates
 
     async def _read(self, source: Source, batches: asyncio.Queue[Batch | None]) -> None:
         iterator = self._batches(source)
@@ -716,6 +806,11 @@ class Runner:
         """Journal the outcomes of one or more batches (``together``: each batch's, in row
         order), then count them."""
         kept = self._kept_names(together[0][0].batch)
+        # What was sent for each batch, before the batch is journaled: a resume checks it.
+        self._digest_log.append(
+            (seq, bytes(self._batch_digests[seq * DIGEST_BYTES : (seq + 1) * DIGEST_BYTES]))
+            for seq in (finished[0].batch.seq for finished in together)
+        )
         journal.append(outcome_table(list(chain.from_iterable(together)), kept, self._field_types))
         for finished in together:
             seq = finished[0].batch.seq

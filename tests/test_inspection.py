@@ -248,3 +248,10 @@ def test_a_folder_of_parts_is_read_as_one_output() -> None:
     assert inspect_output(Path("parts")).summary == {"job": "j", "outcome": "done"}
     assert found.statuses == (("ok", 2), ("error", 1))
     assert [(kind.kind, kind.rows) for kind in found.error_kinds] == [("http_503", 1)]
+
+
+def test_inspect_counts_duplicate_keys(tmp_path: Path) -> None:
+    path = tmp_path / "dups.parquet"
+    keys = ["a", "b", "a", "c", "b", "a"]
+    pq.write_table(pa.table({"_key": keys, "_status": ["ok"] * 6}), path)
+    assert inspect_output(path).duplicate_keys == 3

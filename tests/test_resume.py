@@ -193,18 +193,42 @@ def test_resume_after_an_aborted_run_sends_only_what_did_not_finish(invoke) -> N
     assert [r["_key"] for r in rows] == [f"k{i:04d}" for i in range(ROWS)]
 
 
-def test_changed_job_starts_fresh_and_says_why(invoke) -> None:
+def test_changed_setting_refuses_to_discard_finished_rows(invoke) -> None:
     with aborting_server(fail_after=2) as server:
         job = make_job(server.url)
         assert invoke("run", str(job)).exit_code == 3
         server.state["healed"] = True  # type: ignore[attr-defined]
         server.calls.clear()
-        result = invoke("run", str(job), "--batch-size", "30")
-    assert result.exit_code == 0, result.stderr
-    assert "starting fresh: the job changed since its unfinished run (batch_size: 10 -> 30)" in (
-        result.stderr
-    )
+        refused = invoke("run", str(job), "--batch-size", "30")
+        assert refused.exit_code == 2, refused.stderr
+        assert (
+            "the job changed since its unfinished run (batch_size: 10 -> 30), which finished "
+            "rows that would be discarded: run with the same settings to resume, or with "
+            "--no-resume to start fresh" in refused.stderr
+        )
+        assert not server.calls
+        assert "Traceback" not in refused.stderr
+        fresh = invoke("run", str(job), "--batch-size", "30", "--no-resume")
+    assert fresh.exit_code == 0, fresh.stderr
+    assert "starting fresh (--no-resume)" in fresh.stderr
     assert len(server.calls) == ROWS // 30
+
+
+def test_changed_input_file_starts_fresh_with_a_warning(invoke) -> None:
+    with aborting_server(fail_after=2) as server:
+        job = make_job(server.url)
+        assert invoke("run", str(job)).exit_code == 3
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        with Path("data.csv").open("a") as data:
+            data.write("k9999,9999\n")
+        result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "WARNING starting fresh: the job changed since its unfinished run (the input files "
+        "changed" in result.stderr
+    )
+    assert len(server.calls) == BATCHES + 1
 
 
 def test_no_resume_starts_fresh(invoke) -> None:
@@ -239,3 +263,52 @@ def test_both_signals_interrupt(signal_number: int) -> None:
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
+
+
+def edit_keeping_mtime(path: Path, rows: list[tuple[str, int]]) -> None:
+    stat = path.stat()
+    write_csv(path, ["id", "x"], rows)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def test_resume_sends_again_a_batch_whose_values_changed_with_size_and_mtime_kept(invoke) -> None:
+    with aborting_server(fail_after=5) as server:
+        job = make_job(server.url)
+        job.write_text(job.read_text().replace(f"concurrency = {CONCURRENCY}", "concurrency = 1"))
+        assert invoke("run", str(job)).exit_code == 3
+        rows = [(f"k{i:04d}", i) for i in range(ROWS)]
+        rows[3] = ("k0003", 9)  # an edited value, same width
+        rows[11], rows[12] = ("k0011", 12), ("k0012", 11)  # two rows' values swapped
+        edit_keeping_mtime(Path("data.csv"), rows)
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        resumed = invoke("run", str(job))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "2 finished batches (20 rows) hold other values now" in resumed.stderr
+    assert first_rows(server.calls)[0] == 1 and first_rows(server.calls)[10] == 1
+    by_key = {row["_key"]: row for row in read_output("out/resume.parquet")}
+    assert len(by_key) == ROWS
+    assert (by_key["k0003"]["x"], by_key["k0011"]["x"], by_key["k0012"]["x"]) == (9, 12, 11)
+
+
+def test_resume_refuses_duplicate_keys(invoke) -> None:
+    with aborting_server(fail_after=5) as server:
+        job = make_job(server.url)
+        assert invoke("run", str(job)).exit_code == 3
+        rows = [(f"k{i:04d}", i) for i in range(ROWS)]
+        rows[250] = ("k0007", 250)
+        write_csv(Path("data.csv"), ["id", "x"], rows)
+        stat = Path("data.csv").stat()
+        os.utime("data.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        server.state["healed"] = True  # type: ignore[attr-defined]
+        server.calls.clear()
+        # the file changed: a fresh start, which reports the duplicate in the summary
+        result = invoke("run", str(job))
+    assert result.exit_code == 0, result.stderr
+    assert "the input's keys are not unique (input.id_column 'id'): 1 keys more than once" in (
+        result.stderr
+    )
+    assert "'k0007' at rows 8 and 251" in result.stderr
+    summary = __import__("orjson").loads(Path("out/resume.parquet.summary.json").read_bytes())
+    assert summary["duplicate_keys"]["keys"] == 1

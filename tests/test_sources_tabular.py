@@ -216,3 +216,33 @@ def test_public_names_stay_where_they_were() -> None:
     assert tabular.FORMATS is files.FORMATS and tabular.COMPRESSIONS is files.COMPRESSIONS
     assert tabular.json_safe is jsonsafe.json_safe
     assert (tabular.DEFAULT_BLOCK_BYTES, tabular.DEFAULT_PARQUET_BATCH_ROWS) == (4 << 20, 65_536)
+
+
+def test_a_nan_id_is_refused(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"id": [1.0, float("nan")], "x": [1, 2]}), path)
+    source = open_tabular(path, id_column="id")
+    with pytest.raises(InputError, match=r"ids.parquet, data row 2: input.id_column 'id' is NaN"):
+        list(source.iter_batches(10))
+
+
+def test_1_and_1_0_in_two_parquet_files_are_the_same_key(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from batchrunner.keyindex import Spill, key_hashes
+
+    pq.write_table(
+        pa.table({"id": pa.array([1, 2], pa.int64()), "x": [1, 2]}), tmp_path / "a.parquet"
+    )
+    pq.write_table(pa.table({"id": pa.array([1.0, 3.0]), "x": [3, 4]}), tmp_path / "b.parquet")
+    source = open_tabular(tmp_path, id_column="id")
+    keys = [key for batch in source.iter_batches(1) for key in batch.keys]
+    assert keys == ["1", "2", "1", "3"]
+    spill = Spill(tmp_path / "spill")
+    for start in (0, 2):  # across files and reads
+        hashes = key_hashes(keys[start : start + 2])
+        spill.add(hashes, hashes)
+    duplicates = spill.duplicates()
+    assert (duplicates.keys, duplicates.examples) == (1, [[0, 2]])

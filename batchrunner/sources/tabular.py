@@ -222,6 +222,12 @@ class TabularSource:
     def _id_texts(self, ids: pa.Array, path: Path, file_row: int) -> pa.Array:
         if pa.types.is_dictionary(ids.type):
             ids = ids.dictionary_decode()
+        if pa.types.is_floating(ids.type) and pc.any(pc.is_nan(ids)).as_py():
+            index = pc.index(pc.fill_null(pc.is_nan(ids), False), pa.scalar(True)).as_py()
+            raise InputError(
+                f"{path}, data row {file_row + index + 1}: input.id_column "
+                f"{self.id_column!r} is NaN; every row needs an id that names it"
+            )
         if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
             try:
                 ids = pc.cast(ids, pa.string())

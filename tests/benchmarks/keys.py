@@ -1,0 +1,148 @@
+"""Nightly runs at scale: the key index's nights and the duplicate-key check, with peak memory.
+
+    python -m tests.benchmarks.keys [ROWS] [--folder DIR]     (ROWS: 10000000 by default)
+
+Run by hand, not in CI. Generates a Parquet table of ROWS rows (``id``, an integer, and four
+floats) in DIR (a temporary folder by default; nothing is committed), then runs each night
+in a fresh process, through the library as a run does (``open_seen``, ``check``, ``filter``,
+``remember``; every sent row answered ok, no network):
+
+    night 1     nothing remembered: every row is sent
+    night 2     nothing new: no row is sent
+    night 3     1% of rows new or changed, scattered: exactly those are sent, in full batches
+    duplicates  the check alone, over the table with 3 duplicate keys planted
+
+and prints one line per night: seconds, rows/s, peak RSS (the process's maxrss), the index's
+size on disk, and what was sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 1000
+FEATURES = ["a", "b", "c", "d"]
+
+
+def make_table(path: Path, rows: int, *, changed: bool = False, duplicates: bool = False) -> None:
+    """``rows`` rows, written a row group at a time (the generator's memory stays small).
+    ``changed``: 1% of the rows changed (every 200th) or new (1 in 200 more rows at the end)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    group = 1 << 20
+    schema = pa.schema([("id", pa.int64())] + [(name, pa.float64()) for name in FEATURES])
+    with pq.ParquetWriter(path, schema) as writer:
+        total = rows + (rows // 200 if changed else 0)
+        for start in range(0, total, group):
+            ids = np.arange(start, min(start + group, total), dtype=np.int64)
+            columns = {"id": ids}
+            for number, name in enumerate(FEATURES):
+                values = np.sin(ids * (number + 1.0))
+                if changed:
+                    values = np.where((ids % 200 == 7) & (ids < rows), values + 1.0, values)
+                columns[name] = values
+            if duplicates and start == 0:
+                columns["id"] = ids.copy()
+                columns["id"][[10, 20, 30]] = [rows - 1, rows - 2, rows - 3]  # 3 keys twice
+            writer.write_table(pa.table(columns, schema=schema))
+
+
+def night(table: str, folder: str, mode: str) -> None:
+    """One night, in this process (see ``main``); prints a JSON line."""
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchrunner.errors import InputError
+    from batchrunner.incremental import open_seen
+    from batchrunner.report import RunStats
+    from batchrunner.runner import use_lean_memory_pool
+    from batchrunner.sources import open_tabular
+
+    use_lean_memory_pool()  # as a run does
+    started = time.perf_counter()
+    source = open_tabular(table, id_column="id")
+    index = Path(folder) / "bench.keys"
+    seen = open_seen(index, url="bench")
+    figures: dict[str, object] = {"night": mode}
+    try:
+        seen.check(lambda: source.iter_batches(65_536))
+    except InputError as exc:
+        figures["refused"] = str(exc)[:160]
+        figures["seconds"] = round(time.perf_counter() - started, 2)
+        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print(orjson.dumps(figures).decode())
+        return
+    checked = time.perf_counter()
+    stats = RunStats()
+    sent = batches = full = 0
+    output = Path(folder) / "out.parquet"
+    schema = pa.schema([("_key", pa.string()), ("_status", pa.string())])
+    with pq.ParquetWriter(output, schema) as writer:
+        for batch in seen.filter(source.iter_batches(BATCH), stats, BATCH):
+            sent += len(batch)
+            batches += 1
+            full += len(batch) == BATCH
+            keys = pa.array(batch.keys, pa.string())
+            writer.write_table(pa.table([keys, pa.repeat("ok", len(keys))], schema=schema))
+    filtered = time.perf_counter()
+    seen.remember(output, run_id=mode, url="bench")
+    ended = time.perf_counter()
+    rows = sent + stats.rows_skipped
+    figures |= {
+        "rows": rows,
+        "sent": sent,
+        "skipped": stats.rows_skipped,
+        "batches": batches,
+        "full_batches": full,
+        "check_s": round(checked - started, 2),
+        "filter_s": round(filtered - checked, 2),
+        "remember_s": round(ended - filtered, 2),
+        "seconds": round(ended - started, 2),
+        "rows_per_s": round(rows / (ended - started)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "index_bytes": index.stat().st_size,
+        "index_bytes_per_row": round(index.stat().st_size / max(1, rows), 1),
+    }
+    print(orjson.dumps(figures).decode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="?", type=int, default=10_000_000)
+    parser.add_argument("--folder")
+    parser.add_argument("--night", nargs=3, help=argparse.SUPPRESS)  # table folder mode
+    options = parser.parse_args()
+    if options.night:
+        night(*options.night)
+        return
+    with tempfile.TemporaryDirectory(dir=options.folder) as folder:
+        base = Path(folder)
+        print(f"generating {options.rows:,} rows in {base} ...", flush=True)
+        make_table(base / "night1.parquet", options.rows)
+        make_table(base / "night3.parquet", options.rows, changed=True)
+        make_table(base / "duplicates.parquet", options.rows, duplicates=True)
+        state = base / "state"
+        state.mkdir()
+        for mode, table in (
+            ("first", "night1"),
+            ("nothing new", "night1"),
+            ("1% new or changed", "night3"),
+            ("duplicates", "duplicates"),
+        ):
+            if mode == "duplicates":
+                (state / "bench.keys").unlink()
+            command = [sys.executable, "-m", "tests.benchmarks.keys", "--night"]
+            subprocess.run([*command, str(base / f"{table}.parquet"), str(state), mode], check=True)
+
+
+if __name__ == "__main__":
+    main()
