@@ -500,11 +500,13 @@ class Runner:
             journal.close()
             raise RunInterrupted(self._interrupted_message(paths)) from None
         finally:
-            journal.close()
-            self._digest_log.close()
-            self._remove_signal_handlers()
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
+            try:
+                journal.close()  # may fail (a full disk): the rest is closed all the same
+            finally:
+                self._digest_log.close()
+                self._remove_signal_handlers()
+                if self._grace_timer is not None:
+                    self._grace_timer.cancel()
         if self._stopping.is_set():
             raise RunInterrupted(self._interrupted_message(paths))
         return abort_reason

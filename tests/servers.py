@@ -39,13 +39,13 @@ class ThreadedServer:
     # Record (and answer) requests of any method to any path, not only POSTs to ``path``:
     # a second origin that must see nothing.
     any_path: bool = False
+    port: int = 0  # 0: any free port; a given one, to bring back a service that was down
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._stop: asyncio.Event | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -94,7 +94,7 @@ class ThreadedServer:
             app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.1
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()

@@ -247,8 +247,8 @@ def refused_port() -> int:
 
 
 def test_a_service_that_cannot_be_reached_stops_the_run_and_a_rerun_resumes(invoke) -> None:
-    url = f"http://127.0.0.1:{refused_port()}/v1/infers/down"
-    job_path = job_file(url, rows=400, size=2)
+    port = refused_port()
+    job_path = job_file(f"http://127.0.0.1:{port}/v1/infers/down", rows=400, size=2)
     job = load_job(
         job_path, assignments=["service.unreachable_after=10", "retry.backoff_initial=1"]
     )
@@ -263,9 +263,9 @@ def test_a_service_that_cannot_be_reached_stops_the_run_and_a_rerun_resumes(invo
     kinds = [row["_error_kind"] for row in rows]
     assert len(rows) == 400 and kinds.count("not_sent") > 300
     assert set(kinds) <= {"connection", "not_sent"}
-    # The service is back: the re-run sends what was not finished, and only that.
-    with ThreadedServer(answer_ok) as server:
-        again = invoke("run", str(job_path), "--set", f"service.url={server.url}")
+    # The service is back, where it was: the re-run sends what was not finished, and only that.
+    with ThreadedServer(answer_ok, path="/v1/infers/down", port=port) as server:
+        again = invoke("run", str(job_path))
         sent = sum(len(call.body["data"]["req_data"]) for call in server.calls)
     assert again.exit_code == 0, again.stderr
     assert [row["_status"] for row in read_output(result.output)] == ["ok"] * 400
@@ -290,7 +290,8 @@ def test_one_failed_connection_among_answers_does_not_stop_the_run(invoke) -> No
     with ThreadedServer(handle) as server:
         job = job_file(server.url, rows=60, size=2)
         result = invoke("run", str(job), "--set", "service.unreachable_after=0.001")
-    assert result.exit_code == 1, result.stderr  # a few error rows, not an aborted run
+    # Done (0, or 1 where a retry met a closed connection again), never aborted (3).
+    assert result.exit_code in (0, 1), result.stderr
     assert "cannot be reached" not in result.stderr
     assert len(server.calls) > 30
 
