@@ -4,9 +4,10 @@ Exit codes: 0 done; 1 done but the error rate is above ``max_error_rate``; 2 the
 input is invalid (nothing sent); 3 aborted by the service (e.g. the token is refused);
 75 another run holds the job's lock; 130 interrupted.
 
-Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
-JSON objects; a live display and rich tables when stderr is a terminal); ``validate``,
-``cron`` and ``inspect`` write their product to stdout and notes to stderr.
+Where output goes: ``run`` writes log lines and progress to stderr (text or JSON objects; a
+live display when stderr is a terminal) and its final summary to stdout (a table, or with
+``--log-format json`` the summary as one JSON object); ``validate``, ``cron`` and
+``inspect`` write their product to stdout and notes to stderr.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def run(
         else:
             typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    _show_summary(result, console, log_format)
+    _show_summary(result, log_format)
     if result.outcome == OUTCOME_ABORTED:
         _say_error(f"run aborted: {result.abort_reason}", log_format)
         raise typer.Exit(EXIT_ABORTED)
@@ -269,19 +270,22 @@ def _log_progress(snapshot: StatsSnapshot) -> None:
     log.info("progress: %s", progress_line(snapshot), extra={"fields": progress_fields(snapshot)})
 
 
-def _show_summary(result: RunResult, console: Console | None, log_format: LogFormat) -> None:
+def _show_summary(result: RunResult, log_format: LogFormat) -> None:
     from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
 
-    title = summary_title(result.summary)
+    # The summary is the run's product: stdout (`run job.toml > summary.txt`, `| jq`); log
+    # lines and progress stay on stderr.
     if log_format is LogFormat.json:
-        fields = {"summary": result.summary, "summary_path": str(result.summary_path)}
-        log.info("summary: %s", title, extra={"fields": fields})
+        typer.echo(orjson.dumps(result.summary).decode())
         return
+    title = summary_title(result.summary)
     rows = summary_rows(result.summary, result.summary_path)
-    if console is not None:
-        console.print(rich_table(title, rows))
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console(highlight=False).print(rich_table(title, rows))
     else:
-        typer.echo(plain_table(title, rows), err=True)
+        typer.echo(plain_table(title, rows))
 
 
 @app.command()
