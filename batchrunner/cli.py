@@ -569,15 +569,38 @@ def inspect(
         bool, typer.Option("--errors", help="List the error rows: key, kind, message.")
     ] = False,
     limit: Annotated[
-        int, typer.Option(min=1, help="With --errors: list at most this many rows.")
+        int,
+        typer.Option(
+            min=1,
+            help="With --errors: list at most this many rows; with --counts, this many values.",
+        ),
     ] = 20,
+    head: Annotated[
+        int | None,
+        typer.Option("--head", min=1, help="Show the first N rows: key, status, result fields."),
+    ] = None,
+    counts: Annotated[
+        str | None,
+        typer.Option("--counts", help="Count the values of this result field."),
+    ] = None,
 ) -> None:
     """Show what an output file holds: the run's summary, rows by status, error kinds with
-    example keys, and the result fields' types. Reads the file as a stream."""
-    from batchrunner.display import error_rows_text, inspection_text
-    from batchrunner.inspection import inspect_output
+    example keys, and the result fields' types. Reads the file as a stream.
+
+    With --head N: the first N rows instead; with --counts FIELD: how often each value of
+    FIELD occurs."""
+    from batchrunner.display import counts_text, error_rows_text, head_text, inspection_text
+    from batchrunner.inspection import count_values, head_rows, inspect_output
 
     try:
+        if head is not None or counts is not None:
+            if head is not None:
+                typer.echo(head_text(head_rows(output_file, head)))
+            if counts is not None:
+                if head is not None:
+                    typer.echo("")
+                typer.echo(counts_text(count_values(output_file, counts), limit))
+            return
         inspection = inspect_output(output_file, error_limit=limit if errors else 0)
     except BatchRunnerError as error:
         _fail(error)

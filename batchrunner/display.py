@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-u
     from rich.console import RenderableType
     from rich.table import Table
 
-    from batchrunner.inspection import Inspection
+    from batchrunner.inspection import FieldCounts, HeadRows, Inspection
 
 OUTCOME_TITLES = {
     "done": "done",
@@ -266,4 +266,65 @@ def error_rows_text(inspection: Inspection) -> str:
         for row in shown
     ]
     title = f"error rows ({len(shown):,} of {total:,})" if total > len(shown) else "error rows"
+    return plain_table(title, rows)
+
+
+# --- the results themselves -----------------------------------------------------------------------
+
+CELL_CHARS = 24  # a value shown by `inspect --head`
+COUNT_BAR_WIDTH = 20
+
+
+def cell_text(value: Any, limit: int = CELL_CHARS) -> str:
+    """A value as one short cell: null as ``-``, nested values as JSON, long text cut."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, list | dict):
+        import orjson
+
+        text = orjson.dumps(value, default=str).decode()
+    else:
+        text = str(value)
+    return shorten(text, limit)
+
+
+def head_text(head: HeadRows) -> str:
+    """``inspect --head``: the first rows as an aligned table, one row a line."""
+    shown = len(head.rows)
+    title = f"{head.path}: first {shown:,} of {head.total:,} rows"
+    if not shown:
+        return f"{head.path}: no rows"
+    cells = [list(head.columns), *([cell_text(v) for v in row] for row in head.rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(head.columns))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    ]
+    return "\n".join([title, *("  " + line for line in lines)])
+
+
+def counts_text(counts: FieldCounts, limit: int) -> str:
+    """``inspect --counts FIELD``: each value, its rows, share and a bar; most rows first."""
+    distinct = len(counts.counts)
+    title = (
+        f"{counts.field} in {counts.path}: {counts.rows:,} rows, "
+        f"{distinct:,} distinct value{'' if distinct == 1 else 's'}"
+    )
+    shown = counts.counts[:limit]
+    if not shown:
+        return title
+    top = shown[0][1]
+    rows = []
+    for value, number in shown:
+        share = number / counts.rows if counts.rows else 0.0
+        bar = "█" * max(1, round(COUNT_BAR_WIDTH * number / top)) if number else ""
+        rows.append(
+            (cell_text(value, EXAMPLE_CHARS), f"{number:>{len(f'{top:,}')},}  {share:6.1%}  {bar}")
+        )
+    if distinct > len(shown):
+        rest = sum(n for _, n in counts.counts[len(shown) :])
+        rows.append((f"(and {distinct - len(shown):,} more)", f"{rest:,}"))
     return plain_table(title, rows)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrunner.errors import InputError
+from batchrunner.errors import InputError, did_you_mean
 from batchrunner.items import STATUS_ERROR
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 
@@ -190,3 +190,103 @@ def _error_rows(errors: pa.RecordBatch) -> list[ErrorRow]:
     kinds = _column(errors, "_error_kind").to_pylist()
     messages = _column(errors, "_error").to_pylist()
     return [ErrorRow(*row) for row in zip(keys, kinds, messages, strict=True)]
+
+
+# --- the results themselves: the first rows, a field's values --------------------------------
+
+#: The columns ``--head`` shows before the result fields.
+HEAD_COLUMNS = ("_key", "_status", "_error")
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRows:
+    """The first rows of an output: the key, status and error, then the result fields."""
+
+    path: Path
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    total: int  # rows in the file
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCounts:
+    """The values of one result field and how often each occurs, most frequent first."""
+
+    path: Path
+    field: str
+    counts: tuple[tuple[str | None, int], ...]  # the value as text (None: null), rows
+    rows: int  # rows in the file
+
+
+def head_rows(path: Path, rows: int) -> HeadRows:
+    """The first ``rows`` rows of the output at ``path``, as Python values."""
+    dataset = _open_output(path)
+    names = dataset.schema.names
+    columns = [n for n in HEAD_COLUMNS if n in names]
+    columns += [n for n in names if n not in RESERVED.names]
+    try:
+        table = dataset.head(rows, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read it: {exc}") from None
+    values = table.to_pylist()
+    return HeadRows(
+        path=path,
+        columns=tuple(columns),
+        rows=tuple(tuple(row[name] for name in columns) for row in values),
+        total=dataset.count_rows(),
+    )
+
+
+def count_values(path: Path, field: str) -> FieldCounts:
+    """How often each value of column ``field`` occurs in the output at ``path`` (streamed:
+    memory holds one count per distinct value). Lists and structs are counted as JSON text.
+
+    Raises ``InputError`` when there is no such column (naming the ones there are).
+    """
+    dataset = _open_output(path)
+    names = dataset.schema.names
+    if field not in names:
+        fields = [n for n in names if n not in RESERVED.names] or ["none"]
+        raise InputError(
+            f"{path} has no field {field!r}{did_you_mean(field, names)}; "
+            f"its result fields: {', '.join(fields)}"
+        )
+    counts: Counter[str | None] = Counter()
+    try:
+        for batch in dataset.to_batches(batch_size=ROWS_PER_READ, columns=[field]):
+            column = batch.column(0)
+            if _is_nested(column.type):
+                counts.update(
+                    None if v is None else orjson.dumps(v, default=str).decode()
+                    for v in column.to_pylist()
+                )
+                continue
+            found = pc.value_counts(column)
+            values = found.field("values").to_pylist()
+            numbers = found.field("counts").to_pylist()
+            for value, number in zip(values, numbers, strict=True):
+                counts[None if value is None else _as_text(value)] += number
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read it: {exc}") from None
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0] is None, item[0] or ""))
+    return FieldCounts(path=path, field=field, counts=tuple(ordered), rows=dataset.count_rows())
+
+
+def _is_nested(type_: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_list(type_)
+        or pa.types.is_large_list(type_)
+        or pa.types.is_struct(type_)
+        or pa.types.is_map(type_)
+        or pa.types.is_fixed_size_list(type_)
+    )
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _open_output(path: Path) -> ds.Dataset:
+    return _open(path)

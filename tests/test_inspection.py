@@ -3,6 +3,7 @@ on hand-made Parquet files."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -248,3 +249,72 @@ def test_a_folder_of_parts_is_read_as_one_output() -> None:
     assert inspect_output(Path("parts")).summary == {"job": "j", "outcome": "done"}
     assert found.statuses == (("ok", 2), ("error", 1))
     assert [(kind.kind, kind.rows) for kind in found.error_kinds] == [("http_503", 1)]
+
+
+# --- the results themselves: --head and --counts ---------------------------------------------
+
+
+def test_head_rows(with_errors: Path) -> None:
+    head = inspection.head_rows(with_errors, 3)
+    assert head.total == 5
+    assert head.columns[:3] == ("_key", "_status", "_error")
+    assert head.columns[3:] == tuple(name for name, _ in RESULT_FIELDS)
+    assert [row[:2] for row in head.rows] == [("0", "ok"), ("1", "error"), ("2", "ok")]
+    assert head.rows[1][2] == MISSING_WIDTH
+
+
+def test_inspect_head_command(invoke, with_errors: Path) -> None:
+    result = invoke("inspect", str(with_errors), "--head", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{with_errors}: first 2 of 5 rows"
+    assert lines[1].split() == ["_key", "_status", "_error", *(n for n, _ in RESULT_FIELDS)]
+    assert lines[2].split()[:3] == ["0", "ok", "-"]
+    # a long error message is cut to one short cell, with an ellipsis
+    assert "HTTP 400 MR.0105: req_d…" in lines[3]
+    assert len(lines) == 4
+
+
+def test_count_values(without_errors: Path) -> None:
+    counts = inspection.count_values(without_errors, "predictresult")
+    assert counts.rows == 150
+    assert sum(n for _, n in counts.counts) == 150
+    assert {value for value, _ in counts.counts} == {"setosa", "versicolor", "virginica"}
+    assert [n for _, n in counts.counts] == sorted((n for _, n in counts.counts), reverse=True)
+    nulls = inspection.count_values(Path(without_errors), "_error")
+    assert nulls.counts == ((None, 150),)
+
+
+def test_count_values_of_nested_fields_and_booleans(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "_key": ["a", "b", "c"],
+            "_status": ["ok", "ok", "ok"],
+            "labels": [[1, 2], [1, 2], None],
+            "flag": [True, False, True],
+        }
+    )
+    pq.write_table(table, tmp_path / "nested.parquet")
+    labels = inspection.count_values(tmp_path / "nested.parquet", "labels")
+    assert labels.counts == (("[1,2]", 2), (None, 1))
+    flags = inspection.count_values(tmp_path / "nested.parquet", "flag")
+    assert flags.counts == (("true", 2), ("false", 1))
+
+
+def test_inspect_counts_command(invoke, without_errors: Path) -> None:
+    result = invoke("inspect", str(without_errors), "--counts", "predictresult", "--limit", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"predictresult in {without_errors}: 150 rows, 3 distinct values"
+    assert len(lines) == 4
+    assert re.fullmatch(r"  (setosa|versicolor|virginica) +\d+ +\d+\.\d% +█+", lines[1])
+    assert re.fullmatch(r"  \(and 1 more\) +\d+", lines[3])
+
+
+def test_inspect_counts_of_an_unknown_field(invoke, without_errors: Path) -> None:
+    result = invoke("inspect", str(without_errors), "--counts", "predictreslt")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {without_errors} has no field 'predictreslt' (did you mean 'predictresult'?); "
+        "its result fields: sepal_length, sepal_width, petal_length, petal_width, predictresult\n"
+    )
