@@ -14,7 +14,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses
-    report      run statistics and their frozen snapshot, latency histogram, summary
+    report      run statistics and their frozen snapshot, latency histogram, timeline, summary
+    metrics     a run's figures in Prometheus' text format (textfile collector), written
+                atomically
+    notify      telling someone a run ended: a command given the summary, an incoming webhook
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
                 token renewal
     sink        the run's journal of finished batches; assembly into one Parquet file
@@ -24,6 +27,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
                 with its IAM
     runner      the asyncio pipeline
+    watch       a run watched from outside: its metrics file during and after, its
+                notification at the end
     engines     other engines than the local pipeline: ray (Ray Data, the only module that
                 imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
                 blocks, for resume)

@@ -152,6 +152,14 @@ def run(
             "parts (needs pip install 'batchrunner[ray]').",
         ),
     ] = Engine.local,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-file",
+            help="Write the run's metrics here in Prometheus' text format (node_exporter's "
+            "textfile collector), during the run and at its end.",
+        ),
+    ] = None,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
     on_terminal = sys.stderr.isatty()
@@ -164,14 +172,15 @@ def run(
         OPTION_SETTINGS["url"]: url,
         OPTION_SETTINGS["concurrency"]: concurrency,
         OPTION_SETTINGS["batch_size"]: batch_size,
+        OPTION_SETTINGS["metrics_file"]: metrics_file,
     }
     from batchrunner.runner import (
         OUTCOME_ABORTED,
         OUTCOME_DONE,
         plan_job,
-        run_job,
         use_lean_memory_pool,
     )
+    from batchrunner.watch import run_watched
 
     use_lean_memory_pool()
     try:
@@ -185,12 +194,13 @@ def run(
         if live and console is not None:
             result = _run_live(job, limit, console, resume=not no_resume)
         else:
-            result = run_job(
+            result = run_watched(
                 job,
                 limit=limit,
                 resume=not no_resume,
                 on_progress=_log_progress,
                 progress_interval=progress_interval,
+                metrics_interval=progress_interval,
             )
     except BatchRunnerError as error:
         _fail(error, log_format)
@@ -249,11 +259,11 @@ def _run_live(job: Job, limit: int | None, console: Console, *, resume: bool) ->
     from rich.live import Live
 
     from batchrunner.display import ProgressView
-    from batchrunner.runner import run_job
+    from batchrunner.watch import run_watched
 
     view = ProgressView(job.name)
     with Live(view, console=console, transient=True, refresh_per_second=LIVE_REFRESHES_PER_SECOND):
-        result = run_job(
+        result = run_watched(
             job,
             limit=limit,
             resume=resume,

@@ -669,7 +669,7 @@ class Runner:
                 self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
-        kind = self.stats.count_outcome(outcome)
+        kind = self.stats.count_outcome(outcome, time.perf_counter() - self._started_clock)
         if kind is None or kind == NOT_SENT:
             return
         self._failures_logged += 1
@@ -703,10 +703,12 @@ class Runner:
         total = self.stats.rows_read if self._read_everything else self._expected_rows
         if total is not None and not self._read_everything:
             total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
+        limiter = self._limiter.statistics()
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight,
+            limiter.in_flight,
             time.perf_counter() - self._started_clock,
             total=total,
+            concurrency_limit=limiter.limit,
         )
 
 
