@@ -3,7 +3,8 @@
 Batch jobs live too briefly to be scraped, so the run writes a ``.prom`` file that
 node_exporter (``--collector.textfile.directory``) serves: during the run every progress
 interval, and once more at its end, each time written aside and renamed into place (the
-collector never reads half a file). Every sample carries the label ``job``.
+collector never reads half a file). Every sample carries the label ``job_name`` (in
+Prometheus ``job`` is the scrape job's).
 
 ``batchrunner_last_success_timestamp_seconds`` must outlive failed runs (an alert asks how
 long ago the last *success* was), so a run that fails carries the value over from the file
@@ -23,7 +24,7 @@ from batchrunner.report import LATENCY_BOUNDS_MS, StatsSnapshot
 PREFIX = "batchrunner"
 LAST_SUCCESS = f"{PREFIX}_last_success_timestamp_seconds"
 _LAST_SUCCESS_LINE = re.compile(
-    rf'^{LAST_SUCCESS}{{job="(?P<job>(?:[^"\\]|\\.)*)"}} (?P<value>\S+)$', re.MULTILINE
+    rf'^{LAST_SUCCESS}{{job_name="(?P<job>(?:[^"\\]|\\.)*)"}} (?P<value>\S+)$', re.MULTILINE
 )
 
 
@@ -55,7 +56,7 @@ def render_metrics(
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
             suffix, _, more = labels.rpartition("|")
-            inner = f'job="{job}"' + (f",{more}" if more else "")
+            inner = f'job_name="{job}"' + (f",{more}" if more else "")
             lines.append(f"{full}{suffix}{{{inner}}} {_number(value)}")
 
     metric(

@@ -24,7 +24,7 @@ def parse(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     for family in text_string_to_metric_families(path.read_text()):
         for sample in family.samples:
             labels = dict(sample.labels)
-            assert labels.pop("job") != ""
+            assert labels.pop("job_name") != ""
             samples[sample.name, tuple(sorted(labels.items()))] = sample.value
     return samples
 
@@ -120,10 +120,11 @@ def test_written_during_the_run() -> None:
         sleep=lambda _: _no_sleep(),
     )
     assert seen, "no progress tick"
-    assert all('batchrunner_run_in_progress{job="nightly"} 1\n' in text for text in seen)
+    assert all('batchrunner_run_in_progress{job_name="nightly"} 1\n' in text for text in seen)
     assert all("batchrunner_run_exit_code" not in text for text in seen)
     assert (
-        'batchrunner_run_in_progress{job="nightly"} 0\n' in Path("metrics/nightly.prom").read_text()
+        'batchrunner_run_in_progress{job_name="nightly"} 0\n'
+        in Path("metrics/nightly.prom").read_text()
     )
 
 
@@ -148,7 +149,7 @@ def test_render_escapes_labels_and_counts_retry_reasons() -> None:
     assert value(samples, "batchrunner_run_request_latency_seconds_bucket", le="0.05") == 2
     assert value(samples, "batchrunner_run_request_latency_seconds_bucket", le="1.0") == 3
     assert value(samples, "batchrunner_run_in_progress") == 1
-    assert 'job="we\\"ird\\\\job"' in text
+    assert 'job_name="we\\"ird\\\\job"' in text
     assert read_last_success(path, 'we"ird\\job') is None
     assert re.search(r"^# TYPE batchrunner_run_request_latency_seconds histogram$", text, re.M)
 
