@@ -235,3 +235,44 @@ def test_serve_shows_no_secret() -> None:
     assert "/v3/auth/tokens logs in user 'alice' (domain 'alice', project 'local')" in shown
     assert "with the password in BATCHRUNNER_SERVE_IAM_PASSWORD" in shown
     assert_nowhere([TOKEN, PASSWORD], [shown], [])
+
+
+WEBHOOK_SECRET = "hook-secret-8e2d5a1f7c3b9046"
+
+
+def test_webhook_url_appears_nowhere(invoke, monkeypatch) -> None:
+    # The webhook URL is a secret (whoever holds it can post to the channel): it reaches its
+    # own server and nothing else, whether the webhook answers, fails or redirects.
+    path = f"/services/T01/B02/{WEBHOOK_SECRET}"
+
+    async def handle(call: Call) -> web.Response:
+        if call.number == 1:
+            return web.Response(status=500, text=f"no such hook {path}")
+        if call.number == 2:
+            return web.Response(status=302, headers={"Location": f"http://127.0.0.1:9{path}"})
+        return web.Response(text="ok")
+
+    data = write_csv(Path("data.csv"), ["x"], [(i,) for i in range(4)])
+    printed: list[str] = []
+    with ThreadedServer(handle, path=path) as server:
+        monkeypatch.setenv("HOOK_URL", server.url)
+        job = write_job(
+            Path("job.toml"),
+            f'[input]\npath = "{data}"\n[service]\nurl = "embedded:iris"\n'
+            '[notify]\non = ["failure", "success"]\nwebhook_url_env = "HOOK_URL"\ntimeout = 2\n'
+            '[report]\nmetrics_file = "metrics/job.prom"\n',
+        )
+        printed += validate_and_run(invoke, job, must_succeed=False)
+        again = invoke("run", str(job))
+        printed += [again.stdout, again.stderr]
+        assert len(server.calls) == 3  # answered, failed, redirected
+    monkeypatch.setenv("HOOK_URL", f"http://127.0.0.1:9{path}")  # nobody listens there
+    unreachable = invoke("run", str(job), "--log-format", "json")
+    printed += [unreachable.stdout, unreachable.stderr]
+    assert "cannot reach the webhook" in unreachable.stderr
+    for output in sorted(Path().rglob("*.parquet")):
+        result = invoke("inspect", str(output))
+        printed += [result.stdout, result.stderr]
+    files = files_under(Path())
+    assert any(p.suffix == ".prom" for p in files)
+    assert_nowhere([WEBHOOK_SECRET, f"127.0.0.1:9{path}"], printed, files)
