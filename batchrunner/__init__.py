@@ -20,6 +20,7 @@ Imports flow one way, down this list; a module imports only from those above it:
     notify      telling someone a run ended: a command given the summary, an incoming webhook
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
                 token renewal
+    formats     the output's file formats: Parquet, CSV, JSON lines (by the path's suffix)
     sink        the run's journal of finished batches; assembly into one Parquet file
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)

@@ -108,7 +108,8 @@ def run(
     ] = None,
     input: Annotated[str | None, typer.Option(help="Input file, folder or glob.")] = None,
     output: Annotated[
-        str | None, typer.Option(help="Output Parquet path ({name} {date} {time} {run_id}).")
+        str | None,
+        typer.Option(help="Output path: .parquet, .csv or .jsonl ({name} {date} {time} {run_id})."),
     ] = None,
     url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
     concurrency: Annotated[

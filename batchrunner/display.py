@@ -228,13 +228,15 @@ def inspection_text(inspection: Inspection) -> str:
     """What ``batchrunner inspect`` shows of a file, as plain text."""
     sections = [f"{inspection.path}: {inspection.rows:,} rows"]
     folder = inspection.path.is_dir()
+    beside = folder or inspection.path.suffix.lower() in (".csv", ".jsonl")
     if inspection.summary is not None:
-        where = f"{inspection.path.name}.summary.json" if folder else "the file's metadata"
+        where = f"{inspection.path.name}.summary.json" if beside else "the file's metadata"
         title = f"run summary (from {where}): {summary_title(inspection.summary)}"
         sections.append(plain_table(title, summary_rows(inspection.summary)))
-    elif folder:
+    elif beside:
+        what = "folder" if folder else "file"
         sections.append(
-            f"run summary: none (no {inspection.path.name}.summary.json beside the folder)"
+            f"run summary: none (no {inspection.path.name}.summary.json beside the {what})"
         )
     else:
         sections.append("run summary: none in the file's metadata (not written by batchrunner run)")

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError, did_you_mean
+from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 
@@ -98,7 +99,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     return Inspection(
         path=path,
         rows=parquet.count_rows(),
-        summary=_summary(schema) if not path.is_dir() else _summary_beside(path),
+        summary=_summary(schema) if _is_parquet_file(path) else _summary_beside(path),
         statuses=tuple(statuses.most_common()),
         error_kinds=tuple(
             ErrorKindCount(kind, rows, *examples[kind]) for kind, rows in kinds.most_common()
@@ -115,6 +116,11 @@ def _open(path: Path) -> ds.Dataset:
     if not path.exists():
         raise InputError(f"no such file: {path}")
     try:
+        kind = None if path.is_dir() else output_format(path)
+        if kind is OutputFormat.csv:
+            return ds.dataset(path, format=_csv_format())
+        if kind is OutputFormat.jsonl:
+            return ds.dataset(path, format="json")
         if path.is_dir():
             dataset = ds.dataset(path, format="parquet")
             if dataset.files:  # parts may differ: a field only some blocks' results had
@@ -135,13 +141,28 @@ def _open(path: Path) -> ds.Dataset:
         ) from None
 
 
+def _csv_format() -> ds.CsvFileFormat:
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as ds
+
+    text_columns = {name: RESERVED.field(name).type for name in RESERVED.names}
+    return ds.CsvFileFormat(
+        convert_options=pacsv.ConvertOptions(column_types=text_columns, strings_can_be_null=True)
+    )
+
+
 def _summary(schema: pa.Schema) -> dict[str, Any] | None:
     raw = (schema.metadata or {}).get(SUMMARY_METADATA_KEY)
     return None if raw is None else _parsed(raw)
 
 
+def _is_parquet_file(path: Path) -> bool:
+    return not path.is_dir() and output_format(path) in (None, OutputFormat.parquet)
+
+
 def _summary_beside(folder: Path) -> dict[str, Any] | None:
-    """A folder of parts (``--engine ray``) has its summary in ``<folder>.summary.json``."""
+    """A folder of parts (``--engine ray``), a CSV or JSON lines output: the summary is in
+    ``<output>.summary.json``."""
     try:
         raw = folder.with_name(folder.name + ".summary.json").read_bytes()
     except OSError:

@@ -640,6 +640,7 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")
+OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")  # the formats of ``formats``
 
 
 def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
@@ -666,8 +667,16 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
             run_id=run_id,
         )
     )
-    if path.suffix.lower() != ".parquet":
-        raise SettingError(f"output.path: must end in .parquet, got {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise SettingError(
+            f"output.path: must end in .parquet (or .csv, .jsonl), got {str(path)!r}"
+        )
+    if job.input.incremental and suffix != ".parquet":
+        raise SettingError(
+            f"output.path: input.incremental remembers items from a Parquet output; "
+            f"got {str(path)!r}"
+        )
     folder = str(Path(template).parent)
     if job.input.incremental and any(name for _, name, _, _ in string.Formatter().parse(folder)):
         raise SettingError(

@@ -29,9 +29,9 @@ from typing import Any, cast
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batchrunner.errors import CoverageError
+from batchrunner.formats import OutputFormat, open_output_writer, output_format
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
 
 log = logging.getLogger("batchrunner")
@@ -544,7 +544,8 @@ def assemble(
     temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = 0
     try:
-        with pq.ParquetWriter(str(temporary), schema) as writer:
+        kind = output_format(output) or OutputFormat.parquet  # .csv, .jsonl: see formats
+        with open_output_writer(temporary, schema, kind) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
             merged = 0  # pending[:merged] are merged runs of batches; the rest as read

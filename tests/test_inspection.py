@@ -152,11 +152,18 @@ def test_what_cannot_be_inspected(setup, path: str, message: str) -> None:
 
 
 def test_not_parquet() -> None:
+    Path("data.txt").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError) as caught:
+        inspect_output(Path("data.txt"))
+    assert str(caught.value).startswith("data.txt is not a Parquet file (")
+    assert str(caught.value).endswith("): give an output of batchrunner run")
+    # a CSV file is read as CSV (an output may be one), but this one is no output
     Path("data.csv").write_text("a,b\n1,2\n")
     with pytest.raises(InputError) as caught:
         inspect_output(Path("data.csv"))
-    assert str(caught.value).startswith("data.csv is not a Parquet file (")
-    assert str(caught.value).endswith("): give an output of batchrunner run")
+    assert str(caught.value) == (
+        "data.csv is not a batchrunner output: it has no _status column (its columns: a, b)"
+    )
 
 
 # --- the command ----------------------------------------------------------------------------------
