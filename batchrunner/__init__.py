@@ -36,6 +36,7 @@ Imports flow one way, down this list; a module imports only from those above it:
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
     inspection  an output file read back: summary, counts by status, error kinds, fields
+    retrying    `batchrunner retry`: an output's error rows sent again, the output rewritten
     display     how runs and outputs look to a person (text, rich renderables); never prints
     cli         the typer app: the only place that prints or exits
 """

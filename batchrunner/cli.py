@@ -282,21 +282,96 @@ def _log_progress(snapshot: StatsSnapshot) -> None:
 
 
 def _show_summary(result: RunResult, log_format: LogFormat) -> None:
+    _show_summary_of(result.summary, result.summary_path, log_format)
+
+
+def _show_summary_of(summary: dict[str, Any], summary_path: Path, log_format: LogFormat) -> None:
     from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
 
     # The summary is the run's product: stdout (`run job.toml > summary.txt`, `| jq`); log
     # lines and progress stay on stderr.
     if log_format is LogFormat.json:
-        typer.echo(orjson.dumps(result.summary).decode())
+        typer.echo(orjson.dumps(summary).decode())
         return
-    title = summary_title(result.summary)
-    rows = summary_rows(result.summary, result.summary_path)
+    title = summary_title(summary)
+    rows = summary_rows(summary, summary_path)
     if sys.stdout.isatty():
         from rich.console import Console
 
         Console(highlight=False).print(rich_table(title, rows))
     else:
         typer.echo(plain_table(title, rows))
+
+
+@app.command()
+def retry(
+    job_file: Annotated[Path, typer.Argument(help="The job file (TOML) that made OUTPUT.")],
+    output_file: Annotated[Path, typer.Argument(help="The output whose error rows to retry.")],
+    output: Annotated[
+        str | None,
+        typer.Option(help="Write the new output here instead of replacing OUTPUT."),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override any setting: --set section.key=value (repeatable)."),
+    ] = None,
+    progress_interval: Annotated[
+        float,
+        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
+    ] = 10.0,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
+    ] = LogFormat.text,
+) -> None:
+    """Send the error rows of OUTPUT again and write a new, complete output: the ok rows as
+    they were, the retried rows in their place, in input order. OUTPUT is replaced (whole or
+    not at all) unless --output names another file. Exit codes as for run."""
+    _configure_logging(log_format)
+    overrides = {OPTION_SETTINGS["url"]: url, OPTION_SETTINGS["concurrency"]: concurrency}
+    from batchrunner.retrying import retry_errors
+    from batchrunner.runner import use_lean_memory_pool
+
+    use_lean_memory_pool()
+    try:
+        job = load_job(job_file, overrides=overrides, assignments=set_ or [])
+        target = None if output is None else Path(output)
+        result = retry_errors(
+            job,
+            output_file,
+            target=target,
+            on_progress=_log_progress,
+            progress_interval=progress_interval,
+        )
+    except BatchRunnerError as error:
+        _fail(error, log_format)
+    except KeyboardInterrupt:
+        _say_error("interrupted: the output was left as it was", log_format)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if result is None:
+        _say_note(f"{output_file} has no error rows: nothing to retry", log_format)
+        return
+    _show_summary_of(result.summary, result.summary_path, log_format)
+    code = {"done": EXIT_OK, "too_many_errors": EXIT_TOO_MANY_ERRORS}.get(
+        result.outcome, EXIT_ABORTED
+    )
+    if code == EXIT_TOO_MANY_ERRORS:
+        _say_error(
+            f"error rate {result.summary['error_rate']:.2%} is still above max_error_rate "
+            f"{job.max_error_rate:.2%}; the output was written",
+            log_format,
+        )
+    raise typer.Exit(code)
+
+
+def _say_note(message: str, log_format: LogFormat) -> None:
+    if log_format is LogFormat.json:
+        log.info("%s", message)
+    else:
+        typer.echo(message, err=True)
 
 
 @app.command()

@@ -165,6 +165,15 @@ def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -
                 ),
             )
         )
+    retry = summary.get("retry")
+    if isinstance(retry, Mapping):
+        rows.append(
+            (
+                "retried",
+                f"{retry.get('retried', 0):,} error rows of {retry.get('from', '?')}: "
+                f"{retry.get('now_ok', 0):,} now ok, {retry.get('still_error', 0):,} still failing",
+            )
+        )
     rows.append(("output", str(summary.get("output", "?"))))
     if summary_path is not None:
         rows.append(("summary", str(summary_path)))

@@ -241,7 +241,7 @@ class FieldCounts:
 
 def head_rows(path: Path, rows: int) -> HeadRows:
     """The first ``rows`` rows of the output at ``path``, as Python values."""
-    dataset = _open_output(path)
+    dataset = open_output(path)
     names = dataset.schema.names
     columns = [n for n in HEAD_COLUMNS if n in names]
     columns += [n for n in names if n not in RESERVED.names]
@@ -264,7 +264,7 @@ def count_values(path: Path, field: str) -> FieldCounts:
 
     Raises ``InputError`` when there is no such column (naming the ones there are).
     """
-    dataset = _open_output(path)
+    dataset = open_output(path)
     names = dataset.schema.names
     if field not in names:
         fields = [n for n in names if n not in RESERVED.names] or ["none"]
@@ -309,5 +309,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _open_output(path: Path) -> ds.Dataset:
+def open_output(path: Path) -> ds.Dataset:
+    """An output (Parquet, CSV, JSON lines, or a folder of Parquet parts) as one dataset;
+    ``InputError`` if it cannot be read as one."""
     return _open(path)

@@ -21,7 +21,7 @@ import signal
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -297,6 +297,7 @@ class Runner:
         on_progress: Callable[[StatsSnapshot], None] | None = None,
         progress_interval: float = 10.0,
         handle_signals: bool = True,
+        only_keys: Collection[str] | None = None,
     ) -> None:
         self.job = job
         self.limit = limit
@@ -327,6 +328,7 @@ class Runner:
         self._kind = TABULAR  # known once the source is open
         self._batch_size = job.batch.size
         self._seen: SeenItems | None = None  # input.incremental: the items already done
+        self._only_keys = only_keys  # `batchrunner retry`: send only these items
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -566,6 +568,8 @@ class Runner:
 
     def _batches(self, source: Source) -> Iterator[Batch]:
         batches = source.iter_batches(self._batch_size, limit=self.limit)
+        if self._only_keys is not None:
+            batches = _only(batches, self._only_keys)
         # input.incremental: rows done by earlier runs leave here, before a batch is counted,
         # journaled or sent; a batch may be left with no rows (nothing to send or journal).
         return batches if self._seen is None else self._seen.filter(batches, self.stats)
@@ -734,6 +738,14 @@ def _log_failure(outcome: Outcome) -> None:
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _only(batches: Iterator[Batch], keys: Collection[str]) -> Iterator[Batch]:
+    """``batches`` with only the items whose key is in ``keys`` (a batch may come out empty:
+    nothing to send)."""
+    for batch in batches:
+        wanted = [index for index, key in enumerate(batch.keys) if key in keys]
+        yield batch if len(wanted) == len(batch) else batch.take(wanted)
 
 
 def _take(iterator: Iterator[Batch], count: int) -> list[Batch]:
