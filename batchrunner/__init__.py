@@ -38,6 +38,7 @@ Imports flow one way, down this list; a module imports only from those above it:
     inspection  an output file read back: summary, counts by status, error kinds, fields
     retrying    `batchrunner retry`: an output's error rows sent again, the output rewritten
     display     how runs and outputs look to a person (text, rich renderables); never prints
+    htmlreport  `inspect --html`: one self-contained HTML page (inline SVG charts) about a run
     cli         the typer app: the only place that prints or exits
 """
 

@@ -669,6 +669,13 @@ def inspect(
         str | None,
         typer.Option("--counts", help="Count the values of this result field."),
     ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Also write a report to this HTML file (self-contained: charts inline).",
+        ),
+    ] = None,
 ) -> None:
     """Show what an output file holds: the run's summary, rows by status, error kinds with
     example keys, and the result fields' types. Reads the file as a stream.
@@ -687,13 +694,54 @@ def inspect(
                     typer.echo("")
                 typer.echo(counts_text(count_values(output_file, counts), limit))
             return
-        inspection = inspect_output(output_file, error_limit=limit if errors else 0)
+        wanted = max(limit if errors else 0, HTML_ERROR_ROWS if html is not None else 0)
+        inspection = inspect_output(output_file, error_limit=wanted)
+        if html is not None:
+            _write_html_report(inspection, html)
     except BatchRunnerError as error:
         _fail(error)
     typer.echo(inspection_text(inspection))
+    _show_charts(inspection)
+    if html is not None:
+        typer.echo(f"report written to {html}", err=True)
     if errors:
         typer.echo("")
         typer.echo(error_rows_text(inspection))
+
+
+HTML_ERROR_ROWS = 20
+HTML_FIELDS = 20  # result fields whose values the report counts
+
+
+def _write_html_report(inspection: Any, path: Path) -> None:
+    from batchrunner.htmlreport import render_report
+    from batchrunner.inspection import count_values
+
+    fields = [name for name, _ in inspection.fields[:HTML_FIELDS]]
+    counts = [count_values(inspection.path, name) for name in fields]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        temporary.write_text(render_report(inspection, counts), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise InputError(f"--html: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _show_charts(inspection: Any) -> None:
+    from batchrunner.display import charts_renderable, charts_text
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        renderable = charts_renderable(inspection)
+        if renderable is not None:
+            Console(highlight=False).print(renderable)
+        return
+    text = charts_text(inspection)
+    if text:
+        typer.echo("")
+        typer.echo(text)
 
 
 def _show_plan(plan: Any, *, dry_run: bool) -> None:

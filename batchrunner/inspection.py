@@ -32,7 +32,10 @@ ROWS_PER_READ = 64 * 1024
 #: The kind of an error row without ``_error_kind`` (as the runner counts it).
 UNKNOWN_KIND = "error"
 NO_STATUS = "(none)"
-_READ_COLUMNS = ("_status", "_error_kind", "_key", "_error")
+_READ_COLUMNS = ("_status", "_error_kind", "_key", "_error", "_latency_ms")
+#: The latency distribution's bin edges (ms): rows by the latency of the request that
+#: answered them.
+LATENCY_EDGES_MS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class Inspection:
     error_kinds: tuple[ErrorKindCount, ...]  # most rows first
     fields: tuple[tuple[str, str], ...]  # every column but the reserved ones, and its type
     error_rows: tuple[ErrorRow, ...]  # the first error rows, in file order
+    #: rows by latency: (from ms, to ms or None for "and above", rows), empty bins included
+    latency_bins: tuple[tuple[float, float | None, int], ...] = ()
 
 
 def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
@@ -84,10 +89,13 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     kinds: Counter[str] = Counter()
     examples: dict[str, tuple[str | None, str | None]] = {}
     error_rows: list[ErrorRow] = []
+    latencies = [0] * len(LATENCY_EDGES_MS)
     columns = [name for name in _READ_COLUMNS if name in schema.names]
     try:
         for batch in parquet.to_batches(batch_size=ROWS_PER_READ, columns=columns):
             statuses.update(_value_counts(batch.column("_status"), NO_STATUS))
+            if "_latency_ms" in columns:
+                _count_latencies(batch.column(columns.index("_latency_ms")), latencies)
             errors = batch.filter(pc.equal(batch.column("_status"), STATUS_ERROR))
             if errors.num_rows:
                 _count_errors(errors, kinds, examples)
@@ -106,7 +114,28 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
         ),
         fields=tuple((f.name, str(f.type)) for f in schema if f.name not in RESERVED.names),
         error_rows=tuple(error_rows),
+        latency_bins=_latency_bins(latencies),
     )
+
+
+def _count_latencies(column: pa.Array, bins: list[int]) -> None:
+    values = column.drop_null()
+    if not len(values):
+        return
+    for index, edge in enumerate(LATENCY_EDGES_MS):
+        # rows at or above this edge; the differences are the bins
+        bins[index] += pc.sum(pc.greater_equal(values, edge)).as_py() or 0
+
+
+def _latency_bins(at_least: list[int]) -> tuple[tuple[float, float | None, int], ...]:
+    if not at_least[0]:
+        return ()
+    bins = []
+    for index, edge in enumerate(LATENCY_EDGES_MS):
+        upper = LATENCY_EDGES_MS[index + 1] if index + 1 < len(LATENCY_EDGES_MS) else None
+        rows = at_least[index] - (at_least[index + 1] if upper is not None else 0)
+        bins.append((float(edge), None if upper is None else float(upper), rows))
+    return tuple(bins)
 
 
 def _open(path: Path) -> ds.Dataset:

@@ -178,7 +178,7 @@ def test_inspect_command(invoke, with_errors: Path) -> None:
         "run summary (from the file's metadata): partial: done, with too many errors\n  run "
     )
     assert "\n  rows        3 ok, 2 errors, 0 skipped\n" in sections[1]
-    assert sections[2:] == [
+    assert sections[2:5] == [
         "rows by status\n  ok     3\n  error  2",
         f"error kinds\n  model_error  2 rows, e.g. key 1: {MISSING_WIDTH}",
         "result fields\n"
@@ -186,8 +186,17 @@ def test_inspect_command(invoke, with_errors: Path) -> None:
         "  sepal_width    double\n"
         "  petal_length   double\n"
         "  petal_width    double\n"
-        "  predictresult  string\n",
+        "  predictresult  string",
     ]
+    # the charts: throughput over the run (one bucket: a short run), latency histogram
+    assert re.fullmatch(r"throughput \(rows/s over [\d.]+ s; peak [\d,]+\)\n  █", sections[5]), (
+        sections[5]
+    )
+    latency = sections[6].splitlines()
+    assert latency[0] == "latency (rows by their request's latency)"
+    assert sum(int(line.split()[-1]) for line in latency[1:]) == 5  # every row answered
+    assert all(re.fullmatch(r" +[\d.]+( ms)?-[\d.]+ m?s  █* +\d+", line) for line in latency[1:])
+    assert sections[6].endswith("\n")
 
 
 def test_inspect_errors(invoke, with_errors: Path) -> None:
