@@ -193,7 +193,9 @@ def run(
             _run_ray(job, limit, log_format, resume=not no_resume)
             return
         if live and console is not None:
-            result = _run_live(job, limit, console, resume=not no_resume)
+            result = _run_live(
+                job, limit, console, resume=not no_resume, metrics_interval=progress_interval
+            )
         else:
             result = run_watched(
                 job,
@@ -256,7 +258,9 @@ def _stderr_console(*, force_terminal: bool) -> Console:
     return Console(stderr=True, highlight=False, force_terminal=True if force_terminal else None)
 
 
-def _run_live(job: Job, limit: int | None, console: Console, *, resume: bool) -> RunResult:
+def _run_live(
+    job: Job, limit: int | None, console: Console, *, resume: bool, metrics_interval: float
+) -> RunResult:
     from rich.live import Live
 
     from batchrunner.display import ProgressView
@@ -270,6 +274,7 @@ def _run_live(job: Job, limit: int | None, console: Console, *, resume: bool) ->
             resume=resume,
             on_progress=view.update,
             progress_interval=1 / LIVE_REFRESHES_PER_SECOND,
+            metrics_interval=metrics_interval,
         )
         view.update(result.stats)  # the last frame shows the end, not the last tick
     return result

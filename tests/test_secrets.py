@@ -276,3 +276,47 @@ def test_webhook_url_appears_nowhere(invoke, monkeypatch) -> None:
     files = files_under(Path())
     assert any(p.suffix == ".prom" for p in files)
     assert_nowhere([WEBHOOK_SECRET, f"127.0.0.1:9{path}"], printed, files)
+
+
+def test_token_appears_nowhere_in_reports_metrics_notifications_and_retries(invoke) -> None:
+    # The text paths of issue 18: the metrics file, the notification (a command's stdin),
+    # CSV and JSON lines outputs, inspect --head/--counts/--html, and a retry's output.
+    failing = {"on": True}
+
+    async def handle(call: Call) -> web.Response:
+        assert call.headers["X-Auth-Token"] == TOKEN
+        if failing["on"] and call.body["data"]["req_data"][0]["x"] == 1:
+            return gateway_error(400, "MR.0105", f"bad row (token {TOKEN[:4]}...)")
+        return answer(call, echo=TOKEN[:6])
+
+    data = write_csv(Path("data.csv"), ["id", "x"], [(f"r{i}", i) for i in range(4)])
+    save = [
+        sys.executable,
+        "-c",
+        "import sys; open('told.json', 'wb').write(sys.stdin.buffer.read())",
+    ]
+    printed: list[str] = []
+    with ThreadedServer(handle) as server:
+        for output in ("out/job.csv", "out/job.jsonl", "out/job.parquet"):
+            job = write_job(
+                Path("job.toml"),
+                f'name = "job"\n[input]\npath = "{data}"\nid_column = "id"\n'
+                f'[service]\nurl = "{server.url}"\n[batch]\nsize = 1\n'
+                f'[output]\npath = "{output}"\n[report]\nmetrics_file = "job.prom"\n'
+                f"[notify]\ncommand = {orjson.dumps(save).decode()}\n",
+            )
+            result = invoke("run", str(job), "--log-format", "json")
+            assert result.exit_code == 1, result.stderr
+            printed += [result.stdout, result.stderr]
+            for args in (("--head", "5"), ("--counts", "_error"), ("--html", "report.html")):
+                shown = invoke("inspect", output, *args)
+                assert shown.exit_code == 0, shown.stderr
+                printed += [shown.stdout, shown.stderr]
+        failing["on"] = False
+        retried = invoke("retry", str(job), "out/job.parquet", "--output", "fixed.jsonl")
+        assert retried.exit_code == 0, retried.stderr
+        printed += [retried.stdout, retried.stderr]
+    files = files_under(Path())
+    names = {p.name for p in files}
+    assert {"job.prom", "told.json", "report.html", "fixed.jsonl", "job.csv"} <= names
+    assert_nowhere([TOKEN], printed, files)
