@@ -42,6 +42,7 @@ EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
 SHOWN_BODY_CHARS = 2000
 LIVE_REFRESHES_PER_SECOND = 4
+SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
 
 log = logging.getLogger("batchrunner")
 
@@ -699,10 +700,12 @@ def inspect(
                     typer.echo("")
                 typer.echo(counts_text(count_values(output_file, counts), limit))
             return
-        wanted = max(limit if errors else 0, HTML_ERROR_ROWS if html is not None else 0)
+        wanted = max(limit if errors else 0, SHOWN_ERROR_ROWS_IN_HTML if html is not None else 0)
         inspection = inspect_output(output_file, error_limit=wanted)
         if html is not None:
-            _write_html_report(inspection, html)
+            from batchrunner.htmlreport import write_report
+
+            write_report(inspection, html)
     except BatchRunnerError as error:
         _fail(error)
     typer.echo(inspection_text(inspection))
@@ -712,25 +715,6 @@ def inspect(
     if errors:
         typer.echo("")
         typer.echo(error_rows_text(inspection))
-
-
-HTML_ERROR_ROWS = 20
-HTML_FIELDS = 20  # result fields whose values the report counts
-
-
-def _write_html_report(inspection: Any, path: Path) -> None:
-    from batchrunner.htmlreport import render_report
-    from batchrunner.inspection import count_values
-
-    fields = [name for name, _ in inspection.fields[:HTML_FIELDS]]
-    counts = [count_values(inspection.path, name) for name in fields]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temporary.write_text(render_report(inspection, counts), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise InputError(f"--html: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _show_charts(inspection: Any) -> None:

@@ -9,15 +9,19 @@ Every value from the output is HTML-escaped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
 
-from batchrunner.inspection import FieldCounts, Inspection
+from batchrunner.errors import InputError
+from batchrunner.inspection import FieldCounts, Inspection, count_values
 
 CHART_WIDTH = 720
 CHART_HEIGHT = 180
 SHOWN_VALUES = 10  # per result field
+COUNTED_FIELDS = 20  # result fields whose values the report counts
 SHOWN_ERROR_ROWS = 10
 VALUE_CHARS = 80
 
@@ -46,6 +50,23 @@ svg text { font: 11px system-ui, sans-serif; fill: #52606d; }
 .outcome-done { color: #1f7a4d; } .outcome-too_many_errors, .outcome-aborted { color: #b42318; }
 .empty { color: #7b8794; font-style: italic; }
 """
+
+
+def write_report(inspection: Inspection, path: Path) -> None:
+    """Count the result fields' values and write the page to ``path`` (aside, renamed);
+    ``InputError`` when it cannot be written."""
+    fields = [name for name, _ in inspection.fields[:COUNTED_FIELDS]]
+    counts = [count_values(inspection.path, name) for name in fields]
+    page = render_report(inspection, counts)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(page, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise InputError(f"--html: cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def render_report(

@@ -137,3 +137,11 @@ def test_chromium_renders_the_report(invoke, output: Path, tmp_path: Path) -> No
     colours = {colour for _, colour in image.getcolors(maxcolors=1_000_000) or []}
     assert THROUGHPUT_BLUE in colours  # the throughput chart was drawn
     assert LATENCY_GREEN in colours  # and the latency histogram
+
+
+def test_a_report_that_cannot_be_written_is_exit_2(invoke, output: Path) -> None:
+    Path("taken").write_text("a file, not a folder")
+    result = invoke("inspect", str(output), "--html", "taken/report.html")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --html: cannot write taken/report.html: ")
+    assert "Traceback" not in result.stderr
