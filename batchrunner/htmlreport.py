@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def write_report(inspection: Inspection, path: Path) -> None:
     except OSError as exc:
         raise InputError(f"--html: cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # nothing was written aside, or it is gone
+            temporary.unlink(missing_ok=True)
 
 
 def render_report(
