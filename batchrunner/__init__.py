@@ -14,10 +14,14 @@ Imports flow one way, down this list; a module imports only from those above it:
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses
-    report      run statistics and their frozen snapshot, latency histogram, summary
+    report      run statistics and their frozen snapshot, latency histogram, timeline, summary
+    metrics     a run's figures in Prometheus' text format (textfile collector), written
+                atomically
+    notify      telling someone a run ended: a command given the summary, an incoming webhook
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
                 token renewal
     writing     local writes: aside and renamed, leftovers of killed runs, writability
+    formats     the output's file formats: Parquet, CSV, JSON lines (by the path's suffix)
     sink        the run's journal of finished batches; assembly into one Parquet file
     keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
                 index of finished items, on disk, partition by partition
@@ -27,14 +31,18 @@ Imports flow one way, down this list; a module imports only from those above it:
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
                 with its IAM
     runner      the asyncio pipeline
+    watch       a run watched from outside: its metrics file during and after, its
+                notification at the end
     engines     other engines than the local pipeline: ray (Ray Data, the only module that
                 imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
                 blocks, for resume)
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
     inspection  an output file read back: summary, counts by status, error kinds, fields
+    retrying    `batchrunner retry`: an output's error rows sent again, the output rewritten
     api         the library API: load, plan, run on either engine, read back (re-exported here)
     display     how runs and outputs look to a person (text, rich renderables); never prints
+    htmlreport  `inspect --html`: one self-contained HTML page (inline SVG charts) about a run
     cli         the typer app: the only place that prints or exits
 """
 

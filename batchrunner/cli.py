@@ -5,9 +5,10 @@ input is invalid (nothing sent); 3 aborted by the service (e.g. the token is ref
 74 a local write failed (disk full; state kept); 75 another run holds the job's lock;
 130 interrupted.
 
-Where output goes: ``run`` writes log lines, progress and its summary to stderr (text or
-JSON objects; a live display and rich tables when stderr is a terminal); ``validate``,
-``cron`` and ``inspect`` write their product to stdout and notes to stderr.
+Where output goes: ``run`` writes log lines and progress to stderr (text or JSON objects; a
+live display when stderr is a terminal) and its final summary to stdout (a table, or with
+``--log-format json`` the summary as one JSON object); ``validate``, ``cron`` and
+``inspect`` write their product to stdout and notes to stderr.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ if TYPE_CHECKING:
     from batchrunner.runner import RunResult
     from batchrunner.schedule import Schedule
 
+EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
 EXIT_INVALID = 2
 EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
 SHOWN_BODY_CHARS = 2000
 LIVE_REFRESHES_PER_SECOND = 4
+SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
 
 log = logging.getLogger("batchrunner")
 
@@ -113,7 +116,8 @@ def run(
     ] = None,
     input: Annotated[str | None, typer.Option(help="Input file, folder or glob.")] = None,
     output: Annotated[
-        str | None, typer.Option(help="Output Parquet path ({name} {date} {time} {run_id}).")
+        str | None,
+        typer.Option(help="Output path: .parquet, .csv or .jsonl ({name} {date} {time} {run_id})."),
     ] = None,
     url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
     concurrency: Annotated[
@@ -157,6 +161,14 @@ def run(
             "parts (needs pip install 'batchrunner[ray]').",
         ),
     ] = Engine.local,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-file",
+            help="Write the run's metrics here in Prometheus' text format (node_exporter's "
+            "textfile collector), during the run and at its end.",
+        ),
+    ] = None,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
     on_terminal = sys.stderr.isatty()
@@ -169,14 +181,15 @@ def run(
         OPTION_SETTINGS["url"]: url,
         OPTION_SETTINGS["concurrency"]: concurrency,
         OPTION_SETTINGS["batch_size"]: batch_size,
+        OPTION_SETTINGS["metrics_file"]: metrics_file,
     }
     from batchrunner.runner import (
         OUTCOME_ABORTED,
         OUTCOME_DONE,
         plan_job,
-        run_job,
         use_lean_memory_pool,
     )
+    from batchrunner.watch import run_watched
 
     use_lean_memory_pool()
     try:
@@ -189,14 +202,17 @@ def run(
             _run_ray(job, limit, log_format, resume=not no_resume)
             return
         if live and console is not None:
-            result = _run_live(job, limit, console, resume=not no_resume)
+            result = _run_live(
+                job, limit, console, resume=not no_resume, metrics_interval=progress_interval
+            )
         else:
-            result = run_job(
+            result = run_watched(
                 job,
                 limit=limit,
                 resume=not no_resume,
                 on_progress=_log_progress,
                 progress_interval=progress_interval,
+                metrics_interval=progress_interval,
             )
     except BatchRunnerError as error:
         _fail(error, log_format)
@@ -209,7 +225,7 @@ def run(
         else:
             typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    _show_summary(result, console, log_format)
+    _show_summary(result, log_format)
     if result.outcome == OUTCOME_ABORTED:
         _say_error(f"run aborted: {result.abort_reason}", log_format)
         raise typer.Exit(EXIT_ABORTED)
@@ -254,20 +270,23 @@ def _stderr_console(*, force_terminal: bool) -> Console:
     return Console(stderr=True, highlight=False, force_terminal=True if force_terminal else None)
 
 
-def _run_live(job: Job, limit: int | None, console: Console, *, resume: bool) -> RunResult:
+def _run_live(
+    job: Job, limit: int | None, console: Console, *, resume: bool, metrics_interval: float
+) -> RunResult:
     from rich.live import Live
 
     from batchrunner.display import ProgressView
-    from batchrunner.runner import run_job
+    from batchrunner.watch import run_watched
 
     view = ProgressView(job.name)
     with Live(view, console=console, transient=True, refresh_per_second=LIVE_REFRESHES_PER_SECOND):
-        result = run_job(
+        result = run_watched(
             job,
             limit=limit,
             resume=resume,
             on_progress=view.update,
             progress_interval=1 / LIVE_REFRESHES_PER_SECOND,
+            metrics_interval=metrics_interval,
         )
         view.update(result.stats)  # the last frame shows the end, not the last tick
     return result
@@ -279,19 +298,97 @@ def _log_progress(snapshot: StatsSnapshot) -> None:
     log.info("progress: %s", progress_line(snapshot), extra={"fields": progress_fields(snapshot)})
 
 
-def _show_summary(result: RunResult, console: Console | None, log_format: LogFormat) -> None:
+def _show_summary(result: RunResult, log_format: LogFormat) -> None:
+    _show_summary_of(result.summary, result.summary_path, log_format)
+
+
+def _show_summary_of(summary: dict[str, Any], summary_path: Path, log_format: LogFormat) -> None:
     from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
 
-    title = summary_title(result.summary)
+    # The summary is the run's product: stdout (`run job.toml > summary.txt`, `| jq`); log
+    # lines and progress stay on stderr.
     if log_format is LogFormat.json:
-        fields = {"summary": result.summary, "summary_path": str(result.summary_path)}
-        log.info("summary: %s", title, extra={"fields": fields})
+        typer.echo(orjson.dumps(summary).decode())
         return
-    rows = summary_rows(result.summary, result.summary_path)
-    if console is not None:
-        console.print(rich_table(title, rows))
+    title = summary_title(summary)
+    rows = summary_rows(summary, summary_path)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console(highlight=False).print(rich_table(title, rows))
     else:
-        typer.echo(plain_table(title, rows), err=True)
+        typer.echo(plain_table(title, rows))
+
+
+@app.command()
+def retry(
+    job_file: Annotated[Path, typer.Argument(help="The job file (TOML) that made OUTPUT.")],
+    output_file: Annotated[Path, typer.Argument(help="The output whose error rows to retry.")],
+    output: Annotated[
+        str | None,
+        typer.Option(help="Write the new output here instead of replacing OUTPUT."),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override any setting: --set section.key=value (repeatable)."),
+    ] = None,
+    progress_interval: Annotated[
+        float,
+        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
+    ] = 10.0,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
+    ] = LogFormat.text,
+) -> None:
+    """Send the error rows of OUTPUT again and write a new, complete output: the ok rows as
+    they were, the retried rows in their place, in input order. OUTPUT is replaced (whole or
+    not at all) unless --output names another file. Exit codes as for run."""
+    _configure_logging(log_format)
+    overrides = {OPTION_SETTINGS["url"]: url, OPTION_SETTINGS["concurrency"]: concurrency}
+    from batchrunner.retrying import retry_errors
+    from batchrunner.runner import use_lean_memory_pool
+
+    use_lean_memory_pool()
+    try:
+        job = load_job(job_file, overrides=overrides, assignments=set_ or [])
+        target = None if output is None else Path(output)
+        result = retry_errors(
+            job,
+            output_file,
+            target=target,
+            on_progress=_log_progress,
+            progress_interval=progress_interval,
+        )
+    except BatchRunnerError as error:
+        _fail(error, log_format)
+    except KeyboardInterrupt:
+        _say_error("interrupted: the output was left as it was", log_format)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if result is None:
+        _say_note(f"{output_file} has no error rows: nothing to retry", log_format)
+        return
+    _show_summary_of(result.summary, result.summary_path, log_format)
+    code = {"done": EXIT_OK, "too_many_errors": EXIT_TOO_MANY_ERRORS}.get(
+        result.outcome, EXIT_ABORTED
+    )
+    if code == EXIT_TOO_MANY_ERRORS:
+        _say_error(
+            f"error rate {result.summary['error_rate']:.2%} is still above max_error_rate "
+            f"{job.max_error_rate:.2%}; the output was written",
+            log_format,
+        )
+    raise typer.Exit(code)
+
+
+def _say_note(message: str, log_format: LogFormat) -> None:
+    if log_format is LogFormat.json:
+        log.info("%s", message)
+    else:
+        typer.echo(message, err=True)
 
 
 @app.command()
@@ -575,22 +672,76 @@ def inspect(
         bool, typer.Option("--errors", help="List the error rows: key, kind, message.")
     ] = False,
     limit: Annotated[
-        int, typer.Option(min=1, help="With --errors: list at most this many rows.")
+        int,
+        typer.Option(
+            min=1,
+            help="With --errors: list at most this many rows; with --counts, this many values.",
+        ),
     ] = 20,
+    head: Annotated[
+        int | None,
+        typer.Option("--head", min=1, help="Show the first N rows: key, status, result fields."),
+    ] = None,
+    counts: Annotated[
+        str | None,
+        typer.Option("--counts", help="Count the values of this result field."),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Also write a report to this HTML file (self-contained: charts inline).",
+        ),
+    ] = None,
 ) -> None:
     """Show what an output file holds: the run's summary, rows by status, error kinds with
-    example keys, and the result fields' types. Reads the file as a stream."""
-    from batchrunner.display import error_rows_text, inspection_text
-    from batchrunner.inspection import inspect_output
+    example keys, and the result fields' types. Reads the file as a stream.
+
+    With --head N: the first N rows instead; with --counts FIELD: how often each value of
+    FIELD occurs."""
+    from batchrunner.display import counts_text, error_rows_text, head_text, inspection_text
+    from batchrunner.inspection import count_values, head_rows, inspect_output
 
     try:
-        inspection = inspect_output(output_file, error_limit=limit if errors else 0)
+        if head is not None or counts is not None:
+            if head is not None:
+                typer.echo(head_text(head_rows(output_file, head)))
+            if counts is not None:
+                if head is not None:
+                    typer.echo("")
+                typer.echo(counts_text(count_values(output_file, counts), limit))
+            return
+        wanted = max(limit if errors else 0, SHOWN_ERROR_ROWS_IN_HTML if html is not None else 0)
+        inspection = inspect_output(output_file, error_limit=wanted)
+        if html is not None:
+            from batchrunner.htmlreport import write_report
+
+            write_report(inspection, html)
     except BatchRunnerError as error:
         _fail(error)
     typer.echo(inspection_text(inspection))
+    _show_charts(inspection)
+    if html is not None:
+        typer.echo(f"report written to {html}", err=True)
     if errors:
         typer.echo("")
         typer.echo(error_rows_text(inspection))
+
+
+def _show_charts(inspection: Any) -> None:
+    from batchrunner.display import charts_renderable, charts_text
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        renderable = charts_renderable(inspection)
+        if renderable is not None:
+            Console(highlight=False).print(renderable)
+        return
+    text = charts_text(inspection)
+    if text:
+        typer.echo("")
+        typer.echo(text)
 
 
 def _show_plan(plan: Any, *, dry_run: bool) -> None:

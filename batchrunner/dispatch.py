@@ -262,6 +262,7 @@ class Dispatcher:
                     raise _Dropped
                 renewals += 1
                 self._stats.retries += 1
+                self._stats.retry_reasons["token_renewed"] += 1
                 continue
             delay = self._policy.delay(tries - renewals, error, self._rng)
             if delay is None:
@@ -270,6 +271,7 @@ class Dispatcher:
             if self._stopping.is_set():
                 raise _Dropped
             self._stats.retries += 1
+            self._stats.retry_reasons[error.kind] += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._back_off(delay)
 

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrunner.errors import InputError
+from batchrunner.errors import InputError, did_you_mean
+from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.keyindex import Spill, key_hashes
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
@@ -33,7 +34,10 @@ ROWS_PER_READ = 64 * 1024
 #: The kind of an error row without ``_error_kind`` (as the runner counts it).
 UNKNOWN_KIND = "error"
 NO_STATUS = "(none)"
-_READ_COLUMNS = ("_status", "_error_kind", "_key", "_error")
+_READ_COLUMNS = ("_status", "_error_kind", "_key", "_error", "_latency_ms")
+#: The latency distribution's bin edges (ms): rows by the latency of the request that
+#: answered them.
+LATENCY_EDGES_MS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,8 @@ class Inspection:
     fields: tuple[tuple[str, str], ...]  # every column but the reserved ones, and its type
     error_rows: tuple[ErrorRow, ...]  # the first error rows, in file order
     duplicate_keys: int = 0  # rows whose _key an earlier row already has
+    #: rows by latency: (from ms, to ms or None for "and above", rows), empty bins included
+    latency_bins: tuple[tuple[float, float | None, int], ...] = ()
 
 
 def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
@@ -86,6 +92,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     kinds: Counter[str] = Counter()
     examples: dict[str, tuple[str | None, str | None]] = {}
     error_rows: list[ErrorRow] = []
+    latencies = [0] * len(LATENCY_EDGES_MS)
     columns = [name for name in _READ_COLUMNS if name in schema.names]
     folder = tempfile.TemporaryDirectory(prefix="batchrunner-inspect-")
     keys = Spill(Path(folder.name) / "keys")  # 24 bytes a row on disk, a partition in memory
@@ -95,6 +102,8 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
                 hashes = key_hashes(pc.fill_null(batch.column("_key"), ""))
                 keys.add(hashes, hashes)
             statuses.update(_value_counts(batch.column("_status"), NO_STATUS))
+            if "_latency_ms" in columns:
+                _count_latencies(batch.column(columns.index("_latency_ms")), latencies)
             errors = batch.filter(pc.equal(batch.column("_status"), STATUS_ERROR))
             if errors.num_rows:
                 _count_errors(errors, kinds, examples)
@@ -109,7 +118,7 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
     return Inspection(
         path=path,
         rows=parquet.count_rows(),
-        summary=_summary(schema) if not path.is_dir() else _summary_beside(path),
+        summary=_summary(schema) if _is_parquet_file(path) else _summary_beside(path),
         statuses=tuple(statuses.most_common()),
         error_kinds=tuple(
             ErrorKindCount(kind, rows, *examples[kind]) for kind, rows in kinds.most_common()
@@ -117,7 +126,28 @@ def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
         fields=tuple((f.name, str(f.type)) for f in schema if f.name not in RESERVED.names),
         error_rows=tuple(error_rows),
         duplicate_keys=duplicates,
+        latency_bins=_latency_bins(latencies),
     )
+
+
+def _count_latencies(column: pa.Array, bins: list[int]) -> None:
+    values = column.drop_null()
+    if not len(values):
+        return
+    for index, edge in enumerate(LATENCY_EDGES_MS):
+        # rows at or above this edge; the differences are the bins
+        bins[index] += pc.sum(pc.greater_equal(values, edge)).as_py() or 0
+
+
+def _latency_bins(at_least: list[int]) -> tuple[tuple[float, float | None, int], ...]:
+    if not at_least[0]:
+        return ()
+    bins = []
+    for index, edge in enumerate(LATENCY_EDGES_MS):
+        upper = LATENCY_EDGES_MS[index + 1] if index + 1 < len(LATENCY_EDGES_MS) else None
+        rows = at_least[index] - (at_least[index + 1] if upper is not None else 0)
+        bins.append((float(edge), None if upper is None else float(upper), rows))
+    return tuple(bins)
 
 
 def _open(path: Path) -> ds.Dataset:
@@ -127,6 +157,11 @@ def _open(path: Path) -> ds.Dataset:
     if not path.exists():
         raise InputError(f"no such file: {path}")
     try:
+        kind = None if path.is_dir() else output_format(path)
+        if kind is OutputFormat.csv:
+            return ds.dataset(path, format=_csv_format())
+        if kind is OutputFormat.jsonl:
+            return ds.dataset(path, format="json")
         if path.is_dir():
             dataset = ds.dataset(path, format="parquet")
             if dataset.files:  # parts may differ: a field only some blocks' results had
@@ -147,13 +182,28 @@ def _open(path: Path) -> ds.Dataset:
         ) from None
 
 
+def _csv_format() -> ds.CsvFileFormat:
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as ds
+
+    text_columns = {name: RESERVED.field(name).type for name in RESERVED.names}
+    return ds.CsvFileFormat(
+        convert_options=pacsv.ConvertOptions(column_types=text_columns, strings_can_be_null=True)
+    )
+
+
 def _summary(schema: pa.Schema) -> dict[str, Any] | None:
     raw = (schema.metadata or {}).get(SUMMARY_METADATA_KEY)
     return None if raw is None else _parsed(raw)
 
 
+def _is_parquet_file(path: Path) -> bool:
+    return not path.is_dir() and output_format(path) in (None, OutputFormat.parquet)
+
+
 def _summary_beside(folder: Path) -> dict[str, Any] | None:
-    """A folder of parts (``--engine ray``) has its summary in ``<folder>.summary.json``."""
+    """A folder of parts (``--engine ray``), a CSV or JSON lines output: the summary is in
+    ``<output>.summary.json``."""
     try:
         raw = folder.with_name(folder.name + ".summary.json").read_bytes()
     except OSError:
@@ -202,3 +252,105 @@ def _error_rows(errors: pa.RecordBatch) -> list[ErrorRow]:
     kinds = _column(errors, "_error_kind").to_pylist()
     messages = _column(errors, "_error").to_pylist()
     return [ErrorRow(*row) for row in zip(keys, kinds, messages, strict=True)]
+
+
+# --- the results themselves: the first rows, a field's values --------------------------------
+
+#: The columns ``--head`` shows before the result fields.
+HEAD_COLUMNS = ("_key", "_status", "_error")
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRows:
+    """The first rows of an output: the key, status and error, then the result fields."""
+
+    path: Path
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    total: int  # rows in the file
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCounts:
+    """The values of one result field and how often each occurs, most frequent first."""
+
+    path: Path
+    field: str
+    counts: tuple[tuple[str | None, int], ...]  # the value as text (None: null), rows
+    rows: int  # rows in the file
+
+
+def head_rows(path: Path, rows: int) -> HeadRows:
+    """The first ``rows`` rows of the output at ``path``, as Python values."""
+    dataset = open_output(path)
+    names = dataset.schema.names
+    columns = [n for n in HEAD_COLUMNS if n in names]
+    columns += [n for n in names if n not in RESERVED.names]
+    try:
+        table = dataset.head(rows, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read it: {exc}") from None
+    values = table.to_pylist()
+    return HeadRows(
+        path=path,
+        columns=tuple(columns),
+        rows=tuple(tuple(row[name] for name in columns) for row in values),
+        total=dataset.count_rows(),
+    )
+
+
+def count_values(path: Path, field: str) -> FieldCounts:
+    """How often each value of column ``field`` occurs in the output at ``path`` (streamed:
+    memory holds one count per distinct value). Lists and structs are counted as JSON text.
+
+    Raises ``InputError`` when there is no such column (naming the ones there are).
+    """
+    dataset = open_output(path)
+    names = dataset.schema.names
+    if field not in names:
+        fields = [n for n in names if n not in RESERVED.names] or ["none"]
+        raise InputError(
+            f"{path} has no field {field!r}{did_you_mean(field, names)}; "
+            f"its result fields: {', '.join(fields)}"
+        )
+    counts: Counter[str | None] = Counter()
+    try:
+        for batch in dataset.to_batches(batch_size=ROWS_PER_READ, columns=[field]):
+            column = batch.column(0)
+            if _is_nested(column.type):
+                counts.update(
+                    None if v is None else orjson.dumps(v, default=str).decode()
+                    for v in column.to_pylist()
+                )
+                continue
+            found = pc.value_counts(column)
+            values = found.field("values").to_pylist()
+            numbers = found.field("counts").to_pylist()
+            for value, number in zip(values, numbers, strict=True):
+                counts[None if value is None else _as_text(value)] += number
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read it: {exc}") from None
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0] is None, item[0] or ""))
+    return FieldCounts(path=path, field=field, counts=tuple(ordered), rows=dataset.count_rows())
+
+
+def _is_nested(type_: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_list(type_)
+        or pa.types.is_large_list(type_)
+        or pa.types.is_struct(type_)
+        or pa.types.is_map(type_)
+        or pa.types.is_fixed_size_list(type_)
+    )
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def open_output(path: Path) -> ds.Dataset:
+    """An output (Parquet, CSV, JSON lines, or a folder of Parquet parts) as one dataset;
+    ``InputError`` if it cannot be read as one."""
+    return _open(path)

@@ -38,7 +38,15 @@ DEFAULT_RENEW_BEFORE_S = 300.0
 # Settings that name where a secret is (a variable, a file), never the secret itself. Their
 # values are not echoed in error messages: a user may have pasted the secret there by mistake.
 SECRET_POINTERS = frozenset(
-    {"token_env", "token_file", "password_env", "password_file", "appcode_env", "appcode_file"}
+    {
+        "token_env",
+        "token_file",
+        "password_env",
+        "password_file",
+        "appcode_env",
+        "appcode_file",
+        "webhook_url_env",
+    }
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
@@ -326,6 +334,40 @@ class OutputSettings(_Settings):
     keep_input: bool = False
 
 
+class ReportSettings(_Settings):
+    """``[report]``: what a run leaves for monitoring besides its summary."""
+
+    # Prometheus' text format, for node_exporter's textfile collector (see ``metrics``).
+    metrics_file: str | None = None
+
+
+NOTIFY_EVENTS = ("failure", "success")
+
+
+class NotifySettings(_Settings):
+    """``[notify]``: tell someone when a run ends. ``command`` is run with the summary JSON
+    on its stdin; ``webhook_url_env`` names the variable holding an incoming-webhook URL (a
+    secret: never in the job file) that is POSTed a short text and the summary."""
+
+    on: tuple[Literal["failure", "success"], ...] = ("failure",)
+    command: tuple[str, ...] | None = None
+    webhook_url_env: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+    _check_webhook_env = field_validator("webhook_url_env")(_check_env_name)
+
+    @model_validator(mode="after")
+    def _check_target(self) -> NotifySettings:
+        if self.command is None and self.webhook_url_env is None:
+            raise ValueError(
+                "say how to notify: command = [...] (given the summary JSON on stdin) or "
+                'webhook_url_env = "NAME" (the variable holding the webhook URL)'
+            )
+        if self.command is not None and not self.command:
+            raise ValueError('command must name a program, e.g. ["mail", "-s", "batch", "me"]')
+        return self
+
+
 class Job(_Settings):
     """A whole job, validated. Build it with ``load_job``; it never changes afterwards."""
 
@@ -336,6 +378,8 @@ class Job(_Settings):
     batch: BatchSettings = BatchSettings()
     retry: RetrySettings = RetrySettings()
     output: OutputSettings = OutputSettings()
+    report: ReportSettings = ReportSettings()
+    notify: NotifySettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -354,6 +398,7 @@ OPTION_SETTINGS = {
     "url": "service.url",
     "concurrency": "batch.concurrency",
     "batch_size": "batch.size",
+    "metrics_file": "report.metrics_file",
 }
 
 
@@ -623,6 +668,7 @@ def identity_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
 
 
 OUTPUT_PLACEHOLDERS = ("name", "date", "time", "run_id")
+OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")  # the formats of ``formats``
 
 
 def output_name_glob(job: Job) -> str:
@@ -661,8 +707,16 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
             run_id=run_id,
         )
     )
-    if path.suffix.lower() != ".parquet":
-        raise SettingError(f"output.path: must end in .parquet, got {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise SettingError(
+            f"output.path: must end in .parquet (or .csv, .jsonl), got {str(path)!r}"
+        )
+    if job.input.incremental and suffix != ".parquet":
+        raise SettingError(
+            f"output.path: input.incremental remembers items from a Parquet output; "
+            f"got {str(path)!r}"
+        )
     folder = str(Path(template).parent)
     if job.input.incremental and any(name for _, name, _, _ in string.Formatter().parse(folder)):
         raise SettingError(

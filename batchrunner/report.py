@@ -16,6 +16,12 @@ from batchrunner.items import Outcome
 _GROWTH = 1.02  # each bucket is 2% wider than the last: percentiles within 1%
 _LOG_GROWTH = math.log(_GROWTH)
 _FLOOR_MS = 0.01
+#: The upper bounds (ms) of the latency histogram's buckets as reported (metrics, summary).
+LATENCY_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+#: The run's timeline keeps at most this many buckets: when a run outlasts them, neighbours
+#: are merged and each bucket covers twice the time (a night's run stays a few hundred bytes).
+TIMELINE_BUCKETS = 120
+TIMELINE_FIRST_BUCKET_S = 1.0
 
 
 class LatencyHistogram:
@@ -49,6 +55,15 @@ class LatencyHistogram:
                 middle: float = _FLOOR_MS * _GROWTH ** (bucket + 0.5)
                 return min(max(middle, self.min_ms), self.max_ms)
         return self.max_ms
+
+    def cumulative_counts(self, bounds_ms: tuple[float, ...]) -> tuple[int, ...]:
+        """How many samples are at most each bound (within the buckets' 2%), as Prometheus'
+        ``le`` buckets count them."""
+        counts = []
+        for bound in bounds_ms:
+            limit = math.log(bound / _FLOOR_MS) / _LOG_GROWTH
+            counts.append(sum(n for bucket, n in self._buckets.items() if bucket + 1 <= limit))
+        return tuple(counts)
 
     @property
     def mean_ms(self) -> float | None:
@@ -106,6 +121,15 @@ class StatsSnapshot:
     rows_skipped: int = 0
     latency: LatencySummary = LatencySummary()
     errors: tuple[ErrorKindSummary, ...] = ()  # most rows first
+    #: Answers with a latency at most each of ``LATENCY_BOUNDS_MS``; and their sum.
+    latency_buckets: tuple[int, ...] = ()
+    latency_count: int = 0
+    latency_sum_ms: float = 0.0
+    retries_by_reason: tuple[tuple[str, int], ...] = ()  # the error that caused each retry
+    concurrency_limit: int | None = None  # the limiter's bound now (adaptive: it moves)
+    #: Rows finished in each ``timeline_bucket_s`` since the run started.
+    timeline: tuple[int, ...] = ()
+    timeline_bucket_s: float = TIMELINE_FIRST_BUCKET_S
 
     @property
     def rows_done(self) -> int:
@@ -158,11 +182,17 @@ class RunStats:
     throttled: int = 0  # answers 429: the service asked us to slow down
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
+    retry_reasons: Counter[str] = field(default_factory=Counter)
+    timeline: list[int] = field(default_factory=list)
+    timeline_bucket_s: float = TIMELINE_FIRST_BUCKET_S
 
-    def count_outcome(self, outcome: Outcome) -> str | None:
+    def count_outcome(self, outcome: Outcome, elapsed_s: float | None = None) -> str | None:
         """Count a finished outcome's rows: ok, or error rows of its kind (which it returns;
-        None when ok). Both engines count what they finish this way."""
+        None when ok). Both engines count what they finish this way. ``elapsed_s`` (since
+        the run started) puts the rows on the run's timeline."""
         rows = len(outcome.batch)
+        if elapsed_s is not None:
+            self.record_finished(rows, elapsed_s)
         if outcome.ok:
             self.rows_ok += rows
             return None
@@ -170,6 +200,18 @@ class RunStats:
         kind = outcome.error_kind or "error"
         self.record_error_rows(kind, rows, outcome.batch.keys[0], outcome.error or "")
         return kind
+
+    def record_finished(self, rows: int, elapsed_s: float) -> None:
+        """Add ``rows`` finished ``elapsed_s`` after the start to the timeline."""
+        index = int(max(elapsed_s, 0.0) / self.timeline_bucket_s)
+        while index >= TIMELINE_BUCKETS:
+            pairs = self.timeline + [0] * (len(self.timeline) % 2)
+            self.timeline = [pairs[i] + pairs[i + 1] for i in range(0, len(pairs), 2)]
+            self.timeline_bucket_s *= 2
+            index = int(max(elapsed_s, 0.0) / self.timeline_bucket_s)
+        if index >= len(self.timeline):
+            self.timeline.extend([0] * (index + 1 - len(self.timeline)))
+        self.timeline[index] += rows
 
     def record_error_rows(self, kind: str, rows: int, key: str, message: str) -> None:
         tally = self.errors.setdefault(kind, ErrorTally())
@@ -183,13 +225,20 @@ class RunStats:
         for name in _COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency.merge(other.latency)
+        self.retry_reasons.update(other.retry_reasons)
         for kind, tally in other.errors.items():
             mine = self.errors.setdefault(kind, ErrorTally())
             mine.rows += tally.rows
             if mine.example_key is None:
                 mine.example_key, mine.example_message = tally.example_key, tally.example_message
 
-    def snapshot(self, in_flight: int, elapsed_s: float, total: int | None = None) -> StatsSnapshot:
+    def snapshot(
+        self,
+        in_flight: int,
+        elapsed_s: float,
+        total: int | None = None,
+        concurrency_limit: int | None = None,
+    ) -> StatsSnapshot:
         latency = self.latency
         return StatsSnapshot(
             batches_read=self.batches_read,
@@ -215,6 +264,13 @@ class RunStats:
                 ErrorKindSummary(kind, t.rows, t.example_key, t.example_message)
                 for kind, t in sorted(self.errors.items(), key=lambda item: -item[1].rows)
             ),
+            latency_buckets=latency.cumulative_counts(LATENCY_BOUNDS_MS),
+            latency_count=latency.count,
+            latency_sum_ms=latency.total_ms,
+            retries_by_reason=tuple(sorted(self.retry_reasons.items())),
+            concurrency_limit=concurrency_limit,
+            timeline=tuple(self.timeline),
+            timeline_bucket_s=self.timeline_bucket_s,
         )
 
 
@@ -284,6 +340,9 @@ def build_summary(
             e.kind: {"rows": e.rows, "example_key": e.example_key, "example": e.example_message}
             for e in snapshot.errors
         },
+        "retries_by_reason": dict(snapshot.retries_by_reason),
+        # rows finished per bucket since the start: throughput over time (inspect --html)
+        "timeline": {"bucket_s": snapshot.timeline_bucket_s, "rows": list(snapshot.timeline)},
     }
 
 

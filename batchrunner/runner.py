@@ -22,7 +22,7 @@ import signal
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -347,6 +347,7 @@ class Runner:
         progress_interval: float = 10.0,
         handle_signals: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        only_keys: Collection[str] | None = None,
     ) -> None:
         self.job = job
         self.limit = limit
@@ -383,6 +384,7 @@ class Runner:
         self._batch_digests = bytearray()  # DIGEST_BYTES per seq: what is sent for it
         self._digest_log = DigestLog(Path(os.devnull))  # the state's, once it is open
         self._keys: Spill | None = None  # the keys read, for the duplicate-key check
+        self._only_keys = only_keys  # `batchrunner retry`: send only these items
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -656,6 +658,8 @@ class Runner:
 
     def _batches(self, source: Source, *, dry: bool = False) -> Iterator[Batch]:
         batches = source.iter_batches(self._batch_size, limit=self.limit)
+        if self._only_keys is not None:
+            batches = _only(batches, self._only_keys)
         # input.incremental: rows done by earlier runs leave here, before a batch is counted,
         # journaled or sent; the rest are packed into full batches.
         if self._seen is not None:
@@ -823,7 +827,7 @@ class Runner:
                 self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
-        kind = self.stats.count_outcome(outcome)
+        kind = self.stats.count_outcome(outcome, time.perf_counter() - self._started_clock)
         if kind is None or kind == NOT_SENT:
             return
         self._failures_logged += 1
@@ -857,10 +861,12 @@ class Runner:
         total = self.stats.rows_read if self._read_everything else self._expected_rows
         if total is not None and not self._read_everything:
             total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
+        limiter = self._limiter.statistics()
         return self.stats.snapshot(
-            self._limiter.statistics().in_flight,
+            limiter.in_flight,
             time.perf_counter() - self._started_clock,
             total=total,
+            concurrency_limit=limiter.limit,
         )
 
 
@@ -886,6 +892,14 @@ def _log_failure(outcome: Outcome) -> None:
 def _first_leaf(group: BaseExceptionGroup[BatchRunnerError]) -> BatchRunnerError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _only(batches: Iterator[Batch], keys: Collection[str]) -> Iterator[Batch]:
+    """``batches`` with only the items whose key is in ``keys`` (a batch may come out empty:
+    nothing to send)."""
+    for batch in batches:
+        wanted = [index for index, key in enumerate(batch.keys) if key in keys]
+        yield batch if len(wanted) == len(batch) else batch.take(wanted)
 
 
 def _take(iterator: Iterator[Batch], count: int) -> list[Batch]:

@@ -32,9 +32,9 @@ from typing import Any, cast
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batchrunner.errors import CoverageError, WriteError
+from batchrunner.formats import OutputFormat, open_output_writer, output_format
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
 from batchrunner.writing import (
     aside_name,
@@ -647,7 +647,8 @@ def assemble(
     written = 0
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with open_write(temporary) as file, pq.ParquetWriter(file, schema) as writer:
+        kind = output_format(output) or OutputFormat.parquet  # .csv, .jsonl: see formats
+        with open_write(temporary) as file, open_output_writer(file, schema, kind) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
             merged = 0  # pending[:merged] are merged runs of batches; the rest as read

@@ -239,6 +239,7 @@ def test_the_line_runs_the_job_from_a_bare_environment(
     assert pq.read_metadata(output).num_rows == 150
     lines = [orjson.loads(line) for line in log.read_text().splitlines()]
     assert lines[0] == {"message": "last night"}
-    assert lines[-1]["summary"]["rows"]["ok"] == 150
-    assert lines[-1]["summary"]["output"] == "nightly/iris.parquet"
+    # the last line: the summary (stdout), after the log lines (stderr)
+    assert lines[-1]["rows"]["ok"] == 150
+    assert lines[-1]["output"] == "nightly/iris.parquet"
     assert "from-the-env-file" not in log.read_text()

@@ -92,7 +92,7 @@ def test_every_image_is_one_row_keyed_by_its_path(invoke, photos: dict[str, str]
     )
     assert (broken["_attempts"], broken["predicted_label"]) == (1, None)
     assert "photos: 1 file skipped: 1 with other extensions (e.g. notes.txt)" in result.stderr
-    assert "\n  rows        6 ok, 1 errors, 0 skipped\n" in result.stderr
+    assert "\n  rows        6 ok, 1 errors, 0 skipped\n" in result.stdout
 
 
 def test_the_shipped_colors_job(invoke, tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_a_file_too_large_is_an_error_row_without_a_request(invoke) -> None:
     assert (huge["_attempts"], huge["_http_status"], huge["_latency_ms"]) == (0, None, None)
     assert small["_status"] == "ok"
     assert "key huge.png was not sent: the file is 5,000 bytes" in result.stderr
-    assert "\n  errors      file_too_large: 1 rows, e.g. key huge.png:" in result.stderr
+    assert "\n  errors      file_too_large: 1 rows, e.g. key huge.png:" in result.stdout
 
 
 def test_a_file_that_vanishes_after_the_walk_is_an_error_row(invoke) -> None:

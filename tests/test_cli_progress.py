@@ -100,7 +100,8 @@ def test_progress_flag_draws_the_live_display_anywhere(invoke, tmp_path: Path) -
     result = invoke("run", str(iris_job(tmp_path)), "--progress")
     assert result.exit_code == 0, result.stderr
     assert "━ iris: 150 of 150 rows (100%)" in ANSI_ESCAPE.sub("", result.stderr)
-    assert "╭" in result.stderr  # the summary as a rich table
+    assert "╭" not in result.stderr  # the summary goes to stdout (a table there)
+    assert result.stdout.startswith("iris: done\n")
 
 
 @pytest.fixture
@@ -166,7 +167,7 @@ def test_progress_lines_as_json(invoke, slow_server: ThreadedServer) -> None:
         assert line["rows_per_second"] >= 0
         assert line["elapsed_s"] > 0
         assert line["eta_s"] is None or line["eta_s"] >= 0
-    assert lines[-1]["summary"]["rows"]["ok"] == 10
+    assert orjson.loads(result.stdout)["rows"]["ok"] == 10  # the summary: stdout
 
 
 def test_json_lines_even_for_errors(invoke) -> None:
@@ -185,7 +186,7 @@ def test_json_lines_even_for_errors(invoke) -> None:
     lines = [orjson.loads(line) for line in result.stderr.splitlines()]
     assert lines[-1]["level"] == "error"
     assert lines[-1]["message"].startswith("error rate 50.00% is above max_error_rate 0.00%")
-    summary = next(line["summary"] for line in lines if "summary" in line)
+    summary = orjson.loads(result.stdout)
     assert summary["errors"]["model_error"]["example_key"] == "1"
 
     missing = invoke("run", "nope.toml", "--log-format", "json")

@@ -38,10 +38,10 @@ def test_iris_job_scores_every_row_in_order(invoke, iris_job: Path) -> None:
     assert [row["sepal_length"] for row in rows] == [float(r["sepal_length"]) for r in expected]
     assert len({row["_request_uuid"] for row in rows}) == 3  # 150 rows in batches of 50
     # not a terminal: the summary is a plain table
-    assert "\niris: done\n" in result.stderr
-    assert "\n  rows        150 ok, 0 errors, 0 skipped\n" in result.stderr
-    assert "\n  output      out/iris.parquet\n" in result.stderr
-    assert "\n  summary     out/iris.parquet.summary.json\n" in result.stderr
+    assert result.stdout.startswith("iris: done\n")
+    assert "\n  rows        150 ok, 0 errors, 0 skipped\n" in result.stdout
+    assert "\n  output      out/iris.parquet\n" in result.stdout
+    assert "\n  summary     out/iris.parquet.summary.json\n" in result.stdout
 
 
 def test_summary_file_and_metadata(invoke, iris_job: Path) -> None:
@@ -131,7 +131,7 @@ def test_bad_rows_become_error_rows_and_exit_1(invoke) -> None:
     assert rows[1]["_error"].startswith("HTTP 400 MR.0105:")
     assert rows[1]["_attempts"] == 1
     assert "error rate 33.33% is above max_error_rate 0.00%" in result.stderr
-    assert "\n  errors      model_error: 1 rows, e.g. key 1: HTTP 400 MR.0105:" in result.stderr
+    assert "\n  errors      model_error: 1 rows, e.g. key 1: HTTP 400 MR.0105:" in result.stdout
 
     again = invoke("run", str(job), "--set", "max_error_rate=0.5")
     assert again.exit_code == 0
@@ -150,13 +150,14 @@ def test_keep_input(invoke, iris_job: Path) -> None:
 def test_log_format_json(invoke, iris_job: Path) -> None:
     result = invoke("run", str(iris_job), "--log-format", "json")
     assert result.exit_code == 0
-    # every line is a JSON object: the summary too, for log shippers
+    # every line on stderr is a JSON object, for log shippers; the summary is stdout's one
+    # JSON document (`| jq`), the same as the summary file
     lines = [orjson.loads(line) for line in result.stderr.splitlines()]
     assert {line["level"] for line in lines} == {"info"}
-    summary = lines[-1]
-    assert summary["message"] == "summary: iris: done"
-    assert summary["summary"]["rows"]["ok"] == 150
-    assert summary["summary_path"] == "out/iris.parquet.summary.json"
+    assert lines[-1]["message"].endswith("done: output out/iris.parquet")
+    summary = orjson.loads(result.stdout)
+    assert summary["rows"]["ok"] == 150
+    assert summary == orjson.loads(Path("out/iris.parquet.summary.json").read_bytes())
 
 
 def test_help_for_every_command(invoke) -> None:

@@ -111,7 +111,7 @@ def test_retries_run_out_into_error_rows(invoke) -> None:
     assert rows[2]["_error_kind"] == "http_503"
     assert rows[2]["_attempts"] == 3
     assert rows[2]["_http_status"] == 503
-    assert "http_503: 2 rows, e.g. key r2: HTTP 503 APIG.0203: Backend timeout\n" in result.stderr
+    assert "http_503: 2 rows, e.g. key r2: HTTP 503 APIG.0203: Backend timeout\n" in result.stdout
 
 
 def test_wrong_length_resp_data_never_shifts_results(invoke) -> None:

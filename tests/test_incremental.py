@@ -122,7 +122,7 @@ def test_three_nights_on_a_growing_parquet(invoke) -> None:
     assert summary["requests"] == 0
     assert summary["outcome"] == "done"
     assert "INFO nothing new: 35 items already done\n" in third.stderr
-    assert "\n  rows        nothing new: 35 items already done\n" in third.stderr
+    assert "\n  rows        nothing new: 35 items already done\n" in third.stdout
     assert read_index(SEEN).count == 35
 
 

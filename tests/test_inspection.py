@@ -3,6 +3,7 @@ on hand-made Parquet files."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -151,11 +152,18 @@ def test_what_cannot_be_inspected(setup, path: str, message: str) -> None:
 
 
 def test_not_parquet() -> None:
+    Path("data.txt").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError) as caught:
+        inspect_output(Path("data.txt"))
+    assert str(caught.value).startswith("data.txt is not a Parquet file (")
+    assert str(caught.value).endswith("): give an output of batchrunner run")
+    # a CSV file is read as CSV (an output may be one), but this one is no output
     Path("data.csv").write_text("a,b\n1,2\n")
     with pytest.raises(InputError) as caught:
         inspect_output(Path("data.csv"))
-    assert str(caught.value).startswith("data.csv is not a Parquet file (")
-    assert str(caught.value).endswith("): give an output of batchrunner run")
+    assert str(caught.value) == (
+        "data.csv is not a batchrunner output: it has no _status column (its columns: a, b)"
+    )
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def test_inspect_command(invoke, with_errors: Path) -> None:
         "run summary (from the file's metadata): partial: done, with too many errors\n  run "
     )
     assert "\n  rows        3 ok, 2 errors, 0 skipped\n" in sections[1]
-    assert sections[2:] == [
+    assert sections[2:5] == [
         "rows by status\n  ok     3\n  error  2",
         f"error kinds\n  model_error  2 rows, e.g. key 1: {MISSING_WIDTH}",
         "result fields\n"
@@ -178,8 +186,17 @@ def test_inspect_command(invoke, with_errors: Path) -> None:
         "  sepal_width    double\n"
         "  petal_length   double\n"
         "  petal_width    double\n"
-        "  predictresult  string\n",
+        "  predictresult  string",
     ]
+    # the charts: throughput over the run (one bucket: a short run), latency histogram
+    assert re.fullmatch(r"throughput \(rows/s over [\d.]+ s; peak [\d,]+\)\n  █", sections[5]), (
+        sections[5]
+    )
+    latency = sections[6].splitlines()
+    assert latency[0] == "latency (rows by their request's latency)"
+    assert sum(int(line.split()[-1]) for line in latency[1:]) == 5  # every row answered
+    assert all(re.fullmatch(r" +[\d.]+( ms)?-[\d.]+ m?s  █* +\d+", line) for line in latency[1:])
+    assert sections[6].endswith("\n")
 
 
 def test_inspect_errors(invoke, with_errors: Path) -> None:
@@ -255,3 +272,72 @@ def test_inspect_counts_duplicate_keys(tmp_path: Path) -> None:
     keys = ["a", "b", "a", "c", "b", "a"]
     pq.write_table(pa.table({"_key": keys, "_status": ["ok"] * 6}), path)
     assert inspect_output(path).duplicate_keys == 3
+
+
+# --- the results themselves: --head and --counts ---------------------------------------------
+
+
+def test_head_rows(with_errors: Path) -> None:
+    head = inspection.head_rows(with_errors, 3)
+    assert head.total == 5
+    assert head.columns[:3] == ("_key", "_status", "_error")
+    assert head.columns[3:] == tuple(name for name, _ in RESULT_FIELDS)
+    assert [row[:2] for row in head.rows] == [("0", "ok"), ("1", "error"), ("2", "ok")]
+    assert head.rows[1][2] == MISSING_WIDTH
+
+
+def test_inspect_head_command(invoke, with_errors: Path) -> None:
+    result = invoke("inspect", str(with_errors), "--head", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{with_errors}: first 2 of 5 rows"
+    assert lines[1].split() == ["_key", "_status", "_error", *(n for n, _ in RESULT_FIELDS)]
+    assert lines[2].split()[:3] == ["0", "ok", "-"]
+    # a long error message is cut to one short cell, with an ellipsis
+    assert "HTTP 400 MR.0105: req_d…" in lines[3]
+    assert len(lines) == 4
+
+
+def test_count_values(without_errors: Path) -> None:
+    counts = inspection.count_values(without_errors, "predictresult")
+    assert counts.rows == 150
+    assert sum(n for _, n in counts.counts) == 150
+    assert {value for value, _ in counts.counts} == {"setosa", "versicolor", "virginica"}
+    assert [n for _, n in counts.counts] == sorted((n for _, n in counts.counts), reverse=True)
+    nulls = inspection.count_values(Path(without_errors), "_error")
+    assert nulls.counts == ((None, 150),)
+
+
+def test_count_values_of_nested_fields_and_booleans(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "_key": ["a", "b", "c"],
+            "_status": ["ok", "ok", "ok"],
+            "labels": [[1, 2], [1, 2], None],
+            "flag": [True, False, True],
+        }
+    )
+    pq.write_table(table, tmp_path / "nested.parquet")
+    labels = inspection.count_values(tmp_path / "nested.parquet", "labels")
+    assert labels.counts == (("[1,2]", 2), (None, 1))
+    flags = inspection.count_values(tmp_path / "nested.parquet", "flag")
+    assert flags.counts == (("true", 2), ("false", 1))
+
+
+def test_inspect_counts_command(invoke, without_errors: Path) -> None:
+    result = invoke("inspect", str(without_errors), "--counts", "predictresult", "--limit", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"predictresult in {without_errors}: 150 rows, 3 distinct values"
+    assert len(lines) == 4
+    assert re.fullmatch(r"  (setosa|versicolor|virginica) +\d+ +\d+\.\d% +█+", lines[1])
+    assert re.fullmatch(r"  \(and 1 more\) +\d+", lines[3])
+
+
+def test_inspect_counts_of_an_unknown_field(invoke, without_errors: Path) -> None:
+    result = invoke("inspect", str(without_errors), "--counts", "predictreslt")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {without_errors} has no field 'predictreslt' (did you mean 'predictresult'?); "
+        "its result fields: sepal_length, sepal_width, petal_length, petal_width, predictresult\n"
+    )

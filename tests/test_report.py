@@ -106,3 +106,23 @@ def test_eta_and_fraction_when_they_cannot_be_told(
     figures = snapshot(done, elapsed_s, total)
     assert figures.eta_s == eta
     assert figures.fraction_done == fraction
+
+
+def test_the_timeline_stays_compact() -> None:
+    from batchrunner.report import TIMELINE_BUCKETS, RunStats
+
+    stats = RunStats()
+    stats.record_finished(5, 0.2)
+    stats.record_finished(3, 2.5)
+    assert stats.timeline == [5, 0, 3]
+    assert stats.timeline_bucket_s == 1.0
+    # a run that outlasts the buckets: neighbours merge, each bucket covers twice the time
+    stats.record_finished(7, TIMELINE_BUCKETS + 0.5)
+    assert stats.timeline_bucket_s == 2.0
+    assert len(stats.timeline) <= TIMELINE_BUCKETS
+    assert stats.timeline[:2] == [5, 3]
+    assert sum(stats.timeline) == 15
+    stats.record_finished(1, 10_000.0)
+    assert len(stats.timeline) <= TIMELINE_BUCKETS and sum(stats.timeline) == 16
+    snapshot = stats.snapshot(0, 10_000.0)
+    assert sum(snapshot.timeline) == 16 and snapshot.timeline_bucket_s == stats.timeline_bucket_s

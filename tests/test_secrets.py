@@ -319,3 +319,88 @@ def test_serve_shows_no_secret() -> None:
     assert "/v3/auth/tokens logs in user 'alice' (domain 'alice', project 'local')" in shown
     assert "with the password in BATCHRUNNER_SERVE_IAM_PASSWORD" in shown
     assert_nowhere([TOKEN, PASSWORD], [shown], [])
+
+
+WEBHOOK_SECRET = "hook-secret-8e2d5a1f7c3b9046"
+
+
+def test_webhook_url_appears_nowhere(invoke, monkeypatch) -> None:
+    # The webhook URL is a secret (whoever holds it can post to the channel): it reaches its
+    # own server and nothing else, whether the webhook answers, fails or redirects.
+    path = f"/services/T01/B02/{WEBHOOK_SECRET}"
+
+    async def handle(call: Call) -> web.Response:
+        if call.number == 1:
+            return web.Response(status=500, text=f"no such hook {path}")
+        if call.number == 2:
+            return web.Response(status=302, headers={"Location": f"http://127.0.0.1:9{path}"})
+        return web.Response(text="ok")
+
+    data = write_csv(Path("data.csv"), ["x"], [(i,) for i in range(4)])
+    printed: list[str] = []
+    with ThreadedServer(handle, path=path) as server:
+        monkeypatch.setenv("HOOK_URL", server.url)
+        job = write_job(
+            Path("job.toml"),
+            f'[input]\npath = "{data}"\n[service]\nurl = "embedded:iris"\n'
+            '[notify]\non = ["failure", "success"]\nwebhook_url_env = "HOOK_URL"\ntimeout = 2\n'
+            '[report]\nmetrics_file = "metrics/job.prom"\n',
+        )
+        printed += validate_and_run(invoke, job, must_succeed=False)
+        again = invoke("run", str(job))
+        printed += [again.stdout, again.stderr]
+        assert len(server.calls) == 3  # answered, failed, redirected
+    monkeypatch.setenv("HOOK_URL", f"http://127.0.0.1:9{path}")  # nobody listens there
+    unreachable = invoke("run", str(job), "--log-format", "json")
+    printed += [unreachable.stdout, unreachable.stderr]
+    assert "cannot reach the webhook" in unreachable.stderr
+    for output in sorted(Path().rglob("*.parquet")):
+        result = invoke("inspect", str(output))
+        printed += [result.stdout, result.stderr]
+    files = files_under(Path())
+    assert any(p.suffix == ".prom" for p in files)
+    assert_nowhere([WEBHOOK_SECRET, f"127.0.0.1:9{path}"], printed, files)
+
+
+def test_token_appears_nowhere_in_reports_metrics_notifications_and_retries(invoke) -> None:
+    # The text paths of issue 18: the metrics file, the notification (a command's stdin),
+    # CSV and JSON lines outputs, inspect --head/--counts/--html, and a retry's output.
+    failing = {"on": True}
+
+    async def handle(call: Call) -> web.Response:
+        assert call.headers["X-Auth-Token"] == TOKEN
+        if failing["on"] and call.body["data"]["req_data"][0]["x"] == 1:
+            return gateway_error(400, "MR.0105", f"bad row (token {TOKEN[:4]}...)")
+        return answer(call, echo=TOKEN[:6])
+
+    data = write_csv(Path("data.csv"), ["id", "x"], [(f"r{i}", i) for i in range(4)])
+    save = [
+        sys.executable,
+        "-c",
+        "import sys; open('told.json', 'wb').write(sys.stdin.buffer.read())",
+    ]
+    printed: list[str] = []
+    with ThreadedServer(handle) as server:
+        for output in ("out/job.csv", "out/job.jsonl", "out/job.parquet"):
+            job = write_job(
+                Path("job.toml"),
+                f'name = "job"\n[input]\npath = "{data}"\nid_column = "id"\n'
+                f'[service]\nurl = "{server.url}"\n[batch]\nsize = 1\n'
+                f'[output]\npath = "{output}"\n[report]\nmetrics_file = "job.prom"\n'
+                f"[notify]\ncommand = {orjson.dumps(save).decode()}\n",
+            )
+            result = invoke("run", str(job), "--log-format", "json")
+            assert result.exit_code == 1, result.stderr
+            printed += [result.stdout, result.stderr]
+            for args in (("--head", "5"), ("--counts", "_error"), ("--html", "report.html")):
+                shown = invoke("inspect", output, *args)
+                assert shown.exit_code == 0, shown.stderr
+                printed += [shown.stdout, shown.stderr]
+        failing["on"] = False
+        retried = invoke("retry", str(job), "out/job.parquet", "--output", "fixed.jsonl")
+        assert retried.exit_code == 0, retried.stderr
+        printed += [retried.stdout, retried.stderr]
+    files = files_under(Path())
+    names = {p.name for p in files}
+    assert {"job.prom", "told.json", "report.html", "fixed.jsonl", "job.csv"} <= names
+    assert_nowhere([TOKEN], printed, files)
