@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from batchrunner import formats
-from batchrunner.errors import CoverageError
+from batchrunner.errors import CoverageError, WriteError
 from batchrunner.formats import OutputFormat, output_format
 from batchrunner.sink import RESERVED, assemble, outcome_table
 from tests.conftest import write_csv, write_job
@@ -109,7 +109,7 @@ def test_whole_or_absent(tmp_path: Path, suffix: str, monkeypatch) -> None:
 
     for writer in (formats._CsvWriter, formats._JsonLinesWriter, formats._Writer):
         monkeypatch.setattr(writer, "write_table", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="No space left"):  # exit 74, the journal kept
         assemble(state, output, array("q", [1, 1]))
     assert calls
     assert not output.exists()
