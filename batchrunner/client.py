@@ -11,6 +11,7 @@ token already wrapped in a ``Secret``.
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -106,16 +107,35 @@ class ServiceClient:
         ``token`` is sent instead of the client's own: the caller renews tokens and must
         know which one each request carried, to say which one the service refused.
         """
-        if self._session is None:
-            raise RuntimeError("ServiceClient used outside 'async with'")
         headers: dict[str, str] = {}
         if content_type:
             headers["Content-Type"] = content_type
+        return await self._send("POST", self.url, body, headers, token)
+
+    async def get(self, url: str, *, token: Secret | None = None) -> Response:
+        """GET ``url``, which must be on the service's own origin (what ``validate`` asks a
+        server about its model: credentials never go anywhere else), and read the answer."""
+        if _origin(url) != _origin(self.url):
+            raise ValueError("a GET goes to the service's own origin only")
+        return await self._send("GET", url, None, {}, token)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | aiohttp.FormData | None,
+        headers: dict[str, str],
+        token: Secret | None,
+    ) -> Response:
+        if self._session is None:
+            raise RuntimeError("ServiceClient used outside 'async with'")
         if token is not None:
             headers[TOKEN_HEADER] = token.reveal()
         started = self._clock()
         try:
-            async with self._session.post(self.url, data=body, headers=headers or None) as answer:
+            async with self._session.request(
+                method, url, data=body, headers=headers or None
+            ) as answer:
                 payload = await answer.read()
                 return Response(
                     status=answer.status,
@@ -206,6 +226,11 @@ def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> Reque
         retryable=False,
         fatal=True,
     )
+
+
+def _origin(url: str) -> str | None:
+    found = re.match(r"^(https?)://([^/?#]+)", url)
+    return f"{found.group(1)}://{found.group(2)}".lower() if found else None
 
 
 def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:

@@ -41,7 +41,6 @@ from batchrunner.items import Batch, Outcome
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest
-from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 
@@ -179,7 +178,9 @@ class Dispatcher:
                     if response.ok:
                         self._renewals_in_a_row = 0  # the token was accepted
                     else:
-                        raise classify_failure(response.status, response.body, response.retry_after)
+                        raise self._codec.classify_failure(
+                            response.status, response.body, response.retry_after
+                        )
                     results = self._codec.decode(response.body, batch, sent_uuid or "")
                     outcome = Outcome(
                         batch,

@@ -150,6 +150,17 @@ class TextCodec:
     def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
         return decode_text(body, len(batch), request_uuid)
 
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        return classify_failure(status, body, retry_after)
+
+    def probe_url(self, url: str) -> str | None:
+        return None  # ModelArts has no route that says what a model expects
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        return None
+
 
 class FileCodec:
     """File input: the batch's one file as multipart/form-data; the answer object back.
@@ -191,6 +202,17 @@ class FileCodec:
     def decode(self, body: bytes, batch: Batch, request_uuid: str) -> list[dict[str, Any]]:
         """The answer's JSON object, as it came, as the one result of the file."""
         return [decode_file(body)]
+
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        return classify_failure(status, body, retry_after)
+
+    def probe_url(self, url: str) -> str | None:
+        return None
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        return None
 
 
 def decode_file(body: bytes) -> dict[str, Any]:

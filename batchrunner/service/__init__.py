@@ -1,7 +1,8 @@
 """The embedded reference service: a real HTTP inference service to run batchrunner against.
 
 ``url = "embedded:iris"`` in a job, ``batchrunner serve`` on the command line, and the tests
-all use it. ``models`` holds the models, ``iam`` its IAM (login, expiring tokens), ``app``
+all use it. ``models`` holds the models, ``iam`` its IAM (login, expiring tokens),
+``wire`` the routes of the other protocols (KServe v1, OIP v2, MLflow, custom JSON), ``app``
 the aiohttp.web application and the ways to run it. This package is the only part of
 batchrunner that imports ``aiohttp.web``.
 """
