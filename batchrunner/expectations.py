@@ -60,4 +60,4 @@ async def ask_service(job: Job, codec: Codec, schema: pa.Schema) -> str | None:
             except RequestError as exc:
                 raise ServiceError(f"could not ask the service at {probe}: {exc.message}") from None
         shown = probe if service.embedded_model is None else f"{service.url} ({probe})"
-        return f"GET {shown}: HTTP {response.status}, the inputs fit"
+        return f"GET {shown}: HTTP {response.status}, no mismatch with the columns sent"

@@ -202,11 +202,11 @@ class OipCodec:
                 )
             shape = spec.get("shape")
             features = shape[-1] if isinstance(shape, list) and len(shape) >= 2 else None
-            if isinstance(features, int) and features > 0 and features != schema.num_columns:
+            if isinstance(features, int) and features > 0 and features != len(schema):
                 raise mismatch(
                     "input.columns",
                     f"{features} features in {self.input_name!r} (shape {shape})",
-                    f"{schema.num_columns} columns ({', '.join(schema.names)})",
+                    f"{len(schema)} columns ({', '.join(schema.names)})",
                 )
             theirs = spec.get("datatype")
             if theirs and ours_type and theirs != ours_type:
