@@ -153,7 +153,7 @@ def test_json_response_path_scalar_column_named_after_it_and_length_checked() ->
     assert codec.decode(answer, BATCH, "u") == [{"scores": 0.1}, {"scores": 0.2}, {"scores": 0.3}]
     with pytest.raises(RequestError, match="2 items for 3 rows"):
         codec.decode(b'{"out": {"scores": [0.1, 0.2]}}', BATCH, "u")
-    with pytest.raises(RequestError, match="no out.scores"):
+    with pytest.raises(RequestError, match=r"no out\.scores"):
         codec.decode(b'{"out": {}}', BATCH, "u")
     whole = JsonCodec({"x": "{a}"}, batched=False)
     one = Batch(0, ["1"], ROWS.slice(0, 1))
