@@ -171,6 +171,7 @@ def test_json_template_naming_an_unknown_column_is_a_setting_error() -> None:
         (401, b'{"error": "unauthorized"}', False, False, True),
         (403, b"forbidden", False, False, True),
         (503, b'{"error": "Model iris is not ready"}', True, False, False),
+        (500, b"Traceback ...\nValueError: could not convert", True, True, False),
         (429, b"", True, False, False),
         (400, b'{"error": "could not convert string to float"}', False, True, False),
         (422, b'{"detail": [{"msg": "field required"}]}', False, True, False),

@@ -4,7 +4,10 @@ shapes, and where ``validate`` asks a server what it expects.
 ``classify_failure`` reads a non-2xx answer of KServe, MLServer, Triton, MLflow or a custom
 JSON service into a ``RequestError``: 401/403 stop the run (the token is refused), 429 and
 5xx are retried, 400/413/422 (a request the model refused for its content) split the batch
-so that the row to blame is found. The servers' documented bodies give the detail:
+so that the row to blame is found. A 500 is both: these servers answer 500 when the model's
+own code raises (MLServer's scikit-learn runtime on a value it cannot convert, KServe on an
+exception that is not ``InvalidInput``), so a 500 that persists through the retries splits
+the batch too. The servers' documented bodies give the detail:
 ``{"error": "..."}`` (KServe v1 and v2, MLServer, Triton), ``{"error_code": ...,
 "message": ...}`` (MLflow), ``{"detail": ...}`` (FastAPI's validation errors).
 """
@@ -28,6 +31,9 @@ from batchrunner.protocols.modelarts import (
     _record_builder,
     _snippet,
 )
+
+# The model's code raised: maybe a passing fault, maybe a row it cannot take.
+MODEL_FAILED = 500
 
 __all__ = [
     "bad_response",
@@ -59,7 +65,7 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
         text,
         kind=f"http_{status}",
         retryable=retryable,
-        row_specific=not retryable and status in ROW_SPECIFIC_STATUSES,
+        row_specific=status == MODEL_FAILED or (not retryable and status in ROW_SPECIFIC_STATUSES),
         http_status=status,
         retry_after=retry_after,
     )
