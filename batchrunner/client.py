@@ -11,6 +11,7 @@ token already wrapped in a ``Secret``.
 
 from __future__ import annotations
 
+import errno
 import re
 import ssl
 import time
@@ -161,6 +162,7 @@ class ServiceClient:
                 f"connection failed: {exc.__class__.__name__}: {exc}",
                 kind="connection",
                 retryable=True,
+                row_specific=_hung_up(exc),
             ) from None
 
 
@@ -225,6 +227,23 @@ def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> Reque
         kind="tls",
         retryable=False,
         fatal=True,
+    )
+
+
+def _hung_up(exc: aiohttp.ClientError) -> bool:
+    """Whether the server took the request and hung up on it (not: could not be reached).
+
+    A passing fault, or a server whose worker dies on this request's content (MLServer
+    resets the connection after a model error): retried, and if every try ends so, halves
+    of the batch are tried, as for a 400 (see ``dispatch``). A server that is down refuses
+    the connection instead, which never splits a batch.
+    """
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.errno == errno.ECONNRESET
     )
 
 
