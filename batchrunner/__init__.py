@@ -6,8 +6,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     items       plain data passed between stages (Batch, Outcome)
     job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
     sources     one reader per input kind (tabular; images: folders, globs, manifests)
-    protocols   request encoding, response decoding (modelarts: text and file input;
-                multipart: one-file form bodies)
+    protocols   request encoding, response decoding, one module per wire format
+                (modelarts: text and file input; multipart: one-file form bodies; json,
+                kserve-v1, oip-v2, mlflow)
     retry       pure retry decisions
     limiter     concurrency bound (fixed or adaptive) and rate limit
     auth        secrets and masking; token providers (env, file) and single-flight renewal
@@ -30,6 +31,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     incremental the items earlier runs finished (a key index), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
                 with its IAM
+    expectations what validate asks a server about its model (OIP v2 metadata, KServe v1
+                status, MLflow ping) before any request
     runner      the asyncio pipeline
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end

@@ -398,14 +398,24 @@ def validate(
         list[str] | None, typer.Option("--set", help="Override a setting: section.key=value.")
     ] = None,
 ) -> None:
-    """Check a job file and its input, and print the plan. Sends nothing."""
-    from batchrunner.runner import plan_job
+    """Check a job file and its input, and print the plan. Sends no request; where the
+    protocol can say (oip-v2, kserve-v1, mlflow), asks the server what its model expects."""
+    import asyncio
+
+    from batchrunner.expectations import ask_service
+    from batchrunner.runner import codec_for, plan_job
 
     try:
         plan = plan_job(load_job(job_file, assignments=set_ or []))
+        asked = None
+        if plan.send_schema is not None:
+            codec = codec_for(plan.job, plan.kind)
+            asked = asyncio.run(ask_service(plan.job, codec, plan.send_schema))
     except BatchRunnerError as error:
         _fail(error)
     _show_plan(plan, dry_run=False)
+    if asked is not None:
+        typer.echo(f"server:       {asked}")
     typer.echo("job is valid")
 
 
@@ -452,8 +462,16 @@ def serve(
         float, typer.Option(min=0, max=1, help="Share of rows the model fails on (MR.0105).")
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="The protocol whose URL is shown: modelarts, json, kserve-v1, oip-v2 or "
+            "mlflow (a text model answers all of them at once)."
+        ),
+    ] = "modelarts",
 ) -> None:
-    """Run the embedded reference service (a real model behind the ModelArts protocol).
+    """Run the embedded reference service (a real model behind the ModelArts protocol, and
+    KServe v1, OIP v2, MLflow and custom JSON routes for text models).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
     With --iam-user, the service also issues expiring tokens to that user (password in
@@ -498,10 +516,12 @@ def serve(
                 )
             )
         account = IamAccount(iam_user, password, iam_domain or iam_user, iam_project)
-    options = ServiceOptions(model=model, token=token, iam=account, token_ttl=token_ttl)
+    options = ServiceOptions(
+        model=model, token=token, iam=account, token_ttl=token_ttl, protocol=protocol
+    )
 
     def ready(service: RunningService) -> None:
-        typer.echo(f"serving model {model!r} at {service.url}")
+        typer.echo(f"serving model {model!r} at {service.url} ({protocol})")
         if shown:
             typer.echo(f"X-Auth-Token: {token}  (a random token for this local service only)")
         else:
@@ -521,7 +541,7 @@ def serve(
     try:
         serve_forever(options, host, port, on_ready=ready, extra_middlewares=middlewares)
     except ValueError as error:
-        _fail(SettingError(f"--model: {error}"))
+        _fail(SettingError(f"--model/--protocol: {error}"))
     except OSError as error:
         typer.echo(f"error: cannot listen on {host}:{port}: {error.strerror}", err=True)
         raise typer.Exit(EXIT_INVALID) from None

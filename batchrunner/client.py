@@ -19,6 +19,8 @@ token already wrapped in a ``Secret``.
 
 from __future__ import annotations
 
+import errno
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -119,17 +121,34 @@ class ServiceClient:
         ``token`` is sent instead of the client's own: the caller renews tokens and must
         know which one each request carried, to say which one the service refused.
         """
-        if self._session is None:
-            raise RuntimeError("ServiceClient used outside 'async with'")
         headers: dict[str, str] = {}
         if content_type:
             headers["Content-Type"] = content_type
+        return await self._send("POST", self.url, body, headers, token)
+
+    async def get(self, url: str, *, token: Secret | None = None) -> Response:
+        """GET ``url``, which must be on the service's own origin (what ``validate`` asks a
+        server about its model: credentials never go anywhere else), and read the answer."""
+        if _origin(url) != _origin(self.url):
+            raise ValueError("a GET goes to the service's own origin only")
+        return await self._send("GET", url, None, {}, token)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | aiohttp.FormData | None,
+        headers: dict[str, str],
+        token: Secret | None,
+    ) -> Response:
+        if self._session is None:
+            raise RuntimeError("ServiceClient used outside 'async with'")
         if token is not None:
             headers[TOKEN_HEADER] = token.reveal()
         started = self._clock()
         try:
-            async with self._session.post(
-                self.url, data=body, headers=headers or None, allow_redirects=False
+            async with self._session.request(
+                method, url, data=body, headers=headers or None, allow_redirects=False
             ) as answer:
                 if 300 <= answer.status < 400:
                     raise _redirected(answer, "the service", "service.url")
@@ -158,6 +177,7 @@ class ServiceClient:
                 f"connection failed: {exc.__class__.__name__}: {exc}",
                 kind="connection",
                 retryable=True,
+                row_specific=_hung_up(exc),
             ) from None
 
 
@@ -275,6 +295,28 @@ def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> Reque
         retryable=False,
         fatal=True,
     )
+
+
+def _hung_up(exc: aiohttp.ClientError) -> bool:
+    """Whether the server took the request and hung up on it (not: could not be reached).
+
+    A passing fault, or a server whose worker dies on this request's content (MLServer
+    resets the connection after a model error): retried, and if every try ends so, halves
+    of the batch are tried, as for a 400 (see ``dispatch``). A server that is down refuses
+    the connection instead, which never splits a batch.
+    """
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.errno == errno.ECONNRESET
+    )
+
+
+def _origin(url: str) -> str | None:
+    found = re.match(r"^(https?)://([^/?#]+)", url)
+    return f"{found.group(1)}://{found.group(2)}".lower() if found else None
 
 
 def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:

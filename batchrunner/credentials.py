@@ -130,4 +130,4 @@ def describe_auth(settings: ServiceSettings) -> str:
         parts.append(
             f"AppCode from ${where}" if where else f"AppCode from file {settings.app.appcode_file}"
         )
-    return "; ".join(parts)
+    return "; ".join(parts) or "none (no token is set for this protocol)"

@@ -43,7 +43,6 @@ from batchrunner.items import Batch, Outcome
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest
-from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 
@@ -230,7 +229,9 @@ class Dispatcher:
                         self._renewals_in_a_row = 0  # the token was accepted
                         self._last_success = self._clock()
                     else:
-                        raise classify_failure(response.status, body, response.retry_after)
+                        raise self._codec.classify_failure(
+                            response.status, body, response.retry_after
+                        )
                     results = self._codec.decode(body, batch, request)
                     outcome = Outcome(
                         batch,

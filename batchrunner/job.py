@@ -198,6 +198,62 @@ class AppSettings(_Settings):
 
 TOKEN_SOURCES = ("token_env", "token_file", "iam")
 
+#: The wire formats ``service.protocol`` names (see ``protocols``).
+PROTOCOLS = ("modelarts", "json", "kserve-v1", "oip-v2", "mlflow")
+Protocol = Literal["modelarts", "json", "kserve-v1", "oip-v2", "mlflow"]
+#: In a ``[service.json]`` request, these placeholders stand for the whole batch.
+ROWS_PLACEHOLDER = "{rows}"
+VALUES_PLACEHOLDER = "{values}"
+
+
+class JsonBodySettings(_Settings):
+    """``[service.json]``: the body of a ``protocol = "json"`` request, and where its result is.
+
+    ``request`` is any JSON value; a string that is exactly ``"{column}"`` becomes that
+    column's value, ``"{rows}"`` the batch's rows as objects, ``"{values}"`` as lists; a
+    longer string holding ``{column}`` is filled in as text. ``response`` is a dotted path
+    to the result in the answer ("" or left out: the whole answer).
+    """
+
+    request: Any = Field(default_factory=lambda: {"input": ROWS_PLACEHOLDER})
+    response: str = ""
+
+    @property
+    def batched(self) -> bool:
+        """Whether the body carries the whole batch (``{rows}`` or ``{values}``)."""
+        return _holds_placeholder(self.request, (ROWS_PLACEHOLDER, VALUES_PLACEHOLDER))
+
+
+def _holds_placeholder(value: Any, placeholders: tuple[str, ...]) -> bool:
+    if isinstance(value, str):
+        return value in placeholders
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v, placeholders) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_placeholder(v, placeholders) for v in value)
+    return False
+
+
+class KServeSettings(_Settings):
+    """``[service.kserve]``: how KServe v1 instances are written: lists of values or objects."""
+
+    instance_format: Literal["values", "records"] = "values"
+
+
+class OipSettings(_Settings):
+    """``[service.oip]``: the Open Inference Protocol v2 request's inputs and outputs.
+
+    ``layout``: one ``[N, F]`` tensor (``tensor``) or one ``[N]`` tensor per column
+    (``columns``, with MLServer's ``content_type = "pd"``); left out: a tensor when the
+    columns share a numeric type, else columns. ``input_name`` names the tensor;
+    ``outputs`` asks for only these outputs.
+    """
+
+    layout: Literal["tensor", "columns"] | None = None
+    input_name: str = Field(default="input-0", min_length=1)
+    outputs: tuple[str, ...] | None = None
+    content_type: str | None = "pd"  # sent with the columns layout; "" sends none
+
 
 class ServiceSettings(_Settings):
     """``[service]``: where requests go and how they authenticate.
@@ -212,7 +268,11 @@ class ServiceSettings(_Settings):
     token_file: str | None = None
     iam: IamSettings | None = None
     app: AppSettings | None = None
-    protocol: Literal["modelarts"] = "modelarts"
+    protocol: Protocol = "modelarts"
+    # Named "json" in the file; a field of that name would shadow BaseModel.json.
+    json_settings: JsonBodySettings | None = Field(default=None, alias="json")
+    kserve: KServeSettings | None = None
+    oip: OipSettings | None = None
     timeout: float = Field(default=40.0, gt=0)  # the gateway cuts requests at 40 s
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
@@ -233,6 +293,23 @@ class ServiceSettings(_Settings):
         if not name or re.search(r'["\\\x00-\x1f\x7f]', name):
             raise ValueError("must be a form field name without quotes or control characters")
         return name
+
+    @model_validator(mode="after")
+    def _sections_of_the_protocol(self) -> ServiceSettings:
+        sections = (("json_settings", "json"), ("kserve", "kserve-v1"), ("oip", "oip-v2"))
+        for section, protocol in sections:
+            if getattr(self, section) is not None and self.protocol != protocol:
+                raise ValueError(
+                    f"[service.{section.removesuffix('_settings')}] applies to protocol = "
+                    f"{protocol!r}, "
+                    f"but the protocol is {self.protocol!r}"
+                )
+        return self
+
+    @property
+    def json_body(self) -> JsonBodySettings:
+        """The ``[service.json]`` settings (their defaults when the section is left out)."""
+        return self.json_settings or JsonBodySettings()
 
     @model_validator(mode="after")
     def _embedded_only_for_embedded(self) -> ServiceSettings:
@@ -274,6 +351,8 @@ class ServiceSettings(_Settings):
         given = _one_of(self, TOKEN_SOURCES)
         if given:
             return given[0]
+        if self.protocol != "modelarts":  # other servers need no token unless one is set
+            return None
         return None if self.app is not None else "token_env"
 
     @property
@@ -380,6 +459,25 @@ class Job(_Settings):
     output: OutputSettings = OutputSettings()
     report: ReportSettings = ReportSettings()
     notify: NotifySettings | None = None
+
+    @model_validator(mode="after")
+    def _one_row_per_json_body(self) -> Job:
+        if self.service.protocol != "json" or self.service.json_body.batched:
+            return self
+        if "size" in self.batch.model_fields_set and self.batch.size != 1:
+            raise ValueError(
+                f"batch.size: a [service.json] request without {ROWS_PLACEHOLDER} or "
+                f"{VALUES_PLACEHOLDER} carries one row, so batch.size must be 1 or left out, "
+                f"got {self.batch.size}"
+            )
+        return self
+
+    @property
+    def rows_per_request(self) -> int:
+        """Rows per request: ``batch.size``, or 1 for a one-row JSON body."""
+        if self.service.protocol == "json" and not self.service.json_body.batched:
+            return 1
+        return self.batch.size
 
     @field_validator("name")
     @classmethod
@@ -571,7 +669,7 @@ def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) 
     identity: dict[str, Any] = {
         "url": job.service.url,
         "protocol": job.service.protocol,
-        "batch_size": 1 if kind == IMAGES else job.batch.size,
+        "batch_size": 1 if kind == IMAGES else job.rows_per_request,
         "columns": list(job.input.columns) if job.input.columns is not None else None,
         "id_column": job.input.id_column,
         "format": job.input.format,
@@ -581,6 +679,10 @@ def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) 
         identity["encoding"] = job.input.encoding
     if job.input.binary != "refuse":
         identity["binary"] = job.input.binary
+    if job.service.protocol != "modelarts":  # what the body looks like decides the results
+        identity["wire"] = job.service.model_dump(
+            mode="json", include={"json_settings", "kserve", "oip"}, exclude_none=True
+        )
     if kind == IMAGES:
         extensions = job.input.extensions
         identity["images"] = {

@@ -72,7 +72,11 @@ from batchrunner.keyindex import Duplicates, Spill, content_digest
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.protocols import Codec
+from batchrunner.protocols.jsonbody import JsonCodec, check_template
+from batchrunner.protocols.kserve import KServeCodec
+from batchrunner.protocols.mlflow import MlflowCodec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
+from batchrunner.protocols.oip import OipCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
@@ -127,6 +131,7 @@ class Plan:
     first_request: bytes | None
     first_request_preview: str | None = None  # a body that is not text, as shown to people
     first_request_error: str | None = None  # why the first item would not be sent
+    send_schema: pa.Schema | None = None  # the Arrow types of the columns sent (tables)
 
 
 def open_source(job: Job) -> Source:
@@ -163,8 +168,9 @@ def kind_of(source: Source) -> str:
 
 
 def batch_size_for(job: Job, kind: str) -> int:
-    """Items per request: ``batch.size`` rows for a table, one file for image input."""
-    return 1 if kind == IMAGES else job.batch.size
+    """Items per request: ``batch.size`` rows for a table (one for a one-row JSON body),
+    one file for image input."""
+    return 1 if kind == IMAGES else job.rows_per_request
 
 
 def check_service_url(service: ServiceSettings) -> None:
@@ -203,6 +209,8 @@ def plan_job(
     if rows is not None and limit is not None:
         rows = min(rows, limit)
     batches = None if rows is None else -(-rows // size)
+    if kind == TABULAR and job.service.protocol == "json":
+        check_template(job.service.json_body.request, list(source.send_columns))
     first = next(source.iter_batches(size, limit=limit), None)
     body = preview = refused = None
     headers = {}
@@ -244,6 +252,7 @@ def plan_job(
         first_request=body,
         first_request_preview=preview,
         first_request_error=refused,
+        send_schema=first.rows.schema if first is not None and first.rows is not None else None,
     )
 
 
@@ -251,8 +260,32 @@ def codec_for(job: Job, kind: str) -> Codec:
     """The codec of the job's protocol and input kind: text input for tables, file input
     for images (a file whose request would be over ``batch.max_request_bytes`` is refused
     unsent)."""
+    service = job.service
     if kind == IMAGES:
-        return FileCodec(job.service.file_field, job.batch.max_request_bytes)
+        if service.protocol != "modelarts":
+            raise SettingError(
+                f"service.protocol = {service.protocol!r} sends rows of a table; image input "
+                "is sent with protocol = 'modelarts' (file input)"
+            )
+        return FileCodec(service.file_field, job.batch.max_request_bytes)
+    if service.protocol == "json":
+        body = service.json_body
+        return JsonCodec(body.request, body.response, batched=body.batched)
+    if service.protocol == "kserve-v1":
+        kserve = service.kserve
+        return KServeCodec(instance_format=kserve.instance_format if kserve else "values")
+    if service.protocol == "oip-v2":
+        oip = service.oip
+        if oip is None:
+            return OipCodec()
+        return OipCodec(
+            layout=oip.layout,
+            input_name=oip.input_name,
+            outputs=oip.outputs,
+            content_type=oip.content_type or None,
+        )
+    if service.protocol == "mlflow":
+        return MlflowCodec()
     return TextCodec()
 
 
@@ -608,7 +641,8 @@ class Runner:
             if service.embedded is not None:
                 settings = FaultSettings(**service.embedded.model_dump())
                 faults.append(fault_middleware(settings))
-            running = await start_service(ServiceOptions(model=model), extra_middlewares=faults)
+            options = ServiceOptions(model=model, protocol=service.protocol)
+            running = await start_service(options, extra_middlewares=faults)
             stack.push_async_callback(running.close)
             url, tokens = running.url, FixedToken(Secret(running.token))
         client = service_client(service, url, app_code, self.job.batch.max_in_flight)

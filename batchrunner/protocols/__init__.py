@@ -2,6 +2,12 @@
 
     modelarts   text input (TextCodec) and file input (FileCodec); failure classification
     multipart   multipart/form-data bodies with one file part, built by hand
+    answers     what the other JSON protocols share: error bodies, answers' shapes
+    jsonbody    protocol = "json": a body shaped by the job ([service.json])
+    kserve      protocol = "kserve-v1": instances -> predictions (also TF Serving's rows)
+    oip         protocol = "oip-v2": the Open Inference Protocol v2 (KServe v2, Triton,
+                MLServer): tensors in, tensors out
+    mlflow      protocol = "mlflow": dataframe_split -> predictions
 
 A codec turns a ``Batch`` into the bytes of one request and the answer's bytes back into one
 result object per row, refusing any answer whose shape does not fit the request. Codecs use
@@ -15,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pyarrow as pa
+
+from batchrunner.errors import RequestError
 from batchrunner.items import Batch
 
 
@@ -49,4 +58,19 @@ class Codec(Protocol):
     def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
         """One result object per row of ``batch`` (sent as ``request``); raises
         ``RequestError`` on a bad shape."""
+        ...
+
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        """What a non-2xx answer means: retry, split the batch, give up, or stop the run."""
+        ...
+
+    def probe_url(self, url: str) -> str | None:
+        """Where ``validate`` asks the service at ``url`` what it expects (a GET), or None."""
+        ...
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        """Raise ``SettingError`` (naming both sides) when the server's answer to the probe
+        says it expects other inputs than ``schema``'s columns."""
         ...

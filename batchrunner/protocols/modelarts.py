@@ -224,6 +224,17 @@ class TextCodec:
             check_echo(results, request.records, batch.keys)
         return results
 
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        return classify_failure(status, body, retry_after)
+
+    def probe_url(self, url: str) -> str | None:
+        return None  # ModelArts has no route that says what a model expects
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        return None
+
 
 class FileCodec:
     """File input: the batch's one file as multipart/form-data; the answer object back.
@@ -265,6 +276,17 @@ class FileCodec:
     def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
         """The answer's JSON object, as it came, as the one result of the file."""
         return [decode_file(body)]
+
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        return classify_failure(status, body, retry_after)
+
+    def probe_url(self, url: str) -> str | None:
+        return None
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        return None
 
 
 def decode_file(body: bytes) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``url = "embedded:iris"`` in a job, ``batchrunner serve`` on the command line, and the tests
 all use it. ``models`` holds the models (``registry`` loads them by name), ``iam`` its IAM
-(login, expiring tokens), ``app`` the aiohttp.web application and the ways to run it. This
+(login, expiring tokens), ``wire`` the routes of the other protocols (KServe v1, OIP v2,
+MLflow, custom JSON), ``app`` the aiohttp.web application and the ways to run it. This
 package is the only part of batchrunner that imports ``aiohttp.web``.
 """
 

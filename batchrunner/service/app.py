@@ -71,6 +71,7 @@ from batchrunner.service.iam import (
 )
 from batchrunner.service.models import FileModel, ModelInputError, TextModel
 from batchrunner.service.registry import load_model
+from batchrunner.service.wire import PATHS, add_routes
 
 DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's limit through the API URL
 MAX_UUID_CHARS = 64
@@ -393,6 +394,8 @@ class ServiceOptions:
     token_ttl: float = DEFAULT_TOKEN_TTL_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     clock: Callable[[], float] = time.time
+    # The protocol whose URL the running service hands out (every protocol is served).
+    protocol: str = "modelarts"
 
 
 TOKENS_KEY = web.AppKey("batchrunner_service_tokens", TokenRegistry)
@@ -414,7 +417,13 @@ def create_app(
         raise ValueError(f"max_body_bytes must be >= 1, got {options.max_body_bytes}")
     if not options.token_ttl > 0:
         raise ValueError(f"token_ttl must be > 0 seconds, got {options.token_ttl}")
+    if options.protocol != "modelarts" and options.protocol not in PATHS:
+        raise ValueError(f"unknown protocol {options.protocol!r}")
     model = load_model(options.model)
+    if options.protocol != "modelarts" and not isinstance(model, TextModel):
+        raise ValueError(
+            f"the model {options.model!r} takes files: it speaks protocol 'modelarts' only"
+        )
     stats = ServiceStats()
     tokens = TokenRegistry(options.token, options.token_ttl, options.clock)
     max_body_bytes = options.max_body_bytes
@@ -435,6 +444,12 @@ def create_app(
     )
     app.router.add_post("/v1/infers/{service_id}", handler)
     app.router.add_post("/v1/infers/{service_id}/{tail:.*}", handler)
+    if isinstance(model, TextModel):  # the other protocols carry rows: see ``wire``
+
+        def count(records: list[dict[str, Any]]) -> None:
+            stats.rows_scored += len(records)
+
+        add_routes(app, model, count)
     if options.iam is not None:
         app.router.add_post(
             IAM_PATH, _make_login_handler(options.iam, tokens, stats), name=_IAM_ROUTE
@@ -528,7 +543,8 @@ async def start_service(
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     base = f"http://{url_host}:{bound_port}"
     iam_url = base + IAM_PATH if options.iam is not None else None
-    return RunningService(runner, f"{base}/v1/infers/{options.model}", options, iam_url, app)
+    path = PATHS.get(options.protocol, "/v1/infers/{name}").format(name=options.model)
+    return RunningService(runner, base + path, options, iam_url, app)
 
 
 async def run_service(

@@ -52,6 +52,8 @@ class TextModel(ABC):
     """A model for text input: one result object per ``req_data`` record, in order."""
 
     name: str
+    # The fields a record must hold, in order (a tensor's columns); None: any fields.
+    features: tuple[str, ...] | None = None
 
     @abstractmethod
     def predict(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,6 +103,8 @@ class IrisModel(TextModel):
     """
 
     name = "iris"
+
+    features = IRIS_FEATURES
 
     def __init__(self, classes: Sequence[_ClassScore]) -> None:
         if not classes:
@@ -293,3 +297,34 @@ class LinearModel(TextModel):
             {"score": 0.5 * sum([v for v in record.values() if type(v) in numbers]) + 1.0}
             for record in records
         ]
+
+
+class SentimentModel(TextModel):
+    """Whether a short text is positive or negative, by counting words from two small
+    lists: the custom text body's model (``{"input": "..."}``). Answers ``label``
+    (positive, negative or neutral) and ``score`` (positive words less negative ones)."""
+
+    name = "sentiment"
+    features = ("text",)
+    _POSITIVE = frozenset(
+        ["good", "great", "excellent", "love", "loved", "lovely", "nice", "fine", "happy", "best"]
+    )
+    _NEGATIVE = frozenset(
+        ["bad", "poor", "awful", "hate", "hated", "terrible", "worst", "broken", "sad", "late"]
+    )
+
+    def predict(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results = []
+        for index, record in enumerate(records):
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ModelInputError(
+                    f"req_data[{index}]: 'text' must be a string, got {_json_type(text)}"
+                )
+            words = [word.strip(".,!?;:").lower() for word in text.split()]
+            score = sum(w in self._POSITIVE for w in words) - sum(
+                w in self._NEGATIVE for w in words
+            )
+            label = "positive" if score > 0 else "negative" if score < 0 else "neutral"
+            results.append({"label": label, "score": score})
+        return results

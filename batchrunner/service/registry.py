@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from batchrunner.service.models import DATA_DIR, IrisModel, LinearModel, Model
+from batchrunner.service.models import DATA_DIR, IrisModel, LinearModel, Model, SentimentModel
 
 
 def _load_iris() -> IrisModel:
@@ -26,6 +26,7 @@ def _load_colors() -> Model:
 _LOADERS: dict[str, Callable[[], Model]] = {
     "iris": _load_iris,
     "linear": LinearModel,
+    "sentiment": SentimentModel,
     "colors": _load_colors,
 }
 
