@@ -44,6 +44,7 @@ from batchrunner.protocols import Codec, EncodedRequest
 from batchrunner.protocols.modelarts import classify_failure
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
+from batchrunner.storage import ObjectPath
 
 log = logging.getLogger("batchrunner")
 
@@ -301,7 +302,7 @@ class Dispatcher:
         )
 
 
-def _small_file(path: Path) -> bool:
+def _small_file(path: Path | ObjectPath) -> bool:
     """Whether ``path`` is a file small enough to read on the event loop.
 
     Reading a small file takes a few system calls (tens of microseconds); a hop to a worker

@@ -35,7 +35,7 @@ import pyarrow as pa
 from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
 from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
-from batchrunner.credentials import Credentials, describe_auth, read_credentials
+from batchrunner.credentials import Credentials, describe_auth, open_store, read_credentials
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
 from batchrunner.incremental import SeenItems, open_seen
@@ -48,7 +48,7 @@ from batchrunner.job import (
     check_input_kind,
     fingerprint,
     job_identity,
-    resolve_output_path,
+    resolve_output,
 )
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
@@ -59,6 +59,7 @@ from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sink import write_json_atomically as write_summary
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.storage import ObjectPath, ObjectStore, is_uri
 
 log = logging.getLogger("batchrunner")
 
@@ -77,8 +78,8 @@ class RunResult:
     """What a finished run reports: where its output is, and how it went."""
 
     outcome: str
-    output: Path
-    summary_path: Path
+    output: Path | ObjectPath
+    summary_path: Path | ObjectPath
     summary: dict[str, Any]
     stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
@@ -90,14 +91,14 @@ class Plan:
 
     job: Job
     kind: str  # TABULAR or IMAGES
-    files: list[Path]
+    files: list[Path | ObjectPath]
     format: str
     send_columns: list[str]
     key: str  # what each row's key is, for people
     rows: int | None
     batch_size: int  # items per request (image input: 1)
     batches: int | None
-    output: Path
+    output: Path | ObjectPath
     url: str
     auth: str
     headers: dict[str, str]
@@ -106,14 +107,32 @@ class Plan:
     first_request_error: str | None = None  # why the first item would not be sent
 
 
-def open_source(job: Job) -> Source:
+def job_store(job: Job) -> ObjectStore | None:
+    """The object store of a job that reads or writes a bucket; None for local paths only."""
+    if is_uri(job.input.path) or is_uri(job.output.path):
+        return open_store(job.storage)
+    return None
+
+
+def locate_output(
+    job: Job, started: datetime, run_id: str, store: ObjectStore | None
+) -> Path | ObjectPath:
+    """Where the run's output goes: a local path, or an object of ``store``."""
+    text = resolve_output(job, started, run_id)
+    if store is not None and is_uri(text):
+        return store.locate(text)
+    return Path(text)
+
+
+def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     """Open and check the job's input (raises ``InputError`` before anything is sent).
 
     A folder, glob or manifest of images (or ``input.format = "images"``) is image input;
     anything else is a table. Settings that do not apply to the kind found are refused.
+    ``store`` reads an input in a bucket.
     """
     settings = job.input
-    kind = input_kind(settings.path, settings.format, settings.extensions)
+    kind = input_kind(settings.path, settings.format, settings.extensions, store)
     check_input_kind(job, kind, settings.path)
     if kind == IMAGES:
         return open_images(
@@ -121,6 +140,7 @@ def open_source(job: Job) -> Source:
             extensions=settings.extensions,
             recursive=settings.recursive,
             follow_links=settings.follow_links,
+            store=store,
         )
     return open_tabular(
         settings.path,
@@ -129,6 +149,7 @@ def open_source(job: Job) -> Source:
         columns=settings.columns,
         keep_input=job.output.keep_input,
         csv_delimiter=settings.csv_delimiter,
+        store=store,
     )
 
 
@@ -143,8 +164,12 @@ def batch_size_for(job: Job, kind: str) -> int:
 
 
 def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
-    """Check the job, its token source and its input, and describe the run; send nothing."""
-    source = open_source(job)
+    """Check the job, its token source and its input, and describe the run; send nothing.
+
+    A bucket is checked too: the input listed, the output's place written to (a probe
+    object, removed), so that a missing bucket or a refused key stops here."""
+    store = job_store(job)
+    source = open_source(job, store)
     kind = kind_of(source)
     size = batch_size_for(job, kind)
     sends_token, sends_app_code = True, False  # the embedded service: its own token
@@ -182,6 +207,9 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         sends = list(source.send_columns)
         key = job.input.id_column or "row number"
     now = datetime.now()
+    output = locate_output(job, now, new_run_id(now), store)
+    if isinstance(output, ObjectPath):
+        output.store.check_writable(output)
     return Plan(
         job=job,
         kind=kind,
@@ -192,7 +220,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         rows=rows,
         batch_size=size,
         batches=batches,
-        output=resolve_output_path(job, now, new_run_id(now)),
+        output=output,
         url=job.service.url,
         auth=describe_auth(job.service),
         headers=mask_headers(headers),
@@ -259,7 +287,7 @@ def job_summary(
     snapshot: StatsSnapshot,
     identity: Mapping[str, Any],
     run_id: str,
-    output: Path,
+    output: Path | ObjectPath,
     started: datetime,
     outcome: str,
 ) -> dict[str, Any]:
@@ -332,15 +360,18 @@ class Runner:
 
     async def run(self) -> RunResult:
         job = self.job
-        source = open_source(job)
+        store = job_store(job)
+        source = open_source(job, store)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
         credentials = None if job.service.embedded_model else read_credentials(job.service)
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
-        output = resolve_output_path(job, started, run_id)
+        output = locate_output(job, started, run_id, store)
+        if isinstance(output, ObjectPath):  # before any request: a refused key stops here
+            output.store.check_writable(output)
         summary_path = output.with_name(output.name + ".summary.json")
-        paths = StatePaths.beside(output, job.name)
+        paths = StatePaths.for_output(output, job.name, job.run.state_dir)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
             if credentials is not None and credentials.tokens is not None:
@@ -357,7 +388,7 @@ class Runner:
             )
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
-            if seen is not None:
+            if seen is not None and isinstance(output, Path):
                 seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
@@ -374,19 +405,30 @@ class Runner:
                 log.info("nothing new: %s items already done", f"{final.rows_skipped:,}")
             outcome = self._judge(abort_reason)
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
+            # An output in a bucket is assembled in the state folder, then uploaded whole.
+            written = output if isinstance(output, Path) else paths.assembled
             assemble(
                 paths.state,
-                output,
+                written,
                 self._rows_per_batch,
                 metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
             )
-            write_summary(summary_path, summary)
+            if isinstance(output, ObjectPath) and isinstance(summary_path, ObjectPath):
+                output.store.upload(written, output)
+                output.store.put_bytes(
+                    orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n", summary_path
+                )
+            else:
+                assert isinstance(summary_path, Path)
+                write_summary(summary_path, summary)
             if abort_reason is None:
                 shutil.rmtree(paths.state, ignore_errors=True)
                 if seen is not None:  # after the state: a crash between costs resends only
                     seen.remember(
-                        output, run_id=run_id, url=job.service.url, trial=self.limit is not None
+                        written, run_id=run_id, url=job.service.url, trial=self.limit is not None
                     )
+            if written != output:
+                written.unlink(missing_ok=True)
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,6 +25,7 @@ from batchrunner.sources.widening import (
     read_widening,
     widen_value,
 )
+from batchrunner.storage import InputPath, readable
 
 __all__ = ["JsonlReader", "jsonl_schema", "scan_jsonl"]
 
@@ -34,7 +34,7 @@ _EMPTY_JSON = "Empty JSON stream"
 _COUNT_FIELD = "\x00batchrunner-count"  # a field no row has: JSON rows counted, nothing built
 
 
-def jsonl_schema(paths: list[Path], block_bytes: int) -> tuple[Path | None, pa.Schema]:
+def jsonl_schema(paths: list[InputPath], block_bytes: int) -> tuple[InputPath | None, pa.Schema]:
     """The schema Arrow infers from the first block of the first file with a row."""
     for path in paths:
         try:
@@ -61,7 +61,7 @@ class JsonlReader:
         self._types = types
         self._block_bytes = block_bytes
 
-    def read(self, path: Path, skip: int) -> FileRows:
+    def read(self, path: InputPath, skip: int) -> FileRows:
         """(row number within the file, record batch), every row (``skip`` is ignored)."""
 
         def open_reader() -> Any:
@@ -79,7 +79,7 @@ class JsonlReader:
         gave_up = "field types kept changing while reading; giving up"
         return read_widening(path, len(self._types), open_reader, widen, gave_up)
 
-    def _widen(self, path: Path, exc: Exception, read_rows: int) -> None:
+    def _widen(self, path: InputPath, exc: Exception, read_rows: int) -> None:
         """Find the line Arrow failed on; widen its fields or raise an InputError naming it."""
         found = scan_jsonl(path, read_rows, dict(self._types))
         if found is None:
@@ -89,7 +89,7 @@ class JsonlReader:
             log_widening(path, f"line {line}", name, value, self._types[name], widened)
             self._types[name] = widened
 
-    def count(self, path: Path) -> int:
+    def count(self, path: InputPath) -> int:
         """The file's number of rows, read through."""
         try:
             schema = pa.schema([(_COUNT_FIELD, pa.null())])
@@ -105,7 +105,7 @@ class JsonlReader:
 
 
 def scan_jsonl(
-    path: Path, start_row: int, types: dict[str, pa.DataType] | None
+    path: InputPath, start_row: int, types: dict[str, pa.DataType] | None
 ) -> tuple[int, list[tuple[str, pa.DataType, Any]]] | None:
     """Read the file line by line from row ``start_row`` (only after Arrow failed on it).
 
@@ -117,7 +117,7 @@ def scan_jsonl(
     inferring = types is None
     known: dict[str, pa.DataType] = {} if types is None else dict(types)
     row = 0
-    with io.BufferedReader(pa.input_stream(str(path), compression="detect")) as lines:
+    with io.BufferedReader(pa.input_stream(readable(path), compression="detect")) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -144,7 +144,7 @@ def scan_jsonl(
     return None
 
 
-def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
+def _parse_line(path: InputPath, number: int, line: bytes) -> dict[str, Any]:
     """Line ``number`` as a JSON object, or an InputError that says how to fix it."""
     try:
         record = orjson.loads(line)
@@ -170,14 +170,14 @@ def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _open_jsonl(path: Path, block_bytes: int, schema: pa.Schema | None) -> Any:
+def _open_jsonl(path: InputPath, block_bytes: int, schema: pa.Schema | None) -> Any:
     parse = (
         pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         if schema is not None
         else pjson.ParseOptions()
     )
     return pjson.open_json(
-        str(path),
+        readable(path),
         # Errors are located by scan_jsonl, not by Arrow. (The streaming reader parses on
         # one thread whatever use_threads says.)
         read_options=pjson.ReadOptions(use_threads=True, block_size=block_bytes),
