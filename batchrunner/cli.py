@@ -602,10 +602,12 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"auth:         {plan.auth}",
         f"output:       {plan.output}",
     ]
+    if plan.storage is not None:
+        lines.append(f"storage:      {plan.storage}")
     if job.input.incremental:
         from batchrunner.checkpoint import StatePaths
 
-        seen = StatePaths.beside(plan.output, job.name).seen
+        seen = StatePaths.for_output(plan.output, job.name, job.run.state_dir).seen
         lines.append(f"incremental:  items finished by earlier runs are left out (see {seen})")
     typer.echo("\n".join(lines))
     if dry_run:

@@ -159,12 +159,20 @@ def open_store(
         access_key=access.reveal() if access is not None else None,
         secret_key=secret.reveal() if secret is not None else None,
         session_token=token.reveal() if token is not None else None,
+        keys_from=_describe_keys(settings),
     )
 
 
 def describe_storage(settings: StorageSettings) -> str:
     """Where the object store is and where its keys come from, in words (no key in them)."""
     where = settings.endpoint or "AWS S3"
+    region = settings.region or "default"
+    return (
+        f"{where} ({settings.addressing} addressing, region {region}); {_describe_keys(settings)}"
+    )
+
+
+def _describe_keys(settings: StorageSettings) -> str:
     if settings.access_key_env or settings.access_key_file:
         keys = (
             f"access key from ${settings.access_key_env}"
@@ -178,6 +186,4 @@ def describe_storage(settings: StorageSettings) -> str:
         )
     else:
         keys = "keys from the standard AWS sources (AWS_ACCESS_KEY_ID, profile, instance role)"
-    return (
-        f"{where} ({settings.addressing} addressing, region {settings.region or 'default'}); {keys}"
-    )
+    return keys

@@ -35,7 +35,13 @@ import pyarrow as pa
 from batchrunner.auth import FixedToken, Secret, TokenProvider, mask_headers
 from batchrunner.checkpoint import Checkpoint, StatePaths, open_checkpoint
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
-from batchrunner.credentials import Credentials, describe_auth, open_store, read_credentials
+from batchrunner.credentials import (
+    Credentials,
+    describe_auth,
+    describe_storage,
+    open_store,
+    read_credentials,
+)
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import BatchRunnerError, RequestError, RunInterrupted, ServiceError
 from batchrunner.incremental import SeenItems, open_seen
@@ -105,6 +111,7 @@ class Plan:
     first_request: bytes | None
     first_request_preview: str | None = None  # a body that is not text, as shown to people
     first_request_error: str | None = None  # why the first item would not be sent
+    storage: str | None = None  # the object store and where its keys come from (no key)
 
 
 def job_store(job: Job) -> ObjectStore | None:
@@ -226,6 +233,7 @@ def plan_job(job: Job, *, limit: int | None = None, count: bool = True) -> Plan:
         headers=mask_headers(headers),
         first_request=body,
         first_request_preview=preview,
+        storage=None if store is None else describe_storage(job.storage),
         first_request_error=refused,
     )
 

@@ -172,7 +172,9 @@ class ObjectStore:
         session_token: str | None = None,
         connect_timeout: float = 10.0,
         request_timeout: float = 60.0,
+        keys_from: str = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role",
     ) -> None:
+        self.keys_from = keys_from  # where the keys come from, in words, for messages
         self.endpoint = endpoint
         self.region = region
         self.virtual = virtual
@@ -228,7 +230,14 @@ class ObjectStore:
             return "file"
         if info.type == pafs.FileType.Directory or path.key in ("", "/"):
             return "folder"
+        self.check_bucket(path)
         return "missing"
+
+    def check_bucket(self, path: ObjectPath) -> None:
+        """``StorageError`` unless ``path``'s bucket exists (and the keys are taken)."""
+        bucket = path.child("")
+        if self.info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(self.explain(bucket, OSError("NoSuchBucket")))
 
     def listing(self, prefix: ObjectPath) -> list[tuple[str, bool, ObjectPath]]:
         """One level of ``prefix``: (name, is a folder, its path), sorted by name."""
@@ -299,6 +308,10 @@ class ObjectStore:
 
     def check_writable(self, target: ObjectPath) -> None:
         """Write and remove a small probe object beside ``target`` (``validate``, dry runs)."""
+        try:
+            self.check_bucket(target)
+        except StorageError as exc:
+            raise StorageError(f"output.path: cannot write to {target.parent}: {exc}") from None
         probe = target.with_name(f".{target.name}.batchrunner-probe")
         try:
             with self.filesystem.open_output_stream(probe.location, metadata={}) as sink:
@@ -328,6 +341,7 @@ class ObjectStore:
             word in lowered
             for word in (
                 "accessdenied",
+                "access_denied",
                 "access denied",
                 "forbidden",
                 "invalidaccesskeyid",
@@ -338,8 +352,7 @@ class ObjectStore:
         ):
             return (
                 f"{path}: the store refused the credentials (access denied); check the keys "
-                f"([storage] access_key_env/secret_key_env, or AWS_ACCESS_KEY_ID and "
-                f"AWS_SECRET_ACCESS_KEY) and that they may use bucket {path.bucket}"
+                f"({self.keys_from}) and that they may use bucket {path.bucket}"
             )
         if "curl" in lowered or "connect" in lowered or "resolve" in lowered:
             return (

@@ -171,3 +171,96 @@ def test_virtual_hosted_addressing(invoke, s3: S3) -> None:
     result = invoke("run", "job.toml")
     assert result.exit_code == 0, result.stderr
     assert len(read_object_table(s3, "vhost/out.parquet")) == 150
+
+
+# -- validate, dry runs and the errors that stop a run before any request ------------------
+
+
+def bucket_job(s3: S3, input: str, output: str = "o.parquet", **extra: str) -> Path:
+    lines = "".join(f"{key} = {value}\n" for key, value in extra.items())
+    return write_job(
+        Path("job.toml"),
+        f'name = "j"\n[input]\npath = "{input}"\n{lines}[service]\nurl = "embedded:iris"\n'
+        f'[output]\npath = "{output}"\n' + storage_section(s3.endpoint),
+    )
+
+
+def test_validate_lists_the_input_and_checks_the_output_is_writable(invoke, s3: S3) -> None:
+    s3.bucket("data")
+    for part in range(5):
+        s3.put(f"data/in/p{part}.csv", iris_bytes())
+    bucket_job(s3, "s3://data/in/", "s3://data/out/j.parquet", id_column='"id"')
+    result = invoke("validate", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "input:        s3://data/in/p0.csv, s3://data/in/p1.csv, s3://data/in/p2.csv "
+        "(+2 more) (csv)" in result.stdout
+    )
+    assert "rows:         750 in" in result.stdout
+    assert "output:       s3://data/out/j.parquet" in result.stdout
+    assert (
+        f"storage:      {s3.endpoint} (path addressing, region us-east-1); access key from "
+        "$TEST_S3_ACCESS_KEY, secret key from $TEST_S3_SECRET_KEY"
+    ) in result.stdout
+    assert s3.keys("data/out") == []  # the probe object is gone
+    dry = invoke("run", "job.toml", "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "dry run: nothing was sent" in dry.stdout
+
+
+def test_a_missing_bucket_stops_the_run_with_exit_2(invoke, s3: S3) -> None:
+    bucket_job(s3, "s3://nowhere/in.csv")
+    for command in (("validate", "job.toml"), ("run", "job.toml")):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "s3://nowhere: no such bucket; check the bucket name" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_missing_key_names_it(invoke, s3: S3) -> None:
+    s3.bucket("data")
+    s3.put("data/in/iris.csv", iris_bytes())
+    bucket_job(s3, "s3://data/in/Iris.csv")
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 2, result.stderr
+    assert "input.path: no such object or prefix: s3://data/in/Iris.csv" in result.stderr
+
+
+def test_an_output_bucket_that_is_missing_stops_before_any_request(invoke, s3: S3) -> None:
+    s3.bucket("data")
+    s3.put("data/iris.csv", iris_bytes())
+    bucket_job(s3, "s3://data/iris.csv", "s3://gone/o.parquet")
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 2, result.stderr
+    assert "output.path: cannot write to s3://gone/" in result.stderr
+    assert "no such bucket" in result.stderr
+    assert not Path(".batchrunner/j.state").exists()
+
+
+def test_a_refused_credential_stops_the_run_with_exit_2(
+    invoke, s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3.bucket("data")
+    s3.put("data/iris.csv", iris_bytes())
+    bucket_job(s3, "s3://data/iris.csv", "s3://data/o.parquet")
+    import moto.settings
+
+    # moto now checks every request's signature against its IAM users: ours is unknown.
+    with monkeypatch.context() as patch:
+        patch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        result = invoke("run", "job.toml")
+    assert result.exit_code == 2, result.stderr
+    assert "s3://data/iris.csv: the store refused the credentials (access denied)" in (
+        result.stderr
+    )
+    assert "TEST_S3_ACCESS_KEY" in result.stderr
+
+
+def test_keys_named_but_missing_are_a_setting_error(invoke, s3: S3, monkeypatch) -> None:
+    monkeypatch.delenv("TEST_S3_SECRET_KEY")
+    bucket_job(s3, "s3://data/iris.csv")
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 2
+    assert "storage.secret_key_env: environment variable TEST_S3_SECRET_KEY is not set" in (
+        result.stderr
+    )
