@@ -28,6 +28,7 @@ from batchrunner.auth import (
     read_secret_file,
 )
 from batchrunner.client import login
+from batchrunner.errors import SettingError
 from batchrunner.iam import Clock, IamToken, TokenCache, default_cache_dir, password_source
 from batchrunner.job import (
     DEFAULT_TOKEN_ENV,
@@ -141,13 +142,13 @@ def open_store(
             settings.access_key_env, "storage.access_key_env", "access key", env
         )
     elif settings.access_key_file is not None:
-        access = read_secret_file(Path(settings.access_key_file), "storage.access_key_file")
+        access = _read_key_file(settings.access_key_file, "storage.access_key_file")
     if settings.secret_key_env is not None:
         secret = read_secret_env(
             settings.secret_key_env, "storage.secret_key_env", "secret key", env
         )
     elif settings.secret_key_file is not None:
-        secret = read_secret_file(Path(settings.secret_key_file), "storage.secret_key_file")
+        secret = _read_key_file(settings.secret_key_file, "storage.secret_key_file")
     if settings.session_token_env is not None:
         token = read_secret_env(
             settings.session_token_env, "storage.session_token_env", "session token", env
@@ -161,6 +162,18 @@ def open_store(
         session_token=token.reveal() if token is not None else None,
         keys_from=_describe_keys(settings),
     )
+
+
+def _read_key_file(path: str, setting: str) -> Secret:
+    # Unlike a token file's, the path is not echoed: a key pasted where its file's name
+    # belongs would be shown otherwise.
+    try:
+        return read_secret_file(Path(path), setting)
+    except SettingError:
+        raise SettingError(
+            f"{setting}: cannot read the file it names, or it is empty; give the path of a "
+            f"file holding the key (never the key itself)"
+        ) from None
 
 
 def describe_storage(settings: StorageSettings) -> str:
