@@ -285,4 +285,4 @@ def test_object_storage_keys_appear_nowhere(
     files = [p for p in files_under(Path()) if p.name not in kept]
     assert s3.exists("data/out/job.parquet")
     objects = {key: s3.get(key) for key in s3.keys("data")}
-    assert_nowhere([ACCESS_KEY, SECRET_KEY], printed + [repr(objects)], files)
+    assert_nowhere([ACCESS_KEY, SECRET_KEY], [*printed, repr(objects)], files)
