@@ -3,6 +3,8 @@
 Imports flow one way, down this list; a module imports only from those above it:
 
     errors      the BatchRunnerError tree
+    storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,
+                whole-or-absent uploads
     items       plain data passed between stages (Batch, Outcome)
     job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
     sources     one reader per input kind (tabular; images: folders, globs, manifests)
@@ -14,7 +16,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     auth        secrets and masking; token providers (env, file) and single-flight renewal
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal
-    credentials the token source and AppCode that [service] chooses
+    credentials the token source and AppCode that [service] chooses; the object store
+                that [storage] describes
     report      run statistics and their frozen snapshot, latency histogram, timeline, summary
     metrics     a run's figures in Prometheus' text format (textfile collector), written
                 atomically

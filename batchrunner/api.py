@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from batchrunner.inspection import Inspection
     from batchrunner.report import StatsSnapshot
     from batchrunner.runner import Plan
+    from batchrunner.storage import ObjectPath
 
 # The exit codes of the command line, for a run that finished (see the README's table).
 EXIT_DONE = 0
@@ -56,8 +57,8 @@ class RunReport:
 
     engine: Engine
     outcome: Outcome
-    output: Path  # a Parquet file (local) or a folder of parts (ray)
-    summary_path: Path  # <output>.summary.json
+    output: Path | ObjectPath  # a file (local, or in a bucket) or a folder of parts (ray)
+    summary_path: Path | ObjectPath  # <output>.summary.json
     summary: Mapping[str, Any]  # what summary_path holds
     rows: int
     rows_ok: int

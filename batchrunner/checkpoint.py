@@ -45,6 +45,7 @@ from batchrunner.sink import (
     next_generation,
     read_journal,
 )
+from batchrunner.storage import InputPath
 from batchrunner.writing import write_json_atomically
 
 log = logging.getLogger("batchrunner")
@@ -69,13 +70,33 @@ class StatePaths:
 
     @classmethod
     def beside(cls, output: Path, job_name: str) -> StatePaths:
-        folder = output.parent / ".batchrunner"
+        return cls.within(output.parent / ".batchrunner", job_name)
+
+    @classmethod
+    def for_output(
+        cls, output: InputPath, job_name: str, state_dir: str | Path | None
+    ) -> StatePaths:
+        """``run.state_dir`` when set; else beside a local output, or ``.batchrunner/`` in
+        the working folder for an output in a bucket (state always stays on local disk)."""
+        if state_dir is not None:
+            return cls.within(Path(state_dir), job_name)
+        if isinstance(output, Path):
+            return cls.beside(output, job_name)
+        return cls.within(Path(".batchrunner"), job_name)
+
+    @classmethod
+    def within(cls, folder: Path, job_name: str) -> StatePaths:
         return cls(
             lock=folder / f"{job_name}.lock",
             state=folder / f"{job_name}.state",
             seen=folder / f"{job_name}.seen.parquet",
             keys=folder / f"{job_name}.keys",
         )
+
+    @property
+    def assembled(self) -> Path:
+        """An output bound for a bucket, assembled here before it is uploaded."""
+        return self.state.with_name(self.state.name.removesuffix(".state") + ".upload.parquet")
 
     @property
     def manifest(self) -> Path:

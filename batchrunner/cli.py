@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from batchrunner.runner import RunResult
     from batchrunner.schedule import Schedule
+    from batchrunner.storage import ObjectPath
 
 EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
@@ -302,7 +303,9 @@ def _show_summary(result: RunResult, log_format: LogFormat) -> None:
     _show_summary_of(result.summary, result.summary_path, log_format)
 
 
-def _show_summary_of(summary: dict[str, Any], summary_path: Path, log_format: LogFormat) -> None:
+def _show_summary_of(
+    summary: dict[str, Any], summary_path: Path | ObjectPath, log_format: LogFormat
+) -> None:
     from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
 
     # The summary is the run's product: stdout (`run job.toml > summary.txt`, `| jq`); log
@@ -783,10 +786,12 @@ def _show_plan(plan: Any, *, dry_run: bool) -> None:
         f"auth:         {plan.auth}",
         f"output:       {plan.output}",
     ]
+    if plan.storage is not None:
+        lines.append(f"storage:      {plan.storage}")
     if job.input.incremental:
         from batchrunner.checkpoint import StatePaths
 
-        seen = StatePaths.beside(plan.output, job.name).seen
+        seen = StatePaths.for_output(plan.output, job.name, job.run.state_dir).seen
         lines.append(f"incremental:  items finished by earlier runs are left out (see {seen})")
     typer.echo("\n".join(lines))
     if dry_run:

@@ -4,6 +4,9 @@
 a ``SettingError`` before any request) and sends nothing: the IAM login happens at the
 first ``current()``. ``describe_auth`` says in words where the credentials come from, for
 ``validate`` and ``--dry-run``.
+
+``open_store`` does the same for ``[storage]``: the object store's keys, read from where the
+settings point (or left to the AWS SDK's own sources), handed to the store and nowhere else.
 """
 
 from __future__ import annotations
@@ -26,8 +29,16 @@ from batchrunner.auth import (
     read_secret_file,
 )
 from batchrunner.client import login
+from batchrunner.errors import SettingError
 from batchrunner.iam import Clock, IamToken, TokenCache, default_cache_dir, password_source
-from batchrunner.job import DEFAULT_TOKEN_ENV, AppSettings, IamSettings, ServiceSettings
+from batchrunner.job import (
+    DEFAULT_TOKEN_ENV,
+    AppSettings,
+    IamSettings,
+    ServiceSettings,
+    StorageSettings,
+)
+from batchrunner.storage import ObjectStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +142,78 @@ def describe_auth(settings: ServiceSettings) -> str:
             f"AppCode from ${where}" if where else f"AppCode from file {settings.app.appcode_file}"
         )
     return "; ".join(parts) or "none (no token is set for this protocol)"
+
+
+def open_store(
+    settings: StorageSettings, *, environ: Mapping[str, str] | None = None
+) -> ObjectStore:
+    """The object store ``[storage]`` describes, with its keys (not connected yet).
+
+    Keys named by ``access_key_env``/``secret_key_env`` (or ``_file``) must be there (a
+    ``SettingError`` otherwise); with neither, the AWS SDK finds them itself.
+    """
+    env = os.environ if environ is None else environ
+    access = secret = token = None
+    if settings.access_key_env is not None:
+        access = read_secret_env(
+            settings.access_key_env, "storage.access_key_env", "access key", env
+        )
+    elif settings.access_key_file is not None:
+        access = _read_key_file(settings.access_key_file, "storage.access_key_file")
+    if settings.secret_key_env is not None:
+        secret = read_secret_env(
+            settings.secret_key_env, "storage.secret_key_env", "secret key", env
+        )
+    elif settings.secret_key_file is not None:
+        secret = _read_key_file(settings.secret_key_file, "storage.secret_key_file")
+    if settings.session_token_env is not None:
+        token = read_secret_env(
+            settings.session_token_env, "storage.session_token_env", "session token", env
+        )
+    return ObjectStore(
+        endpoint=settings.endpoint,
+        region=settings.region,
+        virtual=settings.addressing == "virtual",
+        access_key=access.reveal() if access is not None else None,
+        secret_key=secret.reveal() if secret is not None else None,
+        session_token=token.reveal() if token is not None else None,
+        keys_from=_describe_keys(settings),
+    )
+
+
+def _read_key_file(path: str, setting: str) -> Secret:
+    # Unlike a token file's, the path is not echoed: a key pasted where its file's name
+    # belongs would be shown otherwise.
+    try:
+        return read_secret_file(Path(path), setting)
+    except SettingError:
+        raise SettingError(
+            f"{setting}: cannot read the file it names, or it is empty; give the path of a "
+            f"file holding the key (never the key itself)"
+        ) from None
+
+
+def describe_storage(settings: StorageSettings) -> str:
+    """Where the object store is and where its keys come from, in words (no key in them)."""
+    where = settings.endpoint or "AWS S3"
+    region = settings.region or "default"
+    return (
+        f"{where} ({settings.addressing} addressing, region {region}); {_describe_keys(settings)}"
+    )
+
+
+def _describe_keys(settings: StorageSettings) -> str:
+    if settings.access_key_env or settings.access_key_file:
+        keys = (
+            f"access key from ${settings.access_key_env}"
+            if settings.access_key_env
+            else f"access key from file {settings.access_key_file}"
+        )
+        keys += (
+            f", secret key from ${settings.secret_key_env}"
+            if settings.secret_key_env
+            else f", secret key from file {settings.secret_key_file}"
+        )
+    else:
+        keys = "keys from the standard AWS sources (AWS_ACCESS_KEY_ID, profile, instance role)"
+    return keys

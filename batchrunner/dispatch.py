@@ -45,6 +45,7 @@ from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
+from batchrunner.storage import ObjectPath
 
 log = logging.getLogger("batchrunner")
 
@@ -434,7 +435,7 @@ async def _both(first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, T]) -
     return one.result(), two.result()
 
 
-def _small_file(path: Path) -> bool:
+def _small_file(path: Path | ObjectPath) -> bool:
     """Whether ``path`` is a file small enough to read on the event loop.
 
     Reading a small file takes a few system calls (tens of microseconds); a hop to a worker

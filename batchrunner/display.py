@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchrunner.report import StatsSnapshot
@@ -128,7 +127,7 @@ def summary_title(summary: Mapping[str, Any]) -> str:
     return f"{summary.get('job', '?')}: {OUTCOME_TITLES.get(outcome, outcome)}"
 
 
-def summary_rows(summary: Mapping[str, Any], summary_path: Path | None = None) -> Rows:
+def summary_rows(summary: Mapping[str, Any], summary_path: object | None = None) -> Rows:
     """The run summary as (label, value) rows: the end of a run, and ``inspect``.
 
     Reads what it finds: a summary written by another version may lack a figure.

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from batchrunner.storage import InputPath
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -24,7 +25,7 @@ class Batch:
     seq: int
     keys: Sequence[str]
     rows: pa.RecordBatch | None = None  # tabular: the JSON-safe columns sent in req_data
-    path: Path | None = None  # file input: the file sent as multipart
+    path: InputPath | None = None  # file input: the file (or object) sent as multipart
     kept: pa.RecordBatch | None = None  # the input columns copied into the output (keep_input)
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from batchrunner.errors import SettingError, did_you_mean
+from batchrunner.storage import InputPath, ObjectPath
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_TOKEN_ENV = "MODELARTS_TOKEN"
@@ -46,6 +47,11 @@ SECRET_POINTERS = frozenset(
         "appcode_env",
         "appcode_file",
         "webhook_url_env",
+        "access_key_env",
+        "access_key_file",
+        "secret_key_env",
+        "secret_key_file",
+        "session_token_env",
     }
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -447,6 +453,64 @@ class NotifySettings(_Settings):
         return self
 
 
+class StorageSettings(_Settings):
+    """``[storage]``: how ``s3://`` and ``obs://`` locations are reached.
+
+    ``endpoint`` is the store's URL (OBS: ``https://obs.<region>.myhuaweicloud.com``; left
+    out: AWS S3), ``addressing`` puts the bucket in the host name (``virtual``, which OBS
+    requires) or in the path. The keys come from ``access_key_env``/``secret_key_env`` (or
+    ``_file``), else from the AWS SDK's own sources (``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a profile, an instance role).
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+    addressing: Literal["virtual", "path"] = "virtual"
+    access_key_env: str | None = None
+    access_key_file: str | None = None
+    secret_key_env: str | None = None
+    secret_key_file: str | None = None
+    session_token_env: str | None = None
+
+    _check_access_env = field_validator("access_key_env")(_check_env_name)
+    _check_secret_env = field_validator("secret_key_env")(_check_env_name)
+    _check_session_env = field_validator("session_token_env")(_check_env_name)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        return _check_http_url(endpoint, "https://obs.<region>.myhuaweicloud.com")
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> StorageSettings:
+        access = _one_of(self, ("access_key_env", "access_key_file"))
+        secret = _one_of(self, ("secret_key_env", "secret_key_file"))
+        if len(access) > 1 or len(secret) > 1:
+            raise ValueError(
+                "choose one place for each key: access_key_env or access_key_file, "
+                "secret_key_env or secret_key_file"
+            )
+        if bool(access) != bool(secret):
+            raise ValueError(
+                "the access key and the secret key go together: set both "
+                "(access_key_env/_file and secret_key_env/_file), or neither to use the "
+                "standard AWS sources"
+            )
+        return self
+
+
+class RunSettings(_Settings):
+    """``[run]``: where the run keeps its state (journal, lock, incremental memory).
+
+    Default: ``.batchrunner/`` beside a local output; for an output in a bucket,
+    ``.batchrunner/`` in the working folder. State always stays on local disk.
+    """
+
+    state_dir: str | None = None
+
+
 class Job(_Settings):
     """A whole job, validated. Build it with ``load_job``; it never changes afterwards."""
 
@@ -459,6 +523,9 @@ class Job(_Settings):
     output: OutputSettings = OutputSettings()
     report: ReportSettings = ReportSettings()
     notify: NotifySettings | None = None
+
+    storage: StorageSettings = StorageSettings()
+    run: RunSettings = RunSettings()
 
     @model_validator(mode="after")
     def _one_row_per_json_body(self) -> Job:
@@ -497,6 +564,7 @@ OPTION_SETTINGS = {
     "concurrency": "batch.concurrency",
     "batch_size": "batch.size",
     "metrics_file": "report.metrics_file",
+    "state_dir": "run.state_dir",
 }
 
 
@@ -649,7 +717,9 @@ def _unknown_setting_hint(location: tuple[int | str, ...]) -> str:
 # --- identity ------------------------------------------------------------------------------
 
 
-def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) -> dict[str, Any]:
+def job_identity(
+    job: Job, input_files: Iterable[InputPath], *, kind: str = TABULAR
+) -> dict[str, Any]:
     """What makes two runs "the same job": a resumed run must match its predecessor's.
 
     Input identity (paths, sizes, modification times; for an image folder, the folder
@@ -664,8 +734,12 @@ def job_identity(job: Job, input_files: Iterable[Path], *, kind: str = TABULAR) 
     """
     files = []
     for path in input_files:
-        stat = path.stat()
-        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        if isinstance(path, ObjectPath):  # a prefix has no size: its identity is its name
+            stat = path.stat() if not path.key.endswith("/") and path.key else None
+            files.append([path.uri, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0])
+            continue
+        local = path.stat()
+        files.append([str(path.resolve()), local.st_size, local.st_mtime_ns])
     identity: dict[str, Any] = {
         "url": job.service.url,
         "protocol": job.service.protocol,
@@ -789,7 +863,16 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
     """``output.path`` with its placeholders filled: ``{name} {date} {time} {run_id}``.
 
     ``started`` is the run's start in local time: each night's run writes its own file.
+    A bucket location (``s3://``, ``obs://``) is refused here: see ``resolve_output``.
     """
+    text = resolve_output(job, started, run_id)
+    if "://" in text:
+        raise SettingError(f"output.path: a local path is needed here, got {text!r}")
+    return Path(text)
+
+
+def resolve_output(job: Job, started: datetime, run_id: str) -> str:
+    """``output.path`` with its placeholders filled, as text: a local path or a URI."""
     template = job.output.path
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
@@ -801,25 +884,20 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
                 f"output.path: unknown placeholder {{{name}}} in {template!r}; "
                 f"known: {', '.join('{' + p + '}' for p in OUTPUT_PLACEHOLDERS)}"
             )
-    path = Path(
-        template.format(
-            name=job.name,
-            date=started.strftime("%Y-%m-%d"),
-            time=started.strftime("%H%M%S"),
-            run_id=run_id,
-        )
+    text = template.format(
+        name=job.name,
+        date=started.strftime("%Y-%m-%d"),
+        time=started.strftime("%H%M%S"),
+        run_id=run_id,
     )
-    suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise SettingError(
-            f"output.path: must end in .parquet (or .csv, .jsonl), got {str(path)!r}"
-        )
+    suffix = "." + text.rpartition(".")[2].lower() if "." in text.rpartition("/")[2] else ""
+    if suffix not in OUTPUT_SUFFIXES or text.endswith("/"):
+        raise SettingError(f"output.path: must end in .parquet (or .csv, .jsonl), got {text!r}")
     if job.input.incremental and suffix != ".parquet":
         raise SettingError(
-            f"output.path: input.incremental remembers items from a Parquet output; "
-            f"got {str(path)!r}"
+            f"output.path: input.incremental remembers items from a Parquet output; got {text!r}"
         )
-    folder = str(Path(template).parent)
+    folder = template.rpartition("/")[0]
     if job.input.incremental and any(name for _, name, _, _ in string.Formatter().parse(folder)):
         raise SettingError(
             f"output.path: with input.incremental the output's folder must stay the same from "
@@ -827,4 +905,4 @@ def resolve_output_path(job: Job, started: datetime, run_id: str) -> Path:
             f"placeholders in the file name, e.g. 'out/{{name}}-{{date}}.parquet', "
             f"got {template!r}"
         )
-    return path
+    return text if "://" in text else str(Path(text))

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.items import Batch
+from batchrunner.storage import InputPath
 from batchrunner.writing import fsync
 
 U64 = npt.NDArray[np.uint64]
@@ -90,7 +91,7 @@ def key_hashes(keys: pa.Array | Sequence[str]) -> U64:
     return _text_hashes(array, _seed("key"))
 
 
-def item_hashes(keys: U64, rows: pa.RecordBatch | None, files: Sequence[Path] = ()) -> U64:
+def item_hashes(keys: U64, rows: pa.RecordBatch | None, files: Sequence[InputPath] = ()) -> U64:
     """Each row's item hash: its key hash (``keys``) and the fields of ``rows`` it sends; for
     file input (``rows`` None), the file's path, size and modification time instead."""
     hashes = keys.copy()
@@ -98,7 +99,7 @@ def item_hashes(keys: U64, rows: pa.RecordBatch | None, files: Sequence[Path] = 
         for index, path in enumerate(files):
             try:
                 stat = path.stat()
-                content: list[Any] = [os.fspath(path), stat.st_size, stat.st_mtime_ns]
+                content: list[Any] = [str(path), stat.st_size, stat.st_mtime_ns]
             except OSError:
                 content = [os.fspath(path), -1, -1]  # gone: sent, and not remembered
             hashes[index] ^= _seed("file", content)

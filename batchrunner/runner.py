@@ -44,7 +44,13 @@ from batchrunner.checkpoint import (
     open_checkpoint,
 )
 from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
-from batchrunner.credentials import Credentials, describe_auth, read_credentials
+from batchrunner.credentials import (
+    Credentials,
+    describe_auth,
+    describe_storage,
+    open_store,
+    read_credentials,
+)
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import (
     BatchRunnerError,
@@ -66,7 +72,7 @@ from batchrunner.job import (
     fingerprint,
     job_identity,
     output_name_glob,
-    resolve_output_path,
+    resolve_output,
 )
 from batchrunner.keyindex import Duplicates, Spill, content_digest
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
@@ -81,6 +87,7 @@ from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.storage import ObjectPath, ObjectStore, is_uri
 from batchrunner.writing import check_writable, remove_leftovers
 from batchrunner.writing import write_json_atomically as write_summary
 
@@ -104,8 +111,8 @@ class RunResult:
     """What a finished run reports: where its output is, and how it went."""
 
     outcome: str
-    output: Path
-    summary_path: Path
+    output: Path | ObjectPath
+    summary_path: Path | ObjectPath
     summary: dict[str, Any]
     stats: StatsSnapshot  # the figures at the end: the summary was built from them
     abort_reason: str | None = None
@@ -117,14 +124,14 @@ class Plan:
 
     job: Job
     kind: str  # TABULAR or IMAGES
-    files: list[Path]
+    files: list[Path | ObjectPath]
     format: str
     send_columns: list[str]
     key: str  # what each row's key is, for people
     rows: int | None
     batch_size: int  # items per request (image input: 1)
     batches: int | None
-    output: Path
+    output: Path | ObjectPath
     url: str
     auth: str
     headers: dict[str, str]
@@ -132,16 +139,35 @@ class Plan:
     first_request_preview: str | None = None  # a body that is not text, as shown to people
     first_request_error: str | None = None  # why the first item would not be sent
     send_schema: pa.Schema | None = None  # the Arrow types of the columns sent (tables)
+    storage: str | None = None  # the object store and where its keys come from (no key)
 
 
-def open_source(job: Job) -> Source:
+def job_store(job: Job) -> ObjectStore | None:
+    """The object store of a job that reads or writes a bucket; None for local paths only."""
+    if is_uri(job.input.path) or is_uri(job.output.path):
+        return open_store(job.storage)
+    return None
+
+
+def locate_output(
+    job: Job, started: datetime, run_id: str, store: ObjectStore | None
+) -> Path | ObjectPath:
+    """Where the run's output goes: a local path, or an object of ``store``."""
+    text = resolve_output(job, started, run_id)
+    if store is not None and is_uri(text):
+        return store.locate(text)
+    return Path(text)
+
+
+def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     """Open and check the job's input (raises ``InputError`` before anything is sent).
 
     A folder, glob or manifest of images (or ``input.format = "images"``) is image input;
     anything else is a table. Settings that do not apply to the kind found are refused.
+    ``store`` reads an input in a bucket.
     """
     settings = job.input
-    kind = input_kind(settings.path, settings.format, settings.extensions)
+    kind = input_kind(settings.path, settings.format, settings.extensions, store)
     check_input_kind(job, kind, settings.path)
     if kind == IMAGES:
         return open_images(
@@ -149,6 +175,7 @@ def open_source(job: Job) -> Source:
             extensions=settings.extensions,
             recursive=settings.recursive,
             follow_links=settings.follow_links,
+            store=store,
         )
     return open_tabular(
         settings.path,
@@ -159,6 +186,7 @@ def open_source(job: Job) -> Source:
         csv_delimiter=settings.csv_delimiter,
         encoding=settings.encoding,
         binary=settings.binary,
+        store=store,
     )
 
 
@@ -191,9 +219,13 @@ def plan_job(
     job: Job, *, limit: int | None = None, count: bool = True, folder_output: bool = False
 ) -> Plan:
     """Check the job, its token source, its input and its output path, and describe the run;
-    send nothing. ``folder_output``: the output is a folder (``--engine ray``)."""
+    send nothing. ``folder_output``: the output is a folder (``--engine ray``).
+
+    A bucket is checked too: the input listed, the output's place written to (a probe
+    object, removed), so that a missing bucket or a refused key stops here."""
     check_service_url(job.service)
-    source = open_source(job)
+    store = job_store(job)
+    source = open_source(job, store)
     kind = kind_of(source)
     size = batch_size_for(job, kind)
     sends_token, sends_app_code = True, False  # the embedded service: its own token
@@ -233,8 +265,11 @@ def plan_job(
         sends = list(source.send_columns)
         key = job.input.id_column or "row number"
     now = datetime.now()
-    output = resolve_output_path(job, now, new_run_id(now))
-    check_writable(output, folder=folder_output)
+    output = locate_output(job, now, new_run_id(now), store)
+    if isinstance(output, ObjectPath):
+        output.store.check_writable(output)
+    else:
+        check_writable(output, folder=folder_output)
     return Plan(
         job=job,
         kind=kind,
@@ -251,6 +286,7 @@ def plan_job(
         headers=mask_headers(headers),
         first_request=body,
         first_request_preview=preview,
+        storage=None if store is None else describe_storage(job.storage),
         first_request_error=refused,
         send_schema=first.rows.schema if first is not None and first.rows is not None else None,
     )
@@ -341,7 +377,7 @@ def job_summary(
     snapshot: StatsSnapshot,
     identity: Mapping[str, Any],
     run_id: str,
-    output: Path,
+    output: Path | ObjectPath,
     started: datetime,
     outcome: str,
 ) -> dict[str, Any]:
@@ -424,7 +460,8 @@ class Runner:
     async def run(self) -> RunResult:
         job = self.job
         check_service_url(job.service)
-        source = open_source(job)
+        store = job_store(job)
+        source = open_source(job, store)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
         credentials = None if job.service.embedded_model else read_credentials(job.service)
@@ -432,14 +469,19 @@ class Runner:
             self._scrubber = credentials.scrubber()
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
-        output = resolve_output_path(job, started, run_id)
+        output = locate_output(job, started, run_id, store)
+        if isinstance(output, ObjectPath):  # before any request: a refused key stops here
+            output.store.check_writable(output)
+        else:
+            check_writable(output)
         summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
-        check_writable(output)
-        paths = StatePaths.beside(output, job.name)
+        paths = StatePaths.for_output(output, job.name, job.run.state_dir)
         identity = job_identity(job, source.paths, kind=self._kind)
         with JobLock(paths.lock, job.name):
-            written = output_name_glob(job)
-            for name_glob in (written, written + SUMMARY_SUFFIX):
+            output_glob = output_name_glob(job)
+            for name_glob in (output_glob, output_glob + SUMMARY_SUFFIX):
+                if not isinstance(output, Path):
+                    break  # in a bucket, what is written aside is an upload: never left
                 for leftover in remove_leftovers(output.parent, name_glob):
                     log.info("removed %s, left by a run killed while writing it", leftover)
             if credentials is not None and credentials.tokens is not None:
@@ -467,7 +509,7 @@ class Runner:
                 self._keys = Spill(paths.state / "keys")
             if checkpoint.note:
                 log.info("%s", checkpoint.note)
-            if seen is not None:
+            if seen is not None and isinstance(output, Path):
                 seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
@@ -489,19 +531,30 @@ class Runner:
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
             if duplicates:
                 summary["duplicate_keys"] = duplicates.to_json()
+            # An output in a bucket is assembled in the state folder, then uploaded whole.
+            written = output if isinstance(output, Path) else paths.assembled
             assemble(
                 paths.state,
-                output,
+                written,
                 self._rows_per_batch,
                 metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
             )
-            write_summary(summary_path, summary)
+            if isinstance(output, ObjectPath) and isinstance(summary_path, ObjectPath):
+                output.store.upload(written, output)
+                output.store.put_bytes(
+                    orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n", summary_path
+                )
+            else:
+                assert isinstance(summary_path, Path)
+                write_summary(summary_path, summary)
             if abort_reason is None:
                 shutil.rmtree(paths.state, ignore_errors=True)
                 if seen is not None:  # after the state: a crash between costs resends only
                     seen.remember(
-                        output, run_id=run_id, url=job.service.url, trial=self.limit is not None
+                        written, run_id=run_id, url=job.service.url, trial=self.limit is not None
                     )
+            if written != output:
+                written.unlink(missing_ok=True)
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)

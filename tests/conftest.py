@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batchrunner.cli import app
+from tests.s3 import ACCESS_KEY, S3, SECRET_KEY, moto_server
 
 REPO = Path(__file__).resolve().parent.parent
 # Known secrets: tests check that they never leak.
@@ -160,3 +161,22 @@ def fake_crontab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCrontab
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
     return FakeCrontab(folder)
+
+
+# -- a real S3 server (moto) on loopback --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _moto() -> Iterator[tuple[str, int]]:
+    yield from moto_server()
+
+
+@pytest.fixture
+def s3(_moto: tuple[str, int], monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    """The server, with every bucket removed after the test; the keys in the environment
+    that ``storage_section`` names (and not in AWS_*: jobs must say where keys are)."""
+    monkeypatch.setenv("TEST_S3_ACCESS_KEY", ACCESS_KEY)
+    monkeypatch.setenv("TEST_S3_SECRET_KEY", SECRET_KEY)
+    server = S3(*_moto)
+    yield server
+    server.remove_buckets()

@@ -54,7 +54,7 @@ def layer_of(dotted: str) -> str:
 
 def test_every_module_is_in_the_documented_list() -> None:
     layers = documented_layers()
-    assert layers[:2] == ["errors", "items"], "the docstring's list was not found"
+    assert layers[0] == "errors" and "cli" in layers, "the docstring's list was not found"
     missing = sorted({layer_of(name) for name, _ in package_modules()} - set(layers) - {""})
     assert missing == [], f"modules missing from batchrunner/__init__.py's list: {missing}"
 

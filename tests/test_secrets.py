@@ -404,3 +404,54 @@ def test_token_appears_nowhere_in_reports_metrics_notifications_and_retries(invo
     names = {p.name for p in files}
     assert {"job.prom", "told.json", "report.html", "fixed.jsonl", "job.csv"} <= names
     assert_nowhere([TOKEN], printed, files)
+
+
+def test_object_storage_keys_appear_nowhere(
+    invoke, s3, fake_crontab, tmp_path_factory, monkeypatch
+) -> None:
+    import moto.settings
+
+    from tests.s3 import ACCESS_KEY, SECRET_KEY, storage_section
+
+    s3.bucket("data")
+    s3.put("data/in/iris.csv", (REPO / "samples" / "iris.csv").read_bytes())
+    job = write_job(
+        Path("job.toml"),
+        '[input]\npath = "s3://data/in/"\nid_column = "id"\n[service]\nurl = "embedded:iris"\n'
+        '[output]\npath = "s3://data/out/{name}.parquet"\n' + storage_section(s3.endpoint),
+    )
+    printed = validate_and_run(invoke, job, must_succeed=True)
+    with monkeypatch.context() as patch:  # keys refused: the messages name where they are
+        patch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        for args in (("validate", str(job)), ("run", str(job), "--log-format", "json")):
+            refused = invoke(*args)
+            assert refused.exit_code == 2
+            assert "refused the credentials" in refused.stderr
+            printed += [refused.stdout, refused.stderr]
+    # The keys from files, and a job that names them wrongly (a value pasted as a name).
+    Path("access.key").write_text(ACCESS_KEY)
+    Path("secret.key").write_text(SECRET_KEY)
+    text = (
+        job.read_text()
+        .replace('access_key_env = "TEST_S3_ACCESS_KEY"', 'access_key_file = "access.key"')
+        .replace('secret_key_env = "TEST_S3_SECRET_KEY"', 'secret_key_file = "secret.key"')
+    )
+    write_job(job, text)
+    printed += validate_and_run(invoke, job, must_succeed=True)
+    pasted = write_job(Path("pasted.toml"), text.replace('"secret.key"', f'"{SECRET_KEY}"'))
+    wrong = invoke("run", str(pasted))
+    assert wrong.exit_code == 2
+    printed += [wrong.stdout, wrong.stderr]
+    env_file = env_file_outside(
+        tmp_path_factory.mktemp("env"),
+        {"TEST_S3_ACCESS_KEY": ACCESS_KEY, "TEST_S3_SECRET_KEY": SECRET_KEY},
+    )
+    cron = invoke("cron", str(job), "--schedule", "0 2 * * *", "--env-file", str(env_file))
+    printed += [cron.stdout, cron.stderr]
+    assert "storage.secret_key_file: cannot read the file it names" in wrong.stderr
+    # The files that hold the keys on purpose are left out.
+    kept = ("access.key", "secret.key", "pasted.toml")
+    files = [p for p in files_under(Path()) if p.name not in kept]
+    assert s3.exists("data/out/job.parquet")
+    objects = {key: s3.get(key) for key in s3.keys("data")}
+    assert_nowhere([ACCESS_KEY, SECRET_KEY], [*printed, repr(objects)], files)

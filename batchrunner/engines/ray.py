@@ -57,6 +57,7 @@ from batchrunner.errors import (
     InputError,
     RequestError,
     ServiceError,
+    SettingError,
 )
 from batchrunner.items import STATUS_OK, Batch, Outcome
 from batchrunner.job import (
@@ -84,6 +85,7 @@ from batchrunner.runner import (
 from batchrunner.sink import SEQ, outcome_table
 from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
+from batchrunner.storage import is_uri
 from batchrunner.writing import check_writable, write_json_atomically
 
 log = logging.getLogger("batchrunner")
@@ -313,6 +315,11 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
     With ``resume``, blocks an unfinished run of the same job finished are not sent again.
     """
     ray = import_ray()
+    if is_uri(job.input.path) or is_uri(job.output.path):
+        raise SettingError(
+            "--engine ray reads and writes local (or shared) paths only for now; a job whose "
+            "input or output is in a bucket (s3://, obs://) runs with the local engine"
+        )
     source = open_source(job)  # the same checks of the input as the local engine
     kind = kind_of(source)
     check_ray_job(job, kind)
@@ -388,7 +395,8 @@ def _score_blocks(
         batch_size = None  # one call per block, as cut here
         count = min(count, len(tables))  # no actor without a block
     else:
-        paths = [str(path.absolute()) for path in source.paths]  # workers have their own cwd
+        # Workers have their own cwd.
+        paths = [str(p.absolute()) if isinstance(p, Path) else str(p) for p in source.paths]
         dataset = _read(ray, source.format, paths, job)
         batch_size = size
     shares = split_concurrency(job.batch.max_in_flight, count)
@@ -423,7 +431,8 @@ def _image_blocks(source: ImageSource, size: int) -> tuple[pa.Array, list[pa.Tab
     for batch in source.iter_batches(1):
         assert batch.path is not None
         keys.append(batch.keys[0])
-        files.append(str(batch.path.absolute()))  # workers have their own cwd
+        path = batch.path
+        files.append(str(path.absolute()) if isinstance(path, Path) else str(path))
     tables = [
         pa.table({IMAGE_KEY: keys[start : start + size], IMAGE_PATH: files[start : start + size]})
         for start in range(0, len(keys), size)

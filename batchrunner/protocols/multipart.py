@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from batchrunner.errors import RequestError
+from batchrunner.storage import ObjectPath
 
 FILE_TOO_LARGE = "file_too_large"
 UNREADABLE = "unreadable"
@@ -105,13 +106,18 @@ def _quoted_filename(filename: str) -> str:
     return filename.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def read_file(path: Path, max_bytes: int) -> bytes:
+def read_file(path: Path | ObjectPath, max_bytes: int) -> bytes:
     """The bytes of ``path``; ``RequestError`` if it holds more than ``max_bytes`` or
     cannot be read (gone, a folder, no permission, not a regular file).
+
+    An object in a bucket is fetched here, when its request is built (inside the request's
+    slot); the store's transient errors are retried by the SDK (see ``storage``).
 
     The size is checked before reading, and again while reading (a file that grows in
     between): never more than ``max_bytes + 1`` bytes are held.
     """
+    if isinstance(path, ObjectPath):
+        return _read_object(path, max_bytes)
     try:
         # O_NONBLOCK: opening a named pipe must not wait for a writer that never comes.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -140,6 +146,15 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     if len(content) > max_bytes:  # it grew after the size was checked
         raise too_large(len(content), max_bytes)
     return content
+
+
+def _read_object(path: ObjectPath, max_bytes: int) -> bytes:
+    try:
+        return path.store.read(path, max_bytes)
+    except ValueError as exc:
+        raise too_large(int(exc.args[0]), max_bytes) from None
+    except OSError as exc:
+        raise _unreadable(path.store.explain(path, exc)) from None
 
 
 def _unreadable(reason: str) -> RequestError:

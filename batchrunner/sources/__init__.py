@@ -20,6 +20,9 @@ The tabular source is made of small modules; imports flow one way, down this lis
     parquet_files   Parquet: schemas and row counts from the footers, streaming by row group
     tabular         ``open_tabular`` and ``TabularSource``: the pieces put together; row keys
 
+Image input in a bucket (``s3://``, ``obs://``) is walked by ``bucket_images``, which
+``images`` uses; a table in a bucket is found by ``files`` and read through ``storage``.
+
 ``files`` is written for any source kind: ``find_files`` resolves a path for a source that
 says which files it accepts. The image source walks its folder itself instead (``images``):
 it streams the walk folder by folder rather than listing the tree up front, and keeps
@@ -30,7 +33,6 @@ for a missing path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Protocol
 
 from batchrunner.items import Batch
@@ -49,6 +51,7 @@ from batchrunner.sources.tabular import (
     json_safe,
     open_tabular,
 )
+from batchrunner.storage import InputPath, ObjectStore
 
 __all__ = [
     "FORMATS",
@@ -68,7 +71,7 @@ class Source(Protocol):
     """What the runner needs of an input, whatever its kind."""
 
     @property
-    def paths(self) -> Sequence[Path]:
+    def paths(self) -> Sequence[InputPath]:
         """The input's files (their identity makes the job's fingerprint)."""
         ...
 
@@ -97,7 +100,12 @@ class Source(Protocol):
         ...
 
 
-def input_kind(path: str, format: str | None, extensions: Iterable[str] | None = None) -> str:
+def input_kind(
+    path: str,
+    format: str | None,
+    extensions: Iterable[str] | None = None,
+    store: ObjectStore | None = None,
+) -> str:
     """``IMAGES`` or ``TABULAR``: what ``input.path`` holds.
 
     ``format`` decides when given. Otherwise the input is images when it is an image file,
@@ -108,6 +116,6 @@ def input_kind(path: str, format: str | None, extensions: Iterable[str] | None =
     if format is not None:
         return IMAGES if format == IMAGES else TABULAR
     table_suffixes = (*FORMATS, *COMPRESSIONS)
-    if looks_like_images(path, extensions, table_suffixes=table_suffixes):
+    if looks_like_images(path, extensions, table_suffixes=table_suffixes, store=store):
         return IMAGES
     return TABULAR

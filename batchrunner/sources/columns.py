@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import pyarrow as pa
 
 from batchrunner.errors import InputError, did_you_mean
+from batchrunner.storage import InputPath
 
 __all__ = ["check_unique", "read_columns", "send_columns"]
 
@@ -65,7 +65,7 @@ def read_columns(
     return list(dict.fromkeys([*send, *([id_column] if id_column is not None else [])]))
 
 
-def check_unique(names: Sequence[str], read: list[str], path: Path) -> None:
+def check_unique(names: Sequence[str], read: list[str], path: InputPath) -> None:
     """Raise an InputError when a read column's name appears twice in ``path``'s ``names``."""
     for name in read:
         if names.count(name) > 1:

@@ -13,7 +13,6 @@ import csv
 import io
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from batchrunner.sources.columns import check_unique
 from batchrunner.sources.encoding import UTF8, invalid_text
 from batchrunner.sources.files import data_suffix
 from batchrunner.sources.widening import log_widening, read_widening, widen_text
+from batchrunner.storage import InputPath, readable
 
 __all__ = [
     "CsvReader",
@@ -46,8 +46,8 @@ _CSV_CONVERSION = re.compile(
 
 
 def csv_delimiters(
-    paths: Sequence[Path], setting: str | None, tab_separated: bool
-) -> dict[Path, str]:
+    paths: Sequence[InputPath], setting: str | None, tab_separated: bool
+) -> dict[InputPath, str]:
     """Each file's delimiter: ``input.csv_delimiter``, else a tab for ``.tsv``, else a comma."""
     if setting is not None and len(setting) != 1:
         raise InputError(
@@ -58,11 +58,11 @@ def csv_delimiters(
     }
 
 
-def read_csv_header(path: Path, delimiter: str, encoding: str = UTF8) -> list[str] | None:
+def read_csv_header(path: InputPath, delimiter: str, encoding: str = UTF8) -> list[str] | None:
     """The column names on the file's first line; None for an empty file."""
     try:
         with (
-            pa.input_stream(str(path), compression="detect") as stream,
+            pa.input_stream(readable(path), compression="detect") as stream,
             io.TextIOWrapper(
                 stream,
                 encoding="utf-8-sig" if encoding == UTF8 else encoding,
@@ -82,13 +82,13 @@ def read_csv_header(path: Path, delimiter: str, encoding: str = UTF8) -> list[st
 
 
 def csv_schema(
-    paths: list[Path],
-    headers: dict[Path, list[str] | None],
-    delimiters: dict[Path, str],
+    paths: list[InputPath],
+    headers: dict[InputPath, list[str] | None],
+    delimiters: dict[InputPath, str],
     id_column: str | None,
     block_bytes: int,
     encoding: str = UTF8,
-) -> tuple[Path | None, pa.Schema]:
+) -> tuple[InputPath | None, pa.Schema]:
     """The schema Arrow infers from the first block of the first file with a header."""
     first = next((p for p in paths if headers[p] is not None), None)
     if first is None:
@@ -110,7 +110,7 @@ def csv_schema(
         raise InputError(f"{first}: cannot read: {exc}") from exc
 
 
-def check_csv_text(path: Path, schema: pa.Schema, names: list[str], encoding: str) -> None:
+def check_csv_text(path: InputPath, schema: pa.Schema, names: list[str], encoding: str) -> None:
     """Raise an InputError for a read column Arrow inferred as binary: CSV holds text, so its
     first block holds bytes that are not valid ``encoding`` text (sent, they would go out as
     base64)."""
@@ -120,7 +120,10 @@ def check_csv_text(path: Path, schema: pa.Schema, names: list[str], encoding: st
 
 
 def check_csv_headers(
-    paths: list[Path], headers: dict[Path, list[str] | None], needed: list[str], first: Path
+    paths: list[InputPath],
+    headers: dict[InputPath, list[str] | None],
+    needed: list[str],
+    first: InputPath,
 ) -> None:
     """Raise an InputError for the first file whose header lacks a ``needed`` column, or
     has one twice."""
@@ -147,8 +150,8 @@ class CsvReader:
     def __init__(
         self,
         *,
-        delimiters: dict[Path, str],
-        headers: dict[Path, list[str] | None],
+        delimiters: dict[InputPath, str],
+        headers: dict[InputPath, list[str] | None],
         types: dict[str, pa.DataType],
         block_bytes: int,
         encoding: str = UTF8,
@@ -159,7 +162,7 @@ class CsvReader:
         self._block_bytes = block_bytes
         self._encoding = encoding
 
-    def read(self, path: Path, skip: int) -> FileRows:
+    def read(self, path: InputPath, skip: int) -> FileRows:
         """(row number within the file, record batch), every row (``skip`` is ignored)."""
         bad_rows: list[Any] = []
 
@@ -185,7 +188,7 @@ class CsvReader:
             path, len(self._types), open_reader, widen, gave_up, encoding=self._encoding
         )
 
-    def _widen(self, path: Path, exc: Exception, bad_rows: list[Any]) -> None:
+    def _widen(self, path: InputPath, exc: Exception, bad_rows: list[Any]) -> None:
         """Widen the column a conversion error names, or raise the error as an InputError."""
         if bad_rows:
             raise InputError(_bad_csv_row(path, bad_rows[0], self._delimiters[path])) from exc
@@ -211,7 +214,7 @@ class CsvReader:
         log_widening(path, f"line {line}", name, value, current, widened)
         self._types[name] = widened
 
-    def count(self, path: Path) -> int:
+    def count(self, path: InputPath) -> int:
         """The file's number of rows, read through."""
         header = self._headers.get(path)
         if not header:
@@ -245,7 +248,7 @@ class CsvReader:
 
 
 def _open_csv(
-    path: Path,
+    path: InputPath,
     delimiter: str,
     block_bytes: int,
     bad_rows: list[Any],
@@ -259,7 +262,7 @@ def _open_csv(
         return "error"
 
     return pcsv.open_csv(
-        str(path),
+        readable(path),
         # One thread: Arrow then numbers the rows, so that errors can name the line.
         # "utf8", Arrow's own name: read as it is, not transcoded; bad bytes are then found
         # by Arrow's checks (see check_csv_text and CsvReader._widen).
@@ -277,12 +280,12 @@ def _open_csv(
     )
 
 
-def _bad_row_or(message: str, path: Path, bad_rows: list[Any], delimiter: str) -> str:
+def _bad_row_or(message: str, path: InputPath, bad_rows: list[Any], delimiter: str) -> str:
     """The first bad row's message when Arrow failed on one, else ``message``."""
     return _bad_csv_row(path, bad_rows[0], delimiter) if bad_rows else message
 
 
-def _bad_csv_row(path: Path, row: Any, delimiter: str) -> str:
+def _bad_csv_row(path: InputPath, row: Any, delimiter: str) -> str:
     where = f"{path}, line {row.number}" if row.number is not None else str(path)
     return (
         f"{where}: expected {row.expected_columns} columns, got {row.actual_columns}: "

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import codecs
 import io
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import InputError
+from batchrunner.storage import InputPath, readable
 
 __all__ = [
     "UTF8",
@@ -46,10 +46,17 @@ def check_encoding(name: str) -> str:
         ) from None
 
 
-def open_text(path: Path, encoding: str) -> Any:
-    """``path`` (decompressed if its name says so) as UTF-8 bytes: transcoded from
-    ``encoding`` (a ``UnicodeDecodeError`` at bytes not valid in it), or as it is."""
-    stream = pa.input_stream(str(path), compression="detect")
+def _bytes_of(path: InputPath) -> Any:
+    """``path``'s bytes as a stream (decompressed if its name says so; a file or an object)."""
+    source = readable(path)
+    return pa.input_stream(source, compression="detect") if isinstance(source, str) else source
+
+
+def open_text(path: InputPath, encoding: str) -> Any:
+    """``path`` (decompressed if its name says so; a file or an object) as UTF-8 bytes:
+    transcoded from ``encoding`` (a ``UnicodeDecodeError`` at bytes not valid in it), or as
+    it is."""
+    stream = _bytes_of(path)
     if encoding != UTF8:
         return pa.transcoding_input_stream(stream, encoding, UTF8)
     return stream
@@ -82,7 +89,7 @@ def _array_has_replacement(array: pa.Array) -> bool:
 
 
 def find_invalid_text(
-    path: Path, encoding: str, *, limit: int | None = None
+    path: InputPath, encoding: str, *, limit: int | None = None
 ) -> tuple[int, int, bytes] | None:
     """The first line of ``path`` that is not valid ``encoding`` text: (line number from 1,
     byte column from 1, the bytes that are wrong); None when every line is valid.
@@ -94,13 +101,13 @@ def find_invalid_text(
     if _valid(path, encoding, limit):
         return None
     if encoding.startswith(("utf-16", "utf-32")):  # a line is not a run of bytes to \n
-        with pa.input_stream(str(path), compression="detect") as stream:
+        with _bytes_of(path) as stream:
             try:
                 codecs.decode(stream.read(), encoding)
             except UnicodeDecodeError as exc:
                 return 1, exc.start + 1, exc.object[exc.start : exc.end]
         return None
-    with io.BufferedReader(pa.input_stream(str(path), compression="detect")) as lines:
+    with io.BufferedReader(_bytes_of(path)) as lines:
         seen = 0
         for number, line in enumerate(lines, start=1):
             seen += len(line)
@@ -113,10 +120,10 @@ def find_invalid_text(
     return None
 
 
-def _valid(path: Path, encoding: str, limit: int | None) -> bool:
+def _valid(path: InputPath, encoding: str, limit: int | None) -> bool:
     decoder = codecs.getincrementaldecoder(encoding)()
     read = 0
-    with pa.input_stream(str(path), compression="detect") as stream:
+    with _bytes_of(path) as stream:
         while True:
             piece = stream.read(1 << 20)
             read += len(piece)
@@ -129,7 +136,7 @@ def _valid(path: Path, encoding: str, limit: int | None) -> bool:
 
 
 def invalid_text(
-    path: Path, encoding: str, *, line: int | None = None, column: str | None = None
+    path: InputPath, encoding: str, *, line: int | None = None, column: str | None = None
 ) -> str:
     """The message for a file holding text that is not valid ``encoding``: the line (found
     by reading the file again when not given), the CSV ``column`` if known, the wrong bytes,

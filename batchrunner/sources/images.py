@@ -26,7 +26,6 @@ gone by then becomes an error row of its own.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -35,7 +34,17 @@ from pathlib import Path, PurePosixPath
 
 from batchrunner.errors import InputError
 from batchrunner.items import Batch
-from batchrunner.sources.files import no_such_path
+from batchrunner.sources.bucket_images import (
+    MANIFEST as _BUCKET_MANIFEST,
+)
+from batchrunner.sources.bucket_images import (
+    BucketInput,
+    bucket_items,
+    find_bucket_input,
+    read_bucket_manifest,
+)
+from batchrunner.sources.files import glob_match, no_such_path
+from batchrunner.storage import InputPath, ObjectStore, is_uri
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -145,7 +154,9 @@ class ImageSource:
         follow_links: bool,
         pattern: tuple[str, ...] = (),
         manifest_entries: int | None = None,
+        bucket: BucketInput | None = None,
     ) -> None:
+        self._bucket = bucket
         self._mode = mode
         self._root = root
         self._given = given
@@ -158,17 +169,23 @@ class ImageSource:
         self._logged = False
 
     def __repr__(self) -> str:
+        if self._bucket is not None:
+            bucket = self._bucket
+            return f"ImageSource({bucket.mode}={str(bucket.given)!r}, root={str(bucket.root)!r})"
         return f"ImageSource({self._mode}={str(self._given)!r}, root={str(self._root)!r})"
 
     @property
-    def root(self) -> Path:
-        """The folder keys are relative to."""
-        return self._root
+    def root(self) -> InputPath:
+        """The folder (or bucket prefix) keys are relative to."""
+        return self._root if self._bucket is None else self._bucket.root
 
     @property
-    def paths(self) -> Sequence[Path]:
+    def paths(self) -> Sequence[InputPath]:
         # The folder (a glob's folder, the manifest, the file), not every file in it:
         # statting a million files to fingerprint the job would cost a walk up front.
+        if self._bucket is not None:
+            bucket = self._bucket
+            return [bucket.root if bucket.mode in (_FOLDER, _GLOB) else bucket.given]
         return [self._root if self._mode == _GLOB else self._given]
 
     @property
@@ -223,22 +240,37 @@ class ImageSource:
 
     # -- the items -------------------------------------------------------------------------
 
-    def _items(self) -> Generator[tuple[str, Path], None, None]:
+    def _items(self) -> Generator[tuple[str, InputPath], None, None]:
         """(key, path) of every item, in input order."""
         tally = _Tally()
         self._last = tally
+        if self._bucket is not None:
+            items = bucket_items(
+                self._bucket,
+                extensions=self._extensions,
+                recursive=self._recursive,
+                skip=tally.skip,
+            )
+            for key, path in items:
+                tally.files += 1
+                yield key, path
+            self._log_skips(tally)
+            return
         if self._mode == _FILE:
             tally.files = 1
             yield _key_text(self._given.name), self._given
             return
         if self._mode == _MANIFEST:
-            for key, path in _read_manifest(self._given):
+            for key, listed in _read_manifest(self._given):
                 tally.files += 1
-                yield key, path
+                yield key, listed
             return
-        for key, path in self._walk(tally):
+        for key, local in self._walk(tally):
             tally.files += 1
-            yield key, path
+            yield key, local
+        self._log_skips(tally)
+
+    def _log_skips(self, tally: _Tally) -> None:
         # Only a whole walk is worth a word: a partial one (--limit) has not seen them all.
         skipped = tally.snapshot().skipped
         if skipped and not self._logged:
@@ -343,6 +375,7 @@ def open_images(
     extensions: Iterable[str] | None = None,
     recursive: bool = True,
     follow_links: bool = False,
+    store: ObjectStore | None = None,
 ) -> ImageSource:
     """Check what ``path`` names (folder, image file, glob or manifest) and describe it.
 
@@ -353,6 +386,21 @@ def open_images(
     ``InputError`` naming ``input.path`` when the path names nothing usable.
     """
     chosen = _extension_set(extensions)
+    if is_uri(str(path)) and store is not None:
+        bucket = find_bucket_input(str(path), store, MANIFEST_EXTENSIONS)
+        listed = None
+        if bucket.mode == _BUCKET_MANIFEST:
+            listed = sum(1 for _ in read_bucket_manifest(bucket.given))
+        return ImageSource(
+            mode=bucket.mode,
+            root=Path("."),
+            given=Path("."),
+            extensions=chosen,
+            recursive=recursive,
+            follow_links=follow_links,
+            manifest_entries=listed,
+            bucket=bucket,
+        )
     given = Path(path)
     mode, root, entries = _FOLDER, given, None
     pattern: tuple[str, ...] = ()
@@ -391,6 +439,7 @@ def looks_like_images(
     extensions: Iterable[str] | None = None,
     *,
     table_suffixes: Iterable[str] = (),
+    store: ObjectStore | None = None,
 ) -> bool:
     """Whether ``input.path`` names image input, when ``input.format`` does not say.
 
@@ -400,6 +449,8 @@ def looks_like_images(
     the tabular reader, whose errors explain it.
     """
     chosen = _extension_set(extensions)
+    if is_uri(str(path)) and store is not None:
+        return _bucket_looks_like_images(str(path), store, chosen, table_suffixes)
     given = Path(path)
     if given.is_file():
         suffix = given.suffix.lower()
@@ -428,6 +479,27 @@ def looks_like_images(
         last = text.replace(os.sep, "/").rsplit("/", 1)[-1]
         return os.path.splitext(last)[1].lower() in chosen
     return False
+
+
+def _bucket_looks_like_images(
+    text: str, store: ObjectStore, chosen: frozenset[str], table_suffixes: Iterable[str]
+) -> bool:
+    last = text.rstrip("/").rsplit("/", 1)[-1]
+    if _GLOB_CHARS & set(text):
+        return os.path.splitext(last)[1].lower() in chosen
+    bucket = find_bucket_input(text, store, MANIFEST_EXTENSIONS)
+    if bucket.mode == _FILE:
+        return bucket.given.suffix.lower() in chosen
+    if bucket.mode == _MANIFEST:
+        first = next(read_bucket_manifest(bucket.given, strict=False), None)
+        return first is not None and first[1].suffix.lower() in chosen
+    wanted = chosen | frozenset(s.lower() for s in table_suffixes)
+    walk = bucket_items(bucket, extensions=wanted, recursive=True, skip=lambda _r, _k: None)
+    try:
+        first_file = next(walk, None)
+    finally:
+        walk.close()
+    return first_file is not None and first_file[1].suffix.lower() in chosen
 
 
 def _extension_set(extensions: Iterable[str] | None) -> frozenset[str]:
@@ -488,26 +560,6 @@ def split_glob(text: str) -> tuple[Path, tuple[str, ...]]:
     fixed = parts[:magic]
     root = "/".join(fixed) if fixed != [""] else "/"
     return Path(root or "."), tuple(part for part in parts[magic:] if part)
-
-
-def glob_match(pattern: Sequence[str], parts: Sequence[str], *, prefix: bool = False) -> bool:
-    """Whether a relative path (its ``parts``) matches a glob's ``pattern`` parts.
-
-    ``*``, ``?`` and ``[...]`` match within one part, ``**`` matches any number of parts
-    (none included), as ``glob.glob(..., recursive=True)`` does. With ``prefix``, ``parts``
-    is a folder: whether a file under it could match (so the walk prunes folders that
-    cannot).
-    """
-    if not parts:
-        return bool(pattern) if prefix else all(p == "**" for p in pattern)
-    if not pattern:
-        return False
-    head = pattern[0]
-    if head == "**":
-        return glob_match(pattern[1:], parts, prefix=prefix) or glob_match(
-            pattern, parts[1:], prefix=prefix
-        )
-    return fnmatch.fnmatchcase(parts[0], head) and glob_match(pattern[1:], parts[1:], prefix=prefix)
 
 
 # --- small helpers ----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,6 +32,7 @@ from batchrunner.sources.widening import (
     read_widening,
     widen_value,
 )
+from batchrunner.storage import InputPath, readable
 
 __all__ = ["JsonlReader", "jsonl_schema", "scan_jsonl"]
 
@@ -42,8 +42,8 @@ _COUNT_FIELD = "\x00batchrunner-count"  # a field no row has: JSON rows counted,
 
 
 def jsonl_schema(
-    paths: list[Path], block_bytes: int, encoding: str = UTF8
-) -> tuple[Path | None, pa.Schema]:
+    paths: list[InputPath], block_bytes: int, encoding: str = UTF8
+) -> tuple[InputPath | None, pa.Schema]:
     """The schema Arrow infers from the first block of the first file with a row."""
     for path in paths:
         try:
@@ -78,7 +78,7 @@ class JsonlReader:
         self._block_bytes = block_bytes
         self._encoding = encoding
 
-    def read(self, path: Path, skip: int) -> FileRows:
+    def read(self, path: InputPath, skip: int) -> FileRows:
         """(row number within the file, record batch), every row (``skip`` is ignored)."""
 
         def open_reader() -> Any:
@@ -99,7 +99,7 @@ class JsonlReader:
         )
         return rows if self._encoding != UTF8 else self._checked(path, rows)
 
-    def _checked(self, path: Path, rows: FileRows) -> FileRows:
+    def _checked(self, path: InputPath, rows: FileRows) -> FileRows:
         """``rows``, refused at the first batch Arrow read bad UTF-8 into (as U+FFFD)."""
         checked = False  # the file was read again and holds U+FFFD itself: no more checks
         try:
@@ -112,7 +112,7 @@ class JsonlReader:
         finally:
             rows.close()
 
-    def _widen(self, path: Path, exc: Exception, read_rows: int) -> None:
+    def _widen(self, path: InputPath, exc: Exception, read_rows: int) -> None:
         """Find the line Arrow failed on; widen its fields or raise an InputError naming it."""
         found = scan_jsonl(path, read_rows, dict(self._types), self._encoding)
         if found is None:
@@ -122,7 +122,7 @@ class JsonlReader:
             log_widening(path, f"line {line}", name, value, self._types[name], widened)
             self._types[name] = widened
 
-    def count(self, path: Path) -> int:
+    def count(self, path: InputPath) -> int:
         """The file's number of rows, read through."""
         try:
             schema = pa.schema([(_COUNT_FIELD, pa.null())])
@@ -140,7 +140,7 @@ class JsonlReader:
 
 
 def scan_jsonl(
-    path: Path, start_row: int, types: dict[str, pa.DataType] | None, encoding: str = UTF8
+    path: InputPath, start_row: int, types: dict[str, pa.DataType] | None, encoding: str = UTF8
 ) -> tuple[int, list[tuple[str, pa.DataType, Any]]] | None:
     """Read the file line by line from row ``start_row`` (only after Arrow failed on it).
 
@@ -158,7 +158,7 @@ def scan_jsonl(
 
 
 def _scan_lines(
-    path: Path, start_row: int, known: dict[str, pa.DataType], inferring: bool, encoding: str
+    path: InputPath, start_row: int, known: dict[str, pa.DataType], inferring: bool, encoding: str
 ) -> tuple[int, list[tuple[str, pa.DataType, Any]]] | None:
     row = 0
     with io.BufferedReader(open_text(path, encoding)) as lines:
@@ -188,7 +188,7 @@ def _scan_lines(
     return None
 
 
-def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
+def _parse_line(path: InputPath, number: int, line: bytes) -> dict[str, Any]:
     """Line ``number`` as a JSON object, or an InputError that says how to fix it."""
     try:
         record = orjson.loads(line)
@@ -214,14 +214,14 @@ def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _open_jsonl(path: Path, block_bytes: int, schema: pa.Schema | None, encoding: str) -> Any:
+def _open_jsonl(path: InputPath, block_bytes: int, schema: pa.Schema | None, encoding: str) -> Any:
     parse = (
         pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         if schema is not None
         else pjson.ParseOptions()
     )
     return pjson.open_json(
-        str(path) if encoding == UTF8 else open_text(path, encoding),
+        readable(path) if encoding == UTF8 else open_text(path, encoding),
         # Errors are located by scan_jsonl, not by Arrow. (The streaming reader parses on
         # one thread whatever use_threads says.)
         read_options=pjson.ReadOptions(use_threads=True, block_size=block_bytes),

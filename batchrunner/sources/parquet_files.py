@@ -7,8 +7,6 @@ a resumed run's start are skipped a whole row group at a time, unread.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -16,26 +14,29 @@ from batchrunner.errors import InputError, did_you_mean
 from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
 from batchrunner.sources.widening import castable
+from batchrunner.storage import InputPath, seekable
 
 __all__ = ["ParquetReader", "check_parquet_files", "parquet_schema"]
 
 
-def parquet_schema(path: Path) -> pa.Schema:
+def parquet_schema(path: InputPath) -> pa.Schema:
     """The file's schema, from its footer."""
     try:
-        with pq.ParquetFile(str(path)) as parquet:
+        with pq.ParquetFile(seekable(path)) as parquet:
             return parquet.schema_arrow
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"{path}: cannot read this Parquet file: {exc}") from exc
 
 
-def check_parquet_files(paths: list[Path], schema: pa.Schema, needed: list[str]) -> dict[Path, int]:
+def check_parquet_files(
+    paths: list[InputPath], schema: pa.Schema, needed: list[str]
+) -> dict[InputPath, int]:
     """Every file's row count (from its footer), after checking it has the needed columns,
     once each, in types that convert to the first file's."""
-    rows: dict[Path, int] = {}
+    rows: dict[InputPath, int] = {}
     for path in paths:
         try:
-            with pq.ParquetFile(str(path)) as parquet:
+            with pq.ParquetFile(seekable(path)) as parquet:
                 rows[path] = parquet.metadata.num_rows
                 other = parquet.schema_arrow
         except (OSError, pa.ArrowInvalid) as exc:
@@ -61,21 +62,23 @@ def check_parquet_files(paths: list[Path], schema: pa.Schema, needed: list[str])
 class ParquetReader:
     """Reads Parquet files as record batches of the read columns, in the first file's types."""
 
-    def __init__(self, *, schema: pa.Schema, batch_rows: int, file_rows: dict[Path, int]) -> None:
+    def __init__(
+        self, *, schema: pa.Schema, batch_rows: int, file_rows: dict[InputPath, int]
+    ) -> None:
         self._schema = schema  # the read columns in the first file's types, all nullable
         self._batch_rows = batch_rows
         self._file_rows = file_rows
 
-    def count(self, path: Path) -> int:
+    def count(self, path: InputPath) -> int:
         """The file's number of rows, from its footer (read by ``check_parquet_files``)."""
         return self._file_rows[path]
 
-    def read(self, path: Path, skip: int) -> FileRows:
+    def read(self, path: InputPath, skip: int) -> FileRows:
         """(row number within the file, record batch), from the row group holding ``skip``."""
         try:
             # Column chunks streamed through a 1 MiB buffer, not read ahead whole: reading
             # 3,000,000 rows in 1,000,000-row groups peaks at 151 MB instead of 240 MB.
-            with pq.ParquetFile(str(path), buffer_size=1 << 20, pre_buffer=False) as parquet:
+            with pq.ParquetFile(seekable(path), buffer_size=1 << 20, pre_buffer=False) as parquet:
                 metadata = parquet.metadata
                 groups: list[int] = []
                 file_row = 0
@@ -99,7 +102,7 @@ class ParquetReader:
             raise InputError(f"{path}: cannot read this Parquet file: {exc}") from exc
 
 
-def _conform(batch: pa.RecordBatch, target: pa.Schema, path: Path) -> pa.RecordBatch:
+def _conform(batch: pa.RecordBatch, target: pa.Schema, path: InputPath) -> pa.RecordBatch:
     """A Parquet batch in the first file's column order and types, every field nullable."""
     if batch.schema.names != target.names:
         batch = batch.select(target.names)

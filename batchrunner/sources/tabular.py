@@ -21,7 +21,6 @@ e.g. int64 -> double).
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
@@ -51,6 +50,7 @@ from batchrunner.sources.files import (
 from batchrunner.sources.jsonl_files import JsonlReader, jsonl_schema
 from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.sources.parquet_files import ParquetReader, check_parquet_files, parquet_schema
+from batchrunner.storage import InputPath, ObjectStore
 
 __all__ = [
     "BINARY_BASE64",
@@ -73,7 +73,7 @@ BINARY_BASE64 = "base64"  # ... or goes out as base64 text
 class _FileReader(Protocol):
     """What a format's reader does for ``TabularSource``."""
 
-    def read(self, path: Path, skip: int) -> FileRows:
+    def read(self, path: InputPath, skip: int) -> FileRows:
         """(row number within the file, record batch) with the read columns, in order.
 
         ``skip`` is a hint: readers may drop rows before it cheaply (Parquet row groups) but
@@ -81,7 +81,7 @@ class _FileReader(Protocol):
         """
         ...
 
-    def count(self, path: Path) -> int:
+    def count(self, path: InputPath) -> int:
         """The file's number of rows."""
         ...
 
@@ -96,15 +96,15 @@ class TabularSource:
     def __init__(
         self,
         *,
-        paths: list[Path],
+        paths: list[InputPath],
         format: str,
         schema: pa.Schema,
         send_columns: list[str],
         id_column: str | None,
         keep_input: bool,
-        delimiters: dict[Path, str],
-        headers: dict[Path, list[str] | None],
-        file_rows: dict[Path, int],
+        delimiters: dict[InputPath, str],
+        headers: dict[InputPath, list[str] | None],
+        file_rows: dict[InputPath, int],
         block_bytes: int,
         parquet_batch_rows: int,
         encoding: str = UTF8,
@@ -209,7 +209,7 @@ class TabularSource:
                 reader.close()
             base += known if known is not None else file_rows
 
-    def _chunk(self, path: Path, file_row: int, row: int, batch: pa.RecordBatch) -> Chunk:
+    def _chunk(self, path: InputPath, file_row: int, row: int, batch: pa.RecordBatch) -> Chunk:
         rows = json_safe(batch.select(self.send_columns))
         kept = batch if self.keep_input else None
         if self.id_column is None:
@@ -219,7 +219,7 @@ class TabularSource:
         # Keys become Python text once per chunk: list slices per batch are then nearly free.
         return Chunk(rows, kept, keys.to_pylist())
 
-    def _id_texts(self, ids: pa.Array, path: Path, file_row: int) -> pa.Array:
+    def _id_texts(self, ids: pa.Array, path: InputPath, file_row: int) -> pa.Array:
         if pa.types.is_dictionary(ids.type):
             ids = ids.dictionary_decode()
         if pa.types.is_floating(ids.type) and pc.any(pc.is_nan(ids)).as_py():
@@ -248,7 +248,7 @@ class TabularSource:
 
 
 def open_tabular(
-    path: str | Path,
+    path: str | InputPath,
     *,
     format: str | None = None,
     id_column: str | None = None,
@@ -259,6 +259,7 @@ def open_tabular(
     parquet_batch_rows: int = DEFAULT_PARQUET_BATCH_ROWS,
     encoding: str = UTF8,
     binary: str = BINARY_REFUSE,
+    store: ObjectStore | None = None,
 ) -> TabularSource:
     """Find the input's files, read its schema, and check the job's columns against it.
 
@@ -271,17 +272,18 @@ def open_tabular(
     the first block is the type-inference sample. ``encoding`` is the text encoding of CSV
     and JSON lines (text not valid in it is an error naming the line); ``binary`` says what
     a sent column of bytes becomes: refused (``"refuse"``), or base64 text (``"base64"``).
+    A bucket location (``s3://``, ``obs://``) is read through ``store``.
     """
     if block_bytes < 1 or parquet_batch_rows < 1:
         raise ValueError("block_bytes and parquet_batch_rows must be >= 1")
     encoding = check_encoding(encoding)
     fmt, tab_separated = format_setting(format)
     accept = None if fmt is not None else (lambda file: format_of(file) is not None)
-    paths = find_files(path, accept=accept, known=FORMATS)
+    paths = find_files(path, accept=accept, known=FORMATS, store=store)
     if fmt is None:
         fmt = common_format(paths, path)
     delimiters = csv_delimiters(paths, csv_delimiter, tab_separated)
-    headers: dict[Path, list[str] | None] = {}
+    headers: dict[InputPath, list[str] | None] = {}
     if fmt == "csv":
         headers = {p: read_csv_header(p, delimiters[p], encoding) for p in paths}
         for file, header in headers.items():
@@ -303,7 +305,7 @@ def open_tabular(
         where = f"the first rows of {first}" if fmt == "jsonl" else str(first)
         send = send_columns(schema, columns, id_column, where)
     needed = read_columns(schema, send, id_column, keep_input)
-    file_rows: dict[Path, int] = {}
+    file_rows: dict[InputPath, int] = {}
     if first is not None:
         check_unique(schema.names, needed, first)
         if fmt == "csv":
@@ -329,7 +331,7 @@ def open_tabular(
     )
 
 
-def check_no_bytes(schema: pa.Schema, send: list[str], first: Path) -> None:
+def check_no_bytes(schema: pa.Schema, send: list[str], first: InputPath) -> None:
     """Raise an InputError for a sent column holding bytes (binary, or binary inside lists
     and structs): JSON has no bytes, and base64 is sent only when asked for."""
     for name in send:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 from batchrunner.errors import InputError, clip
 from batchrunner.sources.batching import FileRows
 from batchrunner.sources.encoding import UTF8, invalid_text
+from batchrunner.storage import InputPath
 
 __all__ = [
     "castable",
@@ -61,7 +61,7 @@ class _Handed(Exception):
 
 
 def read_widening(
-    path: Path,
+    path: InputPath,
     columns: int,
     open_reader: Callable[[], Any],
     widen: Callable[[Exception, int], None],
@@ -124,7 +124,7 @@ def _rows_after(reader: Any, handed_out: int, counter: _RowCounter) -> FileRows:
 
 
 def log_widening(
-    path: Path, where: str, name: str, value: Any, old: pa.DataType, new: pa.DataType
+    path: InputPath, where: str, name: str, value: Any, old: pa.DataType, new: pa.DataType
 ) -> None:
     """Warn that column ``name`` is read as ``new`` from here on (``where``: the line)."""
     logger.warning(
