@@ -553,11 +553,11 @@ class Runner:
                     seen.remember(
                         written, run_id=run_id, url=job.service.url, trial=self.limit is not None
                     )
-            if written != output:
-                written.unlink(missing_ok=True)
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
+            if written != output:
+                written.unlink(missing_ok=True)  # uploaded: the bucket holds the output
         log.info("run %s %s: output %s", run_id, outcome, output)
         return RunResult(outcome, output, summary_path, summary, final, abort_reason)
 

@@ -42,6 +42,9 @@ def test_iris_job_scores_every_row_in_order(invoke, iris_job: Path) -> None:
     assert "\n  rows        150 ok, 0 errors, 0 skipped\n" in result.stdout
     assert "\n  output      out/iris.parquet\n" in result.stdout
     assert "\n  summary     out/iris.parquet.summary.json\n" in result.stdout
+    # a run that finished leaves no state, and says none was kept
+    assert "run state kept" not in result.stderr
+    assert not Path("out/.batchrunner/iris.state").exists()
 
 
 def test_summary_file_and_metadata(invoke, iris_job: Path) -> None:
