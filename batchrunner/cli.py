@@ -60,6 +60,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: [brackets] are shown, not read as markup
 )
 
 
@@ -170,6 +171,24 @@ def run(
             "textfile collector), during the run and at its end.",
         ),
     ] = None,
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--max-error-rate",
+            min=0.0,
+            max=1.0,
+            help="The share of error rows (0 to 1) above which the run exits 1 "
+            "(default: the job's max_error_rate, 0).",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--state-dir",
+            help="Where the run keeps its state (journal, lock, incremental memory); default: "
+            ".batchrunner/ beside a local output, in the working folder for a bucket.",
+        ),
+    ] = None,
 ) -> None:
     """Run a job: read the input, call the service, write one Parquet file of results."""
     on_terminal = sys.stderr.isatty()
@@ -183,6 +202,8 @@ def run(
         OPTION_SETTINGS["concurrency"]: concurrency,
         OPTION_SETTINGS["batch_size"]: batch_size,
         OPTION_SETTINGS["metrics_file"]: metrics_file,
+        OPTION_SETTINGS["max_error_rate"]: max_error_rate,
+        OPTION_SETTINGS["state_dir"]: state_dir,
     }
     from batchrunner.runner import (
         OUTCOME_ABORTED,
@@ -558,8 +579,8 @@ def cron(
     schedule: Annotated[
         str | None,
         typer.Option(
-            help='When to run: cron\'s five fields, e.g. "0 2 * * *" (02:00 every day), '
-            "or @hourly, @daily, @weekly, @monthly."
+            help="Required (except with --remove). When to run: cron's five fields, e.g. "
+            '"0 2 * * *" (02:00 every day), or @hourly, @daily, @weekly, @monthly.'
         ),
     ] = None,
     install: Annotated[

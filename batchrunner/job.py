@@ -565,6 +565,7 @@ OPTION_SETTINGS = {
     "batch_size": "batch.size",
     "metrics_file": "report.metrics_file",
     "state_dir": "run.state_dir",
+    "max_error_rate": "max_error_rate",
 }
 
 
