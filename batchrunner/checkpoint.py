@@ -380,6 +380,7 @@ def _count(batch: pa.RecordBatch, stats: RunStats) -> None:
     errors = batch.filter(pc.equal(batch.column("_status"), "error"))
     stats.rows_ok += batch.num_rows - errors.num_rows
     stats.rows_error += errors.num_rows
+    stats.rows_resumed += batch.num_rows
     kinds = errors.column("_error_kind")
     counts = pc.value_counts(kinds)
     for kind, count in zip(

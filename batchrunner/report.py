@@ -119,6 +119,8 @@ class StatsSnapshot:
     total: int | None = None
     #: Items not sent because an earlier run finished them (resume, incremental runs).
     rows_skipped: int = 0
+    #: Of rows_ok and rows_error: those an interrupted run finished (resume), not sent now.
+    rows_resumed: int = 0
     latency: LatencySummary = LatencySummary()
     errors: tuple[ErrorKindSummary, ...] = ()  # most rows first
     #: Answers with a latency at most each of ``LATENCY_BOUNDS_MS``; and their sum.
@@ -137,7 +139,9 @@ class StatsSnapshot:
 
     @property
     def rows_per_second(self) -> float:
-        return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Rows this run finished per second (rows a resumed run kept are not counted)."""
+        sent = self.rows_done - self.rows_resumed
+        return sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def fraction_done(self) -> float | None:
@@ -176,6 +180,7 @@ class RunStats:
     rows_ok: int = 0
     rows_error: int = 0
     rows_skipped: int = 0
+    rows_resumed: int = 0  # of rows_ok and rows_error: kept from an interrupted run
     requests: int = 0
     retries: int = 0
     splits: int = 0
@@ -253,6 +258,7 @@ class RunStats:
             elapsed_s=elapsed_s,
             total=total,
             rows_skipped=self.rows_skipped,
+            rows_resumed=self.rows_resumed,
             latency=LatencySummary(
                 mean=_round(latency.mean_ms),
                 p50=_round(latency.percentile(0.50)),
@@ -280,6 +286,7 @@ _COUNTERS = (
     "rows_ok",
     "rows_error",
     "rows_skipped",
+    "rows_resumed",
     "requests",
     "retries",
     "splits",
@@ -321,6 +328,7 @@ def build_summary(
             "ok": snapshot.rows_ok,
             "error": snapshot.rows_error,
             "skipped": snapshot.rows_skipped,
+            "resumed": snapshot.rows_resumed,
         },
         "error_rate": round(snapshot.rows_error / rows, 6) if rows else 0.0,
         "max_error_rate": max_error_rate,
@@ -328,7 +336,7 @@ def build_summary(
         "retries": snapshot.retries,
         "splits": snapshot.splits,
         "throttled": snapshot.throttled,
-        "rows_per_second": round(rows / elapsed_s, 1) if elapsed_s > 0 else None,
+        "rows_per_second": round(snapshot.rows_per_second, 1) if elapsed_s > 0 else None,
         "latency_ms": {
             "mean": latency.mean,
             "p50": latency.p50,

@@ -135,7 +135,7 @@ def _merged_summary(
         **sub,
         "outcome": outcome,
         "output": str(target),
-        "rows": {"total": rows, "ok": rows - still, "error": still, "skipped": 0},
+        "rows": {"total": rows, "ok": rows - still, "error": still, "skipped": 0, "resumed": 0},
         "error_rate": error_rate,
         "retry": {"from": str(output), "retried": retried, "now_ok": now_ok, "still_error": still},
     }

@@ -447,7 +447,7 @@ def test_five_thousand_images(invoke, tmp_path: Path) -> None:
     assert set(table.column("_status").to_pylist()) == {"ok"}
     assert set(table.column("predicted_label").to_pylist()) == {"red"}
     summary: dict[str, Any] = orjson.loads(Path("many.parquet.summary.json").read_bytes())
-    assert summary["rows"] == {"total": 5000, "ok": 5000, "error": 0, "skipped": 0}
+    assert summary["rows"] == {"total": 5000, "ok": 5000, "error": 0, "skipped": 0, "resumed": 0}
     assert summary["requests"] == 5000
 
 

@@ -50,7 +50,7 @@ def test_iris_job_scores_every_row_in_order(invoke, iris_job: Path) -> None:
 def test_summary_file_and_metadata(invoke, iris_job: Path) -> None:
     assert invoke("run", str(iris_job)).exit_code == 0
     summary = orjson.loads(Path("out/iris.parquet.summary.json").read_bytes())
-    assert summary["rows"] == {"total": 150, "ok": 150, "error": 0, "skipped": 0}
+    assert summary["rows"] == {"total": 150, "ok": 150, "error": 0, "skipped": 0, "resumed": 0}
     assert summary["outcome"] == "done"
     assert summary["requests"] == 3
     assert summary["latency_ms"]["p50"] > 0

@@ -88,7 +88,7 @@ def test_three_nights_on_a_growing_parquet(invoke) -> None:
     first, summary = night(invoke, job, 1)
     assert first.exit_code == 0, first.stderr
     assert "incremental: nothing remembered yet" in first.stderr
-    assert summary["rows"] == {"total": 30, "ok": 29, "error": 1, "skipped": 0}
+    assert summary["rows"] == {"total": 30, "ok": 29, "error": 1, "skipped": 0, "resumed": 0}
     by_key = {row["_key"]: row for row in read_output("out/night1.parquet")}
     assert list(by_key) == [row["id"] for row in rows]
     assert by_key["f007"]["_error_kind"] == "model_error"
@@ -109,7 +109,7 @@ def test_three_nights_on_a_growing_parquet(invoke) -> None:
     assert [row["_key"] for row in sent] == ["f007", "f012", "f030", "f031", "f032", "f033", "f034"]
     assert all(row["_status"] == "ok" for row in sent)
     assert sent[1]["petal_length"] == 6.1  # the service saw the changed value
-    assert summary["rows"] == {"total": 7, "ok": 7, "error": 0, "skipped": 28}
+    assert summary["rows"] == {"total": 7, "ok": 7, "error": 0, "skipped": 28, "resumed": 0}
     assert summary["requests"] == 1  # the 7 rows to send go in one full batch of 10
 
     # Night three: nothing new. Exit 0, an empty output with the schema, and it says so.
@@ -118,7 +118,7 @@ def test_three_nights_on_a_growing_parquet(invoke) -> None:
     table = pq.read_table("out/night3.parquet")
     assert table.num_rows == 0
     assert table.schema.names == RESERVED.names
-    assert summary["rows"] == {"total": 0, "ok": 0, "error": 0, "skipped": 35}
+    assert summary["rows"] == {"total": 0, "ok": 0, "error": 0, "skipped": 35, "resumed": 0}
     assert summary["requests"] == 0
     assert summary["outcome"] == "done"
     assert "INFO nothing new: 35 items already done\n" in third.stderr
@@ -291,7 +291,7 @@ def test_a_night_cut_short_resumes_filtering_the_same_way(invoke) -> None:
         f"k{i:04d}" for i in range(60, 80)
     ]
     assert all(row["_status"] == "ok" for row in rows)
-    assert summary["rows"] == {"total": 22, "ok": 22, "error": 0, "skipped": 58}
+    assert summary["rows"] == {"total": 22, "ok": 22, "error": 0, "skipped": 58, "resumed": 10}
     assert read_index(SEEN).count == 80
 
 
@@ -306,7 +306,7 @@ def test_no_resume_starts_the_night_again_but_still_leaves_out_what_is_done(invo
     assert again.exit_code == 0, again.stderr
     assert "starting fresh (--no-resume)" in again.stderr
     assert len(server.calls) == 5  # the 2 changed rows and the 20 new ones, in batches of 5
-    assert summary["rows"] == {"total": 22, "ok": 22, "error": 0, "skipped": 58}
+    assert summary["rows"] == {"total": 22, "ok": 22, "error": 0, "skipped": 58, "resumed": 0}
 
 
 def test_turning_incremental_off_on_a_night_cut_short_starts_fresh(invoke) -> None:
@@ -323,7 +323,7 @@ def test_turning_incremental_off_on_a_night_cut_short_starts_fresh(invoke) -> No
         "items it remembers, changed)"
     ) in full.stderr
     assert len(server.calls) == 16
-    assert summary["rows"] == {"total": 80, "ok": 80, "error": 0, "skipped": 0}
+    assert summary["rows"] == {"total": 80, "ok": 80, "error": 0, "skipped": 0, "resumed": 0}
     assert SEEN.read_bytes() == remembered  # turned off: neither read nor written
 
 
@@ -334,7 +334,7 @@ def test_removing_the_remembered_items_sends_everything_again(invoke) -> None:
     SEEN.unlink()  # as the README says: rm out/.batchrunner/<name>.keys
     result, summary = night(invoke, job, 2)
     assert result.exit_code == 0, result.stderr
-    assert summary["rows"] == {"total": 20, "ok": 20, "error": 0, "skipped": 0}
+    assert summary["rows"] == {"total": 20, "ok": 20, "error": 0, "skipped": 0, "resumed": 0}
     assert read_index(SEEN).count == 20
 
 
@@ -357,7 +357,7 @@ def test_replacing_an_earlier_runs_output_is_warned_about(invoke) -> None:
     write_night(rows + iris_like(11)[10:])
     result, summary = night(invoke, job, 1)
     assert result.exit_code == 0
-    assert summary["rows"] == {"total": 1, "ok": 1, "error": 0, "skipped": 10}
+    assert summary["rows"] == {"total": 1, "ok": 1, "error": 0, "skipped": 10, "resumed": 0}
     assert (
         "WARNING out/night1.parquet exists and is replaced; the items it holds are remembered "
         "as done and are not sent again: give each run its own file ({date} or {run_id} in "

@@ -71,7 +71,7 @@ def test_an_output_with_errors(with_errors: Path) -> None:
     )
     assert found.fields == RESULT_FIELDS
     assert found.summary is not None
-    assert found.summary["rows"] == {"total": 5, "ok": 3, "error": 2, "skipped": 0}
+    assert found.summary["rows"] == {"total": 5, "ok": 3, "error": 2, "skipped": 0, "resumed": 0}
 
 
 def test_an_output_without_errors(without_errors: Path) -> None:

@@ -106,7 +106,9 @@ def _run_while_restarting(server: Server, job: Path) -> dict[str, object]:
 
 
 RESTART = {"size": 5, "concurrency": 2, "rate_limit": 40}
-RESTART_RETRY = "max_attempts = 40\nbackoff_initial = 0.5\nbackoff_max = 2.0"
+# patient enough for a slow restart: MLflow's server took over 30 s to come back on a loaded
+# CI machine, so the budget is about 200 attempts of up to 2 s (full jitter: ~1 s each)
+RESTART_RETRY = "max_attempts = 200\nbackoff_initial = 0.5\nbackoff_max = 2.0"
 
 
 def _patient(job: Path) -> None:

@@ -49,7 +49,7 @@ def test_summary_counts_and_errors() -> None:
         outcome="done",
         max_error_rate=0.5,
     )
-    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0}
+    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0, "resumed": 0}
     assert summary["error_rate"] == 0.2
     assert summary["rows_per_second"] == 5.0
     assert summary["errors"] == {
@@ -126,3 +126,8 @@ def test_the_timeline_stays_compact() -> None:
     assert len(stats.timeline) <= TIMELINE_BUCKETS and sum(stats.timeline) == 16
     snapshot = stats.snapshot(0, 10_000.0)
     assert sum(snapshot.timeline) == 16 and snapshot.timeline_bucket_s == stats.timeline_bucket_s
+
+
+def test_rows_resumed_from_an_earlier_run_are_not_counted_in_the_rate() -> None:
+    stats = RunStats(rows_ok=1_000, rows_resumed=900)
+    assert stats.snapshot(0, 2.0).rows_per_second == 50.0  # 100 rows sent in 2 s

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -191,6 +192,11 @@ def test_resume_after_an_aborted_run_sends_only_what_did_not_finish(invoke) -> N
     rows = read_output("out/resume.parquet")
     assert all(r["_status"] == "ok" for r in rows)
     assert [r["_key"] for r in rows] == [f"k{i:04d}" for i in range(ROWS)]
+    # Throughput is what this run sent: the 50 kept rows are not counted as sent now.
+    summary = orjson.loads(Path("out/resume.parquet.summary.json").read_bytes())
+    assert summary["rows"]["resumed"] == 50
+    sent_now = ROWS - 50
+    assert summary["rows_per_second"] == pytest.approx(sent_now / summary["elapsed_s"], rel=0.01)
 
 
 def test_changed_setting_refuses_to_discard_finished_rows(invoke) -> None:

@@ -72,7 +72,7 @@ def test_only_the_error_rows_are_sent_again(invoke, flaky, size: int) -> None:
         "now_ok": 2,
         "still_error": 0,
     }
-    assert summary["rows"] == {"total": 6, "ok": 6, "error": 0, "skipped": 0}
+    assert summary["rows"] == {"total": 6, "ok": 6, "error": 0, "skipped": 0, "resumed": 0}
     assert summary["outcome"] == "done"
     assert summary["errors"] == {}
     assert "  retried     2 error rows of out/job.parquet: 2 now ok, 0 still failing\n" in (
