@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 1 done but the error rate is above ``max_error_rate``; 2 the job or its
 input is invalid (nothing sent); 3 aborted by the service (e.g. the token is refused);
-74 a local write failed (disk full; state kept); 75 another run holds the job's lock;
-130 interrupted.
+65 the input turned out bad mid-run (state kept); 74 a local write failed (disk full; state
+kept); 75 another run holds the job's lock; 130 interrupted.
 
 Where output goes: ``run`` writes log lines and progress to stderr (text or JSON objects; a
 live display when stderr is a terminal) and its final summary to stdout (a table, or with

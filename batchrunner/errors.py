@@ -14,6 +14,9 @@ Every message says what failed, where (setting, file, line, column, key), and wh
     │   └── AuthError                 no token the service accepts (401/403), or IAM refused
     │                                 the login: exit 3
     ├── CoverageError                 the output would lose or double an input item; not committed
+    ├── DataError                     the input turned out bad after requests went out (a
+    │                                 line too long, a bad row past the first block): exit 65,
+    │                                 what is finished is kept, a re-run resumes
     ├── WriteError                    a local write failed mid-run (disk full, folder gone):
     │                                 exit 74, what is finished is kept, a re-run resumes
     ├── LockedError                   another run of this job holds its lock: exit 75
@@ -110,6 +113,15 @@ class CoverageError(BatchRunnerError):
     """Committing would lose or double input items; the output is not written."""
 
     exit_code = 1
+
+
+class DataError(BatchRunnerError):
+    """The input turned out bad after the run had started sending it (a line longer than
+    ``input.block_size``, a malformed row or bad text past the first block): the run stops,
+    keeping what is finished; fixing the input (or the setting named) and re-running resumes.
+    Exit 65 (``EX_DATAERR``)."""
+
+    exit_code = 65
 
 
 class WriteError(BatchRunnerError):

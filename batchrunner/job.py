@@ -89,6 +89,9 @@ class InputSettings(_Settings):
     encoding: str = Field(default="utf-8", min_length=1)
     # A sent column of bytes (Parquet binary): refused, or sent as base64 text.
     binary: Literal["refuse", "base64"] = "refuse"
+    # CSV and JSON lines: bytes read at once (and the sample column types are guessed from);
+    # a line longer than this cannot be read.
+    block_size: int = Field(default=4 << 20, ge=64 << 10, le=(1 << 31) - 1)
     extensions: tuple[str, ...] | None = None  # None: the common image types
     recursive: bool = True
     follow_links: bool = False

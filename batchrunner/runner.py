@@ -54,6 +54,7 @@ from batchrunner.credentials import (
 from batchrunner.dispatch import Dispatcher, Sleep
 from batchrunner.errors import (
     BatchRunnerError,
+    DataError,
     InputError,
     RequestError,
     RunInterrupted,
@@ -186,6 +187,7 @@ def open_source(job: Job, store: ObjectStore | None = None) -> Source:
         csv_delimiter=settings.csv_delimiter,
         encoding=settings.encoding,
         binary=settings.binary,
+        block_bytes=settings.block_size,
         store=store,
     )
 
@@ -442,6 +444,7 @@ class Runner:
         self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
         self._stopping = asyncio.Event()
+        self._data_error: DataError | None = None  # the input turned bad mid-run
         self._signals = 0
         self._requests: set[asyncio.Task[None]] = set()
         self._main_task: asyncio.Task[Any] | None = None
@@ -597,6 +600,8 @@ class Runner:
                     self._grace_timer.cancel()
         if self._stopping.is_set():
             raise RunInterrupted(self._interrupted_message(paths))
+        if self._data_error is not None:
+            raise self._data_error
         return abort_reason
 
     def _interrupted_message(self, paths: StatePaths) -> str:
@@ -817,7 +822,19 @@ class Runner:
         # lists folders.
         per_hop = max(1, 4096 // self._batch_size)
         while not self._stopping.is_set():
-            chunk = await asyncio.to_thread(_take, iterator, per_hop)
+            try:
+                chunk = await asyncio.to_thread(_take, iterator, per_hop)
+            except InputError as error:
+                if not self.stats.batches_read:
+                    raise  # found before anything could be sent: the job is invalid (exit 2)
+                # Requests went out: read no further, let those in flight finish and be
+                # journaled, then stop (see _run_pipeline), so that a re-run resumes.
+                self._data_error = DataError(
+                    f"{error}. The run stopped once the requests in flight had finished; "
+                    "its finished rows are kept: fix the input (or the setting named) and "
+                    "re-run the same command to resume"
+                )
+                break
             for batch in chunk:
                 self._count_read(batch)
             exhausted = len(chunk) < per_hop

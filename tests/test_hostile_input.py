@@ -398,3 +398,96 @@ def test_run_with_latin_1_input_exits_2_before_any_request(invoke, service) -> N
     result = invoke("run", "job.toml", "--set", "input.encoding=latin-1")
     assert result.exit_code == 0, result.stderr
     assert service.calls[0].body["data"]["req_data"] == [{"id": 1, "name": "café"}]
+
+
+# -- a line too long for the read block, found mid-run (item 13) ----------------------------
+
+LONG_AT = 20_000  # the 20,001st row holds a value longer than the 4 MiB read block
+LONG_ROWS = 24_000
+
+
+def _long_line_input(kind: str) -> Path:
+    note = "x" * (9 << 20)  # spans three 4 MiB blocks
+    if kind == "csv":
+        path = Path("long.csv")
+        with path.open("w") as handle:
+            handle.write("id,x,note\n")
+            for i in range(LONG_ROWS):
+                handle.write(f"{i},{i % 7},{note if i == LONG_AT else 'n'}\n")
+    else:
+        path = Path("long.jsonl")
+        with path.open("w") as handle:
+            for i in range(LONG_ROWS):
+                value = note if i == LONG_AT else "n"
+                handle.write(f'{{"id": "{i}", "x": {i % 7}, "note": "{value}"}}\n')
+    return path
+
+
+@pytest.mark.parametrize("kind, line", [("csv", "20002"), ("jsonl", "20001")])
+def test_a_line_too_long_found_mid_run_exits_65_names_it_and_a_rerun_resumes(
+    invoke, service, kind: str, line: str
+) -> None:
+    path = _long_line_input(kind)
+    text = (
+        f'name = "long"\n[input]\npath = "{path}"\nid_column = "id"\ncolumns = ["x"]\n'
+        f'[service]\nurl = "{service.url}"\n[batch]\nsize = 500\nconcurrency = 2\n'
+        '[output]\npath = "out/long.parquet"\n'
+    )
+    write_job(Path("job.toml"), text)
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 65, result.stderr
+    assert "Traceback" not in result.stderr and "straddl" not in result.stderr
+    assert (
+        f"{path}, row 20001 (line {line}): the line is longer than input.block_size "
+        "(4 MiB), the most that is read at once; set input.block_size above the longest "
+        "line's size"
+    ) in result.stderr
+    assert "re-run the same command to resume" in result.stderr
+    sent = len(service.calls)
+    assert 0 < sent <= LONG_AT // 500
+    assert not Path("out/long.parquet").exists()
+    # the setting the message names: a re-run resumes, sending only what did not finish
+    result = invoke("run", "job.toml", "--set", "input.block_size=16777216")
+    assert result.exit_code == 0, result.stderr
+    assert "resuming" in result.stderr
+    # the requests in flight finished before the run stopped: no batch is sent twice
+    assert len(service.calls) == LONG_ROWS // 500
+    table = pq.read_table("out/long.parquet", columns=["_key", "_status"])
+    assert table.column("_key").to_pylist() == [str(i) for i in range(LONG_ROWS)]
+    assert set(table.column("_status").to_pylist()) == {"ok"}
+
+
+def test_a_line_too_long_in_the_first_block_exits_2_before_any_request(invoke, service) -> None:
+    Path("first.csv").write_text("id,note\n0," + "x" * (9 << 20) + "\n1,n\n")
+    write_job(Path("job.toml"), f'[input]\npath = "first.csv"\n[service]\nurl = "{service.url}"\n')
+    for command in (["validate", "job.toml"], ["run", "job.toml"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "first.csv: a line in the first 4 MiB is longer than input.block_size" in (
+            result.stderr
+        )
+    assert service.calls == []
+
+
+def test_block_size_is_checked() -> None:
+    from batchrunner.job import InputSettings
+
+    with pytest.raises(ValueError, match="block_size"):
+        InputSettings(path="x.csv", block_size=10)
+
+
+def test_a_malformed_row_found_mid_run_exits_65_naming_its_line(invoke, service) -> None:
+    # past the first read block (64 KiB here): found only when the run reaches it
+    rows = [f"{i},{i % 7}" for i in range(LONG_ROWS)]
+    rows[LONG_AT] = f"{LONG_AT},1,2"  # a column too many
+    Path("bad.csv").write_text("id,x\n" + "\n".join(rows) + "\n")
+    text = (
+        f'name = "bad"\n[input]\npath = "bad.csv"\nid_column = "id"\nblock_size = 65536\n'
+        f'[service]\nurl = "{service.url}"\n[batch]\nsize = 500\nconcurrency = 2\n'
+        '[output]\npath = "out/bad.parquet"\n'
+    )
+    write_job(Path("job.toml"), text)
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 65, result.stderr
+    assert "bad.csv, line 20002: expected 2 columns, got 3" in result.stderr
+    assert 0 < len(service.calls) <= LONG_AT // 500

@@ -23,7 +23,12 @@ from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
 from batchrunner.sources.encoding import UTF8, invalid_text
 from batchrunner.sources.files import data_suffix
-from batchrunner.sources.widening import log_widening, read_widening, widen_text
+from batchrunner.sources.widening import (
+    check_line_fits,
+    log_widening,
+    read_widening,
+    widen_text,
+)
 from batchrunner.storage import InputPath, readable
 
 __all__ = [
@@ -104,6 +109,7 @@ def csv_schema(
     except UnicodeDecodeError as exc:
         raise InputError(invalid_text(first, encoding)) from exc
     except pa.ArrowInvalid as exc:
+        check_line_fits(exc, first, block_bytes, row=None, first_line=2)
         message = f"{first}: cannot read as CSV: {exc}"
         raise InputError(_bad_row_or(message, first, bad_rows, delimiters[first])) from exc
     except OSError as exc:
@@ -185,7 +191,14 @@ class CsvReader:
 
         gave_up = "column types kept changing while reading; giving up"
         return read_widening(
-            path, len(self._types), open_reader, widen, gave_up, encoding=self._encoding
+            path,
+            len(self._types),
+            open_reader,
+            widen,
+            gave_up,
+            encoding=self._encoding,
+            block_bytes=self._block_bytes,
+            first_line=2,
         )
 
     def _widen(self, path: InputPath, exc: Exception, bad_rows: list[Any]) -> None:
@@ -221,6 +234,7 @@ class CsvReader:
             return 0
         bad_rows: list[Any] = []
         delimiter = self._delimiters[path]
+        rows: int | None = None  # None: the first block is not read yet
         try:
             # One column, read as text: nothing to convert, nothing that can fail to convert.
             with _open_csv(
@@ -232,10 +246,14 @@ class CsvReader:
                 column_types={header[0]: pa.string()},
                 include_columns=[header[0]],
             ) as reader:
-                return sum(batch.num_rows for batch in reader)
+                rows = 0
+                for batch in reader:
+                    rows += batch.num_rows
+                return rows
         except UnicodeDecodeError as exc:
             raise InputError(invalid_text(path, self._encoding)) from exc
         except pa.ArrowInvalid as exc:
+            check_line_fits(exc, path, self._block_bytes, row=rows, first_line=2)
             bad_text = _CSV_BAD_UTF8.search(str(exc))
             if bad_text is not None and not bad_rows:
                 line, column = int(bad_text[2]), header[int(bad_text[1])]

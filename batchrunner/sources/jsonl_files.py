@@ -26,6 +26,7 @@ from batchrunner.sources.encoding import (
     open_text,
 )
 from batchrunner.sources.widening import (
+    check_line_fits,
     describe_type,
     describe_value,
     log_widening,
@@ -57,6 +58,7 @@ def jsonl_schema(
         except pa.ArrowInvalid as exc:
             if _EMPTY_JSON in str(exc):
                 continue
+            check_line_fits(exc, path, block_bytes, row=None, first_line=1)
             scan_jsonl(path, 0, None, encoding)  # raises with the line, if it is a line's fault
             raise InputError(f"{path}: cannot read JSON lines: {exc}") from exc
         except OSError as exc:
@@ -95,7 +97,14 @@ class JsonlReader:
 
         gave_up = "field types kept changing while reading; giving up"
         rows = read_widening(
-            path, len(self._types), open_reader, widen, gave_up, encoding=self._encoding
+            path,
+            len(self._types),
+            open_reader,
+            widen,
+            gave_up,
+            encoding=self._encoding,
+            block_bytes=self._block_bytes,
+            first_line=1,
         )
         return rows if self._encoding != UTF8 else self._checked(path, rows)
 
@@ -124,15 +133,20 @@ class JsonlReader:
 
     def count(self, path: InputPath) -> int:
         """The file's number of rows, read through."""
+        rows: int | None = None  # None: the first block is not read yet
         try:
             schema = pa.schema([(_COUNT_FIELD, pa.null())])
             with _open_jsonl(path, self._block_bytes, schema, self._encoding) as reader:
-                return sum(batch.num_rows for batch in reader)
+                rows = 0
+                for batch in reader:
+                    rows += batch.num_rows
+                return rows
         except UnicodeDecodeError as exc:
             raise InputError(invalid_text(path, self._encoding)) from exc
         except pa.ArrowInvalid as exc:
             if _EMPTY_JSON in str(exc):
                 return 0
+            check_line_fits(exc, path, self._block_bytes, row=rows, first_line=1)
             scan_jsonl(path, 0, {}, self._encoding)  # raises with the line, if it is a line's fault
             raise InputError(f"{path}: cannot read JSON lines: {exc}") from exc
         except OSError as exc:

@@ -27,6 +27,7 @@ from batchrunner.storage import InputPath
 
 __all__ = [
     "castable",
+    "check_line_fits",
     "describe_type",
     "describe_value",
     "log_widening",
@@ -37,6 +38,37 @@ __all__ = [
 
 # The tabular source's logger: one name to configure, whichever of its modules logs.
 logger = logging.getLogger("batchrunner.sources.tabular")
+
+
+# -- a line longer than the read block ----------------------------------------------------
+
+_STRADDLING = "straddling object straddles two block boundaries"
+
+
+def check_line_fits(
+    error: Exception, path: InputPath, block_bytes: int, *, row: int | None, first_line: int
+) -> None:
+    """Raise an InputError naming the setting when ``error`` is Arrow's "straddling object"
+    (a line longer than the read block). ``row``: the rows of the file read before it (None:
+    while the first block was sampled); ``first_line``: the file's line of its first row."""
+    if _STRADDLING not in str(error):
+        return
+    size = _mib(block_bytes)
+    if row is None:
+        where = f"{path}: a line in the first {size} is longer than input.block_size ({size})"
+    else:
+        where = (
+            f"{path}, row {row + 1} (line {row + first_line}): the line is longer than "
+            f"input.block_size ({size}), the most that is read at once"
+        )
+    raise InputError(
+        f"{where}; set input.block_size above the longest line's size (in bytes, e.g. "
+        f"block_size = {block_bytes * 4} in [input], or --set input.block_size={block_bytes * 4})"
+    ) from error
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB" if size >= 1 << 20 else f"{size / 1024:g} KiB"
 
 
 # -- reading a file again, wider ----------------------------------------------------------
@@ -68,6 +100,8 @@ def read_widening(
     gave_up: str,
     *,
     encoding: str = UTF8,
+    block_bytes: int,
+    first_line: int,
 ) -> FileRows:
     """Stream one file, widening its column types and reading it again while values don't fit.
 
@@ -75,7 +109,8 @@ def read_widening(
     When reading fails, ``widen(error, rows)`` widens what ``error`` is about (``rows``: the
     rows this attempt read before it) or raises an ``InputError``; the file is then read again
     and the rows already handed out are skipped. ``columns`` bounds the attempts (a column
-    widens a few times at most); past them the error says ``gave_up``.
+    widens a few times at most); past them the error says ``gave_up``. A line longer than
+    ``block_bytes`` is an error naming its row and line (``first_line``: the first row's).
     """
     handed_out = 0  # rows of this file already yielded, kept across re-reads
     for _attempt in range(4 * columns + 2):
@@ -89,8 +124,12 @@ def read_widening(
             return
         except _Handed as handed:
             handed_out = handed.rows
+            check_line_fits(
+                handed.cause, path, block_bytes, row=counter.rows, first_line=first_line
+            )
             widen(handed.cause, counter.rows)
         except pa.ArrowInvalid as exc:
+            check_line_fits(exc, path, block_bytes, row=counter.rows, first_line=first_line)
             widen(exc, counter.rows)
         except UnicodeDecodeError as exc:  # transcoding, or checking UTF-8 (see encoding)
             raise InputError(invalid_text(path, encoding)) from exc
