@@ -49,7 +49,7 @@ def progress_line(snapshot: StatsSnapshot) -> str:
     fraction = snapshot.fraction_done
     done = f"{snapshot.rows_done:,}"
     if snapshot.total is not None:
-        done += f" of {snapshot.total:,}"
+        done += f" of {'~' if snapshot.total_estimated else ''}{snapshot.total:,}"
     done += " rows"
     if fraction is not None:
         done += f" ({math.floor(fraction * 100)}%)"  # floor: 100% only when it is
@@ -72,6 +72,7 @@ def progress_fields(snapshot: StatsSnapshot) -> dict[str, Any]:
     return {
         "rows_done": snapshot.rows_done,
         "rows_total": snapshot.total,
+        "rows_total_estimated": snapshot.total_estimated,
         "rows_ok": snapshot.rows_ok,
         "rows_error": snapshot.rows_error,
         "rows_per_second": round(snapshot.rows_per_second, 1),

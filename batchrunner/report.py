@@ -117,6 +117,8 @@ class StatsSnapshot:
     #: Items this run will finish, when known: from metadata (Parquet) before reading, or
     #: once the whole input has been read; None until then (CSV and JSON lines streams).
     total: int | None = None
+    #: Whether ``total`` is an estimate (CSV, JSON lines: from the bytes read so far).
+    total_estimated: bool = False
     #: Items not sent because an earlier run finished them (resume, incremental runs).
     rows_skipped: int = 0
     #: Of rows_ok and rows_error: those an interrupted run finished (resume), not sent now.
@@ -243,6 +245,8 @@ class RunStats:
         elapsed_s: float,
         total: int | None = None,
         concurrency_limit: int | None = None,
+        *,
+        total_estimated: bool = False,
     ) -> StatsSnapshot:
         latency = self.latency
         return StatsSnapshot(
@@ -257,6 +261,7 @@ class RunStats:
             in_flight=in_flight,
             elapsed_s=elapsed_s,
             total=total,
+            total_estimated=total_estimated,
             rows_skipped=self.rows_skipped,
             rows_resumed=self.rows_resumed,
             latency=LatencySummary(

@@ -197,3 +197,27 @@ def test_json_lines_even_for_errors(invoke) -> None:
         "logger": "batchrunner",
         "message": "job file not found: nope.toml",
     }
+
+
+def test_a_csv_s_progress_has_an_estimated_total_and_an_eta(invoke, slow_server) -> None:
+    # A CSV's row count is known only once it is read through: until then the total is
+    # estimated from the bytes parsed against the file's size (issue 12, item 18).
+    rows = 40_000
+    data = write_csv(Path("big.csv"), ["id", "x"], [(f"r{i:05d}", i % 10) for i in range(rows)])
+    job = write_job(
+        Path("big.toml"),
+        f'name = "big"\n[input]\npath = "{data}"\nid_column = "id"\nblock_size = 65536\n'
+        f'[service]\nurl = "{slow_server.url}"\n[batch]\nsize = 500\nconcurrency = 1\n',
+    )
+    result = invoke(
+        "run", str(job), "--no-progress", "--progress-interval", "0.05", "--log-format", "json"
+    )
+    assert result.exit_code == 0, result.stderr
+    lines = [orjson.loads(line) for line in result.stderr.splitlines()]
+    progress = [line for line in lines if line["message"].startswith("progress: ")]
+    estimated = [line for line in progress if line["rows_total_estimated"]]
+    assert estimated, progress
+    for line in estimated:
+        assert abs(line["rows_total"] - rows) <= rows * 0.05, line
+        assert " of ~" in line["message"]
+    assert any(line["eta_s"] is not None for line in estimated)

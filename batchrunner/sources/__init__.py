@@ -13,6 +13,7 @@ The tabular source is made of small modules; imports flow one way, down this lis
     jsonsafe        values made JSON-safe, a column at a time (``json_safe``)
     batching        chunks of rows cut into batches of exactly ``size`` rows; row-number keys
     encoding        text encodings: other encodings transcoded, text not valid in one refused
+    progress        CSV / JSON lines: bytes parsed against the files' sizes, the row estimate
     widening        CSV / JSON-lines column types, pinned, then widened when a value won't fit
     columns         the columns sent and read, checked against the schema
     csv_files       CSV: delimiters, headers, schema, streaming, counting
@@ -91,6 +92,11 @@ class Source(Protocol):
 
     def scan_count(self) -> int:
         """The number of items, reading the whole input if need be."""
+        ...
+
+    def estimated_rows(self) -> int | None:
+        """The number of items extrapolated from what was read so far, when ``count_rows``
+        cannot tell it (CSV, JSON lines: from the bytes read), else None."""
         ...
 
     def iter_batches(

@@ -23,6 +23,7 @@ from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
 from batchrunner.sources.encoding import UTF8, invalid_text
 from batchrunner.sources.files import data_suffix
+from batchrunner.sources.progress import ReadProgress
 from batchrunner.sources.widening import (
     check_line_fits,
     log_widening,
@@ -161,7 +162,9 @@ class CsvReader:
         types: dict[str, pa.DataType],
         block_bytes: int,
         encoding: str = UTF8,
+        progress: ReadProgress | None = None,
     ) -> None:
+        self._progress = progress
         self._delimiters = delimiters
         self._headers = headers
         self._types = types
@@ -184,6 +187,7 @@ class CsvReader:
                 self._encoding,
                 column_types=dict(self._types),
                 include_columns=list(self._types),
+                stream=None if self._progress is None else self._progress.open(path),
             )
 
         def widen(error: Exception, _rows: int) -> None:
@@ -274,13 +278,14 @@ def _open_csv(
     *,
     column_types: dict[str, pa.DataType] | None = None,
     include_columns: list[str] | None = None,
+    stream: Any = None,
 ) -> Any:
     def record(row: Any) -> str:
         bad_rows.append(row)
         return "error"
 
     return pcsv.open_csv(
-        readable(path),
+        readable(path) if stream is None else stream,
         # One thread: Arrow then numbers the rows, so that errors can name the line.
         # "utf8", Arrow's own name: read as it is, not transcoded; bad bytes are then found
         # by Arrow's checks (see check_csv_text and CsvReader._widen).

@@ -52,11 +52,12 @@ def _bytes_of(path: InputPath) -> Any:
     return pa.input_stream(source, compression="detect") if isinstance(source, str) else source
 
 
-def open_text(path: InputPath, encoding: str) -> Any:
+def open_text(path: InputPath, encoding: str, stream: Any = None) -> Any:
     """``path`` (decompressed if its name says so; a file or an object) as UTF-8 bytes:
     transcoded from ``encoding`` (a ``UnicodeDecodeError`` at bytes not valid in it), or as
-    it is."""
-    stream = _bytes_of(path)
+    it is. ``stream``: ``path``'s bytes, already opened (see ``progress``)."""
+    if stream is None:
+        stream = _bytes_of(path)
     if encoding != UTF8:
         return pa.transcoding_input_stream(stream, encoding, UTF8)
     return stream

@@ -198,6 +198,10 @@ class ImageSource:
             return 1
         return self._manifest_entries
 
+    def estimated_rows(self) -> int | None:
+        """None: a listing's count is known (``count_rows``) or cheap to scan."""
+        return None
+
     def scan_count(self) -> int:
         """The number of files, walking the whole folder if need be (nothing is read)."""
         known = self.count_rows()

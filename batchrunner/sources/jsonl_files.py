@@ -25,6 +25,7 @@ from batchrunner.sources.encoding import (
     invalid_text,
     open_text,
 )
+from batchrunner.sources.progress import ReadProgress
 from batchrunner.sources.widening import (
     check_line_fits,
     describe_type,
@@ -74,8 +75,14 @@ class JsonlReader:
     """
 
     def __init__(
-        self, *, types: dict[str, pa.DataType], block_bytes: int, encoding: str = UTF8
+        self,
+        *,
+        types: dict[str, pa.DataType],
+        block_bytes: int,
+        encoding: str = UTF8,
+        progress: ReadProgress | None = None,
     ) -> None:
+        self._progress = progress
         self._types = types
         self._block_bytes = block_bytes
         self._encoding = encoding
@@ -86,7 +93,8 @@ class JsonlReader:
         def open_reader() -> Any:
             schema = pa.schema([pa.field(name, kind) for name, kind in self._types.items()])
             try:
-                return _open_jsonl(path, self._block_bytes, schema, self._encoding)
+                stream = None if self._progress is None else self._progress.open(path)
+                return _open_jsonl(path, self._block_bytes, schema, self._encoding, stream)
             except pa.ArrowInvalid as exc:
                 if _EMPTY_JSON in str(exc):
                     return None
@@ -228,14 +236,27 @@ def _parse_line(path: InputPath, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _open_jsonl(path: InputPath, block_bytes: int, schema: pa.Schema | None, encoding: str) -> Any:
+def _text(path: InputPath, encoding: str, stream: Any = None) -> Any:
+    if encoding == UTF8:
+        return readable(path) if stream is None else stream
+    return open_text(path, encoding, stream)
+
+
+def _open_jsonl(
+    path: InputPath,
+    block_bytes: int,
+    schema: pa.Schema | None,
+    encoding: str,
+    stream: Any = None,
+) -> Any:
+    """Arrow's streaming JSON reader over ``path`` (or ``stream``, its bytes, if given)."""
     parse = (
         pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         if schema is not None
         else pjson.ParseOptions()
     )
     return pjson.open_json(
-        readable(path) if encoding == UTF8 else open_text(path, encoding),
+        _text(path, encoding, stream),
         # Errors are located by scan_jsonl, not by Arrow. (The streaming reader parses on
         # one thread whatever use_threads says.)
         read_options=pjson.ReadOptions(use_threads=True, block_size=block_bytes),

@@ -50,6 +50,7 @@ from batchrunner.sources.files import (
 from batchrunner.sources.jsonl_files import JsonlReader, jsonl_schema
 from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.sources.parquet_files import ParquetReader, check_parquet_files, parquet_schema
+from batchrunner.sources.progress import ReadProgress
 from batchrunner.storage import InputPath, ObjectStore
 
 __all__ = [
@@ -122,6 +123,8 @@ class TabularSource:
             for name in read_columns(schema, send_columns, id_column, keep_input)
         }
         self._reader: _FileReader
+        # CSV / JSON lines: bytes read against the files' sizes estimate the row count.
+        self._progress = None if format == "parquet" else ReadProgress(paths)
         if format == "parquet":
             self._reader = ParquetReader(
                 schema=pa.schema([pa.field(name, kind) for name, kind in types.items()]),
@@ -135,9 +138,12 @@ class TabularSource:
                 types=types,
                 block_bytes=block_bytes,
                 encoding=encoding,
+                progress=self._progress,
             )
         else:
-            self._reader = JsonlReader(types=types, block_bytes=block_bytes, encoding=encoding)
+            self._reader = JsonlReader(
+                types=types, block_bytes=block_bytes, encoding=encoding, progress=self._progress
+            )
 
     def __repr__(self) -> str:
         first = self.paths[0] if self.paths else None
@@ -151,6 +157,11 @@ class TabularSource:
         if self.format == "parquet":
             return sum(self._file_rows.values())
         return None
+
+    def estimated_rows(self) -> int | None:
+        """The number of rows extrapolated from the bytes read so far (CSV, JSON lines),
+        or None (Parquet: ``count_rows`` knows; nothing read yet)."""
+        return None if self._progress is None else self._progress.estimated_rows()
 
     def scan_count(self) -> int:
         """The exact number of rows, streaming through every file if it must (CSV, JSONL)."""
@@ -192,6 +203,8 @@ class TabularSource:
                     start = base + file_row
                     end = start + batch.num_rows
                     file_rows = file_row + batch.num_rows
+                    if self._progress is not None:
+                        self._progress.parsed(path, file_rows)
                     if end <= skip or not batch.num_rows:
                         continue
                     low = max(skip - start, 0)
