@@ -60,6 +60,7 @@ def test_progress_fields_are_the_same_figures() -> None:
     assert progress_fields(figures(total=12_000)) == {
         "rows_done": 1200,
         "rows_total": 12_000,
+        "rows_total_estimated": False,
         "rows_ok": 1190,
         "rows_error": 10,
         "rows_per_second": 600.0,
