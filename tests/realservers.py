@@ -10,6 +10,7 @@ trained here on iris. Without the environments the tests skip, saying why; with
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -74,6 +75,22 @@ rows = list(csv.DictReader(open(sys.argv[2])))
 X = [[float(r[f]) for f in {features!r}] for r in rows]
 json.dump([str(p) for p in model.predict(X)], open(sys.argv[3], "w"))
 """
+
+
+def iris_rows(path: Path, rows: int, *, bad_index: int | None = None) -> Path:
+    """A CSV of ``rows`` iris rows (the sample, cycled) with ids 0, 1, ...; the row at
+    ``bad_index`` has text where the model expects a number."""
+    with IRIS_CSV.open() as handle:
+        iris = list(csv.DictReader(handle))
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", *FEATURES])
+        for index in range(rows):
+            values = [iris[index % len(iris)][f] for f in FEATURES]
+            if index == bad_index:
+                values[0] = "x"
+            writer.writerow([index, *values])
+    return path
 
 
 def train(env: Path, folder: Path) -> Path:

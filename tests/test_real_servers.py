@@ -9,7 +9,6 @@ of their own, so the restart takes real seconds, bounded by the retry settings.
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -21,25 +20,15 @@ import pytest
 
 from tests import realservers
 from tests.conftest import read_output, write_job
-from tests.realservers import FEATURES, Server
+from tests.realservers import Server
 
 ROWS = 1200
 BAD_ROW = "617"
 
 
 def _rows_csv(path: Path, *, bad: bool = False) -> Path:
-    with realservers.IRIS_CSV.open() as handle:
-        iris = list(csv.DictReader(handle))
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", *FEATURES])
-        for index in range(ROWS):
-            row = iris[index % len(iris)]
-            values = [row[f] for f in FEATURES]
-            if bad and str(index) == BAD_ROW:
-                values[0] = "x"  # a string where the model expects a number
-            writer.writerow([index, *values])
-    return path
+    # bad: a string where the model expects a number, in row BAD_ROW
+    return realservers.iris_rows(path, ROWS, bad_index=int(BAD_ROW) if bad else None)
 
 
 def _job(folder: Path, url: str, protocol: str, extra: str = "", **batch: object) -> Path:
@@ -107,8 +96,9 @@ def _run_while_restarting(server: Server, job: Path) -> dict[str, object]:
 
 RESTART = {"size": 5, "concurrency": 2, "rate_limit": 40}
 # patient enough for a slow restart: MLflow's server took over 30 s to come back on a loaded
-# CI machine, so the budget is about 200 attempts of up to 2 s (full jitter: ~1 s each)
-RESTART_RETRY = "max_attempts = 200\nbackoff_initial = 0.5\nbackoff_max = 2.0"
+# CI machine, so the budget is 100 attempts (the most allowed) of up to 4 s (full jitter:
+# ~2 s each), about 3 minutes
+RESTART_RETRY = "max_attempts = 100\nbackoff_initial = 0.5\nbackoff_max = 4.0"
 
 
 def _patient(job: Path) -> None:

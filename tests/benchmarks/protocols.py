@@ -35,18 +35,6 @@ from tests.realservers import FEATURES
 PYTHON = sys.executable
 
 
-def iris_rows(path: Path, rows: int) -> Path:
-    with realservers.IRIS_CSV.open() as handle:
-        iris = list(csv.DictReader(handle))
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", *FEATURES])
-        for index in range(rows):
-            row = iris[index % len(iris)]
-            writer.writerow([index, *(row[f] for f in FEATURES)])
-    return path
-
-
 def job(
     folder: Path, data: Path, url: str, size: int, concurrency: int, token: bool = False
 ) -> Path:
@@ -112,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-protocols-"))
-    data = iris_rows(folder / "rows.csv", args.rows)
+    data = realservers.iris_rows(folder / "rows.csv", args.rows)
     requests = max(1, args.rows // args.batch_size)
     plain_env = {k: v for k, v in os.environ.items() if k != "MODELARTS_TOKEN"}
     print(
