@@ -79,17 +79,24 @@ def _run_while_restarting(server: Server, job: Path) -> dict[str, object]:
     """Run ``job`` in a process of its own, kill the server once the run has finished some
     batches, start it again, and return the run's summary."""
     command = [sys.executable, "-m", "batchrunner", "run", str(job), "--no-progress"]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = Path(".batchrunner")
-    deadline = time.monotonic() + 60
-    while not any(state.glob("*.state/*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert run.poll() is None, "the run ended before the server could be killed"
-    server.kill()
-    time.sleep(1.0)
-    server.start()
-    _, stderr = run.communicate(timeout=240)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        try:
+            state = Path(".batchrunner")
+            deadline = time.monotonic() + 60
+            while not any(state.glob("*.state/*")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            if run.poll() is not None:
+                _, stderr = run.communicate()
+                pytest.fail(f"the run ended before the server could be killed: {stderr!r}")
+            server.kill()
+            time.sleep(1.0)
+            server.start()
+            _, stderr = run.communicate(timeout=240)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     assert run.returncode == 0, stderr.decode(errors="replace")
     return dict(json.loads(Path("out.parquet.summary.json").read_text()))
 
