@@ -109,6 +109,18 @@ def _main(
     ] = False,
 ) -> None:
     """Run a model deployed as a REST inference service over a whole dataset."""
+    sys.unraisablehook = _quiet_unraisable
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    """Arrow reports a CSV line it cannot decode for our invalid-row handler (``_open_csv``'s
+    ``record``) as "Exception ignored ... Traceback" on stderr; the read then fails with the
+    line's own error, which the run reports. Anything else goes to Python's default hook."""
+    where = getattr(unraisable.object, "__qualname__", "")
+    if isinstance(unraisable.exc_value, UnicodeDecodeError) and where.startswith("_open_csv."):
+        log.debug("a bad CSV line could not be decoded for its handler: %s", unraisable.exc_value)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @app.command()

@@ -491,3 +491,15 @@ def test_a_malformed_row_found_mid_run_exits_65_naming_its_line(invoke, service)
     assert result.exit_code == 65, result.stderr
     assert "bad.csv, line 20002: expected 2 columns, got 3" in result.stderr
     assert 0 < len(service.calls) <= LONG_AT // 500
+
+
+def test_a_ragged_line_with_bad_text_prints_no_pyarrow_traceback() -> None:
+    # item 17: Arrow cannot decode such a line for its invalid-row handler and printed
+    # "Exception ignored ... Traceback" on stderr before our own message
+    Path("r.csv").write_bytes(b"id,name\n1,a\n2,caf\xe9,extra\n3,b\n")
+    command = [sys.executable, "-m", "batchrunner", "run", "--input", "r.csv"]
+    command += ["--url", "embedded:iris", "--output", "o.parquet", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert "r.csv, line 3: expected 2 columns, got 3" in result.stderr

@@ -304,8 +304,23 @@ def _open_csv(
 
 
 def _bad_row_or(message: str, path: InputPath, bad_rows: list[Any], delimiter: str) -> str:
-    """The first bad row's message when Arrow failed on one, else ``message``."""
-    return _bad_csv_row(path, bad_rows[0], delimiter) if bad_rows else message
+    """The first bad row's message when Arrow failed on one, else ``message``; a row Arrow
+    could not even decode for its handler (bad text in it) is told from Arrow's error."""
+    if bad_rows:
+        return _bad_csv_row(path, bad_rows[0], delimiter)
+    ragged = _CSV_RAGGED.search(message)
+    if ragged is None:
+        return message
+    line, expected, actual, text = ragged.groups()
+    return (
+        f"{path}, line {line}: expected {expected} columns, got {actual}: {clip(text)!r}, "
+        f"and text in it is not valid utf-8; fix the line (a value holding "
+        f"{delimiter!r} must be quoted)"
+    )
+
+
+# Arrow's message for a row with too many or too few fields (its line, counting the header).
+_CSV_RAGGED = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+): (.*)", re.DOTALL)
 
 
 def _bad_csv_row(path: InputPath, row: Any, delimiter: str) -> str:
