@@ -22,7 +22,8 @@ are secrets: they are handed to Arrow and never kept in a ``repr``, a message or
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "ObjectStore",
     "StorageAbort",
     "StorageError",
+    "is_transient",
     "is_uri",
     "readable",
     "seekable",
@@ -51,6 +53,27 @@ __all__ = [
 
 SCHEMES = ("s3", "obs")
 RETRY_ATTEMPTS = 10  # the SDK's standard strategy: exponential backoff, capped at 20 s
+READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around an object's read (see ObjectStore.read)
+_TRANSIENT = (
+    "internal_failure",
+    "flush response stream",
+    "slowdown",
+    "slow down",
+    "slow_down",
+    "http status 500",
+    "http status 503",
+    "connection",
+    "curl error",
+    "timed out",
+    "timeout",
+)
+
+
+def is_transient(exc: OSError) -> bool:
+    """Whether an error of the store may pass if tried again (a 500, a 503 SlowDown, a
+    dropped connection, a read cut short); not a refusal or a missing object."""
+    text = str(exc).lower()
+    return any(word in text for word in _TRANSIENT)
 
 
 class StorageError(JobError):
@@ -200,6 +223,7 @@ class ObjectStore:
         self._options = options
         self._fs: pafs.S3FileSystem | None = None
         self._lister: Any = None
+        self.sleep: Callable[[float], None] = time.sleep  # injected by tests
         self.paged = True  # list with boto3's paginator, when it is installed
 
     def __repr__(self) -> str:  # never the keys
@@ -342,7 +366,22 @@ class ObjectStore:
 
     def read(self, path: ObjectPath, max_bytes: int) -> bytes:
         """The object's bytes; ``OSError`` if it cannot be read, ``ValueError`` (its size)
-        if it holds more than ``max_bytes``."""
+        if it holds more than ``max_bytes``.
+
+        Transient failures are tried again (``READ_ATTEMPTS`` times in all, with backoff):
+        the SDK retries most of them itself, but not an error answer longer than a small
+        object (Arrow reads into a buffer of the object's size, and a 503 SlowDown's body
+        overflows it: "Failed to flush response stream")."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return self._read_once(path, max_bytes)
+            except OSError as exc:
+                if attempt == READ_ATTEMPTS or not is_transient(exc):
+                    raise
+                self.sleep(min(READ_BACKOFF * 2 ** (attempt - 1), 2.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_once(self, path: ObjectPath, max_bytes: int) -> bytes:
         with self.filesystem.open_input_file(path.location) as file:
             size = file.size()
             if size > max_bytes:
