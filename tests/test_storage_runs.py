@@ -3,10 +3,17 @@ resumed with its output on the bucket, the store failing for a while (real S3 se
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from batchrunner.storage import ObjectStore, is_transient
@@ -164,3 +171,69 @@ def test_what_is_tried_again() -> None:
     assert is_transient(OSError("curl error: Connection reset by peer"))
     assert not is_transient(OSError("AWS Error ACCESS_DENIED during GetObject operation"))
     assert not is_transient(OSError("Path does not exist 'b/x.png'"))
+
+
+# -- killed mid-run, then resumed, the output on the bucket ---------------------------------
+
+
+def results(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each key's results: the fields the model answered (not timings nor attempts)."""
+    return {row["_key"]: {k: v for k, v in row.items() if not k.startswith("_")} for row in rows}
+
+
+def journal_bytes(state: Path) -> int:
+    return (
+        sum(part.stat().st_size for part in state.rglob("*") if part.is_file())
+        if (state.exists())
+        else 0
+    )
+
+
+def test_a_run_killed_mid_way_resumes_into_the_bucket(invoke, s3: S3) -> None:
+    s3.bucket("data")
+    s3.put("data/iris.csv", iris_bytes())
+    write_job(
+        Path("job.toml"),
+        'name = "j"\n[input]\npath = "s3://data/iris.csv"\nid_column = "id"\n'
+        '[service]\nurl = "embedded:iris"\n[service.embedded]\nlatency_ms = 150\n'
+        "[batch]\nsize = 10\nconcurrency = 1\n"
+        '[output]\npath = "s3://data/out/j.parquet"\n' + storage_section(s3.endpoint),
+    )
+    state = Path(".batchrunner/j.state")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", "job.toml"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        start = None
+        while time.monotonic() < deadline and process.poll() is None:
+            size = journal_bytes(state)
+            if start is None and size:
+                start = size  # the manifest is written: requests are going out
+            elif start is not None and size > start + 2000:
+                break  # a few batches are in the journal
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert not s3.exists("data/out/j.parquet")  # whole or absent
+
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    rows = read_object_table(s3, "data/out/j.parquet")
+    assert [row["_key"] for row in rows] == [str(i) for i in range(1, 151)]
+    assert all(row["_status"] == "ok" for row in rows)
+    summary = orjson.loads(s3.get("data/out/j.parquet.summary.json"))
+    kept = re.search(r"resuming: (\d+) rows in (\d+) finished batches are kept", result.stderr)
+    assert kept is not None, result.stderr
+    resumed, batches = map(int, kept.groups())
+    assert 0 < resumed < 150 and resumed == batches * 10
+    assert summary["rows"]["total"] == 150
+    assert summary["requests"] == 15 - batches  # only unfinished batches were sent
+    # The same results as a run that was never killed.
+    clean = invoke("run", "job.toml", "--output", "clean.parquet", "--set", "run.state_dir=s2")
+    assert clean.exit_code == 0, clean.stderr
+    assert results(rows) == results(pq.read_table("clean.parquet").to_pylist())
