@@ -3,6 +3,8 @@
 Imports flow one way, down this list; a module imports only from those above it:
 
     errors      the BatchRunnerError tree
+    listing     one level of a bucket prefix, page by page (boto3's paginator), in a local
+                folder's order
     storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,
                 whole-or-absent uploads
     items       plain data passed between stages (Batch, Outcome)

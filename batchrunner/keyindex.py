@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.items import Batch
-from batchrunner.storage import InputPath
+from batchrunner.storage import InputPath, ObjectPath
 from batchrunner.writing import fsync
 
 U64 = npt.NDArray[np.uint64]
@@ -93,13 +93,17 @@ def key_hashes(keys: pa.Array | Sequence[str]) -> U64:
 
 def item_hashes(keys: U64, rows: pa.RecordBatch | None, files: Sequence[InputPath] = ()) -> U64:
     """Each row's item hash: its key hash (``keys``) and the fields of ``rows`` it sends; for
-    file input (``rows`` None), the file's path, size and modification time instead."""
+    file input (``rows`` None), the file's path, size and modification time instead (an
+    object's ETag when its listing gave one: a replaced object has a new one, even in the
+    same second, and an unchanged one keeps it)."""
     hashes = keys.copy()
     if rows is None:
         for index, path in enumerate(files):
             try:
                 stat = path.stat()
                 content: list[Any] = [str(path), stat.st_size, stat.st_mtime_ns]
+                if isinstance(path, ObjectPath) and path.etag:
+                    content[2] = "etag:" + path.etag
             except OSError:
                 content = [os.fspath(path), -1, -1]  # gone: sent, and not remembered
             hashes[index] ^= _seed("file", content)

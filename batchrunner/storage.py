@@ -22,7 +22,8 @@ are secrets: they are handed to Arrow and never kept in a ``repr``, a message or
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from batchrunner.errors import JobError, ServiceError
+from batchrunner.listing import Entry, local_order, paged_entries
 
 __all__ = [
     "RETRY_ATTEMPTS",
@@ -42,6 +44,7 @@ __all__ = [
     "ObjectStore",
     "StorageAbort",
     "StorageError",
+    "is_transient",
     "is_uri",
     "readable",
     "seekable",
@@ -50,6 +53,27 @@ __all__ = [
 
 SCHEMES = ("s3", "obs")
 RETRY_ATTEMPTS = 10  # the SDK's standard strategy: exponential backoff, capped at 20 s
+READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around an object's read (see ObjectStore.read)
+_TRANSIENT = (
+    "internal_failure",
+    "flush response stream",
+    "slowdown",
+    "slow down",
+    "slow_down",
+    "http status 500",
+    "http status 503",
+    "connection",
+    "curl error",
+    "timed out",
+    "timeout",
+)
+
+
+def is_transient(exc: OSError) -> bool:
+    """Whether an error of the store may pass if tried again (a 500, a 503 SlowDown, a
+    dropped connection, a read cut short); not a refusal or a missing object."""
+    text = str(exc).lower()
+    return any(word in text for word in _TRANSIENT)
 
 
 class StorageError(JobError):
@@ -103,6 +127,7 @@ class ObjectPath:
     key: str
     size: int | None = field(default=None, compare=False)
     mtime_ns: int | None = field(default=None, compare=False)
+    etag: str | None = field(default=None, compare=False)
 
     @property
     def uri(self) -> str:
@@ -126,12 +151,13 @@ class ObjectPath:
         head = self.key.rstrip("/").rpartition("/")[0]
         return self.child(head + "/" if head else "")
 
-    def child(self, key: str, info: pafs.FileInfo | None = None) -> ObjectPath:
-        """Another object of the same bucket, with the listing's size and time if given."""
-        size = mtime = None
-        if info is not None:
-            size, mtime = info.size, info.mtime_ns
-        return ObjectPath(self.store, self.scheme, self.bucket, key, size, mtime)
+    def child(self, key: str, entry: Entry | None = None) -> ObjectPath:
+        """Another object of the same bucket, with what the listing says of it if given."""
+        if entry is None or entry.folder:
+            return ObjectPath(self.store, self.scheme, self.bucket, key)
+        return ObjectPath(
+            self.store, self.scheme, self.bucket, key, entry.size, entry.mtime_ns, entry.etag
+        )
 
     def with_name(self, name: str) -> ObjectPath:
         head = self.key.rstrip("/").rpartition("/")[0]
@@ -196,6 +222,9 @@ class ObjectStore:
                 options["session_token"] = session_token
         self._options = options
         self._fs: pafs.S3FileSystem | None = None
+        self._lister: Any = None
+        self.sleep: Callable[[float], None] = time.sleep  # injected by tests
+        self.paged = True  # list with boto3's paginator, when it is installed
 
     def __repr__(self) -> str:  # never the keys
         return f"ObjectStore(endpoint={self.endpoint!r}, region={self.region!r})"
@@ -239,28 +268,90 @@ class ObjectStore:
         if self.info(bucket).type == pafs.FileType.NotFound:
             raise StorageError(self.explain(bucket, OSError("NoSuchBucket")))
 
-    def listing(self, prefix: ObjectPath) -> list[tuple[str, bool, ObjectPath]]:
-        """One level of ``prefix``: (name, is a folder, its path), sorted by name."""
+    def listing(self, prefix: ObjectPath) -> Iterator[tuple[str, bool, ObjectPath]]:
+        """One level of ``prefix``: (name, is a folder, its path), sorted by name as a local
+        folder is; streamed page by page (boto3's paginator) when boto3 is installed (the
+        ``s3`` extra), else one level whole from Arrow."""
+        base = prefix.key.rstrip("/")
+        base = base + "/" if base else ""
+        client = self.lister()
+        if client is None:
+            entries: Iterable[Entry] = self._level(prefix)
+        else:
+            entries = local_order(
+                self._paged(client, prefix, base),
+                lambda name: self._has_folder(client, prefix, base + name + "/"),
+            )
+        for entry in entries:
+            key = base + entry.name + ("/" if entry.folder else "")
+            yield entry.name, entry.folder, prefix.child(key, entry)
+
+    def _level(self, prefix: ObjectPath) -> list[Entry]:
         selector = pafs.FileSelector(prefix.location, recursive=False, allow_not_found=True)
         try:
             infos = self.filesystem.get_file_info(selector)
         except OSError as exc:
             raise StorageError(self.explain(prefix, exc)) from None
-        base = prefix.key.rstrip("/")
-        base = base + "/" if base else ""
-        entries = []
-        for info in infos:
-            name = info.base_name
-            is_folder = info.type == pafs.FileType.Directory
-            key = base + name + ("/" if is_folder else "")
-            entries.append((name, is_folder, prefix.child(key, None if is_folder else info)))
-        entries.sort(key=lambda entry: entry[0])
+        entries = [
+            Entry(info.base_name, True)
+            if info.type == pafs.FileType.Directory
+            else Entry(info.base_name, False, info.size, info.mtime_ns)
+            for info in infos
+        ]
+        entries.sort(key=lambda entry: entry.name)
         return entries
+
+    def _paged(self, client: Any, prefix: ObjectPath, base: str) -> Iterator[Entry]:
+        try:
+            yield from paged_entries(client, prefix.bucket, base)
+        except Exception as exc:  # botocore's errors: a refusal, a lost connection
+            if not _is_store_error(exc):
+                raise
+            raise StorageError(self.explain(prefix, OSError(str(exc)))) from None
+
+    def _has_folder(self, client: Any, prefix: ObjectPath, key: str) -> bool:
+        try:
+            answer = client.list_objects_v2(Bucket=prefix.bucket, Prefix=key, MaxKeys=1)
+        except Exception as exc:
+            if not _is_store_error(exc):
+                raise
+            raise StorageError(self.explain(prefix, OSError(str(exc)))) from None
+        return bool(answer.get("KeyCount", 0))
+
+    def lister(self) -> Any:
+        """boto3's S3 client on the same store (None without boto3): for paged listings."""
+        if self._lister is None and self.paged:
+            try:
+                import boto3  # type: ignore[import-untyped]
+                from botocore.config import Config  # type: ignore[import-untyped]
+            except ImportError:
+                self.paged = False
+                return None
+            options = self._options
+            config = Config(
+                region_name=options["region"],
+                retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+                connect_timeout=options["connect_timeout"],
+                read_timeout=options["request_timeout"],
+                s3={"addressing_style": "virtual" if self.virtual else "path"},
+            )
+            endpoint = None
+            if "endpoint_override" in options:
+                endpoint = f"{options['scheme']}://{options['endpoint_override']}"
+            self._lister = boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=options.get("access_key"),
+                aws_secret_access_key=options.get("secret_key"),
+                aws_session_token=options.get("session_token"),
+                config=config,
+            )
+        return self._lister
 
     def walk(self, prefix: ObjectPath) -> Iterator[tuple[str, ObjectPath]]:
         """(key relative to ``prefix``, object) under ``prefix``, depth first, sorted as a
-        local folder walk is; one level's listing is held per level, never the tree."""
-        stack = [("", iter(self.listing(prefix)))]
+        local folder walk is; one page per level being walked is held, never the tree."""
+        stack = [("", self.listing(prefix))]
         while stack:
             relative, entries = stack[-1]
             entry = next(entries, None)
@@ -269,13 +360,28 @@ class ObjectStore:
                 continue
             name, is_folder, path = entry
             if is_folder:
-                stack.append((relative + name + "/", iter(self.listing(path))))
+                stack.append((relative + name + "/", self.listing(path)))
             else:
                 yield relative + name, path
 
     def read(self, path: ObjectPath, max_bytes: int) -> bytes:
         """The object's bytes; ``OSError`` if it cannot be read, ``ValueError`` (its size)
-        if it holds more than ``max_bytes``."""
+        if it holds more than ``max_bytes``.
+
+        Transient failures are tried again (``READ_ATTEMPTS`` times in all, with backoff):
+        the SDK retries most of them itself, but not an error answer longer than a small
+        object (Arrow reads into a buffer of the object's size, and a 503 SlowDown's body
+        overflows it: "Failed to flush response stream")."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return self._read_once(path, max_bytes)
+            except OSError as exc:
+                if attempt == READ_ATTEMPTS or not is_transient(exc):
+                    raise
+                self.sleep(min(READ_BACKOFF * 2 ** (attempt - 1), 2.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_once(self, path: ObjectPath, max_bytes: int) -> bytes:
         with self.filesystem.open_input_file(path.location) as file:
             size = file.size()
             if size > max_bytes:
@@ -324,7 +430,7 @@ class ObjectStore:
 
     def check_readable(self, path: ObjectPath) -> None:
         """The bucket answers and the credentials are taken (one listing call)."""
-        self.listing(path.parent if self.kind(path) == "file" else path)
+        next(self.listing(path.parent if self.kind(path) == "file" else path), None)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -367,7 +473,13 @@ def _rebuild(
 ) -> ObjectStore:
     store = ObjectStore(endpoint=endpoint, region=region, virtual=virtual)
     store._fs = filesystem
+    store.paged = False  # the keys travel inside Arrow's filesystem only
     return store
+
+
+def _is_store_error(exc: Exception) -> bool:
+    """Whether ``exc`` is botocore's: the store refused, or could not be reached."""
+    return type(exc).__module__.startswith(("botocore", "boto3"))
 
 
 def _scrub(text: str, options: dict[str, Any]) -> str:

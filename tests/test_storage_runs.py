@@ -1,0 +1,239 @@
+"""Runs over a bucket that last: incremental nights over an image prefix, a run killed and
+resumed with its output on the bucket, the store failing for a while (real S3 server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from batchrunner.storage import ObjectStore, is_transient
+from tests.conftest import write_job
+from tests.s3 import (
+    ACCESS_KEY,
+    DROP,
+    S3,
+    SECRET_KEY,
+    SLOW_DOWN,
+    Fault,
+    FaultyProxy,
+    storage_section,
+)
+from tests.test_cli_images import COLORS, image
+from tests.test_storage import iris_bytes, read_object_table
+
+
+def same_size(*pictures: bytes) -> list[bytes]:
+    """The pictures padded to one length (decoders ignore what follows the end)."""
+    longest = max(map(len, pictures))
+    return [picture + bytes(longest - len(picture)) for picture in pictures]
+
+
+def replace_in_the_same_second(s3: S3, bucket: str, key: str, data: bytes) -> None:
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    backend = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
+    before = backend.get_object(bucket, key).last_modified
+    s3.put(f"{bucket}/{key}", data)
+    backend.get_object(bucket, key).last_modified = before
+
+
+def night(invoke: Any, s3: S3, number: int) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    output = f"s3://results/night{number}.parquet"
+    result = invoke("run", "photos.toml", "--output", output)
+    assert result.exit_code == 0, result.stderr
+    rows = read_object_table(s3, f"results/night{number}.parquet")
+    summary = orjson.loads(s3.get(f"results/night{number}.parquet.summary.json"))
+    return result, rows, summary
+
+
+def test_three_nights_over_an_image_prefix(invoke, s3: S3) -> None:
+    s3.bucket("photos")
+    s3.bucket("results")
+    red, blue = same_size(image(COLORS["red"]), image(COLORS["blue"]))
+    for key in ("a/1.png", "a/2.png", "b/3.png", "b/4.png"):
+        s3.put(f"photos/drop/{key}", red)
+    write_job(
+        Path("photos.toml"),
+        'name = "photos"\n[input]\npath = "s3://photos/drop/"\nincremental = true\n'
+        '[service]\nurl = "embedded:colors"\n' + storage_section(s3.endpoint),
+    )
+    _, rows, summary = night(invoke, s3, 1)
+    assert [row["_key"] for row in rows] == ["a/1.png", "a/2.png", "b/3.png", "b/4.png"]
+    assert summary["requests"] == 4
+
+    # Night two: three objects arrive, two are replaced: the same key and size, new bytes,
+    # in the same second (the listing's times are whole seconds): only the ETag differs.
+    for key in ("a/0.png", "c/5.png", "c/6.png"):
+        s3.put(f"photos/drop/{key}", red)
+    for key in ("a/2.png", "b/4.png"):
+        replace_in_the_same_second(s3, "photos", f"drop/{key}", blue)
+    _, rows, summary = night(invoke, s3, 2)
+    assert {row["_key"]: row["predicted_label"] for row in rows} == {
+        "a/0.png": "red",
+        "a/2.png": "blue",
+        "b/4.png": "blue",
+        "c/5.png": "red",
+        "c/6.png": "red",
+    }
+    assert summary["requests"] == 5
+    assert summary["rows"]["skipped"] == 2
+
+    # Night three: nothing new, nothing sent.
+    _, rows, summary = night(invoke, s3, 3)
+    assert rows == []
+    assert summary["requests"] == 0
+    assert summary["rows"]["skipped"] == 7
+
+
+# -- the store failing for a while ---------------------------------------------------------
+
+
+def every_third_fails(limit: int) -> Fault:
+    """SlowDown, then a dropped connection, on every third request of the first ``limit``
+    (listings, HEADs, object reads alike), and on the first two writes (the probe, the
+    output's upload)."""
+    writes: list[str] = []
+
+    def fault(number: int, method: str, path: str) -> str | None:
+        if method in ("PUT", "POST"):
+            writes.append(path)
+            return (SLOW_DOWN, DROP)[len(writes) - 1] if len(writes) <= 2 else None
+        if number >= limit or number % 3 != 1:
+            return None
+        return SLOW_DOWN if number % 2 else DROP
+
+    return fault
+
+
+@pytest.mark.parametrize("kind", ["images", "table"])
+def test_a_store_that_fails_for_a_while_loses_nothing(invoke, s3: S3, kind: str) -> None:
+    s3.bucket("data")
+    if kind == "images":
+        labels = {f"p{i}/{color}.png": color for i in range(3) for color in ("red", "blue")}
+        for key, color in labels.items():
+            s3.put(f"data/in/{key}", image(COLORS[color]))
+        source, url = "s3://data/in/", "embedded:colors"
+    else:
+        s3.put("data/in/iris.csv", iris_bytes())
+        source, url = "s3://data/in/iris.csv", "embedded:iris"
+    with FaultyProxy(s3.endpoint, every_third_fails(60)) as proxy:
+        write_job(
+            Path("job.toml"),
+            f'name = "j"\n[input]\npath = "{source}"\n'
+            + ('id_column = "id"\n' if kind == "table" else "")
+            + f'[service]\nurl = "{url}"\n[output]\npath = "s3://data/out/j.parquet"\n'
+            + storage_section(proxy.endpoint),
+        )
+        result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    assert proxy.faults.count(SLOW_DOWN) >= 2 and proxy.faults.count(DROP) >= 2
+    rows = read_object_table(s3, "data/out/j.parquet")
+    assert all(row["_status"] == "ok" for row in rows)
+    if kind == "images":
+        assert {row["_key"]: row["predicted_label"] for row in rows} == labels
+    else:
+        assert len(rows) == 150 and len({row["_key"] for row in rows}) == 150
+
+
+def test_a_small_object_answered_slowdown_is_read_again(s3: S3) -> None:
+    # Arrow reads a 20-byte object into a 20-byte buffer: the SlowDown body overflows it,
+    # and the SDK gives up ("Failed to flush response stream"); the store tries again.
+    s3.bucket("small")
+    s3.put("small/x.png", b"tiny" * 5)
+    answered: list[int] = []
+
+    def fault(number: int, method: str, path: str) -> str | None:
+        answered.append(number)
+        return SLOW_DOWN if method == "GET" and len(answered) <= 3 else None
+
+    with FaultyProxy(s3.endpoint, fault) as proxy:
+        store = ObjectStore(endpoint=proxy.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        pauses: list[float] = []
+        store.sleep = pauses.append
+        assert store.read(store.locate("s3://small/x.png"), 1000) == b"tiny" * 5
+    assert proxy.faults and pauses == [0.1, 0.2][: len(pauses)] and pauses
+
+
+def test_what_is_tried_again() -> None:
+    assert is_transient(OSError("AWS Error SLOW_DOWN during GetObject operation"))
+    assert is_transient(OSError("Failed to flush response stream (eof: 0, bad: 1)"))
+    assert is_transient(OSError("curl error: Connection reset by peer"))
+    assert not is_transient(OSError("AWS Error ACCESS_DENIED during GetObject operation"))
+    assert not is_transient(OSError("Path does not exist 'b/x.png'"))
+
+
+# -- killed mid-run, then resumed, the output on the bucket ---------------------------------
+
+
+def results(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each key's results: the fields the model answered (not timings nor attempts)."""
+    return {row["_key"]: {k: v for k, v in row.items() if not k.startswith("_")} for row in rows}
+
+
+def journal_bytes(state: Path) -> int:
+    return (
+        sum(part.stat().st_size for part in state.rglob("*") if part.is_file())
+        if (state.exists())
+        else 0
+    )
+
+
+def test_a_run_killed_mid_way_resumes_into_the_bucket(invoke, s3: S3) -> None:
+    s3.bucket("data")
+    s3.put("data/iris.csv", iris_bytes())
+    write_job(
+        Path("job.toml"),
+        'name = "j"\n[input]\npath = "s3://data/iris.csv"\nid_column = "id"\n'
+        '[service]\nurl = "embedded:iris"\n[service.embedded]\nlatency_ms = 150\n'
+        "[batch]\nsize = 10\nconcurrency = 1\n"
+        '[output]\npath = "s3://data/out/j.parquet"\n' + storage_section(s3.endpoint),
+    )
+    state = Path(".batchrunner/j.state")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", "job.toml"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        start = None
+        while time.monotonic() < deadline and process.poll() is None:
+            size = journal_bytes(state)
+            if start is None and size:
+                start = size  # the manifest is written: requests are going out
+            elif start is not None and size > start + 2000:
+                break  # a few batches are in the journal
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert not s3.exists("data/out/j.parquet")  # whole or absent
+
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    rows = read_object_table(s3, "data/out/j.parquet")
+    assert [row["_key"] for row in rows] == [str(i) for i in range(1, 151)]
+    assert all(row["_status"] == "ok" for row in rows)
+    summary = orjson.loads(s3.get("data/out/j.parquet.summary.json"))
+    kept = re.search(r"resuming: (\d+) rows in (\d+) finished batches are kept", result.stderr)
+    assert kept is not None, result.stderr
+    resumed, batches = map(int, kept.groups())
+    assert 0 < resumed < 150 and resumed == batches * 10
+    assert summary["rows"]["total"] == 150
+    assert summary["requests"] == 15 - batches  # only unfinished batches were sent
+    # The same results as a run that was never killed.
+    clean = invoke("run", "job.toml", "--output", "clean.parquet", "--set", "run.state_dir=s2")
+    assert clean.exit_code == 0, clean.stderr
+    assert results(rows) == results(pq.read_table("clean.parquet").to_pylist())
