@@ -503,3 +503,13 @@ def test_a_ragged_line_with_bad_text_prints_no_pyarrow_traceback() -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert "r.csv, line 3: expected 2 columns, got 3" in result.stderr
+
+
+def test_a_dangling_link_as_input_says_where_it_leads(tmp_path: Path) -> None:
+    link = tmp_path / "iris.csv"
+    link.symlink_to("../gone/iris.csv")
+    with pytest.raises(InputError) as raised:
+        open_tabular(link)
+    assert str(raised.value) == (
+        f"input.path: {link} is a link to ../gone/iris.csv, which does not exist"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import itertools
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -174,6 +175,8 @@ def is_hidden(relative: Path) -> bool:
 
 def no_such_path(path: Path) -> str:
     """The message for an ``input.path`` that names nothing, with a close name if any."""
+    if path.is_symlink():  # a dangling link: say where it leads, not "did you mean" itself
+        return f"input.path: {path} is a link to {os.readlink(path)}, which does not exist"
     message = f"input.path: no such file or folder: {path}"
     parent = path.parent
     if parent.is_dir():
