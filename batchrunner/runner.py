@@ -448,8 +448,7 @@ class Runner:
         self._signals = 0
         self._requests: set[asyncio.Task[None]] = set()
         self._main_task: asyncio.Task[Any] | None = None
-        self._expected_rows: int | None = None  # from metadata, when cheap to know
-        self._source: Source | None = None  # the input being read (its estimated rows)
+        self._source: Source | None = None  # the input being read (its total, when known)
         self._read_everything = False
         self._kind = TABULAR  # known once the source is open
         self._batch_size = job.batch.size
@@ -517,7 +516,6 @@ class Runner:
                 seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
-            self._expected_rows = _expected_rows(source, self.limit)
             self._source = source
             self._started_clock = time.perf_counter()
             log.info(
@@ -964,17 +962,20 @@ class Runner:
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
-        total = self.stats.rows_read if self._read_everything else self._expected_rows
-        estimated = False
-        if total is None and self._source is not None:
-            # CSV, JSON lines: extrapolated from the bytes read, until read through.
-            total = self._source.estimated_rows()
+        total, estimated = None, False
+        if self._read_everything:
+            total = self.stats.rows_read
+        elif self._source is not None:
+            total = _expected_rows(self._source, self.limit)
+            if total is None:
+                # CSV, JSON lines: extrapolated from the bytes read, until read through.
+                total = self._source.estimated_rows()
+                if total is not None:
+                    estimated = True
+                    total = max(total, self.stats.rows_read + self.stats.rows_skipped)
+                    total = total if self.limit is None else min(total, self.limit)
             if total is not None:
-                estimated = True
-                total = max(total, self.stats.rows_read + self.stats.rows_skipped)
-                total = total if self.limit is None else min(total, self.limit)
-        if total is not None and not self._read_everything:
-            total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
+                total -= self.stats.rows_skipped  # input.incremental: done by earlier runs
         limiter = self._limiter.statistics()
         return self.stats.snapshot(
             limiter.in_flight,
