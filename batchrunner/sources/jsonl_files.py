@@ -34,7 +34,7 @@ from batchrunner.sources.widening import (
     read_widening,
     widen_value,
 )
-from batchrunner.storage import InputPath, readable
+from batchrunner.storage import InputPath
 
 __all__ = ["JsonlReader", "jsonl_schema", "scan_jsonl"]
 
@@ -236,12 +236,6 @@ def _parse_line(path: InputPath, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _text(path: InputPath, encoding: str, stream: Any = None) -> Any:
-    if encoding == UTF8:
-        return readable(path) if stream is None else stream
-    return open_text(path, encoding, stream)
-
-
 def _open_jsonl(
     path: InputPath,
     block_bytes: int,
@@ -256,7 +250,7 @@ def _open_jsonl(
         else pjson.ParseOptions()
     )
     return pjson.open_json(
-        _text(path, encoding, stream),
+        open_text(path, encoding, stream),
         # Errors are located by scan_jsonl, not by Arrow. (The streaming reader parses on
         # one thread whatever use_threads says.)
         read_options=pjson.ReadOptions(use_threads=True, block_size=block_bytes),
