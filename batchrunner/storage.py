@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,21 +303,24 @@ class ObjectStore:
         return entries
 
     def _paged(self, client: Any, prefix: ObjectPath, base: str) -> Iterator[Entry]:
-        try:
+        with self._boto_errors(prefix):
             yield from paged_entries(client, prefix.bucket, base)
-        except Exception as exc:  # botocore's errors: a refusal, a lost connection
-            if not _is_store_error(exc):
-                raise
-            raise StorageError(self.explain(prefix, OSError(str(exc)))) from None
 
     def _has_folder(self, client: Any, prefix: ObjectPath, key: str) -> bool:
-        try:
+        with self._boto_errors(prefix):
             answer = client.list_objects_v2(Bucket=prefix.bucket, Prefix=key, MaxKeys=1)
+        return bool(answer.get("KeyCount", 0))
+
+    @contextmanager
+    def _boto_errors(self, prefix: ObjectPath) -> Iterator[None]:
+        """botocore's errors (a refusal, a lost connection) as a ``StorageError`` naming
+        ``prefix``; anything else as it is."""
+        try:
+            yield
         except Exception as exc:
             if not _is_store_error(exc):
                 raise
             raise StorageError(self.explain(prefix, OSError(str(exc)))) from None
-        return bool(answer.get("KeyCount", 0))
 
     def lister(self) -> Any:
         """boto3's S3 client on the same store (None without boto3): for paged listings."""
