@@ -404,7 +404,12 @@ def new_run_id(started: datetime) -> str:
 
 
 class Runner:
-    """One run of a job. ``await Runner(job).run()``; see ``run_job``."""
+    """One run of a job. ``await Runner(job).run()``; see ``run_job``.
+
+    ``sleep``, ``rng`` and ``clock`` (monotonic: backoffs, the unreachable timer) are the
+    pipeline's; ``wall_clock`` is the one issued tokens expire by (IAM's ``expires_at`` is
+    wall time). Tests inject their own, so that time-dependent behaviour is deterministic.
+    """
 
     def __init__(
         self,
@@ -418,6 +423,7 @@ class Runner:
         progress_interval: float = 10.0,
         handle_signals: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         only_keys: Collection[str] | None = None,
     ) -> None:
         self.job = job
@@ -429,6 +435,7 @@ class Runner:
         self._progress_interval = progress_interval
         self._handle_signals = handle_signals
         self._clock = clock
+        self._wall_clock = wall_clock
         self._scrubber = Scrubber()  # every secret the run holds (see Credentials.secrets)
         self._grace_timer: asyncio.TimerHandle | None = None
         self.stats = RunStats()
@@ -467,7 +474,11 @@ class Runner:
         source = open_source(job, store)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
-        credentials = None if job.service.embedded_model else read_credentials(job.service)
+        credentials = (
+            None
+            if job.service.embedded_model
+            else read_credentials(job.service, clock=self._wall_clock)
+        )
         if credentials is not None:
             self._scrubber = credentials.scrubber()
         started = datetime.now().astimezone()

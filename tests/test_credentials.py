@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from batchrunner.dispatch import MAX_RENEWALS_IN_A_ROW
+from batchrunner.job import load_job
+from batchrunner.runner import run_job
 from batchrunner.service import GatewayError, IamAccount, ServiceOptions
 from tests.conftest import (
     APPCODE,
@@ -107,37 +110,68 @@ def test_the_next_run_reuses_the_cached_token(invoke) -> None:
     assert "IAM: using the cached token of user alice (project eu-west-0)" in second.stderr
 
 
+class TickingClock:
+    """A wall clock that moves only when the service answers an inference request, by a
+    fixed step: token lives are counted in requests, whatever the machine's load. The
+    service's thread and the run's both read it."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self._now = time.time()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def tick(self) -> None:
+        with self._lock:
+            self._now += self.step
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def ticking(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path.startswith("/v1/"):
+                await asyncio.sleep(0.001)  # requests overlap, as through a busy gateway
+                self.tick()  # before the token is checked: it can expire while in flight
+            return await handler(request)
+
+        return ticking
+
+
 @pytest.mark.parametrize(
-    ("renew_before", "ttl", "copies"),
-    [(0.0, 0.1, 1), (300.0, 0.4, 2)],
+    ("renew_before", "ttl"),
+    [(0.0, 0.1), (300.0, 0.4)],
     ids=["on-401", "before-expiry"],
 )
-def test_tokens_expiring_every_few_hundred_ms_never_stop_the_run(
-    invoke, renew_before: float, ttl: float, copies: int
+def test_tokens_expiring_every_few_dozen_requests_never_stop_the_run(
+    renew_before: float, ttl: float
 ) -> None:
-    # A nightly job for days, compressed: tokens live a few hundred ms; 150 requests of
-    # 10 ms, 4 at a time, take at least 0.375 s: several lives. With renew_before = 0 every
-    # expiry surfaces as a wave of 401s. The default renews ahead, at half the life of such
-    # a short token, and the service refuses nothing (a longer life and run here, so that
-    # a busy machine cannot stretch a renewal over the 0.2 s left). max_attempts = 1: a
-    # renewal must not use up the retry budget.
-    options = ServiceOptions(iam=ACCOUNT, token_ttl=ttl)
-    with ThreadedService(options, [slow_inference(0.01)]) as service:
+    # A nightly job for days, compressed: each answered request moves the clock 10 ms, so
+    # a token lives 10 (on-401) or 40 (before-expiry) requests, 4 in flight at a time.
+    # With renew_before = 0 every expiry surfaces as a wave of 401s. The default renews
+    # ahead, at half the life of such a short token (20 requests), and the service refuses
+    # nothing: a request sent with a token 20 requests old is answered well before 40.
+    # max_attempts = 1: a renewal must not use up the retry budget.
+    clock = TickingClock(0.01)
+    options = ServiceOptions(iam=ACCOUNT, token_ttl=ttl, clock=clock)
+    with ThreadedService(options, [clock.middleware()]) as service:
         job = iam_job(
             service,
-            copies=copies,
+            copies=2,
             size=1,
             concurrency=4,
             iam=f"renew_before = {renew_before}\n",
             extra="max_attempts = 1\n",
         )
-        started = time.perf_counter()
-        result = invoke("run", str(job))
-        lives = math.ceil((time.perf_counter() - started) / ttl)
-    assert result.exit_code == 0, result.stderr
-    assert_all_ok(150 * copies)
+        started = clock()
+        result = run_job(load_job(job), wall_clock=clock, handle_signals=False)
+        lives = math.ceil((clock() - started) / ttl)
+    assert result.outcome == "done"
+    assert_all_ok(300)
     stats = service.stats
-    assert stats.by_status[200] == 150 * copies
+    assert stats.by_status[200] == 300
+    assert lives >= 7  # 300 requests of 10 ms: several lives
     assert stats.logins >= 3  # tokens were renewed during the run, more than once
     if renew_before == 0:
         assert stats.expired_tokens >= 2  # the 401s happened...
