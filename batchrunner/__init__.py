@@ -38,12 +38,13 @@ Imports flow one way, down this list; a module imports only from those above it:
                 with its IAM
     expectations what validate asks a server about its model (OIP v2 metadata, KServe v1
                 status, MLflow ping) before any request
-    runner      the asyncio pipeline
+    wiring      what a run needs whichever the engine: source, codec, client, limiter, the
+                plan, the summary, the one result type (RunReport, RunOutcome)
+    engines     local (the asyncio pipeline, `run`), ray (Ray Data, the only module that
+                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
+                blocks, for resume); neither engine imports the other
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end
-    engines     other engines than the local pipeline: ray (Ray Data, the only module that
-                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
-                blocks, for resume)
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
     crontab     the system side of cron: the crontab command, the installed command
     inspection  an output file read back: summary, counts by status, error kinds, fields
@@ -73,7 +74,7 @@ _EXPORTS = {
     "Engine": "batchrunner.api",
     "Outcome": "batchrunner.api",
     "RunReport": "batchrunner.api",
-    "Plan": "batchrunner.runner",
+    "Plan": "batchrunner.wiring",
     "Inspection": "batchrunner.inspection",
     "BatchRunnerError": "batchrunner.errors",
     "JobError": "batchrunner.errors",
@@ -136,7 +137,7 @@ if TYPE_CHECKING:
     )
     from batchrunner.inspection import Inspection
     from batchrunner.job import Job, load_job
-    from batchrunner.runner import Plan
+    from batchrunner.wiring import Plan
 
 
 def __getattr__(name: str) -> Any:

@@ -8,72 +8,30 @@ line would have used. ``batchrunner/__init__.py`` re-exports these names.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchrunner.errors import InputError
-from batchrunner.job import Job, load_job
+from batchrunner.job import Engine, Job, load_job
+from batchrunner.wiring import RunOutcome, RunReport
 
 if TYPE_CHECKING:
     from batchrunner.inspection import Inspection
     from batchrunner.report import StatsSnapshot
-    from batchrunner.runner import Plan
-    from batchrunner.storage import ObjectPath
+    from batchrunner.wiring import Plan
 
-# The exit codes of the command line, for a run that finished (see the README's table).
-EXIT_DONE = 0
-EXIT_TOO_MANY_ERRORS = 1
-EXIT_ABORTED = 3
+__all__ = [
+    "Engine",
+    "Outcome",
+    "RunReport",
+    "job_from_settings",
+    "plan",
+    "read_output",
+    "run",
+]
 
-
-class Outcome(enum.StrEnum):
-    """How a finished run went."""
-
-    DONE = "done"  # error rows, if any, within max_error_rate
-    TOO_MANY_ERRORS = "too_many_errors"  # the output is written, but over max_error_rate
-    ABORTED = "aborted"  # a fatal service condition stopped it; re-running resumes
-
-
-class Engine(enum.StrEnum):
-    """Where a run's requests are made from."""
-
-    LOCAL = "local"  # this process: one asyncio pipeline, one Parquet file
-    RAY = "ray"  # Ray Data: a folder of Parquet parts (pip install 'batchrunner[ray]')
-
-
-_EXIT_CODES = {
-    Outcome.DONE: EXIT_DONE,
-    Outcome.TOO_MANY_ERRORS: EXIT_TOO_MANY_ERRORS,
-    Outcome.ABORTED: EXIT_ABORTED,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class RunReport:
-    """A finished run, whichever the engine: where its output is, and how it went."""
-
-    engine: Engine
-    outcome: Outcome
-    output: Path | ObjectPath  # a file (local, or in a bucket) or a folder of parts (ray)
-    summary_path: Path | ObjectPath  # <output>.summary.json
-    summary: Mapping[str, Any]  # what summary_path holds
-    rows: int
-    rows_ok: int
-    rows_error: int
-    abort_reason: str | None = None  # with Outcome.ABORTED: why
-
-    @property
-    def exit_code(self) -> int:
-        """The command line's exit code for this run (0, 1 or 3)."""
-        return _EXIT_CODES[self.outcome]
-
-    @property
-    def error_rate(self) -> float:
-        finished = self.rows_ok + self.rows_error
-        return self.rows_error / finished if finished else 0.0
+Outcome = RunOutcome  # the library's name for how a finished run went
 
 
 def job_from_settings(**sections: Any) -> Job:
@@ -100,7 +58,7 @@ def plan(job: Job, *, limit: int | None = None) -> Plan:
 
     Raises ``JobError`` when the job or its input is invalid.
     """
-    from batchrunner.runner import plan_job
+    from batchrunner.wiring import plan_job
 
     return plan_job(job, limit=limit)
 
@@ -129,37 +87,15 @@ def run(
             raise InputError("limit is not available with the ray engine")
         from batchrunner.engines.ray import run_on_ray
 
-        ray_result = run_on_ray(job, resume=resume)
-        return RunReport(
-            engine=engine,
-            outcome=Outcome(ray_result.outcome),
-            output=ray_result.output,
-            summary_path=ray_result.summary_path,
-            summary=ray_result.summary,
-            rows=ray_result.rows,
-            rows_ok=ray_result.rows_ok,
-            rows_error=ray_result.rows_error,
-        )
-    from batchrunner.runner import run_job
+        return run_on_ray(job, resume=resume)
+    from batchrunner.engines.local import run_job
 
-    result = run_job(
+    return run_job(
         job,
         limit=limit,
         resume=resume,
         on_progress=on_progress,
         progress_interval=progress_interval,
-    )
-    stats = result.stats
-    return RunReport(
-        engine=engine,
-        outcome=Outcome(result.outcome),
-        output=result.output,
-        summary_path=result.summary_path,
-        summary=result.summary,
-        rows=stats.rows_ok + stats.rows_error,
-        rows_ok=stats.rows_ok,
-        rows_error=stats.rows_error,
-        abort_reason=result.abort_reason,
     )
 
 

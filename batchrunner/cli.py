@@ -28,26 +28,22 @@ import typer
 from batchrunner import __version__
 from batchrunner.errors import (
     BatchRunnerError,
+    ExitCode,
     InputError,
     ScheduleError,
     SettingError,
     WriteError,
 )
-from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
+from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Engine, Job, load_job
 from batchrunner.report import StatsSnapshot
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from batchrunner.runner import RunResult
     from batchrunner.schedule import Schedule
     from batchrunner.storage import ObjectPath
+    from batchrunner.wiring import RunReport
 
-EXIT_OK = 0
-EXIT_TOO_MANY_ERRORS = 1
-EXIT_INVALID = 2
-EXIT_ABORTED = 3
-EXIT_INTERRUPTED = 130
 SHOWN_BODY_CHARS = 2000
 LIVE_REFRESHES_PER_SECOND = 4
 SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
@@ -67,11 +63,6 @@ app = typer.Typer(
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
-
-
-class Engine(StrEnum):
-    local = "local"
-    ray = "ray"
 
 
 def _fail(error: BatchRunnerError, log_format: LogFormat = LogFormat.text) -> NoReturn:
@@ -174,7 +165,7 @@ def run(
             help="local: this process, one Parquet file; ray: Ray Data, a folder of Parquet "
             "parts (needs pip install 'batchrunner[ray]').",
         ),
-    ] = Engine.local,
+    ] = Engine.LOCAL,
     metrics_file: Annotated[
         str | None,
         typer.Option(
@@ -217,25 +208,19 @@ def run(
         OPTION_SETTINGS["max_error_rate"]: max_error_rate,
         OPTION_SETTINGS["state_dir"]: state_dir,
     }
-    from batchrunner.runner import (
-        OUTCOME_ABORTED,
-        OUTCOME_DONE,
-        plan_job,
-        use_lean_memory_pool,
-    )
     from batchrunner.watch import run_watched
+    from batchrunner.wiring import plan_job, use_lean_memory_pool
 
     use_lean_memory_pool()
     try:
         job = _load(job_file, overrides, set_ or [])
         if dry_run:
-            plan = plan_job(job, limit=limit, folder_output=engine is Engine.ray)
+            plan = plan_job(job, limit=limit, folder_output=engine is Engine.RAY)
             _show_plan(plan, dry_run=True)
             return
-        if engine is Engine.ray:
-            _run_ray(job, limit, log_format, resume=not no_resume)
-            return
-        if live and console is not None:
+        if engine is Engine.RAY:
+            result = _run_ray(job, limit, resume=not no_resume)
+        elif live and console is not None:
             result = _run_live(
                 job, limit, console, resume=not no_resume, metrics_interval=progress_interval
             )
@@ -258,43 +243,45 @@ def run(
             log.warning("interrupted")
         else:
             typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    _show_summary(result, log_format)
-    if result.outcome == OUTCOME_ABORTED:
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    _finish(result, job, log_format)
+
+
+def _finish(result: RunReport, job: Job, log_format: LogFormat) -> None:
+    """Show how a run went, whichever the engine, and exit with its code."""
+    from batchrunner.wiring import RunOutcome
+
+    if result.ray is not None:
+        ray = result.ray
+        reused = f", {ray.blocks_reused:,} finished earlier" if ray.blocks_reused else ""
+        log.info(
+            "ray run done: %s rows (%s ok, %s errors) in %.1f s with %d actors, %s blocks%s: "
+            "output folder %s, summary %s",
+            f"{result.rows:,}", f"{result.rows_ok:,}", f"{result.rows_error:,}",
+            ray.seconds, ray.actors, f"{ray.blocks:,}", reused, result.output,
+            result.summary_path,
+        )  # fmt: skip
+    else:
+        _show_summary_of(result.summary, result.summary_path, log_format)
+    if result.outcome is RunOutcome.ABORTED:
         _say_error(f"run aborted: {result.abort_reason}", log_format)
-        raise typer.Exit(EXIT_ABORTED)
-    if result.outcome != OUTCOME_DONE:
-        rate = result.summary["error_rate"]
-        _say_error(
-            f"error rate {rate:.2%} is above max_error_rate {job.max_error_rate:.2%}; "
-            "the output was written (see the error rows' _error column)",
-            log_format,
-        )
-        raise typer.Exit(EXIT_TOO_MANY_ERRORS)
-
-
-def _run_ray(job: Job, limit: int | None, log_format: LogFormat, *, resume: bool) -> None:
-    from batchrunner.engines.ray import run_on_ray
-
-    if limit is not None:
-        raise InputError("--limit is not available with --engine ray")
-    result = run_on_ray(job, resume=resume)
-    reused = f", {result.blocks_reused:,} finished earlier" if result.blocks_reused else ""
-    log.info(
-        "ray run done: %s rows (%s ok, %s errors) in %.1f s with %d actors, %s blocks%s: "
-        "output folder %s, summary %s",
-        f"{result.rows:,}", f"{result.rows_ok:,}", f"{result.rows_error:,}",
-        result.seconds, result.actors, f"{result.blocks:,}", reused, result.output,
-        result.summary_path,
-    )  # fmt: skip
-    if result.error_rate > job.max_error_rate:
+    elif result.outcome is RunOutcome.TOO_MANY_ERRORS:
         _say_error(
             f"error rate {result.error_rate:.2%} is above max_error_rate "
             f"{job.max_error_rate:.2%}; the output was written (see the error rows' _error "
             "column)",
             log_format,
         )
-        raise typer.Exit(EXIT_TOO_MANY_ERRORS)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def _run_ray(job: Job, limit: int | None, *, resume: bool) -> RunReport:
+    from batchrunner.engines.ray import run_on_ray
+
+    if limit is not None:
+        raise InputError("--limit is not available with --engine ray")
+    return run_on_ray(job, resume=resume)
 
 
 def _stderr_console(*, force_terminal: bool) -> Console:
@@ -306,7 +293,7 @@ def _stderr_console(*, force_terminal: bool) -> Console:
 
 def _run_live(
     job: Job, limit: int | None, console: Console, *, resume: bool, metrics_interval: float
-) -> RunResult:
+) -> RunReport:
     from rich.live import Live
 
     from batchrunner.display import ProgressView
@@ -330,10 +317,6 @@ def _log_progress(snapshot: StatsSnapshot) -> None:
     from batchrunner.display import progress_fields, progress_line
 
     log.info("progress: %s", progress_line(snapshot), extra={"fields": progress_fields(snapshot)})
-
-
-def _show_summary(result: RunResult, log_format: LogFormat) -> None:
-    _show_summary_of(result.summary, result.summary_path, log_format)
 
 
 def _show_summary_of(
@@ -386,7 +369,7 @@ def retry(
     _configure_logging(log_format)
     overrides = {OPTION_SETTINGS["url"]: url, OPTION_SETTINGS["concurrency"]: concurrency}
     from batchrunner.retrying import retry_errors
-    from batchrunner.runner import use_lean_memory_pool
+    from batchrunner.wiring import use_lean_memory_pool
 
     use_lean_memory_pool()
     try:
@@ -403,15 +386,13 @@ def retry(
         _fail(error, log_format)
     except KeyboardInterrupt:
         _say_error("interrupted: the output was left as it was", log_format)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     if result is None:
         _say_note(f"{output_file} has no error rows: nothing to retry", log_format)
         return
     _show_summary_of(result.summary, result.summary_path, log_format)
-    code = {"done": EXIT_OK, "too_many_errors": EXIT_TOO_MANY_ERRORS}.get(
-        result.outcome, EXIT_ABORTED
-    )
-    if code == EXIT_TOO_MANY_ERRORS:
+    code = result.outcome.exit_code
+    if code == ExitCode.TOO_MANY_ERRORS:
         _say_error(
             f"error rate {result.summary['error_rate']:.2%} is still above max_error_rate "
             f"{job.max_error_rate:.2%}; the output was written",
@@ -439,7 +420,7 @@ def validate(
     import asyncio
 
     from batchrunner.expectations import ask_service
-    from batchrunner.runner import codec_for, plan_job
+    from batchrunner.wiring import codec_for, plan_job
 
     try:
         plan = plan_job(load_job(job_file, assignments=set_ or []))
@@ -580,7 +561,7 @@ def serve(
         _fail(SettingError(f"--model/--protocol: {error}"))
     except OSError as error:
         typer.echo(f"error: cannot listen on {host}:{port}: {error.strerror}", err=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        raise typer.Exit(ExitCode.INVALID) from None
     except KeyboardInterrupt:
         pass
 

@@ -34,19 +34,33 @@ settings, columns and paths) and ``clip`` (a long value shortened for a message)
 from __future__ import annotations
 
 import difflib
+import enum
 from collections.abc import Iterable
+
+
+class ExitCode(enum.IntEnum):
+    """The command line's exit codes, defined here once (the README's table says the same)."""
+
+    OK = 0  # done: error rows, if any, within max_error_rate
+    TOO_MANY_ERRORS = 1  # the output is written, over max_error_rate (or another failure)
+    INVALID = 2  # the job, its input or its settings are invalid: nothing was sent
+    ABORTED = 3  # the service stopped the run (token refused, unreachable): re-run resumes
+    DATA = 65  # the input turned out bad mid-run (EX_DATAERR): re-run resumes
+    WRITE = 74  # a local write failed mid-run (EX_IOERR): re-run resumes
+    LOCKED = 75  # another run of the job holds its lock (EX_TEMPFAIL): nothing was done
+    INTERRUPTED = 130  # SIGINT/SIGTERM: the state is kept, re-run resumes
 
 
 class BatchRunnerError(Exception):
     """Base class of every error batchrunner raises on purpose."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.TOO_MANY_ERRORS
 
 
 class JobError(BatchRunnerError):
     """The job (settings or input) is invalid; raised before any request is sent."""
 
-    exit_code = 2
+    exit_code = ExitCode.INVALID
 
 
 class SettingError(JobError):
@@ -101,7 +115,7 @@ class RequestError(BatchRunnerError):
 class ServiceError(BatchRunnerError):
     """The service answered in a way that makes going on pointless (raised mid-run)."""
 
-    exit_code = 3
+    exit_code = ExitCode.ABORTED
 
 
 class AuthError(ServiceError):
@@ -112,7 +126,7 @@ class AuthError(ServiceError):
 class CoverageError(BatchRunnerError):
     """Committing would lose or double input items; the output is not written."""
 
-    exit_code = 1
+    exit_code = ExitCode.TOO_MANY_ERRORS
 
 
 class DataError(BatchRunnerError):
@@ -121,7 +135,7 @@ class DataError(BatchRunnerError):
     keeping what is finished; fixing the input (or the setting named) and re-running resumes.
     Exit 65 (``EX_DATAERR``)."""
 
-    exit_code = 65
+    exit_code = ExitCode.DATA
 
 
 class WriteError(BatchRunnerError):
@@ -129,19 +143,19 @@ class WriteError(BatchRunnerError):
     removed or became read-only); the run stops, keeping what is finished for a re-run.
     Exit 74 (``EX_IOERR``)."""
 
-    exit_code = 74
+    exit_code = ExitCode.WRITE
 
 
 class LockedError(BatchRunnerError):
     """Another run of the same job holds its lock."""
 
-    exit_code = 75
+    exit_code = ExitCode.LOCKED
 
 
 class RunInterrupted(BatchRunnerError):
     """The run was stopped by SIGINT/SIGTERM; finished batches are kept for the next run."""
 
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 # -- writing messages -------------------------------------------------------------------
@@ -176,10 +190,10 @@ class ScheduleError(BatchRunnerError):
     """``batchrunner cron`` cannot make a line: the schedule is malformed, the env file is
     missing, or a path cannot be written into a crontab."""
 
-    exit_code = 2
+    exit_code = ExitCode.INVALID
 
 
 class CrontabError(BatchRunnerError):
     """The ``crontab`` command is missing, or failed to read or install the table."""
 
-    exit_code = 1
+    exit_code = ExitCode.TOO_MANY_ERRORS

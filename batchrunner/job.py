@@ -15,6 +15,7 @@ import string
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -63,7 +64,15 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 # connect or timed out: the service cannot be reached.
 DEFAULT_UNREACHABLE_AFTER = 120.0
 
+
 #: The two kinds of input, and the protocol input each is sent as.
+class Engine(StrEnum):
+    """Where a run's requests are made from (``run --engine``)."""
+
+    LOCAL = "local"  # this process: one asyncio pipeline, one output file
+    RAY = "ray"  # Ray Data: a folder of Parquet parts (pip install 'batchrunner[ray]')
+
+
 TABULAR = "tabular"  # rows, as text input (req_data)
 IMAGES = "images"  # one file per request, as file input (multipart/form-data)
 

@@ -23,20 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.checkpoint import StatePaths
+from batchrunner.engines.local import run_job
 from batchrunner.errors import CoverageError, InputError
 from batchrunner.formats import OutputFormat, open_output_writer, output_format
 from batchrunner.inspection import ROWS_PER_READ, open_output
 from batchrunner.items import STATUS_ERROR
 from batchrunner.job import Job
 from batchrunner.lock import JobLock
-from batchrunner.runner import (
-    OUTCOME_ABORTED,
-    OUTCOME_DONE,
-    OUTCOME_TOO_MANY_ERRORS,
-    RunResult,
-    run_job,
-)
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY, conform, merge_schemas
+from batchrunner.wiring import RunOutcome, RunReport
 from batchrunner.writing import aside_name, fsync, open_write
 from batchrunner.writing import write_json_atomically as write_summary
 
@@ -47,7 +42,7 @@ log = logging.getLogger("batchrunner")
 class RetryResult:
     """What a retry did: the new output and its summary (with a ``retry`` section)."""
 
-    outcome: str
+    outcome: RunOutcome
     output: Path
     summary_path: Path
     summary: dict[str, Any]
@@ -109,12 +104,17 @@ def retry_errors(
         f"{retry['retried']:,}", f"{retry['now_ok']:,}", f"{retry['still_error']:,}", target,
     )  # fmt: skip
     return RetryResult(
-        summary["outcome"], target, summary_path, summary, retry["retried"], retry["now_ok"]
+        RunOutcome(summary["outcome"]),
+        target,
+        summary_path,
+        summary,
+        retry["retried"],
+        retry["now_ok"],
     )
 
 
 def _merged_summary(
-    job: Job, output: Path, target: Path, result: RunResult, rows: int, retried: int
+    job: Job, output: Path, target: Path, result: RunReport, rows: int, retried: int
 ) -> dict[str, Any]:
     sub = result.summary
     counts = sub["rows"]
@@ -128,9 +128,11 @@ def _merged_summary(
     now_ok = counts["ok"]
     still = counts["error"]
     error_rate = round(still / rows, 6) if rows else 0.0
-    outcome = sub["outcome"]
-    if outcome != OUTCOME_ABORTED:
-        outcome = OUTCOME_DONE if error_rate <= job.max_error_rate else OUTCOME_TOO_MANY_ERRORS
+    outcome = RunOutcome(sub["outcome"])
+    if outcome is not RunOutcome.ABORTED:
+        outcome = (
+            RunOutcome.DONE if error_rate <= job.max_error_rate else RunOutcome.TOO_MANY_ERRORS
+        )
     return {
         **sub,
         "outcome": outcome,

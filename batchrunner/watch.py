@@ -14,28 +14,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from batchrunner.engines.local import run_job
 from batchrunner.errors import BatchRunnerError, RunInterrupted
 from batchrunner.job import Job
 from batchrunner.metrics import RunState, read_last_success, render_metrics, write_metrics
 from batchrunner.notify import RunEnd, send_notifications
 from batchrunner.report import StatsSnapshot
-from batchrunner.runner import (
-    OUTCOME_ABORTED,
-    OUTCOME_DONE,
-    OUTCOME_TOO_MANY_ERRORS,
-    RunResult,
-    run_job,
-)
+from batchrunner.wiring import RunOutcome, RunReport
 
 log = logging.getLogger("batchrunner")
 
-EXIT_CODES = {OUTCOME_DONE: 0, OUTCOME_TOO_MANY_ERRORS: 1, OUTCOME_ABORTED: 3}
 EXIT_INTERRUPTED = RunInterrupted.exit_code
-
-
-def exit_code_for(outcome: str) -> int:
-    """The exit code of a run that ended with ``outcome`` (see the README's table)."""
-    return EXIT_CODES[outcome]
 
 
 def metrics_path(job: Job) -> Path | None:
@@ -99,9 +88,9 @@ def run_watched(
     progress_interval: float = 10.0,
     metrics_interval: float = 10.0,
     environ: Mapping[str, str] | None = None,
-    run: Callable[..., RunResult] = run_job,
+    run: Callable[..., RunReport] = run_job,
     **options: Any,
-) -> RunResult:
+) -> RunReport:
     """Run ``job`` (``run_job``'s options), with its metrics file and notification."""
     path = metrics_path(job)
     metrics = None if path is None else MetricsWriter(path, job.name, interval=metrics_interval)
@@ -125,7 +114,7 @@ def run_watched(
     except KeyboardInterrupt:
         _ended(job, metrics, EXIT_INTERRUPTED, None, "interrupted", None, environ)
         raise
-    code = exit_code_for(result.outcome)
+    code = result.exit_code
     _ended(job, metrics, code, result.stats, _result_message(result), result.summary, environ)
     return result
 
@@ -145,18 +134,18 @@ def _ended(
         send_notifications(job.notify, RunEnd(job.name, exit_code, message, summary), environ)
 
 
-def _result_message(result: RunResult) -> str:
+def _result_message(result: RunReport) -> str:
     summary = result.summary
     rows = summary.get("rows", {})
     text = (
         f"{rows.get('ok', 0):,} rows ok, {rows.get('error', 0):,} errors "
         f"in {summary.get('elapsed_s', 0):.1f} s"
     )
-    if result.outcome == OUTCOME_TOO_MANY_ERRORS:
+    if result.outcome == RunOutcome.TOO_MANY_ERRORS:
         text += (
             f"; error rate {summary.get('error_rate', 0):.2%} is above max_error_rate "
             f"{summary.get('max_error_rate', 0):.2%}"
         )
-    elif result.outcome == OUTCOME_ABORTED:
+    elif result.outcome == RunOutcome.ABORTED:
         text += f"; aborted: {result.abort_reason}"
     return f"{text}; output {result.output}"

@@ -181,7 +181,7 @@ def test_runs_allocate_from_a_pool_that_gives_memory_back(chosen: str, expected:
     except NotImplementedError:
         pytest.skip("this pyarrow is built without jemalloc")
     code = (
-        "from batchrunner.runner import use_lean_memory_pool; use_lean_memory_pool(); "
+        "from batchrunner.wiring import use_lean_memory_pool; use_lean_memory_pool(); "
         "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"
     )
     env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": chosen}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from batchrunner.engines.local import Runner
 from batchrunner.job import load_job
-from batchrunner.runner import Runner
 from tests.conftest import TOKEN, read_output, write_csv, write_job
 from tests.servers import Call, ThreadedServer, answer, gateway_error
 

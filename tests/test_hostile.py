@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
+from batchrunner.engines.local import Runner
 from batchrunner.errors import RunInterrupted
 from batchrunner.job import load_job
-from batchrunner.runner import Runner
 from tests.conftest import TOKEN, read_output, write_csv, write_job
 from tests.servers import (
     Call,

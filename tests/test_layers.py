@@ -148,3 +148,17 @@ def test_no_import_cycles_between_modules() -> None:
                     seen.add(nxt)
                     stack.append((nxt, [*route, nxt]))
     assert cycles == [], "import cycles:\n" + "\n".join(sorted(set(cycles)))
+
+
+def test_neither_engine_imports_the_other() -> None:
+    # Both build on ``wiring``; what one engine needs from the other belongs there.
+    engines = {"engines.local", "engines.ray"}
+    wrong = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {imported}"
+        for name, path in package_modules()
+        if name in engines
+        for imported, line in imported_modules(path)
+        if imported.removeprefix("batchrunner.") in engines - {name}
+        or any(imported.startswith(f"batchrunner.{other}.") for other in engines - {name})
+    ]
+    assert wrong == [], "\n".join(wrong)

@@ -32,7 +32,6 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from batchrunner.job import (
     DEFAULT_TOKEN_ENV,
     IMAGES,
     TABULAR,
+    Engine,
     Job,
     job_identity,
     resolve_output_path,
@@ -71,9 +71,14 @@ from batchrunner.job import (
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.report import RunStats
-from batchrunner.runner import (
-    OUTCOME_DONE,
-    OUTCOME_TOO_MANY_ERRORS,
+from batchrunner.sink import SEQ, outcome_table
+from batchrunner.sources import ImageSource, Source
+from batchrunner.sources.jsonsafe import json_safe
+from batchrunner.storage import is_uri
+from batchrunner.wiring import (
+    RayFigures,
+    RunOutcome,
+    RunReport,
     codec_for,
     job_summary,
     kind_of,
@@ -82,10 +87,6 @@ from batchrunner.runner import (
     retry_policy,
     service_client,
 )
-from batchrunner.sink import SEQ, outcome_table
-from batchrunner.sources import ImageSource, Source
-from batchrunner.sources.jsonsafe import json_safe
-from batchrunner.storage import is_uri
 from batchrunner.writing import check_writable, write_json_atomically
 
 log = logging.getLogger("batchrunner")
@@ -98,27 +99,6 @@ IMAGE_KEY, IMAGE_PATH = "_key", "_path"
 BLOCK_SCHEMA = pa.schema(
     [("block", pa.string()), ("rows", pa.int64()), ("reused", pa.bool_()), ("stats", pa.binary())]
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RayResult:
-    """A finished Ray run: the output folder, its summary, and its rows by status."""
-
-    outcome: str
-    output: Path
-    summary_path: Path
-    summary: dict[str, Any]
-    rows: int
-    rows_ok: int
-    rows_error: int
-    actors: int
-    blocks: int
-    blocks_reused: int
-    seconds: float
-
-    @property
-    def error_rate(self) -> float:
-        return self.rows_error / self.rows if self.rows else 0.0
 
 
 def check_ray_job(job: Job, kind: str = TABULAR) -> None:
@@ -309,7 +289,7 @@ def import_ray() -> Any:
     return ray
 
 
-def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> RayResult:
+def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> RunReport:
     """Run ``job`` on Ray (the running one, ``RAY_ADDRESS``, or a local one started here).
 
     With ``resume``, blocks an unfinished run of the same job finished are not sent again.
@@ -353,8 +333,8 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
         seconds = time.perf_counter() - clock
         reused = sum(1 for block in blocks if block["reused"])
         outcome = (
-            OUTCOME_TOO_MANY_ERRORS if rows and (rows - ok) / rows > job.max_error_rate
-            else OUTCOME_DONE
+            RunOutcome.TOO_MANY_ERRORS if rows and (rows - ok) / rows > job.max_error_rate
+            else RunOutcome.DONE
         )  # fmt: skip
         snapshot = stats.snapshot(0, seconds, total=rows)
         summary = job_summary(job, snapshot, identity, run_id, output, started, outcome)
@@ -364,10 +344,18 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
         summary_path = output.with_name(output.name + ".summary.json")
         write_json_atomically(summary_path, summary)
         state.remove()
-    return RayResult(
-        outcome, output, summary_path, summary, rows, ok, rows - ok, shares, len(names), reused,
-        seconds,
-    )  # fmt: skip
+    return RunReport(
+        engine=Engine.RAY,
+        outcome=outcome,
+        output=output,
+        summary_path=summary_path,
+        summary=summary,
+        rows=rows,
+        rows_ok=ok,
+        rows_error=rows - ok,
+        stats=snapshot,
+        ray=RayFigures(shares, len(names), reused, seconds),
+    )
 
 
 def _score_blocks(

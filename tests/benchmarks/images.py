@@ -23,8 +23,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from batchrunner.engines.local import Runner
 from batchrunner.job import load_job
-from batchrunner.runner import Runner, use_lean_memory_pool
+from batchrunner.wiring import use_lean_memory_pool
 
 FILES_PER_FOLDER = 500
 

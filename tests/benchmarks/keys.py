@@ -64,8 +64,8 @@ def night(table: str, folder: str, mode: str) -> None:
     from batchrunner.errors import InputError
     from batchrunner.incremental import open_seen
     from batchrunner.report import RunStats
-    from batchrunner.runner import use_lean_memory_pool
     from batchrunner.sources import open_tabular
+    from batchrunner.wiring import use_lean_memory_pool
 
     use_lean_memory_pool()  # as a run does
     started = time.perf_counter()

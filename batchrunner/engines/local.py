@@ -16,15 +16,12 @@ import functools
 import logging
 import os
 import random
-import secrets
 import shutil
 import signal
 import time
-import uuid
 from array import array
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AsyncExitStack
 from datetime import datetime
 from itertools import chain, islice
 from pathlib import Path
@@ -33,7 +30,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.auth import FixedToken, Scrubber, Secret, TokenProvider, mask_headers
+from batchrunner.auth import FixedToken, Scrubber, Secret, TokenProvider
 from batchrunner.checkpoint import (
     DIGEST_BYTES,
     Checkpoint,
@@ -43,12 +40,9 @@ from batchrunner.checkpoint import (
     keys_digest,
     open_checkpoint,
 )
-from batchrunner.client import APP_CODE_HEADER, TOKEN_HEADER, ServiceClient
+from batchrunner.client import ServiceClient
 from batchrunner.credentials import (
     Credentials,
-    describe_auth,
-    describe_storage,
-    open_store,
     read_credentials,
 )
 from batchrunner.dispatch import Dispatcher, Sleep
@@ -59,348 +53,53 @@ from batchrunner.errors import (
     RequestError,
     RunInterrupted,
     ServiceError,
-    SettingError,
-    did_you_mean,
 )
 from batchrunner.incremental import SeenItems, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
     IMAGES,
     TABULAR,
+    Engine,
     Job,
-    ServiceSettings,
-    check_input_kind,
-    fingerprint,
     job_identity,
     output_name_glob,
-    resolve_output,
 )
 from batchrunner.keyindex import Duplicates, Spill, content_digest
-from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter, RateLimiter
+from batchrunner.limiter import RateLimiter
 from batchrunner.lock import JobLock
-from batchrunner.protocols import Codec
-from batchrunner.protocols.jsonbody import JsonCodec, check_template
-from batchrunner.protocols.kserve import KServeCodec
-from batchrunner.protocols.mlflow import MlflowCodec
-from batchrunner.protocols.modelarts import FileCodec, TextCodec
-from batchrunner.protocols.oip import OipCodec
-from batchrunner.report import RunStats, StatsSnapshot, build_summary
-from batchrunner.retry import RetryPolicy
+from batchrunner.report import RunStats, StatsSnapshot
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
-from batchrunner.sources import Source, input_kind, open_images, open_tabular
-from batchrunner.storage import ObjectPath, ObjectStore, is_uri
+from batchrunner.sources import Source
+from batchrunner.storage import ObjectPath
+from batchrunner.wiring import (
+    NOT_SENT,
+    SUMMARY_SUFFIX,
+    RunOutcome,
+    RunReport,
+    batch_size_for,
+    check_service_url,
+    codec_for,
+    job_store,
+    job_summary,
+    kind_of,
+    locate_output,
+    make_limiter,
+    new_run_id,
+    open_source,
+    retry_policy,
+    service_client,
+)
 from batchrunner.writing import check_writable, remove_leftovers
 from batchrunner.writing import write_json_atomically as write_summary
 
 log = logging.getLogger("batchrunner")
 
-OUTCOME_DONE = "done"
-OUTCOME_TOO_MANY_ERRORS = "too_many_errors"
-OUTCOME_ABORTED = "aborted"
-NOT_SENT = "not_sent"
-SUMMARY_SUFFIX = ".summary.json"  # the summary's file name: the output's, with this added
 # How many failed batches are logged one by one before the log only counts them.
 LOGGED_FAILURES = 20
 # Batches that finished together share a journal message of up to about this many rows.
 JOURNAL_MESSAGE_ROWS = 8192
 # Rows hashed together when the input is checked before a run (keys, rows done).
 CHECK_BATCH_ROWS = 65_536
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """What a finished run reports: where its output is, and how it went."""
-
-    outcome: str
-    output: Path | ObjectPath
-    summary_path: Path | ObjectPath
-    summary: dict[str, Any]
-    stats: StatsSnapshot  # the figures at the end: the summary was built from them
-    abort_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What a run would do: shown by ``validate`` and ``run --dry-run``; nothing is sent."""
-
-    job: Job
-    kind: str  # TABULAR or IMAGES
-    files: list[Path | ObjectPath]
-    format: str
-    send_columns: list[str]
-    key: str  # what each row's key is, for people
-    rows: int | None
-    batch_size: int  # items per request (image input: 1)
-    batches: int | None
-    output: Path | ObjectPath
-    url: str
-    auth: str
-    headers: dict[str, str]
-    first_request: bytes | None
-    first_request_preview: str | None = None  # a body that is not text, as shown to people
-    first_request_error: str | None = None  # why the first item would not be sent
-    send_schema: pa.Schema | None = None  # the Arrow types of the columns sent (tables)
-    storage: str | None = None  # the object store and where its keys come from (no key)
-
-
-def job_store(job: Job) -> ObjectStore | None:
-    """The object store of a job that reads or writes a bucket; None for local paths only."""
-    if is_uri(job.input.path) or is_uri(job.output.path):
-        return open_store(job.storage)
-    return None
-
-
-def locate_output(
-    job: Job, started: datetime, run_id: str, store: ObjectStore | None
-) -> Path | ObjectPath:
-    """Where the run's output goes: a local path, or an object of ``store``."""
-    text = resolve_output(job, started, run_id)
-    if store is not None and is_uri(text):
-        return store.locate(text)
-    return Path(text)
-
-
-def open_source(job: Job, store: ObjectStore | None = None) -> Source:
-    """Open and check the job's input (raises ``InputError`` before anything is sent).
-
-    A folder, glob or manifest of images (or ``input.format = "images"``) is image input;
-    anything else is a table. Settings that do not apply to the kind found are refused.
-    ``store`` reads an input in a bucket.
-    """
-    settings = job.input
-    kind = input_kind(settings.path, settings.format, settings.extensions, store)
-    check_input_kind(job, kind, settings.path)
-    if kind == IMAGES:
-        return open_images(
-            settings.path,
-            extensions=settings.extensions,
-            recursive=settings.recursive,
-            follow_links=settings.follow_links,
-            store=store,
-        )
-    return open_tabular(
-        settings.path,
-        format=settings.format,
-        id_column=settings.id_column,
-        columns=settings.columns,
-        keep_input=job.output.keep_input,
-        csv_delimiter=settings.csv_delimiter,
-        encoding=settings.encoding,
-        binary=settings.binary,
-        block_bytes=settings.block_size,
-        store=store,
-    )
-
-
-def kind_of(source: Source) -> str:
-    """``IMAGES`` for image input, else ``TABULAR``."""
-    return IMAGES if source.format == IMAGES else TABULAR
-
-
-def batch_size_for(job: Job, kind: str) -> int:
-    """Items per request: ``batch.size`` rows for a table (one for a one-row JSON body),
-    one file for image input."""
-    return 1 if kind == IMAGES else job.rows_per_request
-
-
-def check_service_url(service: ServiceSettings) -> None:
-    """Raise ``SettingError`` for an ``embedded:<model>`` URL of a model there is none of."""
-    model = service.embedded_model
-    if model is None:
-        return
-    from batchrunner.service import MODEL_NAMES
-
-    if model not in MODEL_NAMES:
-        raise SettingError(
-            f"service.url: no embedded model {model!r}{did_you_mean(model, MODEL_NAMES)}; "
-            f"the embedded models are: {', '.join(MODEL_NAMES)}"
-        )
-
-
-def plan_job(
-    job: Job, *, limit: int | None = None, count: bool = True, folder_output: bool = False
-) -> Plan:
-    """Check the job, its token source, its input and its output path, and describe the run;
-    send nothing. ``folder_output``: the output is a folder (``--engine ray``).
-
-    A bucket is checked too: the input listed, the output's place written to (a probe
-    object, removed), so that a missing bucket or a refused key stops here."""
-    check_service_url(job.service)
-    store = job_store(job)
-    source = open_source(job, store)
-    kind = kind_of(source)
-    size = batch_size_for(job, kind)
-    sends_token, sends_app_code = True, False  # the embedded service: its own token
-    if job.service.embedded_model is None:
-        # A missing secret is an error now, not at the first request. No IAM login: a plan
-        # sends nothing, to IAM neither.
-        credentials = read_credentials(job.service)
-        sends_token = credentials.tokens is not None
-        sends_app_code = credentials.app_code is not None
-    rows = source.count_rows()
-    if rows is None and count:
-        rows = source.scan_count()
-    if rows is not None and limit is not None:
-        rows = min(rows, limit)
-    batches = None if rows is None else -(-rows // size)
-    if kind == TABULAR and job.service.protocol == "json":
-        check_template(job.service.json_body.request, list(source.send_columns))
-    first = next(source.iter_batches(size, limit=limit), None)
-    body = preview = refused = None
-    headers = {}
-    if sends_token:
-        headers[TOKEN_HEADER] = "<token>"
-    if sends_app_code:
-        headers[APP_CODE_HEADER] = "<AppCode>"
-    if first is not None:
-        try:
-            request = codec_for(job, kind).encode(first, str(uuid.uuid4()))
-        except RequestError as exc:
-            refused = f"{first.keys[0]}: {exc.message}"
-        else:
-            body, preview = request.body, request.preview
-            headers["Content-Type"] = request.content_type
-    if kind == IMAGES:
-        sends = [f"each file as form field {job.service.file_field!r} (multipart/form-data)"]
-        key = "the file's path relative to the input folder"
-    else:
-        sends = list(source.send_columns)
-        key = job.input.id_column or "row number"
-    now = datetime.now()
-    output = locate_output(job, now, new_run_id(now), store)
-    if isinstance(output, ObjectPath):
-        output.store.check_writable(output)
-    else:
-        check_writable(output, folder=folder_output)
-    return Plan(
-        job=job,
-        kind=kind,
-        files=list(source.paths),
-        format=source.format,
-        send_columns=sends,
-        key=key,
-        rows=rows,
-        batch_size=size,
-        batches=batches,
-        output=output,
-        url=job.service.url,
-        auth=describe_auth(job.service),
-        headers=mask_headers(headers),
-        first_request=body,
-        first_request_preview=preview,
-        storage=None if store is None else describe_storage(job.storage),
-        first_request_error=refused,
-        send_schema=first.rows.schema if first is not None and first.rows is not None else None,
-    )
-
-
-def codec_for(job: Job, kind: str) -> Codec:
-    """The codec of the job's protocol and input kind: text input for tables, file input
-    for images (a file whose request would be over ``batch.max_request_bytes`` is refused
-    unsent)."""
-    service = job.service
-    if kind == IMAGES:
-        if service.protocol != "modelarts":
-            raise SettingError(
-                f"service.protocol = {service.protocol!r} sends rows of a table; image input "
-                "is sent with protocol = 'modelarts' (file input)"
-            )
-        return FileCodec(service.file_field, job.batch.max_request_bytes)
-    if service.protocol == "json":
-        body = service.json_body
-        return JsonCodec(body.request, body.response, batched=body.batched)
-    if service.protocol == "kserve-v1":
-        kserve = service.kserve
-        return KServeCodec(instance_format=kserve.instance_format if kserve else "values")
-    if service.protocol == "oip-v2":
-        oip = service.oip
-        if oip is None:
-            return OipCodec()
-        return OipCodec(
-            layout=oip.layout,
-            input_name=oip.input_name,
-            outputs=oip.outputs,
-            content_type=oip.content_type or None,
-        )
-    if service.protocol == "mlflow":
-        return MlflowCodec()
-    return TextCodec()
-
-
-def retry_policy(job: Job) -> RetryPolicy:
-    """The job's ``[retry]`` settings as a policy."""
-    retry = job.retry
-    return RetryPolicy(
-        retry.max_attempts, retry.backoff_initial, retry.backoff_max, retry.retry_after_max
-    )
-
-
-def service_client(
-    service: ServiceSettings, url: str, app_code: Secret | None, max_connections: int
-) -> ServiceClient:
-    """A client of the service at ``url`` with the job's ``[service]`` settings; each
-    request carries the token the caller gives it."""
-    return ServiceClient(
-        url,
-        None,
-        app_code=app_code,
-        timeout=service.timeout,
-        connect_timeout=service.connect_timeout,
-        verify_tls=service.verify_tls,
-        ca_bundle=service.ca_bundle,
-        max_connections=max_connections,
-        max_response_bytes=service.max_response_bytes,
-    )
-
-
-def use_lean_memory_pool() -> None:
-    """Have Arrow allocate from jemalloc, set to give freed memory back to the system at
-    once; the default pool (mimalloc) keeps what a run's batches used, on top of what the
-    assembly then needs: peak RSS about 145 MB instead of 160-185 MB on a 1,000,000-row
-    run. A pool chosen with ``ARROW_DEFAULT_MEMORY_POOL`` is left alone, as is a pyarrow
-    built without jemalloc."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return
-    with suppress(NotImplementedError, pa.ArrowNotImplementedError):
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-        pa.jemalloc_set_decay_ms(0)
-
-
-def make_limiter(job: Job) -> ConcurrencyLimiter:
-    """A fixed bound, or with ``concurrency = "auto"`` one that finds the service's capacity."""
-    batch = job.batch
-    if batch.concurrency == "auto":
-        return AdaptiveLimiter(initial=min(4, batch.max_concurrency), maximum=batch.max_concurrency)
-    return ConcurrencyLimiter(batch.concurrency)
-
-
-def job_summary(
-    job: Job,
-    snapshot: StatsSnapshot,
-    identity: Mapping[str, Any],
-    run_id: str,
-    output: Path | ObjectPath,
-    started: datetime,
-    outcome: str,
-) -> dict[str, Any]:
-    """The run summary of a run of ``job`` (either engine), finished now."""
-    return build_summary(
-        snapshot,
-        job_name=job.name,
-        fingerprint=fingerprint(identity),
-        run_id=run_id,
-        input_path=job.input.path,
-        output_path=str(output),
-        url=job.service.url,
-        started=started.isoformat(timespec="seconds"),
-        finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-        outcome=outcome,
-        max_error_rate=job.max_error_rate,
-    )
-
-
-def new_run_id(started: datetime) -> str:
-    return f"{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
 class Runner:
@@ -467,7 +166,7 @@ class Runner:
 
     # --- the run ------------------------------------------------------------------------------
 
-    async def run(self) -> RunResult:
+    async def run(self) -> RunReport:
         job = self.job
         check_service_url(job.service)
         store = job_store(job)
@@ -573,7 +272,18 @@ class Runner:
             if written != output:
                 written.unlink(missing_ok=True)  # uploaded: the bucket holds the output
         log.info("run %s %s: output %s", run_id, outcome, output)
-        return RunResult(outcome, output, summary_path, summary, final, abort_reason)
+        return RunReport(
+            engine=Engine.LOCAL,
+            outcome=outcome,
+            output=output,
+            summary_path=summary_path,
+            summary=summary,
+            rows=final.rows_ok + final.rows_error,
+            rows_ok=final.rows_ok,
+            rows_error=final.rows_error,
+            stats=final,
+            abort_reason=abort_reason,
+        )
 
     async def _run_pipeline(
         self,
@@ -668,13 +378,13 @@ class Runner:
         for task in self._requests:
             task.cancel()
 
-    def _judge(self, abort_reason: str | None) -> str:
+    def _judge(self, abort_reason: str | None) -> RunOutcome:
         if abort_reason is not None:
-            return OUTCOME_ABORTED
+            return RunOutcome.ABORTED
         total = self.stats.rows_ok + self.stats.rows_error
         if total and self.stats.rows_error / total > self.job.max_error_rate:
-            return OUTCOME_TOO_MANY_ERRORS
-        return OUTCOME_DONE
+            return RunOutcome.TOO_MANY_ERRORS
+        return RunOutcome.DONE
 
     async def _first_token(self, tokens: TokenProvider) -> None:
         attempt = 0
@@ -1033,6 +743,6 @@ def _take(iterator: Iterator[Batch], count: int) -> list[Batch]:
     return list(islice(iterator, count))
 
 
-def run_job(job: Job, **options: Any) -> RunResult:
+def run_job(job: Job, **options: Any) -> RunReport:
     """Run ``job`` to the end on a fresh event loop (see ``Runner`` for the options)."""
     return asyncio.run(Runner(job, **options).run())
