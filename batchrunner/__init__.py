@@ -52,7 +52,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     api         the library API: load, plan, run on either engine, read back (re-exported here)
     display     how runs and outputs look to a person (text, rich renderables); never prints
     htmlreport  `inspect --html`: one self-contained HTML page (inline SVG charts) about a run
-    cli         the typer app: the only place that prints or exits
+    cli         the typer app, the only place that prints or exits: common (the app, logs,
+                errors said), running (run, retry, validate), serving, scheduling (cron),
+                inspecting
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How runs and outputs look to a person: progress figures, the summary table, an inspection.
 
-Builds text and rich renderables from a ``StatsSnapshot``, a run summary or an
+Builds text and rich renderables from a ``StatsSnapshot``, a run summary, a ``Plan`` or an
 ``Inspection``, and never prints (``cli`` does). The live display, the periodic log line and
 that line's JSON fields show the same figures, read from the same snapshot.
 """
@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from batchrunner.report import StatsSnapshot
 
 if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-up does not
@@ -18,12 +20,15 @@ if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-u
     from rich.table import Table
 
     from batchrunner.inspection import FieldCounts, HeadRows, Inspection
+    from batchrunner.job import Job
+    from batchrunner.wiring import Plan
 
 OUTCOME_TITLES = {
     "done": "done",
     "too_many_errors": "done, with too many errors",
     "aborted": "aborted",
 }
+SHOWN_BODY_CHARS = 2000  # the first request shown by --dry-run, at most
 EXAMPLE_CHARS = 120  # an error message shown as an example, in a table
 MESSAGE_CHARS = 500  # an error message listed by `inspect --errors`
 SHOWN_ERROR_KINDS = 10
@@ -450,3 +455,62 @@ def charts_renderable(inspection: Inspection) -> RenderableType | None:
 
 def _bar(rows: int, top: int) -> str:
     return "█" * max(1, round(HISTOGRAM_WIDTH * rows / top)) if rows else ""
+
+
+def plan_text(plan: Plan, *, dry_run: bool) -> str:
+    """What ``validate`` shows of a job's plan; with ``dry_run``, the first request too."""
+    job = plan.job
+    files = plan.files
+    shown_files = ", ".join(str(f) for f in files[:3]) + (
+        f" (+{len(files) - 3} more)" if len(files) > 3 else ""
+    )
+    rows = "unknown" if plan.rows is None else f"{plan.rows:,}"
+    batches = "unknown" if plan.batches is None else f"{plan.batches:,}"
+    lines = [
+        f"job:          {job.name}",
+        f"input:        {shown_files} ({plan.format})",
+        f"sends:        {', '.join(plan.send_columns)}",
+        f"key:          {plan.key}",
+        f"rows:         {rows} in {batches} requests of up to {plan.batch_size}",
+        f"service:      {plan.url} ({job.service.protocol}), {describe_concurrency(job)} in flight",
+        f"auth:         {plan.auth}",
+        f"output:       {plan.output}",
+    ]
+    if plan.storage is not None:
+        lines.append(f"storage:      {plan.storage}")
+    if job.input.incremental:
+        from batchrunner.checkpoint import StatePaths
+
+        seen = StatePaths.for_output(plan.output, job.name, job.run.state_dir).seen
+        lines.append(f"incremental:  items finished by earlier runs are left out (see {seen})")
+    if dry_run:
+        lines.append(f"\nfirst request: POST {plan.url}")
+        for name, value in plan.headers.items():
+            lines.append(f"  {name}: {value}")
+        if plan.first_request_error is not None:
+            lines.append(f"  (the first item would not be sent: {plan.first_request_error})")
+        elif plan.first_request is None:
+            lines.append("  (no rows: nothing would be sent)")
+        else:
+            body = plan.first_request_preview
+            if body is None:
+                body = orjson.dumps(
+                    orjson.loads(plan.first_request), option=orjson.OPT_INDENT_2
+                ).decode()
+            if len(body) > SHOWN_BODY_CHARS:
+                body = body[:SHOWN_BODY_CHARS] + f"\n  ... ({len(body):,} characters in all)"
+            lines.append(body)
+        lines.append("\ndry run: nothing was sent")
+    return "\n".join(lines)
+
+
+def describe_concurrency(job: Job) -> str:
+    batch = job.batch
+    text = (
+        f"auto (up to {batch.max_concurrency})"
+        if batch.concurrency == "auto"
+        else str(batch.concurrency)
+    )
+    if batch.rate_limit:
+        text += f", at most {batch.rate_limit:g} requests/s"
+    return text

@@ -109,7 +109,7 @@ def test_aiohttp_web_stays_in_the_service_package() -> None:
 def test_only_the_cli_prints() -> None:
     wrong = []
     for name, path in package_modules():
-        if name == "cli":
+        if name == "cli" or name.startswith("cli."):
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
