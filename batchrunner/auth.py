@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -272,12 +272,19 @@ class FileToken(RenewingToken):
     token, the refusal is final; if it stays missing or empty, too.
     """
 
-    def __init__(self, path: Path, reread_delays: Sequence[float] = REREAD_DELAYS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reread_delays: Sequence[float] = REREAD_DELAYS,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         super().__init__()
         self.path = path
         self._token = read_token_file(path)  # a missing file is a SettingError at once
         self.first = self._token
         self._reread_delays = reread_delays
+        self._sleep = sleep
         self.reads = 1
 
     async def _obtain(self, stale: Secret | None) -> Secret:
@@ -289,7 +296,7 @@ class FileToken(RenewingToken):
             token = await self._read()
             if isinstance(token, Secret):
                 return token
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
         token = await self._read()
         if isinstance(token, Secret):
             return token

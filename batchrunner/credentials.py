@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ from batchrunner.auth import (
     read_secret_file,
 )
 from batchrunner.client import login
+from batchrunner.clock import SYSTEM_CLOCK, Clock
 from batchrunner.errors import SettingError
-from batchrunner.iam import Clock, IamToken, TokenCache, default_cache_dir, password_source
+from batchrunner.iam import IamToken, TokenCache, default_cache_dir, password_source
 from batchrunner.job import (
     DEFAULT_TOKEN_ENV,
     AppSettings,
@@ -61,11 +61,12 @@ def read_credentials(
     *,
     environ: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
-    clock: Clock = time.time,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Credentials:
     """Read the secrets ``settings`` point at; a missing one is a ``SettingError``.
 
-    ``cache_dir`` holds the IAM token cache (default: ``$XDG_CACHE_HOME/batchrunner``).
+    ``cache_dir`` holds the IAM token cache (default: ``$XDG_CACHE_HOME/batchrunner``);
+    ``clock`` is the run's (an IAM token's end, a token file's re-reads).
     """
     env = os.environ if environ is None else environ
     tokens: TokenProvider | None = None
@@ -73,7 +74,7 @@ def read_credentials(
     source = settings.token_source
     if source == "token_file":
         assert settings.token_file is not None
-        file_token = FileToken(Path(settings.token_file))
+        file_token = FileToken(Path(settings.token_file), sleep=clock.sleep)
         secrets.append(file_token.first)
         tokens = file_token
     elif source == "iam":
@@ -91,7 +92,7 @@ def read_credentials(
                 ca_bundle=settings.ca_bundle,
             ),
             cache=TokenCache(cache_dir or default_cache_dir(env), settings.iam),
-            clock=clock,
+            clock=clock.wall,
         )
     elif source == "token_env":
         token = read_env_token(settings.token_env or DEFAULT_TOKEN_ENV, env)

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from batchrunner.clock import Clock
 from batchrunner.dispatch import MAX_RENEWALS_IN_A_ROW
 from batchrunner.engines.local import run_job
 from batchrunner.job import load_job
@@ -110,17 +111,19 @@ def test_the_next_run_reuses_the_cached_token(invoke) -> None:
     assert "IAM: using the cached token of user alice (project eu-west-0)" in second.stderr
 
 
-class TickingClock:
+class TickingClock(Clock):
     """A wall clock that moves only when the service answers an inference request, by a
-    fixed step: token lives are counted in requests, whatever the machine's load. The
-    service's thread and the run's both read it."""
+    fixed step: token lives are counted in requests, whatever the machine's load. A login
+    takes no time on it: inference requests wait while one is answered. The service's
+    thread and the run's both read it."""
 
     def __init__(self, step: float) -> None:
         self.step = step
         self._now = time.time()
         self._lock = threading.Lock()
+        self._logins = 0
 
-    def __call__(self) -> float:
+    def wall(self) -> float:
         with self._lock:
             return self._now
 
@@ -131,8 +134,16 @@ class TickingClock:
     def middleware(self) -> Middleware:
         @web.middleware
         async def ticking(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path == "/v3/auth/tokens":
+                self._logins += 1
+                try:
+                    return await handler(request)
+                finally:
+                    self._logins -= 1
             if request.path.startswith("/v1/"):
-                await asyncio.sleep(0.001)  # requests overlap, as through a busy gateway
+                await asyncio.sleep(0.004)  # requests overlap, as through a busy gateway
+                while self._logins:
+                    await asyncio.sleep(0.001)
                 self.tick()  # before the token is checked: it can expire while in flight
             return await handler(request)
 
@@ -141,37 +152,38 @@ class TickingClock:
 
 @pytest.mark.parametrize(
     ("renew_before", "ttl"),
-    [(0.0, 0.1), (300.0, 0.4)],
+    [(0.0, 0.1), (300.0, 1.0)],
     ids=["on-401", "before-expiry"],
 )
 def test_tokens_expiring_every_few_dozen_requests_never_stop_the_run(
     renew_before: float, ttl: float
 ) -> None:
     # A nightly job for days, compressed: each answered request moves the clock 10 ms, so
-    # a token lives 10 (on-401) or 40 (before-expiry) requests, 4 in flight at a time.
+    # a token lives 10 (on-401) or 100 (before-expiry) requests, 4 in flight at a time.
     # With renew_before = 0 every expiry surfaces as a wave of 401s. The default renews
-    # ahead, at half the life of such a short token (20 requests), and the service refuses
-    # nothing: a request sent with a token 20 requests old is answered well before 40.
-    # max_attempts = 1: a renewal must not use up the retry budget.
+    # ahead, at half the life of such a short token (50 requests), and the service refuses
+    # nothing: requests go on with the old token while the new one is fetched, and a login
+    # takes far less than the 50 requests left. max_attempts = 1: a renewal must not use
+    # up the retry budget.
     clock = TickingClock(0.01)
-    options = ServiceOptions(iam=ACCOUNT, token_ttl=ttl, clock=clock)
+    options = ServiceOptions(iam=ACCOUNT, token_ttl=ttl, clock=clock.wall)
     with ThreadedService(options, [clock.middleware()]) as service:
         job = iam_job(
             service,
-            copies=2,
+            copies=4,
             size=1,
             concurrency=4,
             iam=f"renew_before = {renew_before}\n",
             extra="max_attempts = 1\n",
         )
-        started = clock()
-        result = run_job(load_job(job), wall_clock=clock, handle_signals=False)
-        lives = math.ceil((clock() - started) / ttl)
+        started = clock.wall()
+        result = run_job(load_job(job), clock=clock, handle_signals=False)
+        lives = math.ceil((clock.wall() - started) / ttl)
     assert result.outcome == "done"
-    assert_all_ok(300)
+    assert_all_ok(600)
     stats = service.stats
-    assert stats.by_status[200] == 300
-    assert lives >= 7  # 300 requests of 10 ms: several lives
+    assert stats.by_status[200] == 600
+    assert lives >= 6  # 600 requests of 10 ms: several lives
     assert stats.logins >= 3  # tokens were renewed during the run, more than once
     if renew_before == 0:
         assert stats.expired_tokens >= 2  # the 401s happened...

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from batchrunner.engines.local import Runner
 from batchrunner.job import load_job
+from tests.clocks import FakeClock
 from tests.conftest import TOKEN, read_output, write_csv, write_job
 from tests.servers import Call, ThreadedServer, answer, gateway_error
 
@@ -72,16 +73,12 @@ def test_retry_after_is_honoured_with_an_injected_sleep(tmp_path: Path) -> None:
             return gateway_error(503, "APIG.0203", "busy", **{"Retry-After": "7"})
         return answer(call)
 
-    slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-
+    clock = FakeClock()
     with ThreadedServer(handle) as server:
         job = load_job(job_for(server, rows=1, extra=""), assignments=["retry.max_attempts=5"])
-        result = asyncio.run(Runner(job, sleep=fake_sleep, rng=random.Random(0)).run())
+        result = asyncio.run(Runner(job, clock=clock, rng=random.Random(0)).run())
     assert result.outcome == "done"
-    assert slept == [7.0, 7.0]  # the service's wish, not our shorter backoff
+    assert clock.slept == [7.0, 7.0]  # the service's wish, not our shorter backoff
 
 
 def test_503_then_success(invoke) -> None:

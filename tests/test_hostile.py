@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
+from batchrunner.clock import Clock
 from batchrunner.engines.local import Runner
 from batchrunner.errors import RunInterrupted
 from batchrunner.job import load_job
+from tests.clocks import FakeClock
 from tests.conftest import TOKEN, read_output, write_csv, write_job
 from tests.servers import (
     Call,
@@ -184,27 +186,24 @@ def test_an_echo_in_float32_or_as_null_for_nan_is_accepted(invoke) -> None:
     "value", ["Thu, 01 Jan 2037 00:00:00 GMT", "inf", "1e308", "99999999999", "-inf", "nan"]
 )
 def test_a_hostile_retry_after_is_bounded_by_retry_after_max(value: str) -> None:
-    slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-
+    clock = FakeClock()
     with ThreadedServer(busy_until(value)) as server:
         job = load_job(
             job_file(server.url, rows=2),
             assignments=["retry.max_attempts=4", "retry.retry_after_max=5", "retry.backoff_max=2"],
         )
-        result = asyncio.run(Runner(job, sleep=fake_sleep, rng=random.Random(0)).run())
+        result = asyncio.run(Runner(job, clock=clock, rng=random.Random(0)).run())
     assert result.outcome == "too_many_errors"
-    assert len(slept) == 3 and all(0 <= delay <= 5 for delay in slept), slept
+    assert len(clock.slept) == 3 and all(0 <= delay <= 5 for delay in clock.slept), clock.slept
 
 
 def test_a_signal_during_a_long_retry_wait_stops_at_once(monkeypatch) -> None:
     # Nothing is in flight while the batch waits to retry: the run must not wait for the
     # grace period (an hour here) before it stops.
-    async def endless_sleep(seconds: float) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        await asyncio.sleep(3600)
+    class EndlessWaits(Clock):
+        async def sleep(self, seconds: float) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(3600)
 
     with ThreadedServer(busy_until("Thu, 01 Jan 2037 00:00:00 GMT")) as server:
         job = load_job(
@@ -215,7 +214,7 @@ def test_a_signal_during_a_long_retry_wait_stops_at_once(monkeypatch) -> None:
         async def run() -> float:
             started = time.monotonic()
             with pytest.raises(RunInterrupted):
-                await asyncio.wait_for(Runner(job, sleep=endless_sleep).run(), 5)
+                await asyncio.wait_for(Runner(job, clock=EndlessWaits()).run(), 5)
             return time.monotonic() - started
 
         elapsed = asyncio.run(run())
@@ -224,20 +223,6 @@ def test_a_signal_during_a_long_retry_wait_stops_at_once(monkeypatch) -> None:
 
 
 # --- 11. a service that is down -------------------------------------------------------------
-
-
-class FakeClock:
-    """A clock that the fake sleep moves forward."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 def refused_port() -> int:
@@ -253,7 +238,7 @@ def test_a_service_that_cannot_be_reached_stops_the_run_and_a_rerun_resumes(invo
         job_path, assignments=["service.unreachable_after=10", "retry.backoff_initial=1"]
     )
     clock = FakeClock()
-    result = asyncio.run(Runner(job, sleep=clock.sleep, clock=clock, rng=random.Random(0)).run())
+    result = asyncio.run(Runner(job, clock=clock, rng=random.Random(0)).run())
     assert result.outcome == "aborted"
     assert result.abort_reason is not None
     assert result.abort_reason.startswith("the service cannot be reached: no request has")

@@ -117,7 +117,6 @@ def test_written_during_the_run() -> None:
         progress_interval=0.001,
         metrics_interval=0.0,
         handle_signals=False,
-        sleep=lambda _: _no_sleep(),
     )
     assert seen, "no progress tick"
     assert all('batchrunner_run_in_progress{job_name="nightly"} 1\n' in text for text in seen)
@@ -126,10 +125,6 @@ def test_written_during_the_run() -> None:
         'batchrunner_run_in_progress{job_name="nightly"} 0\n'
         in Path("metrics/nightly.prom").read_text()
     )
-
-
-async def _no_sleep() -> None:
-    return None
 
 
 def test_render_escapes_labels_and_counts_retry_reasons() -> None:

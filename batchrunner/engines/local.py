@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import time
 from array import array
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AsyncExitStack
@@ -41,11 +40,12 @@ from batchrunner.checkpoint import (
     open_checkpoint,
 )
 from batchrunner.client import ServiceClient
+from batchrunner.clock import SYSTEM_CLOCK, Cancellable, Clock
 from batchrunner.credentials import (
     Credentials,
     read_credentials,
 )
-from batchrunner.dispatch import Dispatcher, Sleep
+from batchrunner.dispatch import Dispatcher
 from batchrunner.errors import (
     BatchRunnerError,
     DataError,
@@ -105,9 +105,10 @@ CHECK_BATCH_ROWS = 65_536
 class Runner:
     """One run of a job. ``await Runner(job).run()``; see ``run_job``.
 
-    ``sleep``, ``rng`` and ``clock`` (monotonic: backoffs, the unreachable timer) are the
-    pipeline's; ``wall_clock`` is the one issued tokens expire by (IAM's ``expires_at`` is
-    wall time). Tests inject their own, so that time-dependent behaviour is deterministic.
+    ``clock`` is the run's time (see ``clock``): backoffs and retry waits, the unreachable
+    timer, the progress reporter, the grace period, the rate limiter and token renewal all
+    run on it; ``rng`` draws the backoffs' jitter. Tests inject their own of both, so that
+    time-dependent behaviour is deterministic.
     """
 
     def __init__(
@@ -116,27 +117,23 @@ class Runner:
         *,
         limit: int | None = None,
         resume: bool = True,
-        sleep: Sleep = asyncio.sleep,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
         on_progress: Callable[[StatsSnapshot], None] | None = None,
         progress_interval: float = 10.0,
         handle_signals: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
         only_keys: Collection[str] | None = None,
     ) -> None:
         self.job = job
         self.limit = limit
         self.resume = resume
-        self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self._progress_interval = progress_interval
         self._handle_signals = handle_signals
         self._clock = clock
-        self._wall_clock = wall_clock
         self._scrubber = Scrubber()  # every secret the run holds (see Credentials.secrets)
-        self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace_timer: Cancellable | None = None
         self.stats = RunStats()
         self._policy = retry_policy(job)
         self._limiter = make_limiter(job)
@@ -174,9 +171,7 @@ class Runner:
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
         credentials = (
-            None
-            if job.service.embedded_model
-            else read_credentials(job.service, clock=self._wall_clock)
+            None if job.service.embedded_model else read_credentials(job.service, clock=self._clock)
         )
         if credentials is not None:
             self._scrubber = credentials.scrubber()
@@ -227,7 +222,7 @@ class Runner:
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
             self._source = source
-            self._started_clock = time.perf_counter()
+            self._started_clock = self._clock.now()
             log.info(
                 "run %s: %s -> %s via %s (batch %d, concurrency %s)",
                 run_id, job.input.path, output, job.service.url,
@@ -368,7 +363,7 @@ class Runner:
         # Batches waiting to retry (however long a Retry-After asked) or for a slot are not
         # in flight: they stop at once, and with nothing in flight so does the run.
         self.stop()
-        self._grace_timer = asyncio.get_running_loop().call_later(grace, self._drop_requests)
+        self._grace_timer = self._clock.call_later(grace, self._drop_requests)
 
     def stop(self) -> None:
         """Stop feeding new batches; requests in flight finish (see ``grace_period``)."""
@@ -398,7 +393,7 @@ class Runner:
                 if delay is None:
                     raise ServiceError(f"no token to send: {error.message}") from None
                 log.warning("%s; trying again in %.1f s", error.message, delay)
-                await self._sleep(delay)
+                await self._clock.sleep(delay)
 
     async def _open_client(
         self, stack: AsyncExitStack, credentials: Credentials | None
@@ -446,13 +441,17 @@ class Runner:
             self.stats,
             tokens=tokens,
             max_request_bytes=self.job.batch.max_request_bytes,
-            rate=RateLimiter(self.job.batch.rate_limit) if self.job.batch.rate_limit else None,
+            rate=(
+                RateLimiter(rate, clock=self._clock.now, sleep=self._clock.sleep)
+                if (rate := self.job.batch.rate_limit)
+                else None
+            ),
             stopping=self._stopping,
-            sleep=self._sleep,
+            sleep=self._clock.sleep,
             rng=self._rng,
             scrubber=self._scrubber,
             unreachable_after=self.job.service.unreachable_after,
-            clock=self._clock,
+            clock=self._clock.now,
         )
         try:
             async with asyncio.TaskGroup() as group:
@@ -652,7 +651,7 @@ class Runner:
                 self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
-        kind = self.stats.count_outcome(outcome, time.perf_counter() - self._started_clock)
+        kind = self.stats.count_outcome(outcome, self._clock.now() - self._started_clock)
         if kind is None or kind == NOT_SENT:
             return
         self._failures_logged += 1
@@ -679,7 +678,7 @@ class Runner:
     async def _report(self) -> None:
         assert self._on_progress is not None
         while True:
-            await asyncio.sleep(self._progress_interval)
+            await self._clock.sleep(self._progress_interval)
             self._on_progress(self.snapshot())
 
     def snapshot(self) -> StatsSnapshot:
@@ -700,7 +699,7 @@ class Runner:
         limiter = self._limiter.statistics()
         return self.stats.snapshot(
             limiter.in_flight,
-            time.perf_counter() - self._started_clock,
+            self._clock.now() - self._started_clock,
             total=total,
             concurrency_limit=limiter.limit,
             total_estimated=estimated,
