@@ -180,3 +180,27 @@ def s3(_moto: tuple[str, int], monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
     server = S3(*_moto)
     yield server
     server.remove_buckets()
+
+
+REAL_SERVER_FIXTURES = ("mlserver", "mlflow", "kserve")
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    # The real servers the selected tests use start now, in the background (tests/realservers).
+    from tests.realservers import PRESTART
+
+    wanted = {
+        name
+        for item in items
+        for name in getattr(item, "fixturenames", ())
+        if name in REAL_SERVER_FIXTURES
+    }
+    PRESTART.begin(sorted(wanted, key=REAL_SERVER_FIXTURES.index))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.realservers import PRESTART
+
+    PRESTART.close()

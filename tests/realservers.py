@@ -13,14 +13,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +286,53 @@ def kserve(folder: Path) -> tuple[Server, Path]:
     port = free_port()
     command = [str(env / "bin" / "python"), str(script), str(model), str(port), str(free_port())]
     return Server(command, folder, _environ(env), port, "/v1/models/iris"), model
+
+
+FACTORIES = {"mlserver": mlserver, "mlflow": mlflow, "kserve": kserve}
+
+
+class Prestart:
+    """Starts the servers a session's tests will need in a background thread, one after the
+    other, as soon as the tests are collected: their start-up (a model trained, a server
+    process importing its framework, tens of seconds each) then overlaps the other tests
+    instead of adding to the suite's time. ``get`` waits for one (starting it now if it was
+    not asked for); ``close`` stops them all. Nothing starts without the environments."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future[tuple[Server, Path]]] = {}
+        self._folders: list[Path] = []
+
+    def begin(self, names: Iterable[str]) -> None:
+        for name in names:
+            root = os.environ.get(ENVS_VARIABLE)
+            if name in self._futures or not root or not Path(root, name, "bin").exists():
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="server-prestart")
+            self._futures[name] = self._pool.submit(self._prepare, name)
+
+    def get(self, name: str) -> tuple[Server, Path]:
+        server_env(name)  # skips (or fails) here without the environment
+        self.begin([name])
+        return self._futures[name].result()
+
+    def _prepare(self, name: str) -> tuple[Server, Path]:
+        folder = Path(tempfile.mkdtemp(prefix=f"batchrunner-{name}-"))
+        self._folders.append(folder)
+        server, model = FACTORIES[name](folder)
+        server.start()
+        return server, model
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._futures.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()[0].kill()
+        for folder in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._futures.clear()
+
+
+PRESTART = Prestart()

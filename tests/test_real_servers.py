@@ -120,10 +120,12 @@ def _patient(job: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    server, model = realservers.mlserver(tmp_path_factory.mktemp("mlserver"))
-    with realservers.running(server):
+def mlserver() -> Iterator[tuple[Server, Path]]:
+    server, model = realservers.PRESTART.get("mlserver")  # started while other tests ran
+    try:
         yield server, model
+    finally:
+        server.kill()
 
 
 def _expected(env_name: str, model: Path, tmp_path: Path) -> list[str]:
@@ -167,10 +169,12 @@ def test_mlserver_killed_mid_run_and_restarted_loses_nothing(tmp_path: Path, mls
 
 
 @pytest.fixture(scope="module")
-def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    server, model = realservers.mlflow(tmp_path_factory.mktemp("mlflow"))
-    with realservers.running(server):
+def mlflow() -> Iterator[tuple[Server, Path]]:
+    server, model = realservers.PRESTART.get("mlflow")  # started while other tests ran
+    try:
         yield server, model
+    finally:
+        server.kill()
 
 
 def test_mlflow_rows_and_a_row_it_refuses(invoke, tmp_path: Path, mlflow) -> None:
@@ -203,10 +207,12 @@ def test_mlflow_killed_mid_run_and_restarted_loses_nothing(tmp_path: Path, mlflo
 
 
 @pytest.fixture(scope="module")
-def kserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    server, model = realservers.kserve(tmp_path_factory.mktemp("kserve"))
-    with realservers.running(server):
+def kserve() -> Iterator[tuple[Server, Path]]:
+    server, model = realservers.PRESTART.get("kserve")  # started while other tests ran
+    try:
         yield server, model
+    finally:
+        server.kill()
 
 
 def test_kserve_v1_rows_and_a_row_it_refuses(invoke, tmp_path: Path, kserve) -> None:
