@@ -15,6 +15,7 @@ make_env() {  # name, packages...
     "$uv" venv -q -p python3 "$root/$name"
     VIRTUAL_ENV="$root/$name" "$uv" pip install -q "$@"
   fi
+  touch "$root/$name/.ready"  # tests started meanwhile wait for this (BATCHRUNNER_SERVER_ENVS_PENDING)
   echo "server env $name ready in $((SECONDS - start)) s"
 }
 pids=()
