@@ -127,7 +127,8 @@ class InputSettings(_Settings):
 
 
 class EmbeddedSettings(_Settings):
-    """``[service.embedded]``: faults the embedded service injects, to rehearse a bad day."""
+    """``[service.embedded]``: faults the embedded service injects, to rehearse a bad day
+    (also ``batchrunner serve``'s fault options, and the service's ``FaultSettings``)."""
 
     latency_ms: float = Field(default=0.0, ge=0)
     jitter_ms: float = Field(default=0.0, ge=0)
@@ -138,6 +139,11 @@ class EmbeddedSettings(_Settings):
     html_rate: float = Field(default=0.0, ge=0, le=1)  # HTML 502 pages
     poison_rate: float = Field(default=0.0, ge=0, le=1)  # rows the model fails on (MR.0105)
     seed: int = 0
+
+    @property
+    def any(self) -> bool:
+        """Whether any fault is injected at all."""
+        return self != EmbeddedSettings(seed=self.seed)
 
 
 def _check_env_name(name: str | None) -> str | None:

@@ -404,17 +404,11 @@ class Runner:
         app_code = credentials.app_code if credentials is not None else None
         model = service.embedded_model
         if model is not None:
-            from batchrunner.service import (
-                FaultSettings,
-                ServiceOptions,
-                fault_middleware,
-                start_service,
-            )
+            from batchrunner.service import ServiceOptions, fault_middleware, start_service
 
             faults = []
             if service.embedded is not None:
-                settings = FaultSettings(**service.embedded.model_dump())
-                faults.append(fault_middleware(settings))
+                faults.append(fault_middleware(service.embedded))
             options = ServiceOptions(model=model, protocol=service.protocol)
             running = await start_service(options, extra_middlewares=faults)
             stack.push_async_callback(running.close)

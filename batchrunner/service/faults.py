@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from batchrunner.job import EmbeddedSettings
 from batchrunner.service.app import GatewayError
 
 HTML_502 = (
@@ -27,23 +27,9 @@ HTML_502 = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class FaultSettings:
-    """What goes wrong, how often. All rates are fractions of requests (rows for poison)."""
-
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    capacity: int | None = None
-    retry_after: float = 1.0
-    error_rate: float = 0.0
-    drop_rate: float = 0.0
-    html_rate: float = 0.0
-    poison_rate: float = 0.0
-    seed: int = 0
-
-    @property
-    def any(self) -> bool:
-        return self != FaultSettings(seed=self.seed)
+# One declaration of the faults, used by the job ([service.embedded]), by ``serve``'s
+# options and here.
+FaultSettings = EmbeddedSettings
 
 
 def poisoned(record: object, rate: float, seed: int) -> bool:
