@@ -73,8 +73,15 @@ class Engine(StrEnum):
     RAY = "ray"  # Ray Data: a folder of Parquet parts (pip install 'batchrunner[ray]')
 
 
-TABULAR = "tabular"  # rows, as text input (req_data)
-IMAGES = "images"  # one file per request, as file input (multipart/form-data)
+class InputKind(StrEnum):
+    """What the input is, which decides how it is sent."""
+
+    TABULAR = "tabular"  # rows, as text input (req_data)
+    IMAGES = "images"  # one file per request, as file input (multipart/form-data)
+
+
+TABULAR = InputKind.TABULAR
+IMAGES = InputKind.IMAGES
 
 
 class _Settings(BaseModel):

@@ -41,6 +41,7 @@ from batchrunner.job import (
     IMAGES,
     TABULAR,
     Engine,
+    InputKind,
     Job,
     ServiceSettings,
     check_input_kind,
@@ -128,7 +129,7 @@ class Plan:
     """What a run would do: shown by ``validate`` and ``run --dry-run``; nothing is sent."""
 
     job: Job
-    kind: str  # TABULAR or IMAGES
+    kind: InputKind
     files: list[Path | ObjectPath]
     format: str
     send_columns: list[str]
@@ -196,12 +197,12 @@ def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     )
 
 
-def kind_of(source: Source) -> str:
+def kind_of(source: Source) -> InputKind:
     """``IMAGES`` for image input, else ``TABULAR``."""
     return IMAGES if source.format == IMAGES else TABULAR
 
 
-def batch_size_for(job: Job, kind: str) -> int:
+def batch_size_for(job: Job, kind: InputKind) -> int:
     """Items per request: ``batch.size`` rows for a table (one for a one-row JSON body),
     one file for image input."""
     return 1 if kind == IMAGES else job.rows_per_request
@@ -298,7 +299,7 @@ def plan_job(
     )
 
 
-def codec_for(job: Job, kind: str) -> Codec:
+def codec_for(job: Job, kind: InputKind) -> Codec:
     """The codec of the job's protocol and input kind: text input for tables, file input
     for images (a file whose request would be over ``batch.max_request_bytes`` is refused
     unsent)."""

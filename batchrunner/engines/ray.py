@@ -64,6 +64,7 @@ from batchrunner.job import (
     IMAGES,
     TABULAR,
     Engine,
+    InputKind,
     Job,
     job_identity,
     resolve_output_path,
@@ -101,7 +102,7 @@ BLOCK_SCHEMA = pa.schema(
 )
 
 
-def check_ray_job(job: Job, kind: str = TABULAR) -> None:
+def check_ray_job(job: Job, kind: InputKind = TABULAR) -> None:
     """Refuse, before Ray starts, what this engine does not do (``InputError``: exit 2)."""
     if job.service.embedded_model is not None:
         raise InputError(
@@ -127,7 +128,7 @@ def split_concurrency(total: int, actors: int) -> list[int]:
     return [share + (1 if index < extra else 0) for index in range(actors)]
 
 
-def block_items(job: Job, kind: str) -> int:
+def block_items(job: Job, kind: InputKind) -> int:
     """Items per block: twice ``concurrency`` requests' worth (rows, or image files), so each
     actor keeps its share in flight; a block is also the unit of resume."""
     return (1 if kind == IMAGES else job.batch.size) * 2 * job.batch.max_in_flight
@@ -142,7 +143,7 @@ class BlockScorer:
     def __init__(
         self,
         job: Job,
-        kind: str,
+        kind: InputKind,
         send: list[str],
         in_flight: int,
         environ: dict[str, str],
@@ -175,7 +176,7 @@ class BlockScorer:
         return pa.Table.from_pylist([row], schema=BLOCK_SCHEMA)
 
 
-def block_keys(job: Job, kind: str, record: pa.RecordBatch) -> list[str]:
+def block_keys(job: Job, kind: InputKind, record: pa.RecordBatch) -> list[str]:
     """Each row's key, as the local engine makes it: the id column as text, or an image's
     path relative to the input folder."""
     column = IMAGE_KEY if kind == IMAGES else job.input.id_column
@@ -198,7 +199,7 @@ def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
 
 async def score_block(
     job: Job,
-    kind: str,
+    kind: InputKind,
     record: pa.RecordBatch,
     keys: Sequence[str],
     send: list[str],
@@ -239,7 +240,7 @@ async def score_block(
 
 
 def _batches(
-    job: Job, kind: str, record: pa.RecordBatch, keys: Sequence[str], send: list[str]
+    job: Job, kind: InputKind, record: pa.RecordBatch, keys: Sequence[str], send: list[str]
 ) -> list[Batch]:
     if kind == IMAGES:
         paths = record.column(IMAGE_PATH).to_pylist()
