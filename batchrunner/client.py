@@ -34,7 +34,7 @@ from yarl import URL
 
 from batchrunner import __version__
 from batchrunner.auth import Secret
-from batchrunner.errors import RequestError, SettingError, clip
+from batchrunner.errors import ErrorKind, RequestError, SettingError, clip
 from batchrunner.job import DEFAULT_MAX_RESPONSE_BYTES
 from batchrunner.retry import parse_retry_after
 
@@ -163,19 +163,19 @@ class ServiceClient:
             elapsed = self._clock() - started
             raise RequestError(
                 f"no complete answer within {elapsed:.1f} s (service.timeout)",
-                kind="timeout",
+                kind=ErrorKind.TIMEOUT,
                 retryable=True,
             ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise _untrusted(exc, "") from None
         except aiohttp.ClientPayloadError as exc:
             raise RequestError(
-                f"the answer was cut off: {exc}", kind="connection", retryable=True
+                f"the answer was cut off: {exc}", kind=ErrorKind.CONNECTION, retryable=True
             ) from None
         except aiohttp.ClientError as exc:
             raise RequestError(
                 f"connection failed: {exc.__class__.__name__}: {exc}",
-                kind="connection",
+                kind=ErrorKind.CONNECTION,
                 retryable=True,
                 row_specific=_hung_up(exc),
             ) from None
@@ -216,14 +216,16 @@ async def login(
             session.post(url, data=body.reveal().encode("utf-8"), allow_redirects=False) as answer,
         ):
             if 300 <= answer.status < 400:
-                raise _redirected(answer, f"IAM at {url}", "service.iam.url", kind="iam_login")
+                raise _redirected(
+                    answer, f"IAM at {url}", "service.iam.url", kind=ErrorKind.IAM_LOGIN
+                )
             payload = await _read_capped(answer, DEFAULT_MAX_RESPONSE_BYTES)
             token = answer.headers.get(SUBJECT_TOKEN_HEADER)
             return LoginAnswer(answer.status, Secret(token) if token else None, payload)
     except TimeoutError:
         raise RequestError(
             f"IAM at {url} did not answer within {timeout:.0f} s",
-            kind="iam_login",
+            kind=ErrorKind.IAM_LOGIN,
             retryable=True,
         ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
@@ -231,13 +233,13 @@ async def login(
     except aiohttp.ClientError as exc:
         raise RequestError(
             f"cannot reach IAM at {url}: {exc.__class__.__name__}: {exc}",
-            kind="iam_login",
+            kind=ErrorKind.IAM_LOGIN,
             retryable=True,
         ) from None
 
 
 def _redirected(
-    answer: aiohttp.ClientResponse, who: str, setting: str, *, kind: str = "redirect"
+    answer: aiohttp.ClientResponse, who: str, setting: str, *, kind: str = ErrorKind.REDIRECT
 ) -> RequestError:
     location = answer.headers.get("Location", "")
     try:
@@ -279,7 +281,7 @@ def _too_large(answer: aiohttp.ClientResponse, limit: int, encoded: bool) -> Req
         f"HTTP {answer.status}: the answer is over service.max_response_bytes ({limit:,} "
         f"bytes){counted} and was not read further; raise the setting, or make batch.size "
         "smaller",
-        kind="response_too_large",
+        kind=ErrorKind.RESPONSE_TOO_LARGE,
         retryable=False,
         row_specific=True,  # a smaller batch has a smaller answer: halves are worth a try
         http_status=answer.status,
@@ -291,7 +293,7 @@ def _untrusted(exc: aiohttp.ClientConnectorCertificateError, peer: str) -> Reque
     return RequestError(
         f"TLS certificate of {peer}{exc.host} not trusted: {exc.certificate_error}; "
         "set service.ca_bundle to your CA file (or service.verify_tls = false)",
-        kind="tls",
+        kind=ErrorKind.TLS,
         retryable=False,
         fatal=True,
     )

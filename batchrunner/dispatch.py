@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from batchrunner.auth import Scrubber, Secret, TokenProvider
 from batchrunner.client import ServiceClient
-from batchrunner.errors import AuthError, RequestError, ServiceError
+from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
@@ -63,7 +63,7 @@ UNAUTHORIZED = 401
 # to connect or timed out (and none succeeded for service.unreachable_after seconds).
 UNREACHABLE_STREAK = 8
 # Failures that say nothing reached the service.
-_UNREACHED_KINDS = frozenset({"connection", "timeout"})
+_UNREACHED_KINDS = frozenset({ErrorKind.CONNECTION, ErrorKind.TIMEOUT})
 # Files up to this size are read on the event loop (see _small_file).
 READ_ON_LOOP_BYTES = 256 * 1024
 
@@ -192,7 +192,7 @@ class Dispatcher:
                     too_big = RequestError(
                         f"the request would be {len(request.body):,} bytes, over "
                         f"batch.max_request_bytes ({self._max_request_bytes:,})",
-                        kind="request_too_large",
+                        kind=ErrorKind.REQUEST_TOO_LARGE,
                         retryable=False,
                         row_specific=True,
                     )
@@ -245,7 +245,7 @@ class Dispatcher:
                     return outcome, None
                 except RequestError as failure:
                     error = self._scrubbed(failure)
-                    if error.kind == "timeout":
+                    if error.kind == ErrorKind.TIMEOUT:
                         self._limiter.feedback(None, pushed_back=True)
                     if http_status is None and error.kind in _UNREACHED_KINDS:
                         self._check_reachable(error)
@@ -264,7 +264,7 @@ class Dispatcher:
                     raise _Dropped
                 renewals += 1
                 self._stats.retries += 1
-                self._stats.retry_reasons["token_renewed"] += 1
+                self._stats.retry_reasons[ErrorKind.TOKEN_RENEWED.value] += 1
                 continue
             delay = self._policy.delay(tries - renewals, error, self._rng)
             if delay is None:
@@ -449,7 +449,7 @@ def _small_file(path: Path | ObjectPath) -> bool:
 
 
 def _fatal_error(error: RequestError, renewals_in_a_row: int = 0) -> ServiceError:
-    if error.kind != "auth":
+    if error.kind != ErrorKind.AUTH:
         return ServiceError(error.message)
     if renewals_in_a_row:
         return AuthError(

@@ -27,6 +27,10 @@ Every message says what failed, where (setting, file, line, column, key), and wh
 A ``RequestError`` (a 5xx, a timeout, a malformed response) never escapes the runner: it is
 retried or becomes the error rows of its batch (see ``retry``).
 
+``ExitCode`` holds the command line's exit codes (each error class says its own), and
+``ErrorKind`` the names of why a request failed, as error rows, summaries and metrics show
+them.
+
 Two helpers write the parts messages share: ``did_you_mean`` (a close name, for typos in
 settings, columns and paths) and ``clip`` (a long value shortened for a message).
 """
@@ -49,6 +53,34 @@ class ExitCode(enum.IntEnum):
     WRITE = 74  # a local write failed mid-run (EX_IOERR): re-run resumes
     LOCKED = 75  # another run of the job holds its lock (EX_TEMPFAIL): nothing was done
     INTERRUPTED = 130  # SIGINT/SIGTERM: the state is kept, re-run resumes
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a request or an item failed: a short stable name in error rows (``_error_kind``),
+    summaries, metrics and retry decisions. An HTTP status without a kind of its own is
+    ``http_<status>`` (``http_kind``)."""
+
+    TIMEOUT = "timeout"  # no answer in service.timeout
+    CONNECTION = "connection"  # refused, reset, or cut off mid-answer
+    TLS = "tls"  # the certificate was refused
+    AUTH = "auth"  # the token was refused (401/403)
+    IAM_LOGIN = "iam_login"  # IAM could not log in now
+    REDIRECT = "redirect"  # the service answered with a redirect, never followed
+    NOT_JSON = "not_json"  # an answer that is not JSON (an HTML error page)
+    BAD_RESPONSE = "bad_response"  # JSON, but not the answer the protocol expects
+    RESPONSE_TOO_LARGE = "response_too_large"  # over service.max_response_bytes
+    REQUEST_TOO_LARGE = "request_too_large"  # over batch.max_request_bytes: never sent
+    REQUEST_UNFIT = "request_unfit"  # the rows cannot be put in the protocol's request
+    MISSING_VALUE = "missing_value"  # a null where the model needs a value
+    MODEL_ERROR = "model_error"  # the model's code failed on the request
+    UNREADABLE = "unreadable"  # a file that could not be read (gone, no permission)
+    NOT_SENT = "not_sent"  # a stopped run did not send it; a later run does
+    TOKEN_RENEWED = "token_renewed"  # a retry reason: sent again with a renewed token
+
+
+def http_kind(status: int) -> str:
+    """The kind of an HTTP status that has none of its own: ``http_503``."""
+    return f"http_{status}"
 
 
 class BatchRunnerError(Exception):
@@ -100,7 +132,7 @@ class RequestError(BatchRunnerError):
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind = str(kind)  # an ErrorKind's text: kinds are keys of counts written as JSON
         self.retryable = retryable
         self.fatal = fatal
         self.row_specific = row_specific

@@ -32,7 +32,7 @@ import orjson
 
 from batchrunner.auth import RenewingToken, Secret, scrub
 from batchrunner.client import LoginAnswer
-from batchrunner.errors import AuthError, RequestError, ServiceError
+from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
 from batchrunner.job import IamSettings
 
 log = logging.getLogger("batchrunner")
@@ -111,7 +111,7 @@ def read_login_answer(
     text = f"HTTP {answer.status}" + (f": {detail}" if detail else "")
     if answer.status == 429 or answer.status >= 500:
         raise RequestError(
-            f"{where} could not log in now ({text})", kind="iam_login", retryable=True
+            f"{where} could not log in now ({text})", kind=ErrorKind.IAM_LOGIN, retryable=True
         )
     raise AuthError(
         f"{where} refused the login of user {settings.user!r} (domain {settings.domain!r}, "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from batchrunner.errors import RequestError
+from batchrunner.errors import ErrorKind, RequestError, http_kind
 
 # A Retry-After beyond this (retry.retry_after_max) is not honoured as-is: a service asking
 # for an hour (or for a date in 2037) is broken, and a batch job must not sleep through the
@@ -73,7 +73,14 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 # "unreadable": a file that could not be read (gone, no permission, not a regular file) may
 # have been mended since; reading it again costs no request if it has not.
 _TRANSIENT_KINDS = frozenset(
-    {"timeout", "connection", "not_json", "not_sent", "http_429", "unreadable"}
+    {
+        ErrorKind.TIMEOUT,
+        ErrorKind.CONNECTION,
+        ErrorKind.NOT_JSON,
+        ErrorKind.NOT_SENT,
+        http_kind(429),
+        ErrorKind.UNREADABLE,
+    }
 )
 
 

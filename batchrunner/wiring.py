@@ -32,6 +32,7 @@ from batchrunner.credentials import (
     read_credentials,
 )
 from batchrunner.errors import (
+    ErrorKind,
     ExitCode,
     RequestError,
     SettingError,
@@ -63,7 +64,7 @@ from batchrunner.writing import check_writable
 
 log = logging.getLogger("batchrunner")
 
-NOT_SENT = "not_sent"  # the error kind of rows a stopped run did not send
+NOT_SENT = ErrorKind.NOT_SENT.value  # the error kind of rows a stopped run did not send
 SUMMARY_SUFFIX = ".summary.json"  # the summary's file name: the output's, with this added
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError, SettingError
+from batchrunner.errors import ErrorKind, RequestError, SettingError, http_kind
 from batchrunner.protocols.modelarts import (
     FATAL_STATUSES,
     RETRYABLE_STATUSES,
@@ -55,7 +55,7 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
     if status in FATAL_STATUSES:
         return RequestError(
             f"{text} (the service refused the request's credentials: check the token)",
-            kind="auth",
+            kind=ErrorKind.AUTH,
             retryable=False,
             fatal=True,
             http_status=status,
@@ -63,7 +63,7 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
     retryable = status in RETRYABLE_STATUSES
     return RequestError(
         text,
-        kind=f"http_{status}",
+        kind=http_kind(status),
         retryable=retryable,
         row_specific=status == MODEL_FAILED or (not retryable and status in ROW_SPECIFIC_STATUSES),
         http_status=status,

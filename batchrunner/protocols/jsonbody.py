@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError, SettingError
+from batchrunner.errors import ErrorKind, RequestError, SettingError
 from batchrunner.items import Batch
 from batchrunner.protocols import EncodedRequest
 from batchrunner.protocols.answers import (
@@ -125,7 +125,7 @@ class JsonCodec:
         except KeyError as exc:
             raise RequestError(
                 f"service.json.request names {{{exc.args[0]}}}, which is not a column sent",
-                kind="request_unfit",
+                kind=ErrorKind.REQUEST_UNFIT,
                 retryable=False,
             ) from None
         return EncodedRequest(

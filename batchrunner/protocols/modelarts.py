@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError, clip
+from batchrunner.errors import ErrorKind, RequestError, clip, http_kind
 from batchrunner.items import Batch
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.protocols import EncodedRequest
@@ -188,19 +188,19 @@ def classify_failure(status: int, body: bytes, retry_after: float | None = None)
     if status in FATAL_STATUSES:
         return RequestError(
             f"{text} (the service refused the token: check that it is valid and not expired)",
-            kind="auth",
+            kind=ErrorKind.AUTH,
             retryable=False,
             fatal=True,
             http_status=status,
         )
     if code and code.startswith("MR."):
         return RequestError(
-            text, kind="model_error", retryable=False, row_specific=True, http_status=status
+            text, kind=ErrorKind.MODEL_ERROR, retryable=False, row_specific=True, http_status=status
         )
     retryable = status in RETRYABLE_STATUSES or bool(code and _TRANSIENT_CODE.match(code))
     return RequestError(
         text,
-        kind=f"http_{status}",
+        kind=http_kind(status),
         retryable=retryable,
         row_specific=not retryable and status in ROW_SPECIFIC_STATUSES,
         http_status=status,
@@ -306,7 +306,7 @@ def _parse_json(body: bytes, status: int) -> Any:
     except orjson.JSONDecodeError:
         raise RequestError(
             f"HTTP {status} with a body that is not JSON: {_snippet(body)}",
-            kind="not_json",
+            kind=ErrorKind.NOT_JSON,
             # A gateway's error page or a cut-off body: another try usually gets through.
             retryable=True,
             http_status=status,
@@ -346,5 +346,9 @@ def _a(value: Any) -> str:
 
 def _bad_response(message: str, *, row_specific: bool = False) -> RequestError:
     return RequestError(
-        message, kind="bad_response", retryable=False, row_specific=row_specific, http_status=200
+        message,
+        kind=ErrorKind.BAD_RESPONSE,
+        retryable=False,
+        row_specific=row_specific,
+        http_status=200,
     )

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from batchrunner.errors import RequestError
+from batchrunner.errors import ErrorKind, RequestError
 from batchrunner.storage import ObjectPath
 
 FILE_TOO_LARGE = "file_too_large"
-UNREADABLE = "unreadable"
+UNREADABLE = ErrorKind.UNREADABLE.value
 OCTET_STREAM = "application/octet-stream"
 
 # Python's built-in table only (not the system's /etc/mime.types), so that a file gets the

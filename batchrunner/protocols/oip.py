@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from batchrunner.errors import RequestError
+from batchrunner.errors import ErrorKind, RequestError
 from batchrunner.items import Batch
 from batchrunner.protocols import EncodedRequest
 from batchrunner.protocols.answers import (
@@ -134,7 +134,7 @@ class OipCodec:
             raise RequestError(
                 f'service.oip.layout = "tensor" needs columns of one numeric type; these are '
                 f'{described}: use layout = "columns"',
-                kind="request_unfit",
+                kind=ErrorKind.REQUEST_UNFIT,
                 retryable=False,
             )
         matrix = np.column_stack([column.to_numpy(zero_copy_only=False) for column in rows.columns])
@@ -240,7 +240,7 @@ def _column(name: str, column: pa.Array) -> dict[str, Any]:
     if datatype is None:
         raise RequestError(
             f"column {name!r} is {column.type}, which has no Open Inference Protocol datatype",
-            kind="request_unfit",
+            kind=ErrorKind.REQUEST_UNFIT,
             retryable=False,
         )
     tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [len(column)]}
@@ -259,7 +259,7 @@ def _refuse_nulls(rows: pa.RecordBatch) -> None:
         # A tensor has no place for a missing value: the row to blame is found by splitting.
         raise RequestError(
             f"a value is missing in {', '.join(nulls)}: a tensor cannot carry it",
-            kind="missing_value",
+            kind=ErrorKind.MISSING_VALUE,
             retryable=False,
             row_specific=True,
         )
