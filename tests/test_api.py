@@ -66,6 +66,9 @@ def test_a_run_reports_the_command_lines_exit_code(iris_job: Path) -> None:
         "resumed": 0,
     }
     assert json.loads(report.summary_path.read_text())["run_id"] == report.summary["run_id"]
+    # The figures the summary was built from, in one typed snapshot; no Ray figures here.
+    assert report.stats.requests == report.summary["requests"] > 0
+    assert report.stats.rows_ok == 150 and report.ray is None
 
 
 def test_too_many_errors_is_exit_code_1_and_the_output_is_written(iris_job: Path) -> None:
