@@ -215,7 +215,7 @@ def test_a_refused_login_stops_the_run_with_iams_message(invoke, monkeypatch) ->
     assert written[0].read_text() == ""
 
 
-def test_iam_refusing_a_renewal_mid_run_aborts_with_exit_3(invoke) -> None:
+def test_iam_refusing_a_renewal_mid_run_aborts_with_exit_3() -> None:
     logins = 0
 
     @web.middleware
@@ -227,20 +227,22 @@ def test_iam_refusing_a_renewal_mid_run_aborts_with_exit_3(invoke) -> None:
                 raise GatewayError(401, "IAM.0002", "The username or password is wrong.")
         return await handler(request)
 
-    options = ServiceOptions(iam=ACCOUNT, token_ttl=0.1)
-    with ThreadedService(options, [password_changed, slow_inference(0.02)]) as service:
+    clock = TickingClock(0.02)  # a token lives 5 ticks: the 5th request finds it expired
+    options = ServiceOptions(iam=ACCOUNT, token_ttl=0.1, clock=clock.wall)
+    with ThreadedService(options, [password_changed, clock.middleware()]) as service:
         job = iam_job(service, size=5, concurrency=1, iam="renew_before = 0\n")
-        result = invoke("run", str(job))
-    assert result.exit_code == 3
-    assert "error: run aborted: IAM at" in result.stderr
-    assert "refused the login of user 'alice'" in result.stderr
+        result = run_job(load_job(job), clock=clock, handle_signals=False)
+    assert (result.outcome, result.exit_code) == ("aborted", 3)
+    assert result.abort_reason is not None
+    assert result.abort_reason.startswith("IAM at")
+    assert "refused the login of user 'alice'" in result.abort_reason
     rows = read_output("out/nightly.parquet")
     assert len(rows) == 150  # finished rows, and the rest saying why they were not sent
-    assert rows[0]["_status"] == "ok"
+    assert [r["_status"] for r in rows[:21]] == ["ok"] * 20 + ["error"]  # 4 requests of 5
     assert rows[-1]["_error_kind"] == "not_sent"
     assert logins == 2  # the renewal IAM refused, once: not retried, nothing sent after it
     stats = service.stats
-    assert stats.expired_tokens <= 1  # at most the one request in flight when it expired
+    assert stats.expired_tokens == 1  # concurrency 1: the one request sent when it expired
     assert stats.requests == logins + stats.by_status[200] + stats.expired_tokens
 
 
