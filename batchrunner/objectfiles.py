@@ -12,7 +12,8 @@ again (``ObjectStore.retried``: the same attempts and backoff as an image's fetc
 whatever the reader was in the middle of; nothing read is lost or read twice.
 
 ``readable`` / ``seekable`` open a local file or an object alike: a local path is given
-to Arrow as text, which opens it itself.
+to Arrow as text, which opens it itself. ``retrying_filesystem`` is the store's filesystem
+opening its files so, for Arrow's datasets.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
-from batchrunner.storage import ObjectPath
+from batchrunner.storage import ObjectPath, ObjectStore
 
-__all__ = ["CODECS", "ObjectFile", "open_object", "readable", "seekable"]
+__all__ = [
+    "CODECS",
+    "ObjectFile",
+    "open_object",
+    "readable",
+    "retrying_filesystem",
+    "seekable",
+]
 
 _T = TypeVar("_T")
 
@@ -123,3 +132,78 @@ def readable(path: Path | ObjectPath) -> Any:
 def seekable(path: Path | ObjectPath) -> Any:
     """A local path as text, or an object opened for random access: for Parquet."""
     return open_object(path) if isinstance(path, ObjectPath) else os.fspath(path)
+
+
+def retrying_filesystem(store: ObjectStore, scheme: str = "s3") -> pafs.PyFileSystem:
+    """``store``'s filesystem with its files opened as ``ObjectFile``s: for Arrow's
+    datasets (``inspect`` of an output in a bucket), whose reads are then tried again too."""
+    return pafs.PyFileSystem(_RetryingReads(store, scheme))
+
+
+class _RetryingReads(pafs.FileSystemHandler):  # type: ignore[misc]
+    """Everything as ``store``'s filesystem does it, but files opened as ``ObjectFile``."""
+
+    def __init__(self, store: ObjectStore, scheme: str) -> None:
+        self.store = store
+        self.scheme = scheme
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_RetryingReads, (self.store, self.scheme))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RetryingReads) and other.store is self.store
+
+    def __hash__(self) -> int:
+        return id(self.store)
+
+    @property
+    def _fs(self) -> pafs.S3FileSystem:
+        return self.store.filesystem
+
+    def get_type_name(self) -> str:
+        return "batchrunner-retrying-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self._fs.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return list(self._fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return list(self._fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to empty every bucket of the store")
+
+    def delete_file(self, path: str) -> None:
+        self._fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._fs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return open_object(self._locate(path))
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return open_object(self._locate(path))
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self._fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self._fs.open_append_stream(path, metadata=metadata)
+
+    def _locate(self, path: str) -> ObjectPath:
+        return self.store.locate(f"{self.scheme}://{path.lstrip('/')}")

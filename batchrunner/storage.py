@@ -160,6 +160,10 @@ class ObjectPath:
             self.store, self.scheme, self.bucket, key, entry.size, entry.mtime_ns, entry.etag
         )
 
+    def is_dir(self) -> bool:
+        """Whether this is a prefix (its key ends in ``/``), a folder of objects."""
+        return self.key.endswith("/") or not self.key
+
     def with_name(self, name: str) -> ObjectPath:
         head = self.key.rstrip("/").rpartition("/")[0]
         return self.child(f"{head}/{name}" if head else name)
