@@ -9,6 +9,8 @@ Imports flow one way, down this list; a module imports only from those above it:
                 folder's order
     storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,
                 whole-or-absent uploads
+    objectfiles an object opened for Arrow's table readers, each range read tried again on
+                the store's transient errors
     items       plain data passed between stages (Batch, Outcome)
     job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
     sources     one reader per input kind (tabular; images: folders, globs, manifests)

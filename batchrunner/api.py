@@ -19,6 +19,7 @@ from batchrunner.wiring import RunOutcome, RunReport
 if TYPE_CHECKING:
     from batchrunner.inspection import Inspection
     from batchrunner.report import StatsSnapshot
+    from batchrunner.storage import ObjectPath
     from batchrunner.wiring import Plan
 
 __all__ = [
@@ -99,11 +100,15 @@ def run(
     )
 
 
-def read_output(path: str | Path, *, error_rows: int = 5) -> Inspection:
+def read_output(path: str | Path | ObjectPath, *, error_rows: int = 5) -> Inspection:
     """Read a batchrunner output back (what ``inspect`` shows): rows by status, error kinds
     with examples, the result fields, the run's summary, and the first ``error_rows`` error
-    rows. Raises ``InputError`` when ``path`` is not a batchrunner output.
+    rows. Raises ``InputError`` when ``path`` is not a batchrunner output. An ``s3://`` or
+    ``obs://`` text is reached through the standard AWS variables; a run's ``output`` in a
+    bucket, through its job's ``[storage]``.
     """
-    from batchrunner.inspection import inspect_output
+    from batchrunner.inspection import inspect_output, output_path
+    from batchrunner.storage import ObjectPath
 
-    return inspect_output(Path(path), error_limit=error_rows)
+    where = path if isinstance(path, ObjectPath) else output_path(str(path))
+    return inspect_output(where, error_limit=error_rows)

@@ -93,10 +93,10 @@ class StatePaths:
             keys=folder / f"{job_name}.keys",
         )
 
-    @property
-    def assembled(self) -> Path:
-        """An output bound for a bucket, assembled here before it is uploaded."""
-        return self.state.with_name(self.state.name.removesuffix(".state") + ".upload.parquet")
+    def assembled(self, suffix: str) -> Path:
+        """An output bound for a bucket, assembled here before it is uploaded; ``suffix``
+        is the output's (``.parquet``, ``.csv``, ``.jsonl``): it chooses the format."""
+        return self.state.with_name(self.state.name.removesuffix(".state") + ".upload" + suffix)
 
     @property
     def manifest(self) -> Path:

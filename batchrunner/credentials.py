@@ -182,6 +182,20 @@ def open_store(
     )
 
 
+def standard_store(*, environ: Mapping[str, str] | None = None) -> ObjectStore:
+    """The object store the standard AWS variables describe, for a command without a job
+    (``inspect``): ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (none: AWS S3),
+    ``AWS_REGION`` or ``AWS_DEFAULT_REGION``; the keys from the AWS SDK's own sources.
+    The bucket goes where the SDK puts it: in the host name on AWS, in the path elsewhere."""
+    env = os.environ if environ is None else environ
+    return ObjectStore(
+        endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        keys_from="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role; or give "
+        "--job with a [storage] section",
+    )
+
+
 def _read_key_file(path: str, setting: str) -> Secret:
     # Unlike a token file's, the path is not echoed: a key pasted where its file's name
     # belongs would be shown otherwise.

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batchrunner.storage import ObjectPath
+
 
 class OutputFormat(StrEnum):
     parquet = "parquet"
@@ -33,7 +35,7 @@ SUFFIXES = {
 }
 
 
-def output_format(path: Path) -> OutputFormat | None:
+def output_format(path: Path | ObjectPath) -> OutputFormat | None:
     """The format an output path asks for by its suffix, or None for another suffix."""
     return SUFFIXES.get(path.suffix.lower())
 

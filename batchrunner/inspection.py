@@ -6,6 +6,10 @@ file of any size is inspected in flat memory. A Parquet file that ``batchrunner 
 not write is still counted if it has a ``_status`` column. A folder of Parquet parts (the
 output of ``--engine ray``) is read the same way, as one dataset; its summary is the
 ``<folder>.summary.json`` beside it.
+
+An output in a bucket (``s3://``, ``obs://``; ``output_path``) is read where it is, range by
+range, through the job's ``[storage]`` or the standard AWS variables, each read tried again
+on the store's transient errors (``objectfiles``).
 """
 
 from __future__ import annotations
@@ -21,16 +25,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchrunner.credentials import open_store, standard_store
 from batchrunner.errors import InputError, did_you_mean
 from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.keyindex import Spill, key_hashes
+from batchrunner.objectfiles import retrying_filesystem, seekable
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
+from batchrunner.storage import ObjectPath, is_uri
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    from batchrunner.job import StorageSettings
+
+#: Where an output is: a local file or folder, or an object or prefix in a bucket.
+OutputPath = Path | ObjectPath
 
 ROWS_PER_READ = 64 * 1024
+SUMMARY_BYTES = 16 << 20  # a run summary is a few kB; more is not one
 #: The kind of an error row without ``_error_kind`` (as the runner counts it).
 UNKNOWN_KIND = "error"
 NO_STATUS = "(none)"
@@ -63,7 +77,7 @@ class ErrorRow:
 class Inspection:
     """What an output file holds."""
 
-    path: Path
+    path: OutputPath
     rows: int
     summary: dict[str, Any] | None  # the run summary in the metadata; None if there is none
     statuses: tuple[tuple[str, int], ...]  # status and rows, most rows first
@@ -75,7 +89,25 @@ class Inspection:
     latency_bins: tuple[tuple[float, float | None, int], ...] = ()
 
 
-def inspect_output(path: Path, *, error_limit: int = 0) -> Inspection:
+def output_path(text: str, storage: StorageSettings | None = None) -> OutputPath:
+    """Where the output named ``text`` is: a local path, or (``s3://``, ``obs://``) the
+    object or prefix, reached through ``storage`` (a job's ``[storage]``) or else the
+    standard AWS variables. ``InputError`` (exit 2) when no such object or prefix is there,
+    ``StorageError`` when the store cannot be used (no bucket, keys refused)."""
+    if not is_uri(text):
+        return Path(text)
+    store = open_store(storage) if storage is not None else standard_store()
+    path = store.locate(text)
+    kind = store.kind(path)
+    if kind == "missing":
+        raise InputError(
+            f"no such object or prefix: {path}; keys are case-sensitive: check it against a "
+            f"listing of {path.parent}"
+        )
+    return path.child(path.key.rstrip("/") + "/") if kind == "folder" else path
+
+
+def inspect_output(path: OutputPath, *, error_limit: int = 0) -> Inspection:
     """Read ``path`` (a batchrunner output); keep up to ``error_limit`` error rows.
 
     Raises ``InputError`` when the file is missing, not Parquet, or has no ``_status``.
@@ -150,36 +182,45 @@ def _latency_bins(at_least: list[int]) -> tuple[tuple[float, float | None, int],
     return tuple(bins)
 
 
-def _open(path: Path) -> ds.Dataset:
+def _open(path: OutputPath) -> ds.Dataset:
     """A file, or a folder of Parquet parts (``--engine ray``), as one dataset."""
     import pyarrow.dataset as ds  # 15 MB of libraries: only when an output is read
 
-    if not path.exists():
-        raise InputError(f"no such file: {path}")
+    source, filesystem = _source(path)
     try:
         kind = None if path.is_dir() else output_format(path)
         if kind is OutputFormat.csv:
-            return ds.dataset(path, format=_csv_format())
+            return ds.dataset(source, filesystem=filesystem, format=_csv_format())
         if kind is OutputFormat.jsonl:
-            return ds.dataset(path, format="json")
+            return ds.dataset(source, filesystem=filesystem, format="json")
         if path.is_dir():
-            dataset = ds.dataset(path, format="parquet")
+            dataset = ds.dataset(source, filesystem=filesystem, format="parquet")
             if dataset.files:  # parts may differ: a field only some blocks' results had
-                schemas = [pq.read_schema(file) for file in dataset.files]
+                schemas = [pq.read_schema(file, filesystem=filesystem) for file in dataset.files]
                 schema = pa.unify_schemas(schemas, promote_options="permissive")
-                dataset = ds.dataset(path, format="parquet", schema=schema)
+                dataset = ds.dataset(source, filesystem=filesystem, format="parquet", schema=schema)
             if not dataset.files:
                 raise InputError(
                     f"{path} is a folder with no Parquet parts: give an output file, e.g. "
                     "out/<job>.parquet, or an output folder of --engine ray"
                 )
             return dataset
-        file = pq.ParquetFile(path)  # a clear error for a file that is not Parquet
-        return ds.dataset(path, format="parquet", schema=file.schema_arrow)
+        file = pq.ParquetFile(seekable(path))  # a clear error for a file that is not Parquet
+        return ds.dataset(source, filesystem=filesystem, format="parquet", schema=file.schema_arrow)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(
             f"{path} is not a Parquet file ({exc}): give an output of batchrunner run"
         ) from None
+
+
+def _source(path: OutputPath) -> tuple[str, pafs.FileSystem | None]:
+    """Where Arrow's dataset finds ``path``: a local path, or a bucket's location and the
+    store's filesystem (reads tried again)."""
+    if isinstance(path, ObjectPath):
+        return path.location, retrying_filesystem(path.store, path.scheme)
+    if not path.exists():
+        raise InputError(f"no such file: {path}")
+    return str(path), None
 
 
 def _csv_format() -> ds.CsvFileFormat:
@@ -197,16 +238,20 @@ def _summary(schema: pa.Schema) -> dict[str, Any] | None:
     return None if raw is None else _parsed(raw)
 
 
-def _is_parquet_file(path: Path) -> bool:
+def _is_parquet_file(path: OutputPath) -> bool:
     return not path.is_dir() and output_format(path) in (None, OutputFormat.parquet)
 
 
-def _summary_beside(folder: Path) -> dict[str, Any] | None:
+def _summary_beside(folder: OutputPath) -> dict[str, Any] | None:
     """A folder of parts (``--engine ray``), a CSV or JSON lines output: the summary is in
     ``<output>.summary.json``."""
+    beside = folder.with_name(folder.name + ".summary.json")
     try:
-        raw = folder.with_name(folder.name + ".summary.json").read_bytes()
-    except OSError:
+        if isinstance(beside, ObjectPath):
+            raw = beside.store.read(beside, SUMMARY_BYTES)
+        else:
+            raw = beside.read_bytes()
+    except (OSError, ValueError):  # none, or too large to be one
         return None
     return _parsed(raw)
 
@@ -264,7 +309,7 @@ HEAD_COLUMNS = ("_key", "_status", "_error")
 class HeadRows:
     """The first rows of an output: the key, status and error, then the result fields."""
 
-    path: Path
+    path: OutputPath
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
     total: int  # rows in the file
@@ -274,13 +319,13 @@ class HeadRows:
 class FieldCounts:
     """The values of one result field and how often each occurs, most frequent first."""
 
-    path: Path
+    path: OutputPath
     field: str
     counts: tuple[tuple[str | None, int], ...]  # the value as text (None: null), rows
     rows: int  # rows in the file
 
 
-def head_rows(path: Path, rows: int) -> HeadRows:
+def head_rows(path: OutputPath, rows: int) -> HeadRows:
     """The first ``rows`` rows of the output at ``path``, as Python values."""
     dataset = open_output(path)
     names = dataset.schema.names
@@ -299,7 +344,7 @@ def head_rows(path: Path, rows: int) -> HeadRows:
     )
 
 
-def count_values(path: Path, field: str) -> FieldCounts:
+def count_values(path: OutputPath, field: str) -> FieldCounts:
     """How often each value of column ``field`` occurs in the output at ``path`` (streamed:
     memory holds one count per distinct value). Lists and structs are counted as JSON text.
 
@@ -350,7 +395,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def open_output(path: Path) -> ds.Dataset:
+def open_output(path: OutputPath) -> ds.Dataset:
     """An output (Parquet, CSV, JSON lines, or a folder of Parquet parts) as one dataset;
     ``InputError`` if it cannot be read as one."""
     return _open(path)

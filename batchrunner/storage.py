@@ -5,8 +5,9 @@
   (endpoint, region, addressing, credentials) and ``ObjectStore.locate`` turns a URI into an
   ``ObjectPath``: a bucket and key that the rest of the code passes around where it passes
   a local ``Path`` (``name``, ``suffix``, ``stat()`` from the listing, ``str()`` the URI).
-- ``readable`` / ``seekable`` open a local file or an object alike, for Arrow's readers;
-  ``read_object`` reads one object whole (an image, when its request is built).
+- ``ObjectStore.read`` reads one object whole (an image, when its request is built);
+  ``objectfiles`` opens one for Arrow's table readers. Both try each read again on a
+  transient failure (``ObjectStore.retried``).
 - ``walk`` lists a prefix as the local image walk lists a folder: one "folder" (common
   prefix) at a time, depth first, names sorted, never the whole tree up front.
 - ``upload`` puts a finished local file in place as one object: a single PUT, or a
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -47,14 +48,13 @@ __all__ = [
     "StorageError",
     "is_transient",
     "is_uri",
-    "readable",
-    "seekable",
     "split_uri",
 ]
 
 SCHEMES = ("s3", "obs")
 RETRY_ATTEMPTS = 10  # the SDK's standard strategy: exponential backoff, capped at 20 s
-READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around an object's read (see ObjectStore.read)
+READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around each read (see ObjectStore.retried)
+_T = TypeVar("_T")
 _TRANSIENT = (
     "internal_failure",
     "flush response stream",
@@ -159,6 +159,10 @@ class ObjectPath:
         return ObjectPath(
             self.store, self.scheme, self.bucket, key, entry.size, entry.mtime_ns, entry.etag
         )
+
+    def is_dir(self) -> bool:
+        """Whether this is a prefix (its key ends in ``/``), a folder of objects."""
+        return self.key.endswith("/") or not self.key
 
     def with_name(self, name: str) -> ObjectPath:
         head = self.key.rstrip("/").rpartition("/")[0]
@@ -370,15 +374,19 @@ class ObjectStore:
 
     def read(self, path: ObjectPath, max_bytes: int) -> bytes:
         """The object's bytes; ``OSError`` if it cannot be read, ``ValueError`` (its size)
-        if it holds more than ``max_bytes``.
+        if it holds more than ``max_bytes``. Tried again as ``retried`` says."""
+        return self.retried(lambda: self._read_once(path, max_bytes))
 
-        Transient failures are tried again (``READ_ATTEMPTS`` times in all, with backoff):
-        the SDK retries most of them itself, but not an error answer longer than a small
-        object (Arrow reads into a buffer of the object's size, and a 503 SlowDown's body
+    def retried(self, call: Callable[[], _T]) -> _T:
+        """``call()`` (a read), tried again on a transient failure:
+        ``READ_ATTEMPTS`` times in all, with backoff; the last ``OSError`` as it is.
+
+        The SDK retries most of them itself, but not an error answer longer than a small
+        read (Arrow reads into a buffer of the range's size, and a 503 SlowDown's body
         overflows it: "Failed to flush response stream")."""
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
-                return self._read_once(path, max_bytes)
+                return call()
             except OSError as exc:
                 if attempt == READ_ATTEMPTS or not is_transient(exc):
                     raise
@@ -496,24 +504,3 @@ def _scrub(text: str, options: dict[str, Any]) -> str:
 
 #: Where an input file is: on local disk, or in a bucket.
 InputPath = Path | ObjectPath
-
-
-def readable(path: Path | ObjectPath) -> Any:
-    """A local path as text (Arrow opens it, decompressing by extension), or an object's
-    stream, decompressed by its key's extension: for the CSV and JSON-lines readers."""
-    if isinstance(path, ObjectPath):
-        try:
-            return path.store.filesystem.open_input_stream(path.location, compression="detect")
-        except OSError as exc:
-            raise OSError(path.store.explain(path, exc)) from None
-    return str(path)
-
-
-def seekable(path: Path | ObjectPath) -> Any:
-    """A local path as text, or an object opened for random access: for Parquet."""
-    if isinstance(path, ObjectPath):
-        try:
-            return path.store.filesystem.open_input_file(path.location)
-        except OSError as exc:
-            raise OSError(path.store.explain(path, exc)) from None
-    return str(path)

@@ -104,6 +104,7 @@ class FaultyProxy:
         self.fault = fault
         self.requests = 0
         self.faults: list[str] = []
+        self.ranges: list[str] = []  # each request's Range header ("" if none)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -149,6 +150,7 @@ class FaultyProxy:
         body = await request.read()
         number = self.requests
         self.requests += 1
+        self.ranges.append(request.headers.get("Range", ""))  # for a fault to look at
         fault = self.fault(number, request.method, request.path)
         if fault == SLOW_DOWN:
             self.faults.append(fault)

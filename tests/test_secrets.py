@@ -421,9 +421,25 @@ def test_object_storage_keys_appear_nowhere(
         '[output]\npath = "s3://data/out/{name}.parquet"\n' + storage_section(s3.endpoint),
     )
     printed = validate_and_run(invoke, job, must_succeed=True)
+    # The output read back where it is: with the job's [storage], then the AWS variables.
+    inspect = ("inspect", "s3://data/out/job.parquet", "--html", "report.html", "--errors")
+    looked = invoke(*inspect, "--job", str(job))
+    assert looked.exit_code == 0, looked.stderr
+    printed += [looked.stdout, looked.stderr]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    looked = invoke(*inspect)
+    assert looked.exit_code == 0, looked.stderr
+    printed += [looked.stdout, looked.stderr]
     with monkeypatch.context() as patch:  # keys refused: the messages name where they are
         patch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-        for args in (("validate", str(job)), ("run", str(job), "--log-format", "json")):
+        for args in (
+            ("validate", str(job)),
+            ("run", str(job), "--log-format", "json"),
+            inspect,
+            (*inspect, "--job", str(job)),
+        ):
             refused = invoke(*args)
             assert refused.exit_code == 2
             assert "refused the credentials" in refused.stderr

@@ -99,6 +99,27 @@ def test_a_prefix_of_tables_to_a_local_file(invoke, s3: S3, kind: str) -> None:
     assert [row["_key"] for row in rows] == [f"{p}-{i}" for p in range(3) for i in range(4)]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_text_output_in_a_bucket_is_written_in_its_format(invoke, s3: S3, suffix: str) -> None:
+    s3.bucket("data")
+    s3.put("data/iris.csv", iris_bytes())
+    write_job(
+        Path("job.toml"),
+        'name = "iris"\n[input]\npath = "s3://data/iris.csv"\nid_column = "id"\n'
+        f'[service]\nurl = "embedded:iris"\n[output]\npath = "s3://data/out/iris{suffix}"\n'
+        + storage_section(s3.endpoint),
+    )
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    lines = s3.get(f"data/out/iris{suffix}").decode().splitlines()
+    if suffix == ".csv":
+        assert lines[0].split(",")[:2] == ['"_key"', '"_status"'] and len(lines) == 151
+    else:
+        rows = [orjson.loads(line) for line in lines]
+        assert [row["_key"] for row in rows] == [str(i) for i in range(1, 151)]
+    assert s3.exists(f"data/out/iris{suffix}.summary.json")
+
+
 def test_a_glob_over_keys(invoke, s3: S3) -> None:
     s3.bucket("data")
     s3.put("data/a/x.csv", iris_bytes())

@@ -3,6 +3,7 @@ resumed with its output on the bucket, the store failing for a while (real S3 se
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -163,6 +165,76 @@ def test_a_small_object_answered_slowdown_is_read_again(s3: S3) -> None:
         store.sleep = pauses.append
         assert store.read(store.locate("s3://small/x.png"), 1000) == b"tiny" * 5
     assert proxy.faults and pauses == [0.1, 0.2][: len(pauses)] and pauses
+
+
+BLOCK = 64 << 10  # input.block_size's least: a table just larger ends in a small read
+
+
+def table_just_over_a_block(kind: str) -> bytes:
+    """Iris-like rows in ``kind``, just over one read block: the last read of a CSV or
+    JSON-lines file is a few dozen bytes, shorter than a SlowDown's body; a Parquet file's
+    footer and column chunks are read in small ranges too."""
+    rows: list[dict[str, Any]] = []
+    lines: list[bytes] = []
+    size = 0
+    while size < BLOCK + 20:
+        number = len(rows)
+        row = {"id": str(number), "sepal_length": 5.0 + number % 30 / 10, "sepal_width": 3.1,
+               "petal_length": 1.4 + number % 50 / 10, "petal_width": 0.2}  # fmt: skip
+        rows.append(row)
+        line = (
+            orjson.dumps(row) + b"\n"
+            if kind == "jsonl"
+            else ",".join(map(str, row.values())).encode() + b"\n"
+        )
+        lines.append(line)
+        size += len(line)
+    if kind == "csv":
+        header = b"id,sepal_length,sepal_width,petal_length,petal_width\n"
+        return header + b"".join(lines)
+    if kind == "jsonl":
+        return b"".join(lines)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=500)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_a_table_is_read_whole_through_a_store_that_fails_for_a_while(
+    invoke, s3: S3, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every other read of the table, for its first 20 reads, is answered 503 SlowDown (each
+    # fourth of them a dropped connection instead): small ranges included.
+    monkeypatch.setattr("batchrunner.storage.READ_BACKOFF", 0.001)
+    s3.bucket("data")
+    data = table_just_over_a_block(kind)
+    s3.put(f"data/in/table.{kind}", data)
+    reads: list[int] = []
+
+    def fault(number: int, method: str, path: str) -> str | None:
+        if method != "GET" or not path.startswith("/data/in/"):
+            return None
+        reads.append(number)
+        if len(reads) > 20 or len(reads) % 2 == 0:
+            return None
+        return DROP if len(reads) % 8 == 7 else SLOW_DOWN
+
+    with FaultyProxy(s3.endpoint, fault) as proxy:
+        write_job(
+            Path("job.toml"),
+            f'name = "j"\n[input]\npath = "s3://data/in/table.{kind}"\nid_column = "id"\n'
+            f"block_size = {BLOCK}\n"
+            '[service]\nurl = "embedded:iris"\n[batch]\nsize = 500\n'
+            '[output]\npath = "s3://data/out/j.parquet"\n' + storage_section(proxy.endpoint),
+        )
+        result = invoke("run", "job.toml")
+    assert result.exit_code == 0, result.stderr
+    assert proxy.faults.count(SLOW_DOWN) >= 3 and DROP in proxy.faults
+    rows = read_object_table(s3, "data/out/j.parquet")
+    expected = pq.read_table(io.BytesIO(data)) if kind == "parquet" else None
+    count = expected.num_rows if expected is not None else data.count(b"\n") - (kind == "csv")
+    assert [row["_key"] for row in rows] == [str(i) for i in range(count)]
+    assert all(row["_status"] == "ok" for row in rows)
 
 
 def test_what_is_tried_again() -> None:

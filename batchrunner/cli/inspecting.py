@@ -19,13 +19,29 @@ from batchrunner.cli.common import (
     app,
     fail,
 )
+from batchrunner.job import load_job
 
 SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
 
 
 @app.command()
 def inspect(
-    output_file: Annotated[Path, typer.Argument(help="An output file of batchrunner run.")],
+    output_file: Annotated[
+        str,
+        typer.Argument(
+            metavar="OUTPUT",
+            help="An output of batchrunner run: a file, a folder of parts, or in a bucket "
+            "(s3://BUCKET/KEY, obs://BUCKET/KEY).",
+        ),
+    ],
+    job_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--job",
+            help="For an output in a bucket: reach it with this job file's [storage] "
+            "(default: the standard AWS variables: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL...).",
+        ),
+    ] = None,
     errors: Annotated[
         bool, typer.Option("--errors", help="List the error rows: key, kind, message.")
     ] = False,
@@ -58,19 +74,21 @@ def inspect(
     With --head N: the first N rows instead; with --counts FIELD: how often each value of
     FIELD occurs."""
     from batchrunner.display import counts_text, error_rows_text, head_text, inspection_text
-    from batchrunner.inspection import count_values, head_rows, inspect_output
+    from batchrunner.inspection import count_values, head_rows, inspect_output, output_path
 
     try:
+        storage = load_job(job_file).storage if job_file is not None else None
+        output = output_path(output_file, storage)
         if head is not None or counts is not None:
             if head is not None:
-                typer.echo(head_text(head_rows(output_file, head)))
+                typer.echo(head_text(head_rows(output, head)))
             if counts is not None:
                 if head is not None:
                     typer.echo("")
-                typer.echo(counts_text(count_values(output_file, counts), limit))
+                typer.echo(counts_text(count_values(output, counts), limit))
             return
         wanted = max(limit if errors else 0, SHOWN_ERROR_ROWS_IN_HTML if html is not None else 0)
-        inspection = inspect_output(output_file, error_limit=wanted)
+        inspection = inspect_output(output, error_limit=wanted)
         if html is not None:
             from batchrunner.htmlreport import write_report
 

@@ -240,7 +240,7 @@ class Runner:
             if duplicates:
                 summary["duplicate_keys"] = duplicates.to_json()
             # An output in a bucket is assembled in the state folder, then uploaded whole.
-            written = output if isinstance(output, Path) else paths.assembled
+            written = output if isinstance(output, Path) else paths.assembled(output.suffix)
             assemble(
                 paths.state,
                 written,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import PurePosixPath
 
 from batchrunner.errors import InputError
+from batchrunner.objectfiles import ObjectFile
 from batchrunner.sources.files import glob_match
 from batchrunner.storage import ObjectPath, ObjectStore, StorageError, is_uri
 
@@ -119,12 +120,10 @@ def read_bucket_manifest(
     store = manifest.store
     base = manifest.parent
     try:
-        stream = store.filesystem.open_input_stream(manifest.location)
+        stream = ObjectFile(manifest)
     except OSError as exc:
-        raise StorageError(
-            f"input.path: cannot read the manifest: {store.explain(manifest, exc)}"
-        ) from None
-    with stream, io.BufferedReader(stream) as lines:
+        raise StorageError(f"input.path: cannot read the manifest: {exc}") from None
+    with stream, io.BufferedReader(stream, 1 << 20) as lines:
         for number, raw in enumerate(lines, start=1):
             try:
                 entry = raw.decode("utf-8").strip()

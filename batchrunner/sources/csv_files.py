@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from batchrunner.errors import InputError, clip, did_you_mean
+from batchrunner.objectfiles import readable
 from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
 from batchrunner.sources.encoding import UTF8, invalid_text
@@ -30,7 +31,7 @@ from batchrunner.sources.widening import (
     read_widening,
     widen_text,
 )
-from batchrunner.storage import InputPath, readable
+from batchrunner.storage import InputPath
 
 __all__ = [
     "CsvReader",

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import InputError
-from batchrunner.storage import InputPath, readable
+from batchrunner.objectfiles import readable
+from batchrunner.storage import InputPath
 
 __all__ = [
     "UTF8",

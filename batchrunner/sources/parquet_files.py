@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError, did_you_mean
+from batchrunner.objectfiles import seekable
 from batchrunner.sources.batching import FileRows
 from batchrunner.sources.columns import check_unique
 from batchrunner.sources.widening import castable
-from batchrunner.storage import InputPath, seekable
+from batchrunner.storage import InputPath
 
 __all__ = ["ParquetReader", "check_parquet_files", "parquet_schema"]
 

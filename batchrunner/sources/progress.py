@@ -18,12 +18,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchrunner.objectfiles import CODECS, open_object
 from batchrunner.storage import InputPath, ObjectPath
 
 __all__ = ["ReadProgress"]
-
-# The extensions Arrow's compression="detect" decompresses, and its codec names.
-_CODECS = {".gz": "gzip", ".bz2": "bz2", ".lz4": "lz4", ".zst": "zstd"}
 
 
 class ReadProgress:
@@ -58,11 +56,9 @@ class ReadProgress:
             self._path, self._rows = path, 0
         self._marks, self._blocks = [], 0  # (a re-read starts the file again)
         raw = _CountingFile(
-            path.store.filesystem.open_input_stream(path.location, compression=None)
-            if isinstance(path, ObjectPath)
-            else pa.OSFile(os.fspath(path))
+            open_object(path) if isinstance(path, ObjectPath) else pa.OSFile(os.fspath(path))
         )
-        codec = _CODECS.get(Path(os.fspath(path)).suffix.lower())
+        codec = CODECS.get(Path(os.fspath(path)).suffix.lower())
         text = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), codec) if codec else raw
         self._blocks_stream = _Blocks(text, raw, self._marks)
         return pa.PythonFile(self._blocks_stream, mode="r")
