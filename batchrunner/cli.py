@@ -33,7 +33,13 @@ from batchrunner.errors import (
     SettingError,
     WriteError,
 )
-from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
+from batchrunner.job import (
+    DEFAULT_OPENAI_KEY_ENV,
+    DEFAULT_TOKEN_ENV,
+    OPTION_SETTINGS,
+    Job,
+    load_job,
+)
 from batchrunner.report import StatsSnapshot
 
 if TYPE_CHECKING:
@@ -723,6 +729,9 @@ def _secret_envs(job: Job) -> dict[str, str]:
         envs[service.iam.password_env] = "its IAM password"
     if service.app is not None and service.app.appcode_env is not None:
         envs[service.app.appcode_env] = "its AppCode"
+    openai = service.openai
+    if service.token_source == "api_key" and openai is not None and not openai.api_key_file:
+        envs[openai.api_key_env or DEFAULT_OPENAI_KEY_ENV] = "its API key"
     return envs
 
 

@@ -66,6 +66,7 @@ from batchrunner.incremental import SeenItems, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
     IMAGES,
+    OPENAI_PROTOCOLS,
     TABULAR,
     Job,
     ServiceSettings,
@@ -84,6 +85,7 @@ from batchrunner.protocols.kserve import KServeCodec
 from batchrunner.protocols.mlflow import MlflowCodec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.protocols.oip import OipCodec
+from batchrunner.protocols.openai import check_prompt, endpoint_url, openai_codec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
@@ -245,10 +247,14 @@ def plan_job(
     batches = None if rows is None else -(-rows // size)
     if kind == TABULAR and job.service.protocol == "json":
         check_template(job.service.json_body.request, list(source.send_columns))
+    if kind == TABULAR and job.service.openai is not None and job.service.openai.prompt:
+        check_prompt(job.service.openai.prompt, list(source.send_columns))
     first = next(source.iter_batches(size, limit=limit), None)
     body = preview = refused = None
     headers = {}
-    if sends_token:
+    if sends_token and job.service.protocol in OPENAI_PROTOCOLS:
+        headers["Authorization"] = "Bearer <API key>"
+    elif sends_token:
         headers[TOKEN_HEADER] = "<token>"
     if sends_app_code:
         headers[APP_CODE_HEADER] = "<AppCode>"
@@ -324,14 +330,21 @@ def codec_for(job: Job, kind: str) -> Codec:
         )
     if service.protocol == "mlflow":
         return MlflowCodec()
+    if service.openai is not None:
+        return openai_codec(job)
     return TextCodec()
 
 
 def retry_policy(job: Job) -> RetryPolicy:
     """The job's ``[retry]`` settings as a policy."""
     retry = job.retry
+    openai = job.service.openai
     return RetryPolicy(
-        retry.max_attempts, retry.backoff_initial, retry.backoff_max, retry.retry_after_max
+        retry.max_attempts,
+        retry.backoff_initial,
+        retry.backoff_max,
+        retry.retry_after_max,
+        attempts_by_kind=(("schema_mismatch", openai.schema_attempts),) if openai else (),
     )
 
 
@@ -340,10 +353,12 @@ def service_client(
 ) -> ServiceClient:
     """A client of the service at ``url`` with the job's ``[service]`` settings; each
     request carries the token the caller gives it."""
+    openai = service.protocol in OPENAI_PROTOCOLS
     return ServiceClient(
-        url,
+        endpoint_url(url, service.protocol) if openai else url,
         None,
         app_code=app_code,
+        bearer=openai,
         timeout=service.timeout,
         connect_timeout=service.connect_timeout,
         verify_tls=service.verify_tls,
@@ -474,6 +489,8 @@ class Runner:
         source = open_source(job, store)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
+        if self._kind == TABULAR and job.service.openai is not None and job.service.openai.prompt:
+            check_prompt(job.service.openai.prompt, list(source.send_columns))
         credentials = (
             None
             if job.service.embedded_model

@@ -8,6 +8,8 @@
     oip         protocol = "oip-v2": the Open Inference Protocol v2 (KServe v2, Triton,
                 MLServer): tensors in, tensors out
     mlflow      protocol = "mlflow": dataframe_split -> predictions
+    openai      protocol = "openai-chat" (a prompt a row) and "openai-embeddings" (texts
+                a request): OpenAI-compatible language model servers
 
 A codec turns a ``Batch`` into the bytes of one request and the answer's bytes back into one
 result object per row, refusing any answer whose shape does not fit the request. Codecs use
@@ -42,6 +44,10 @@ class EncodedRequest:
     preview: str | None = None
     # Text input: the rows as sent (JSON-ready dicts), to check an answer's echo against.
     records: list[dict[str, Any]] | None = None
+    # Language models: the tokens the request is expected to take (the prompt's, estimated
+    # from its length, and the most the answer may take), for the token rate limit and
+    # budget before the answer's usage says.
+    estimated_tokens: int = 0
 
 
 class Codec(Protocol):
