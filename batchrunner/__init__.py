@@ -15,6 +15,8 @@ Imports flow one way, down this list; a module imports only from those above it:
                 kserve-v1, oip-v2, mlflow; openai: chat and embeddings)
     retry       pure retry decisions
     limiter     concurrency bound (fixed or adaptive) and rate limit
+    tokenmeter  language models' tokens: requests and tokens a minute, the servers'
+                x-ratelimit headers, a run's token budget
     auth        secrets and masking; token providers (env, file) and single-flight renewal
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal

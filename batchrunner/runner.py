@@ -91,6 +91,7 @@ from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
 from batchrunner.storage import ObjectPath, ObjectStore, is_uri
+from batchrunner.tokenmeter import TokenMeter, token_meter
 from batchrunner.writing import check_writable, remove_leftovers
 from batchrunner.writing import write_json_atomically as write_summary
 
@@ -466,6 +467,7 @@ class Runner:
         self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
         self._stopping = asyncio.Event()
+        self._meter: TokenMeter | None = None  # language models: tokens, their limits
         self._data_error: DataError | None = None  # the input turned bad mid-run
         self._signals = 0
         self._requests: set[asyncio.Task[None]] = set()
@@ -611,6 +613,10 @@ class Runner:
                 except ServiceError as exc:
                     abort_reason = str(exc)
                     log.error("run aborted: %s", abort_reason)
+                if abort_reason is None and self._meter is not None and self._meter.exhausted:
+                    # The token budget: the requests in flight are done; the rest waits.
+                    abort_reason = str(self._meter.exhausted)
+                    self._stopping.clear()
             if abort_reason is not None:
                 self._record_not_sent(source, journal, abort_reason)
         except asyncio.CancelledError:
@@ -743,6 +749,7 @@ class Runner:
         journal: Journal,
     ) -> None:
         concurrency = self.job.batch.max_in_flight
+        self._meter = token_meter(self.job, clock=self._clock, sleep=self._sleep)
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
         dispatcher = Dispatcher(
@@ -760,6 +767,7 @@ class Runner:
             scrubber=self._scrubber,
             unreachable_after=self.job.service.unreachable_after,
             clock=self._clock,
+            meter=self._meter,
         )
         try:
             async with asyncio.TaskGroup() as group:

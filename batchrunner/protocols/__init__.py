@@ -21,7 +21,7 @@ when the file cannot become a request: that item fails without being sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
@@ -79,4 +79,23 @@ class Codec(Protocol):
     def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
         """Raise ``SettingError`` (naming both sides) when the server's answer to the probe
         says it expects other inputs than ``schema``'s columns."""
+        ...
+
+
+class TokenUsage(Protocol):
+    """The tokens an answer says its request took."""
+
+    @property
+    def prompt(self) -> int: ...
+
+    @property
+    def completion(self) -> int: ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """A codec whose answers say how many tokens their requests took (language models)."""
+
+    def usage(self, body: bytes) -> TokenUsage | None:
+        """The answer's token usage, or None when it does not say."""
         ...
