@@ -7,6 +7,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
@@ -147,8 +148,8 @@ def test_embeddings_are_joined_by_index_whatever_the_order() -> None:
     rows = codec.decode(
         embeddings_answer({2: [2.0, 2.5], 0: [0.0, 0.5], 1: [1.0, 1.5]}), batch, NO_REQUEST
     )
-    assert [row["embedding"].as_py() for row in rows] == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5]]
-    assert rows[0]["embedding"].type == pa.list_(pa.float32(), 2)
+    assert [row["embedding"].tolist() for row in rows] == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5]]
+    assert rows[0]["embedding"].dtype == np.float32
 
 
 @pytest.mark.parametrize(

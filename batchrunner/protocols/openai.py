@@ -369,8 +369,8 @@ class EmbeddingsCodec:
         if not np.isfinite(matrix).all():
             raise bad_response("an embedding holds a value that is not a finite number")
         self.dimensions = width
-        column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), width)
-        return [{EMBEDDING_COLUMN: column[i]} for i in range(len(batch))]
+        # Rows of one float32 matrix: the sink makes them a fixed-size list column in C.
+        return [{EMBEDDING_COLUMN: vector} for vector in matrix]
 
     def usage(self, body: bytes) -> Usage | None:
         return scan_usage(body)

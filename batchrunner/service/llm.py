@@ -8,7 +8,8 @@ server, Text Embeddings Inference, LiteLLM):
                                 JSON schema it is given); with ``response_format`` of type
                                 ``json_schema`` it answers a JSON object that fits the
                                 schema, with ``json_object`` ``{"label": ...}``, otherwise
-                                the label as text
+                                the label as text (a schema's boolean field says
+                                whether the text has an urgent word: crash, broken...)
     POST /v1/embeddings         hashed bag of words: each lower-cased word adds +-1 to one
                                 of ``dimensions`` (default 64) coordinates chosen by its
                                 BLAKE2 hash, and the vector is L2-normalised (a text
@@ -73,9 +74,7 @@ KEYWORDS: dict[str, frozenset[str]] = {
             "stuck",
         ]
     ),
-    "question": frozenset(
-        ["how", "what", "why", "when", "where", "which", "who", "can", "could", "does", "is", "?"]
-    ),
+    "question": frozenset(["how", "what", "why", "when", "where", "which", "who", "?"]),
     "praise": frozenset(
         [
             "thanks",
@@ -92,6 +91,8 @@ KEYWORDS: dict[str, frozenset[str]] = {
         ]
     ),
 }
+#: Words that make a boolean field of a JSON schema true ("urgent": whether it is).
+URGENT = frozenset(["urgent", "asap", "immediately", "crash", "crashes", "broken", "stuck", "down"])
 _WORD = re.compile(r"[\w']+|\?")
 
 
@@ -174,7 +175,7 @@ def answer_for_schema(schema: Any, text: str) -> Any:
         hits = sum(word in KEYWORDS.get(label, frozenset()) for word in found)
         return round(hits / len(found), 4) if found else 0.0
     if kind == "boolean":
-        return "?" in text
+        return any(word in URGENT for word in words(text))
     if kind == "null":
         return None
     return classify(text)
