@@ -730,8 +730,8 @@ def _secret_envs(job: Job) -> dict[str, str]:
     if service.app is not None and service.app.appcode_env is not None:
         envs[service.app.appcode_env] = "its AppCode"
     openai = service.openai
-    if service.token_source == "api_key" and openai is not None and not openai.api_key_file:
-        envs[openai.api_key_env or DEFAULT_OPENAI_KEY_ENV] = "its API key"
+    if service.token_source == "api_key" and not (openai and openai.api_key_file):
+        envs[(openai and openai.api_key_env) or DEFAULT_OPENAI_KEY_ENV] = "its API key"
     return envs
 
 

@@ -124,16 +124,24 @@ class ServiceClient:
         content_type: str | None,
         *,
         token: Secret | None = None,
+        path: str | None = None,
     ) -> Response:
         """POST ``body`` to the service and read the whole answer.
 
         ``token`` is sent instead of the client's own: the caller renews tokens and must
-        know which one each request carried, to say which one the service refused.
+        know which one each request carried, to say which one the service refused. ``path``
+        (a batch file's line names its own, ``/v1/embeddings``) replaces the service URL's
+        ``/v1/...`` end; the request stays on the service's own origin.
         """
         headers: dict[str, str] = {}
         if content_type:
             headers["Content-Type"] = content_type
-        return await self._send("POST", self.url, body, headers, token)
+        url = self.url
+        if path is not None:
+            url = _v1_base(self.url) + path
+            if not path.startswith("/") or _origin(url) != _origin(self.url):
+                raise ValueError("a POST goes to the service's own origin only")
+        return await self._send("POST", url, body, headers, token)
 
     async def get(self, url: str, *, token: Secret | None = None) -> Response:
         """GET ``url``, which must be on the service's own origin (what ``validate`` asks a
@@ -340,6 +348,15 @@ def _hung_up(exc: aiohttp.ClientError) -> bool:
         and not isinstance(exc, aiohttp.ClientConnectorError)
         and exc.errno == errno.ECONNRESET
     )
+
+
+def _v1_base(url: str) -> str:
+    """What a ``/v1/...`` path is joined to: ``url`` up to its ``/v1`` (an OpenAI-compatible
+    server's base URL), or without its end slash when it has none."""
+    found = url.rstrip("/").rfind("/v1")
+    if found >= 0 and _origin(url[:found]) == _origin(url):
+        return url[:found]
+    return url.rstrip("/")
 
 
 def _origin(url: str) -> str | None:

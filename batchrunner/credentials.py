@@ -36,6 +36,7 @@ from batchrunner.job import (
     DEFAULT_TOKEN_ENV,
     AppSettings,
     IamSettings,
+    OpenAISettings,
     ServiceSettings,
     StorageSettings,
 )
@@ -112,8 +113,7 @@ def read_credentials(
 def _read_api_key(settings: ServiceSettings, environ: Mapping[str, str]) -> Secret | None:
     """An OpenAI-compatible server's key; None when only the default variable was looked
     at and is unset (a local server needs no key)."""
-    openai = settings.openai
-    assert openai is not None
+    openai = settings.openai or OpenAISettings()
     if openai.api_key_file is not None:
         return read_secret_file(Path(openai.api_key_file), "service.openai.api_key_file")
     if openai.api_key_env is None and not environ.get(DEFAULT_OPENAI_KEY_ENV, "").strip():
@@ -156,14 +156,14 @@ def describe_auth(settings: ServiceSettings) -> str:
     elif source == "token_env":
         parts.append(f"token from ${settings.token_env or DEFAULT_TOKEN_ENV}")
     elif source == "api_key":
-        assert settings.openai is not None
-        where = settings.openai.api_key_file
+        openai = settings.openai or OpenAISettings()
+        where = openai.api_key_file
         parts.append(
             f"API key (Authorization: Bearer) from file {where}"
             if where
             else f"API key (Authorization: Bearer) from "
-            f"${settings.openai.api_key_env or DEFAULT_OPENAI_KEY_ENV}"
-            + ("" if settings.openai.api_key_env else ", if set")
+            f"${openai.api_key_env or DEFAULT_OPENAI_KEY_ENV}"
+            + ("" if openai.api_key_env else ", if set")
         )
     if settings.app is not None:
         where = settings.app.appcode_env

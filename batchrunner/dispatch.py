@@ -217,7 +217,7 @@ class Dispatcher:
                     self._stats.requests += 1
                     try:
                         response = await self._client.post(
-                            request.body, request.content_type, token=token
+                            request.body, request.content_type, token=token, path=request.path
                         )
                     except BaseException:
                         self._settle(estimate, None)

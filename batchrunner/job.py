@@ -216,12 +216,20 @@ PROTOCOLS = (
     "mlflow",
     "openai-chat",
     "openai-embeddings",
+    "openai-batch",
 )
 Protocol = Literal[
-    "modelarts", "json", "kserve-v1", "oip-v2", "mlflow", "openai-chat", "openai-embeddings"
+    "modelarts",
+    "json",
+    "kserve-v1",
+    "oip-v2",
+    "mlflow",
+    "openai-chat",
+    "openai-embeddings",
+    "openai-batch",
 ]
 #: The protocols of OpenAI-compatible servers, configured by ``[service.openai]``.
-OPENAI_PROTOCOLS = ("openai-chat", "openai-embeddings")
+OPENAI_PROTOCOLS = ("openai-chat", "openai-embeddings", "openai-batch")
 DEFAULT_OPENAI_KEY_ENV = "OPENAI_API_KEY"
 #: In a ``[service.json]`` request, these placeholders stand for the whole batch.
 ROWS_PLACEHOLDER = "{rows}"
@@ -290,7 +298,7 @@ class OpenAISettings(_Settings):
     (exit 3, resumable) before its tokens would go over.
     """
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)  # a batch file's bodies name theirs
     system: str | None = None
     prompt: str | None = Field(default=None, min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -373,12 +381,15 @@ class ServiceSettings(_Settings):
                     f"{protocol!r}, "
                     f"but the protocol is {self.protocol!r}"
                 )
-        if (self.openai is not None) != (self.protocol in OPENAI_PROTOCOLS):
+        if self.openai is not None and self.protocol not in OPENAI_PROTOCOLS:
             raise ValueError(
-                f"[service.openai] is needed by protocol = {self.protocol!r} (it names the model)"
-                if self.openai is None
-                else "[service.openai] applies to protocol = 'openai-chat' or "
-                f"'openai-embeddings', but the protocol is {self.protocol!r}"
+                "[service.openai] applies to protocol = 'openai-chat', 'openai-embeddings' "
+                f"or 'openai-batch', but the protocol is {self.protocol!r}"
+            )
+        names_model = self.protocol in ("openai-chat", "openai-embeddings")
+        if names_model and (self.openai is None or self.openai.model is None):
+            raise ValueError(
+                f"[service.openai] model: protocol {self.protocol!r} needs the model's name"
             )
         if self.openai is not None and self.protocol == "openai-chat" and not self.openai.prompt:
             raise ValueError("[service.openai] prompt: set the prompt, e.g. 'Label: {text}'")
@@ -615,10 +626,11 @@ class Job(_Settings):
 
     @model_validator(mode="after")
     def _one_row_per_chat(self) -> Job:
-        chat = self.service.protocol == "openai-chat"
+        chat = self.service.protocol in ("openai-chat", "openai-batch")
         if chat and "size" in self.batch.model_fields_set and self.batch.size != 1:
             raise ValueError(
-                "batch.size: protocol 'openai-chat' sends one row a request, so batch.size "
+                f"batch.size: protocol {self.service.protocol!r} sends one row a request, "
+                "so batch.size "
                 f"must be 1 or left out, got {self.batch.size}"
             )
         if self.service.protocol == "openai-embeddings":
@@ -635,7 +647,7 @@ class Job(_Settings):
         """Rows per request: ``batch.size``, or 1 for a one-row JSON body or a chat."""
         if self.service.protocol == "json" and not self.service.json_body.batched:
             return 1
-        if self.service.protocol == "openai-chat":
+        if self.service.protocol in ("openai-chat", "openai-batch"):
             return 1
         return self.batch.size
 

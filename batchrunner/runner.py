@@ -62,6 +62,7 @@ from batchrunner.errors import (
     SettingError,
     did_you_mean,
 )
+from batchrunner.formats import batch_output_format
 from batchrunner.incremental import SeenItems, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
@@ -86,10 +87,12 @@ from batchrunner.protocols.mlflow import MlflowCodec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.protocols.oip import OipCodec
 from batchrunner.protocols.openai import check_prompt, endpoint_url, openai_codec
+from batchrunner.protocols.openaibatch import BatchFileCodec
 from batchrunner.report import RunStats, StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.sources.batchfile import open_batch_file
 from batchrunner.storage import ObjectPath, ObjectStore, is_uri
 from batchrunner.tokenmeter import TokenMeter, token_meter
 from batchrunner.writing import check_writable, remove_leftovers
@@ -171,6 +174,8 @@ def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     ``store`` reads an input in a bucket.
     """
     settings = job.input
+    if job.service.protocol == "openai-batch":
+        return open_batch_file(settings.path)
     kind = input_kind(settings.path, settings.format, settings.extensions, store)
     check_input_kind(job, kind, settings.path)
     if kind == IMAGES:
@@ -331,6 +336,8 @@ def codec_for(job: Job, kind: str) -> Codec:
         )
     if service.protocol == "mlflow":
         return MlflowCodec()
+    if service.protocol == "openai-batch":
+        return BatchFileCodec()
     if service.openai is not None:
         return openai_codec(job)
     return TextCodec()
@@ -571,6 +578,7 @@ class Runner:
                 written,
                 self._rows_per_batch,
                 metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
+                format=batch_output_format(job, written),
             )
             if isinstance(output, ObjectPath) and isinstance(summary_path, ObjectPath):
                 output.store.upload(written, output)

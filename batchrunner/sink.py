@@ -637,6 +637,7 @@ def assemble(
     rows_per_batch: array[int],
     *,
     metadata: Mapping[bytes, bytes] | None = None,
+    format: OutputFormat | None = None,
 ) -> int:
     """Write the journal's batches, in input order, to ``output`` (written aside, renamed).
 
@@ -654,7 +655,7 @@ def assemble(
     written = 0
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        kind = output_format(output) or OutputFormat.parquet  # .csv, .jsonl: see formats
+        kind = format or output_format(output) or OutputFormat.parquet  # see formats
         with open_write(temporary) as file, open_output_writer(file, schema, kind) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0

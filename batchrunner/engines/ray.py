@@ -64,6 +64,7 @@ from batchrunner.job import (
     DEFAULT_OPENAI_KEY_ENV,
     DEFAULT_TOKEN_ENV,
     IMAGES,
+    OPENAI_PROTOCOLS,
     TABULAR,
     Job,
     job_identity,
@@ -214,8 +215,8 @@ def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
         names.append(service.iam.password_env)
     if service.app is not None and service.app.appcode_env is not None:
         names.append(service.app.appcode_env)
-    if service.openai is not None:
-        names.append(service.openai.api_key_env or DEFAULT_OPENAI_KEY_ENV)
+    if service.protocol in OPENAI_PROTOCOLS:
+        names.append((service.openai and service.openai.api_key_env) or DEFAULT_OPENAI_KEY_ENV)
     return {name: environ[name] for name in names if name in environ}
 
 

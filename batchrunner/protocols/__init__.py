@@ -10,6 +10,7 @@
     mlflow      protocol = "mlflow": dataframe_split -> predictions
     openai      protocol = "openai-chat" (a prompt a row) and "openai-embeddings" (texts
                 a request): OpenAI-compatible language model servers
+    openaibatch protocol = "openai-batch": an OpenAI batch file's lines, one a request
 
 A codec turns a ``Batch`` into the bytes of one request and the answer's bytes back into one
 result object per row, refusing any answer whose shape does not fit the request. Codecs use
@@ -48,6 +49,9 @@ class EncodedRequest:
     # from its length, and the most the answer may take), for the token rate limit and
     # budget before the answer's usage says.
     estimated_tokens: int = 0
+    # Where this request goes when not to the service's URL: the path a batch file's line
+    # names (``/v1/embeddings``), on the service's own origin, always.
+    path: str | None = None
 
 
 class Codec(Protocol):

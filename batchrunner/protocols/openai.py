@@ -300,6 +300,14 @@ def _mismatch(message: str) -> RequestError:
 
 
 def _classify(status: int, body: bytes, retry_after: float | None) -> RequestError:
+    # OpenAI's error body: {"error": {"message": ..., "type": ...}}; its message says it all.
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    inner = document.get("error") if isinstance(document, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+        body = orjson.dumps({"error": inner["message"]})
     error = classify_failure(status, body, retry_after)
     if status == 400:  # OpenAI's 400s are about the request's content: the row is to blame
         error.row_specific = True
@@ -390,8 +398,8 @@ class EmbeddingsCodec:
 def openai_codec(job: Job) -> ChatCodec | EmbeddingsCodec:
     """The codec of a job whose protocol is ``openai-chat`` or ``openai-embeddings``."""
     settings = job.service.openai
-    if settings is None:
-        raise ValueError("an OpenAI protocol needs [service.openai]")
+    if settings is None or settings.model is None:
+        raise ValueError("protocols openai-chat and openai-embeddings need a model")
     if job.service.protocol == "openai-embeddings":
         columns = job.input.columns
         assert columns is not None and len(columns) == 1  # checked at load
