@@ -3,6 +3,8 @@ output in the batch API's shape or in Parquet, resumed in input order."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +134,19 @@ def test_a_batch_file_that_is_not_one_is_refused_naming_the_line(
     result = invoke("run", str(job))
     assert result.exit_code == 2
     assert says in result.stderr
+
+
+def test_the_readmes_batch_file_command_runs(invoke: Invoke, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Language models\n", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"batchrunner run --input requests\.jsonl .*?results\.jsonl", section, re.S)
+    assert found is not None
+    words = shlex.split(found.group(0).replace("\\\n", " "))[1:]
+    words[words.index("http://127.0.0.1:8000/v1")] = "embedded:llm"
+    batch_job(tmp_path, LINES, "unused.jsonl")
+    words[words.index("requests.jsonl")] = str(tmp_path / "batch.jsonl")
+    words[words.index("results.jsonl")] = str(tmp_path / "results.jsonl")
+    result = invoke(*words, "--max-error-rate", "1")
+    assert result.exit_code == 0, result.stderr
+    out = (tmp_path / "results.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(text)["custom_id"] for text in out] == [f"req-{i}" for i in range(1, 7)]
