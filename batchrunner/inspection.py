@@ -25,6 +25,7 @@ from batchrunner.errors import InputError, did_you_mean
 from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.keyindex import Spill, key_hashes
+from batchrunner.protocols.openaibatch import is_batch_output, read_batch_output
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ def _open(path: Path) -> ds.Dataset:
         kind = None if path.is_dir() else output_format(path)
         if kind is OutputFormat.csv:
             return ds.dataset(path, format=_csv_format())
+        if kind is OutputFormat.jsonl and is_batch_output(path):
+            return ds.dataset(read_batch_output(path))  # protocol = "openai-batch"
         if kind is OutputFormat.jsonl:
             return ds.dataset(path, format="json")
         if path.is_dir():

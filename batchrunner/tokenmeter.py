@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from batchrunner.errors import ServiceError
-from batchrunner.job import Job
+from batchrunner.job import OPENAI_PROTOCOLS, Job, OpenAISettings
 from batchrunner.limiter import RateLimiter
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -210,9 +210,9 @@ def token_meter(
     job: Job, *, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep
 ) -> TokenMeter | None:
     """The token meter of a language model job (its limits and budget), else None."""
-    settings = job.service.openai
-    if settings is None:
+    if job.service.protocol not in OPENAI_PROTOCOLS:
         return None
+    settings = job.service.openai or OpenAISettings()
     return TokenMeter(
         requests_per_minute=settings.rate_limit,
         tokens_per_minute=settings.token_rate_limit,

@@ -71,6 +71,11 @@ def test_a_batch_file_runs_and_its_output_has_the_batch_apis_shape(
     assert "'messages' must be a non-empty list" in refused["error"]["message"]
     assert get["error"]["code"] == "request_unfit" and "only POST" in get["error"]["message"]
     assert last["response"]["body"]["choices"][0]["message"]["content"] == "question"
+    summary = orjson.loads((tmp_path / "results.jsonl.summary.json").read_bytes())
+    assert summary["tokens"]["in"] == 5 + 2 + 4  # the words of the three answered lines
+    inspected = invoke("inspect", str(tmp_path / "results.jsonl"), "--errors")
+    assert inspected.exit_code == 0, inspected.stderr
+    assert "request_unfit" in inspected.stdout and "http_400" in inspected.stdout
 
 
 def test_a_batch_file_to_parquet_keeps_each_answer_whole(invoke: Invoke, tmp_path: Path) -> None:

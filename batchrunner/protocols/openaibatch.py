@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -97,6 +98,47 @@ class BatchFileCodec:
 
     def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
         return None
+
+
+def is_batch_output(path: Path) -> bool:
+    """Whether the JSON-lines file at ``path`` is in the batch API's output shape."""
+    with path.open("rb") as handle:
+        first = handle.readline()
+    try:
+        document = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(document, dict) and set(document) == {"custom_id", "response", "error"}
+
+
+def read_batch_output(path: Path) -> pa.Table:
+    """A batch-shape output read back with batchrunner's columns (``_key``, ``_status``,
+    ``_error``, ``_error_kind``, ``_http_status``, ``response_body``), for ``inspect``."""
+    columns: dict[str, list[Any]] = {
+        name: [] for name in ("_key", "_status", "_error", "_error_kind", "_http_status")
+    }
+    bodies: list[str | None] = []
+    with path.open("rb") as handle:
+        for text in handle:
+            if not text.strip():
+                continue
+            line = orjson.loads(text)
+            response, error = line.get("response") or {}, line.get("error")
+            columns["_key"].append(line.get("custom_id"))
+            columns["_status"].append("error" if error else "ok")
+            columns["_error"].append(error.get("message") if error else None)
+            columns["_error_kind"].append(error.get("code") if error else None)
+            columns["_http_status"].append(response.get("status_code"))
+            body = response.get("body")
+            bodies.append(None if body is None else orjson.dumps(body).decode())
+    statuses = columns.pop("_http_status")
+    return pa.table(
+        {
+            **{name: pa.array(values, pa.string()) for name, values in columns.items()},
+            "_http_status": pa.array(statuses, pa.int32()),
+            "response_body": pa.array(bodies, pa.string()),
+        }
+    )
 
 
 def batch_output_line(row: dict[str, Any]) -> bytes:
