@@ -295,7 +295,7 @@ class OpenAISettings(_Settings):
     ``api_key_env`` (default ``OPENAI_API_KEY``; when that default is unset, no key is
     sent, as a local server needs none) or ``api_key_file``. ``rate_limit`` is in requests
     a minute, ``token_rate_limit`` in tokens a minute; ``max_total_tokens`` stops the run
-    (exit 3, resumable) before its tokens would go over.
+    (exit 3, resumable) before its tokens (and those of the runs it resumes) would go over.
     """
 
     model: str | None = Field(default=None, min_length=1)  # a batch file's bodies name theirs

@@ -94,7 +94,7 @@ from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_ta
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
 from batchrunner.sources.batchfile import open_batch_file
 from batchrunner.storage import ObjectPath, ObjectStore, is_uri
-from batchrunner.tokenmeter import TokenMeter, token_meter
+from batchrunner.tokenmeter import TokenMeter, read_spent, token_meter, write_spent
 from batchrunner.writing import check_writable, remove_leftovers
 from batchrunner.writing import write_json_atomically as write_summary
 
@@ -553,6 +553,10 @@ class Runner:
                 seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
+            # Language models: the tokens earlier runs of this unfinished run spent count
+            # against max_total_tokens too.
+            spent = read_spent(paths.state) if checkpoint.resumed_rows else None
+            self._meter = token_meter(job, clock=self._clock, sleep=self._sleep, spent=spent)
             self._source = source
             self._started_clock = time.perf_counter()
             log.info(
@@ -597,6 +601,8 @@ class Runner:
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
+                if self._meter is not None:
+                    write_spent(paths.state, self._meter.spent)
             if written != output:
                 written.unlink(missing_ok=True)  # uploaded: the bucket holds the output
         log.info("run %s %s: output %s", run_id, outcome, output)
@@ -757,7 +763,6 @@ class Runner:
         journal: Journal,
     ) -> None:
         concurrency = self.job.batch.max_in_flight
-        self._meter = token_meter(self.job, clock=self._clock, sleep=self._sleep)
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2 * concurrency)
         outcomes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=2 * concurrency)
         dispatcher = Dispatcher(

@@ -14,7 +14,8 @@ send, and tells it what each answer said):
 - ``max_total_tokens``: a budget. A request whose estimate, added to the tokens spent and
   those of the requests in flight, would go over it is not sent: the meter raises
   ``BudgetReached`` and the run stops once the requests in flight are done (exit 3, the
-  finished rows kept, a re-run resumes). A resumed run has a budget of its own.
+  finished rows kept, a re-run resumes). The tokens a stopped run spent are kept in its
+  state folder (``tokens.json``): they count against the budget of the run that resumes it.
 
 Its clock and sleep are injected: tests run its waits instantly.
 """
@@ -27,6 +28,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
 
 from batchrunner.errors import ServiceError
 from batchrunner.job import OPENAI_PROTOCOLS, Job, OpenAISettings
@@ -35,6 +39,7 @@ from batchrunner.limiter import RateLimiter
 Sleep = Callable[[float], Awaitable[None]]
 SECONDS_PER_MINUTE = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+SPENT_FILE = "tokens.json"  # in a kept run state: the tokens its runs spent
 
 
 class BudgetReached(ServiceError):
@@ -84,6 +89,7 @@ class TokenMeter:
         max_total_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        spent: TokenCounts | None = None,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
@@ -97,7 +103,8 @@ class TokenMeter:
         self._bucket = self._bucket_size
         self._updated = clock()
         self.max_total_tokens = max_total_tokens
-        self.spent = TokenCounts()
+        # Tokens the answers counted: of earlier runs of an unfinished run, then this one's.
+        self.spent = TokenCounts(spent.prompt, spent.completion) if spent else TokenCounts()
         self.reserved = 0  # estimates of the requests in flight
         self.exhausted: BudgetReached | None = None
         self._lock = asyncio.Lock()
@@ -121,7 +128,8 @@ class TokenMeter:
                 raise BudgetReached(str(self.exhausted))
             if budget is not None and self.total + self.reserved + estimate > budget:
                 self.exhausted = BudgetReached(
-                    f"the token budget is reached: {self.total:,} tokens spent and "
+                    f"the token budget is reached: {self.total:,} tokens spent (by this run and "
+                    f"the runs it resumes) and "
                     f"{self.reserved:,} in flight, and the next request may take {estimate:,} "
                     f"more, over service.openai.max_total_tokens ({budget:,}); the finished rows "
                     "are kept: raise the budget and re-run the same command to resume"
@@ -207,9 +215,14 @@ class TokenMeter:
 
 
 def token_meter(
-    job: Job, *, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep
+    job: Job,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+    spent: TokenCounts | None = None,
 ) -> TokenMeter | None:
-    """The token meter of a language model job (its limits and budget), else None."""
+    """The token meter of a language model job (its limits and budget), else None;
+    ``spent``: the tokens earlier runs of an unfinished run spent."""
     if job.service.protocol not in OPENAI_PROTOCOLS:
         return None
     settings = job.service.openai or OpenAISettings()
@@ -219,4 +232,22 @@ def token_meter(
         max_total_tokens=settings.max_total_tokens,
         clock=clock,
         sleep=sleep,
+        spent=spent,
     )
+
+
+def read_spent(state: Path) -> TokenCounts | None:
+    """The tokens earlier runs kept in the state folder ``state`` spent, if they said."""
+    try:
+        document = orjson.loads((state / SPENT_FILE).read_bytes())
+        return TokenCounts(int(document["prompt"]), int(document["completion"]))
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_spent(state: Path, spent: TokenCounts) -> None:
+    """Keep the tokens spent so far in the state folder, for a resumed run's budget."""
+    path = state / SPENT_FILE
+    aside = path.with_name(path.name + ".tmp")
+    aside.write_bytes(orjson.dumps({"prompt": spent.prompt, "completion": spent.completion}))
+    aside.replace(path)

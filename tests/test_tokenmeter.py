@@ -207,12 +207,19 @@ def test_a_budget_reached_mid_run_stops_it_and_a_larger_one_resumes(
     inspected = invoke("inspect", str(tmp_path / "out.parquet"))
     assert "45 in, 5 out" in inspected.stdout
 
+    # Resumed with 100: the 50 tokens the first run spent count; 4 more requests fit.
+    result = invoke("run", str(job), "--set", "service.openai.max_total_tokens=100")
+    assert result.exit_code == 3, result.stderr
+    assert "90 tokens spent (by this run and the runs it resumes)" in result.stderr
+    rows = read_output(tmp_path / "out.parquet")
+    assert sum(row["_status"] == "ok" for row in rows) == 9
+
     result = invoke("run", str(job), "--set", "service.openai.max_total_tokens=1000")
     assert result.exit_code == 0, result.stderr
     rows = read_output(tmp_path / "out.parquet")
     assert [row["_key"] for row in rows] == [str(i) for i in range(12)]
     assert all(row["_status"] == "ok" and row["content"] == "bug" for row in rows)
-    assert "63 in, 7 out" in result.stdout + result.stderr  # this run's tokens
+    assert "27 in, 3 out" in result.stdout + result.stderr  # this run's tokens
 
 
 def test_rate_limits_in_a_run_wait_on_the_injected_clock(tmp_path: Path) -> None:
