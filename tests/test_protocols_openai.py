@@ -371,3 +371,36 @@ def test_the_key_goes_as_a_bearer_token_from_the_environment_or_a_file(
     result = invoke("run", str(job), env={"MY_KEY": ""})
     assert result.exit_code == 2
     assert "service.openai.api_key_env: environment variable MY_KEY is not set" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "says"),
+    [
+        (
+            'protocol = "json"\n[service.openai]\nmodel = "m"',
+            "[service.openai] applies to protocol = 'openai-chat', 'openai-embeddings' or "
+            "'openai-batch', but the protocol is 'json'",
+        ),
+        (
+            'protocol = "openai-chat"\n[service.openai]\nprompt = "{text}"',
+            "[service.openai] model: protocol 'openai-chat' needs the model's name",
+        ),
+        ('protocol = "openai-chat"\n[service.openai]\nmodel = "m"', "set the prompt"),
+        (
+            'protocol = "openai-chat"\n[service.openai]\nmodel = "m"\nprompt = "{text}"\n'
+            'response_format = { type = "yaml" }',
+            "response_format.type must be text, json_object or json_schema",
+        ),
+    ],
+)
+def test_openai_settings_are_checked_at_load(
+    invoke: Invoke, tmp_path: Path, service: str, says: str
+) -> None:
+    write_csv(tmp_path / "t.csv", ["text"], [("x",)])
+    job = write_job(
+        tmp_path / "job.toml",
+        f'[input]\npath = "{tmp_path / "t.csv"}"\n[service]\nurl = "embedded:llm"\n{service}\n',
+    )
+    result = invoke("validate", str(job))
+    assert result.exit_code == 2
+    assert says in result.stderr

@@ -514,3 +514,40 @@ def test_openai_api_keys_appear_nowhere(
     assert any(row.get("content") == "bug, key ****" for row in rows)
     assert any("Bearer ****" in text or "Authorization" in text for text in printed)
     assert_nowhere([key_env, key_file], printed, files)
+
+
+def test_openai_keys_echoed_into_batch_file_answers_appear_nowhere(invoke, monkeypatch) -> None:
+    # protocol = "openai-batch" keeps each answer whole (response_body, the batch output
+    # shape): a server quoting the key there, or in an error, leaves no trace of it.
+    key = "sk-batch-secret-1234567890"
+
+    async def handle(call: Call) -> web.Response:
+        quoted = call.headers["Authorization"]
+        if call.number % 2:
+            error = {"error": {"message": f"refused {quoted}", "type": "invalid_request_error"}}
+            return web.json_response(error, status=400)
+        return web.json_response({"echo": quoted, "usage": {"prompt_tokens": 1}})
+
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {"m": i}}
+        for i in range(4)
+    ]
+    Path("batch.jsonl").write_bytes(b"".join(orjson.dumps(item) + b"\n" for item in lines))
+    printed: list[str] = []
+    with ThreadedServer(handle, path="/v1/chat/completions") as server:
+        for output in ("results.jsonl", "results.parquet"):
+            job = write_job(
+                Path("batch.toml"),
+                'name = "batch"\nmax_error_rate = 1\n[input]\npath = "batch.jsonl"\n'
+                f'[service]\nurl = "{server.url.removesuffix("/chat/completions")}"\n'
+                f'protocol = "openai-batch"\n[output]\npath = "{output}"\n'
+                "[retry]\nmax_attempts = 1\n",
+            )
+            printed += validate_and_run(invoke, job, must_succeed=False)
+            result = invoke("inspect", output, "--errors")
+            printed += [result.stdout, result.stderr]
+    assert {call.headers["Authorization"] for call in server.calls} == {f"Bearer {key}"}
+    answers = Path("results.jsonl").read_text()
+    assert '"echo": "Bearer ****"' in answers and "refused Bearer ****" in answers
+    assert_nowhere([key], printed, files_under(Path()))
