@@ -155,3 +155,18 @@ def test_the_readmes_batch_file_command_runs(invoke: Invoke, tmp_path: Path) -> 
     assert result.exit_code == 0, result.stderr
     out = (tmp_path / "results.jsonl").read_bytes().splitlines()
     assert [orjson.loads(text)["custom_id"] for text in out] == [f"req-{i}" for i in range(1, 7)]
+
+
+def test_retry_keeps_the_batch_output_shape(invoke: Invoke, tmp_path: Path) -> None:
+    job = batch_job(tmp_path, LINES, "results.jsonl")
+    assert invoke("run", str(job)).exit_code == 0
+    before = (tmp_path / "results.jsonl").read_bytes().splitlines()
+    result = invoke("retry", str(job), str(tmp_path / "results.jsonl"))
+    assert result.exit_code == 0, result.stderr
+    assert "3 error rows" in result.stdout + result.stderr
+    after = (tmp_path / "results.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(text)["custom_id"] for text in after] == [f"req-{i}" for i in range(1, 7)]
+    assert all(set(orjson.loads(text)) == {"custom_id", "response", "error"} for text in after)
+    # The ok lines as they were; the lines that still fail, failing the same way.
+    assert [orjson.loads(t)["error"] for t in after] == [orjson.loads(t)["error"] for t in before]
+    assert orjson.loads(after[0])["response"] == orjson.loads(before[0])["response"]

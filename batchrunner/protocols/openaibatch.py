@@ -144,7 +144,7 @@ def read_batch_output(path: Path) -> pa.Table:
 def batch_output_line(row: dict[str, Any]) -> bytes:
     """One output row in the batch API's output shape (a line, without its newline)."""
     ok = row.get("_status") == "ok"
-    status = row.get("status_code") if ok else row.get("_http_status")
+    status = (row.get("status_code") if ok else None) or row.get("_http_status")
     body = row.get("response_body")
     response = None
     if status is not None:
