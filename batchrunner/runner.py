@@ -500,6 +500,7 @@ class Runner:
         self._batch_size = batch_size_for(job, self._kind)
         if self._kind == TABULAR and job.service.openai is not None and job.service.openai.prompt:
             check_prompt(job.service.openai.prompt, list(source.send_columns))
+            openai_codec(job)  # a JSON schema that is not one stops the job here (exit 2)
         credentials = (
             None
             if job.service.embedded_model

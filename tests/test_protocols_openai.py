@@ -133,6 +133,11 @@ def test_an_invalid_schema_is_a_setting_error() -> None:
     bad = {"type": "json_schema", "json_schema": {"schema": {"type": "thing"}}}
     with pytest.raises(SettingError, match="the JSON schema is not valid"):
         ChatCodec("m", "{text}", response_format=bad)
+    clash = {"type": "object", "properties": {"content": {"type": "string"}}}
+    with pytest.raises(SettingError, match="field content would take the name of a column"):
+        ChatCodec(
+            "m", "{text}", response_format={"type": "json_schema", "json_schema": {"schema": clash}}
+        )
 
 
 def embeddings_answer(vectors: dict[int, list[float]], **extra: Any) -> bytes:
@@ -391,6 +396,11 @@ def test_the_key_goes_as_a_bearer_token_from_the_environment_or_a_file(
             'response_format = { type = "yaml" }',
             "response_format.type must be text, json_object or json_schema",
         ),
+        (
+            'protocol = "openai-chat"\n[service.openai]\nmodel = "m"\nprompt = "{text}"\n'
+            'response_format = { type = "json_schema", json_schema = { schema = { type = 3 } } }',
+            "service.openai.response_format: the JSON schema is not valid",
+        ),
     ],
 )
 def test_openai_settings_are_checked_at_load(
@@ -401,6 +411,8 @@ def test_openai_settings_are_checked_at_load(
         tmp_path / "job.toml",
         f'[input]\npath = "{tmp_path / "t.csv"}"\n[service]\nurl = "embedded:llm"\n{service}\n',
     )
-    result = invoke("validate", str(job))
-    assert result.exit_code == 2
-    assert says in result.stderr
+    for command in ("validate", "run"):
+        result = invoke(command, str(job))
+        assert result.exit_code == 2
+        assert says in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -190,6 +190,13 @@ def schema_validator(response_format: Mapping[str, Any] | None) -> Callable[[Any
             "service.openai.response_format: the JSON schema is not valid: "
             + clip(exc.message, 200)
         ) from None
+    taken = sorted(set(schema.get("properties") or {}) & set(CHAT_COLUMNS))
+    if taken:
+        raise SettingError(
+            f"service.openai.response_format: the schema's field {', '.join(taken)} would "
+            f"take the name of a column every chat answer has ({', '.join(CHAT_COLUMNS)}); "
+            "rename it"
+        )
     validator = cls(schema)
 
     def check(value: Any) -> str | None:
@@ -277,6 +284,7 @@ class ChatCodec:
         if problem is not None:
             raise _mismatch(f"the reply does not match the JSON schema: {problem}")
         return {name: field for name, field in value.items() if name not in CHAT_COLUMNS}
+        # (a schema naming those is refused at load; a reply adding them keeps ours)
 
     def usage(self, body: bytes) -> Usage | None:
         return scan_usage(body)
