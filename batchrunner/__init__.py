@@ -16,9 +16,11 @@ Imports flow one way, down this list; a module imports only from those above it:
     sources     one reader per input kind (tabular; images: folders, globs, manifests)
     protocols   request encoding, response decoding, one module per wire format
                 (modelarts: text and file input; multipart: one-file form bodies; json,
-                kserve-v1, oip-v2, mlflow)
+                kserve-v1, oip-v2, mlflow; openai: chat and embeddings)
     retry       pure retry decisions
     limiter     concurrency bound (fixed or adaptive) and rate limit
+    tokenmeter  language models' tokens: requests and tokens a minute, the servers'
+                x-ratelimit headers, a run's token budget
     auth        secrets and masking; token providers (env, file) and single-flight renewal
     client      the only module that imports the aiohttp client (the service, the IAM login)
     iam         the IAM token source: login request and answer, token cache, renewal
@@ -39,7 +41,7 @@ Imports flow one way, down this list; a module imports only from those above it:
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (a key index), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
-                with its IAM
+                with its IAM, and small language models behind OpenAI-compatible routes
     expectations what validate asks a server about its model (OIP v2 metadata, KServe v1
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the

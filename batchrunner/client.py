@@ -1,7 +1,8 @@
 """The HTTP client: the only module that imports the aiohttp client.
 
 One ``aiohttp.ClientSession`` per run, TLS verified by default, the token sent in the
-``X-Auth-Token`` header (and an AppCode in ``X-Apig-AppCode``) and nowhere else. Network
+``X-Auth-Token`` header (``Authorization: Bearer`` for OpenAI-compatible servers; an
+AppCode in ``X-Apig-AppCode``) and nowhere else. Network
 failures come out as ``RequestError`` (``timeout``, ``connection``, ``tls``); HTTP answers
 of any status come back as ``Response`` for the protocol codec to judge, except two:
 
@@ -20,11 +21,12 @@ token already wrapped in a ``Secret``.
 from __future__ import annotations
 
 import errno
+import math
 import re
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -42,6 +44,7 @@ USER_AGENT = f"batchrunner/{__version__}"
 TOKEN_HEADER = "X-Auth-Token"
 APP_CODE_HEADER = "X-Apig-AppCode"
 SUBJECT_TOKEN_HEADER = "X-Subject-Token"
+RATE_LIMIT_PREFIX = "x-ratelimit-"
 _READ_CHUNK = 256 * 1024
 IAM_CONTENT_TYPE = "application/json;charset=utf8"  # as IAM documents it
 
@@ -54,6 +57,8 @@ class Response:
     body: bytes
     retry_after: float | None
     latency_ms: float
+    # The x-ratelimit-* headers of an OpenAI-compatible server (names lower-cased).
+    rate_limits: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -76,8 +81,12 @@ class ServiceClient:
         max_connections: int = 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = time.perf_counter,
+        bearer: bool = False,
     ) -> None:
         self.url = url
+        # OpenAI-compatible servers take the key as "Authorization: Bearer <key>".
+        self._token_header = "Authorization" if bearer else TOKEN_HEADER
+        self._token_prefix = "Bearer " if bearer else ""
         self._max_response_bytes = max_response_bytes
         self._token = token
         self._app_code = app_code
@@ -91,7 +100,7 @@ class ServiceClient:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
         headers = {"User-Agent": USER_AGENT}
         if self._token is not None:
-            headers[TOKEN_HEADER] = self._token.reveal()
+            headers[self._token_header] = self._token_prefix + self._token.reveal()
         if self._app_code is not None:
             headers[APP_CODE_HEADER] = self._app_code.reveal()
         self._session = aiohttp.ClientSession(
@@ -115,16 +124,24 @@ class ServiceClient:
         content_type: str | None,
         *,
         token: Secret | None = None,
+        path: str | None = None,
     ) -> Response:
         """POST ``body`` to the service and read the whole answer.
 
         ``token`` is sent instead of the client's own: the caller renews tokens and must
-        know which one each request carried, to say which one the service refused.
+        know which one each request carried, to say which one the service refused. ``path``
+        (a batch file's line names its own, ``/v1/embeddings``) replaces the service URL's
+        ``/v1/...`` end; the request stays on the service's own origin.
         """
         headers: dict[str, str] = {}
         if content_type:
             headers["Content-Type"] = content_type
-        return await self._send("POST", self.url, body, headers, token)
+        url = self.url
+        if path is not None:
+            url = _v1_base(self.url) + path
+            if not path.startswith("/") or _origin(url) != _origin(self.url):
+                raise ValueError("a POST goes to the service's own origin only")
+        return await self._send("POST", url, body, headers, token)
 
     async def get(self, url: str, *, token: Secret | None = None) -> Response:
         """GET ``url``, which must be on the service's own origin (what ``validate`` asks a
@@ -144,7 +161,7 @@ class ServiceClient:
         if self._session is None:
             raise RuntimeError("ServiceClient used outside 'async with'")
         if token is not None:
-            headers[TOKEN_HEADER] = token.reveal()
+            headers[self._token_header] = self._token_prefix + token.reveal()
         started = self._clock()
         try:
             async with self._session.request(
@@ -156,8 +173,13 @@ class ServiceClient:
                 return Response(
                     status=answer.status,
                     body=payload,
-                    retry_after=parse_retry_after(answer.headers.get("Retry-After")),
+                    retry_after=_retry_after(answer),
                     latency_ms=(self._clock() - started) * 1000.0,
+                    rate_limits={
+                        name.lower(): value
+                        for name, value in answer.headers.items()
+                        if name.lower().startswith(RATE_LIMIT_PREFIX)
+                    },
                 )
         except TimeoutError:
             elapsed = self._clock() - started
@@ -238,6 +260,20 @@ async def login(
         ) from None
 
 
+def _retry_after(answer: aiohttp.ClientResponse) -> float | None:
+    """The wait an answer asks for: ``retry-after-ms`` (OpenAI-compatible servers' finer
+    form) when it is a number, else ``Retry-After``."""
+    milliseconds = answer.headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            value = float(milliseconds)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value / 1000.0
+    return parse_retry_after(answer.headers.get("Retry-After"))
+
+
 def _redirected(
     answer: aiohttp.ClientResponse, who: str, setting: str, *, kind: str = ErrorKind.REDIRECT
 ) -> RequestError:
@@ -314,6 +350,15 @@ def _hung_up(exc: aiohttp.ClientError) -> bool:
         and not isinstance(exc, aiohttp.ClientConnectorError)
         and exc.errno == errno.ECONNRESET
     )
+
+
+def _v1_base(url: str) -> str:
+    """What a ``/v1/...`` path is joined to: ``url`` up to its ``/v1`` (an OpenAI-compatible
+    server's base URL), or without its end slash when it has none."""
+    found = url.rstrip("/").rfind("/v1")
+    if found >= 0 and _origin(url[:found]) == _origin(url):
+        return url[:found]
+    return url.rstrip("/")
 
 
 def _origin(url: str) -> str | None:

@@ -32,9 +32,11 @@ from batchrunner.clock import SYSTEM_CLOCK, Clock
 from batchrunner.errors import SettingError
 from batchrunner.iam import IamToken, TokenCache, default_cache_dir, password_source
 from batchrunner.job import (
+    DEFAULT_OPENAI_KEY_ENV,
     DEFAULT_TOKEN_ENV,
     AppSettings,
     IamSettings,
+    OpenAISettings,
     ServiceSettings,
     StorageSettings,
 )
@@ -98,10 +100,27 @@ def read_credentials(
         token = read_env_token(settings.token_env or DEFAULT_TOKEN_ENV, env)
         secrets.append(token)
         tokens = FixedToken(token)
+    elif source == "api_key":
+        key = _read_api_key(settings, env)
+        if key is not None:
+            secrets.append(key)
+            tokens = FixedToken(key)
     app_code = _read_app_code(settings.app, env) if settings.app is not None else None
     if app_code is not None:
         secrets.append(app_code)
     return Credentials(tokens, app_code, tuple(secrets))
+
+
+def _read_api_key(settings: ServiceSettings, environ: Mapping[str, str]) -> Secret | None:
+    """An OpenAI-compatible server's key; None when only the default variable was looked
+    at and is unset (a local server needs no key)."""
+    openai = settings.openai or OpenAISettings()
+    if openai.api_key_file is not None:
+        return read_secret_file(Path(openai.api_key_file), "service.openai.api_key_file")
+    if openai.api_key_env is None and not environ.get(DEFAULT_OPENAI_KEY_ENV, "").strip():
+        return None
+    name = openai.api_key_env or DEFAULT_OPENAI_KEY_ENV
+    return read_secret_env(name, "service.openai.api_key_env", "API key", environ)
 
 
 def _read_password(settings: IamSettings, environ: Mapping[str, str]) -> Secret:
@@ -137,6 +156,16 @@ def describe_auth(settings: ServiceSettings) -> str:
         )
     elif source == "token_env":
         parts.append(f"token from ${settings.token_env or DEFAULT_TOKEN_ENV}")
+    elif source == "api_key":
+        openai = settings.openai or OpenAISettings()
+        where = openai.api_key_file
+        parts.append(
+            f"API key (Authorization: Bearer) from file {where}"
+            if where
+            else f"API key (Authorization: Bearer) from "
+            f"${openai.api_key_env or DEFAULT_OPENAI_KEY_ENV}"
+            + ("" if openai.api_key_env else ", if set")
+        )
     if settings.app is not None:
         where = settings.app.appcode_env
         parts.append(

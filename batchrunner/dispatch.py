@@ -37,15 +37,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrunner.auth import Scrubber, Secret, TokenProvider
-from batchrunner.client import ServiceClient
+from batchrunner.client import Response, ServiceClient
 from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
-from batchrunner.protocols import Codec, EncodedRequest
+from batchrunner.protocols import Codec, EncodedRequest, Metered
 from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 from batchrunner.storage import ObjectPath
+from batchrunner.tokenmeter import BudgetReached, TokenMeter
 
 log = logging.getLogger("batchrunner")
 
@@ -96,8 +97,10 @@ class Dispatcher:
         scrubber: Scrubber | None = None,
         unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
         clock: Callable[[], float] = time.monotonic,
+        meter: TokenMeter | None = None,
     ) -> None:
         self._client = client
+        self._meter = meter
         self._codec = codec
         self._limiter = limiter
         self._policy = policy
@@ -199,6 +202,7 @@ class Dispatcher:
                     return self._failed(batch, too_big, attempt, last_latency, None, None), too_big
                 if self._rate is not None:
                     await self._rate.acquire()
+                estimate = await self._reserve(request)
                 # Encoding and the rate limit may have waited: a renewal or a fatal answer
                 # may have come meanwhile. Only the token source is awaited between this
                 # check and the post.
@@ -211,9 +215,16 @@ class Dispatcher:
                     attempt += 1
                     sent_uuid = request.request_uuid
                     self._stats.requests += 1
-                    response = await self._client.post(
-                        request.body, request.content_type, token=token
-                    )
+                    try:
+                        response = await self._client.post(
+                            request.body, request.content_type, token=token, path=request.path
+                        )
+                    except BaseException:
+                        self._settle(estimate, None)
+                        estimate = None
+                        raise
+                    self._settle(estimate, response)
+                    estimate = None
                     http_status = response.status
                     self._unreached_in_a_row = 0
                     last_latency = response.latency_ms
@@ -244,6 +255,7 @@ class Dispatcher:
                     )
                     return outcome, None
                 except RequestError as failure:
+                    self._settle(estimate, None)  # not sent, or no answer
                     error = self._scrubbed(failure)
                     if error.kind == ErrorKind.TIMEOUT:
                         self._limiter.feedback(None, pushed_back=True)
@@ -276,6 +288,39 @@ class Dispatcher:
             self._stats.retry_reasons[error.kind] += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._back_off(delay)
+
+    async def _reserve(self, request: EncodedRequest) -> int | None:
+        """Wait for the token meter (rate limits in requests and tokens, the server's
+        headers); the estimate reserved, or None without a meter. When the token budget is
+        reached, the run stops taking new requests and this batch is left for the next run."""
+        if self._meter is None:
+            return None
+        try:
+            await self._meter.reserve(request.estimated_tokens)
+        except BudgetReached:
+            if not self._stopping.is_set():
+                log.warning("%s", self._meter.exhausted)
+            self._stopping.set()
+            raise _Dropped from None
+        return request.estimated_tokens
+
+    def _settle(self, estimate: int | None, response: Response | None) -> None:
+        """Tell the meter what became of a request reserved with ``estimate`` (once), and
+        count the tokens its answer says it took."""
+        if estimate is None or self._meter is None:
+            return
+        usage = None
+        if response is not None and response.ok and isinstance(self._codec, Metered):
+            usage = self._codec.usage(response.body)
+        if usage is not None:
+            self._stats.tokens_in += usage.prompt
+            self._stats.tokens_out += usage.completion
+        self._meter.settle(
+            estimate,
+            usage.prompt if usage is not None else None,
+            usage.completion if usage is not None else None,
+            response.rate_limits if response is not None else {},
+        )
 
     async def _back_off(self, delay: float) -> None:
         """Wait ``delay`` seconds before a retry; a stop (a signal) ends the wait at once:

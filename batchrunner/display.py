@@ -161,6 +161,16 @@ def summary_rows(summary: Mapping[str, Any], summary_path: object | None = None)
                 ", ".join(f"{p} {latency.get(p, 0):,.1f} ms" for p in ("p50", "p95", "p99")),
             )
         )
+    tokens = summary.get("tokens")
+    if isinstance(tokens, Mapping):
+        rate = tokens.get("per_second")
+        rows.append(
+            (
+                "tokens",
+                f"{tokens.get('in', 0):,} in, {tokens.get('out', 0):,} out"
+                + ("" if rate is None else f" ({rate:,.0f} tokens/s)"),
+            )
+        )
     for number, (kind, tally) in enumerate(summary.get("errors", {}).items()):
         rows.append(
             (

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batchrunner.job import Job
+from batchrunner.protocols.openaibatch import batch_output_line
 from batchrunner.storage import ObjectPath
 
 
@@ -26,6 +28,8 @@ class OutputFormat(StrEnum):
     parquet = "parquet"
     csv = "csv"
     jsonl = "jsonl"
+    # protocol = "openai-batch" to a .jsonl: the batch API's output shape, a line a request.
+    openai_batch = "openai-batch"
 
 
 SUFFIXES = {
@@ -46,6 +50,14 @@ class OutputWriter(Protocol):
     def close(self) -> None: ...
 
 
+def batch_output_format(job: Job, path: Path) -> OutputFormat | None:
+    """The batch API's output shape for a batch file's job written to ``.jsonl``, else
+    None (the format by the path's suffix)."""
+    if job.service.protocol == "openai-batch" and output_format(path) is OutputFormat.jsonl:
+        return OutputFormat.openai_batch
+    return None
+
+
 def open_output_writer(file: pa.NativeFile, schema: pa.Schema, format: OutputFormat) -> _Writer:
     """A writer of ``format`` into ``file`` (the temporary file the sink renames later; the
     caller opens and closes it)."""
@@ -53,6 +65,8 @@ def open_output_writer(file: pa.NativeFile, schema: pa.Schema, format: OutputFor
         return _Writer(_CsvWriter(file, schema))
     if format is OutputFormat.jsonl:
         return _Writer(_JsonLinesWriter(file))
+    if format is OutputFormat.openai_batch:
+        return _Writer(_BatchOutputWriter(file))
     return _Writer(pq.ParquetWriter(file, schema))
 
 
@@ -110,6 +124,19 @@ class _CsvWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class _BatchOutputWriter:
+    """``{"custom_id", "response": {"status_code", "body"}, "error"}`` a line."""
+
+    def __init__(self, file: pa.NativeFile) -> None:
+        self._file = file
+
+    def write_table(self, table: pa.Table) -> None:
+        self._file.write(b"".join(batch_output_line(row) + b"\n" for row in table.to_pylist()))
+
+    def close(self) -> None:
+        pass  # the file is the caller's
 
 
 class _JsonLinesWriter:

@@ -31,6 +31,7 @@ from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.keyindex import Spill, key_hashes
 from batchrunner.objectfiles import retrying_filesystem, seekable
+from batchrunner.protocols.openaibatch import is_batch_output, read_batch_output
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 from batchrunner.storage import ObjectPath, is_uri
 
@@ -191,6 +192,8 @@ def _open(path: OutputPath) -> ds.Dataset:
         kind = None if path.is_dir() else output_format(path)
         if kind is OutputFormat.csv:
             return ds.dataset(source, filesystem=filesystem, format=_csv_format())
+        if kind is OutputFormat.jsonl and isinstance(path, Path) and is_batch_output(path):
+            return ds.dataset(read_batch_output(path))  # protocol = "openai-batch"
         if kind is OutputFormat.jsonl:
             return ds.dataset(source, filesystem=filesystem, format="json")
         if path.is_dir():

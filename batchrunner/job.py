@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -230,8 +230,29 @@ class AppSettings(_Settings):
 TOKEN_SOURCES = ("token_env", "token_file", "iam")
 
 #: The wire formats ``service.protocol`` names (see ``protocols``).
-PROTOCOLS = ("modelarts", "json", "kserve-v1", "oip-v2", "mlflow")
-Protocol = Literal["modelarts", "json", "kserve-v1", "oip-v2", "mlflow"]
+PROTOCOLS = (
+    "modelarts",
+    "json",
+    "kserve-v1",
+    "oip-v2",
+    "mlflow",
+    "openai-chat",
+    "openai-embeddings",
+    "openai-batch",
+)
+Protocol = Literal[
+    "modelarts",
+    "json",
+    "kserve-v1",
+    "oip-v2",
+    "mlflow",
+    "openai-chat",
+    "openai-embeddings",
+    "openai-batch",
+]
+#: The protocols of OpenAI-compatible servers, configured by ``[service.openai]``.
+OPENAI_PROTOCOLS = ("openai-chat", "openai-embeddings", "openai-batch")
+DEFAULT_OPENAI_KEY_ENV = "OPENAI_API_KEY"
 #: In a ``[service.json]`` request, these placeholders stand for the whole batch.
 ROWS_PLACEHOLDER = "{rows}"
 VALUES_PLACEHOLDER = "{values}"
@@ -286,6 +307,52 @@ class OipSettings(_Settings):
     content_type: str | None = "pd"  # sent with the columns layout; "" sends none
 
 
+class OpenAISettings(_Settings):
+    """``[service.openai]``: the model, the prompt (chat) and the limits of an
+    OpenAI-compatible server (``protocol = "openai-chat"`` or ``"openai-embeddings"``).
+
+    ``prompt`` is the user message, ``{column}`` filled in from the row; ``response_format``
+    is sent as it is, and a ``json_schema`` one is checked against each reply (a reply that
+    does not fit is sent again up to ``schema_attempts`` times). The key comes from
+    ``api_key_env`` (default ``OPENAI_API_KEY``; when that default is unset, no key is
+    sent, as a local server needs none) or ``api_key_file``. ``rate_limit`` is in requests
+    a minute, ``token_rate_limit`` in tokens a minute; ``max_total_tokens`` stops the run
+    (exit 3, resumable) before its tokens (and those of the runs it resumes) would go over.
+    """
+
+    model: str | None = Field(default=None, min_length=1)  # a batch file's bodies name theirs
+    system: str | None = None
+    prompt: str | None = Field(default=None, min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    response_format: dict[str, Any] | None = None
+    schema_attempts: int = Field(default=2, ge=1, le=100)
+    dimensions: int | None = Field(default=None, ge=1)
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    rate_limit: float | None = Field(default=None, gt=0)
+    token_rate_limit: float | None = Field(default=None, gt=0)
+    max_total_tokens: int | None = Field(default=None, ge=1)
+
+    _check_api_key_env = field_validator("api_key_env")(_check_env_name)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAISettings:
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(
+                f"response_format.type must be text, json_object or json_schema, got {kind!r}"
+            )
+        return self
+
+    #: What decides the answers (a resumed run must keep them); not the key nor the limits.
+    IDENTITY: ClassVar[frozenset[str]] = frozenset(
+        {"model", "system", "prompt", "max_tokens", "temperature", "response_format", "dimensions"}
+    )
+
+
 class ServiceSettings(_Settings):
     """``[service]``: where requests go and how they authenticate.
 
@@ -304,6 +371,7 @@ class ServiceSettings(_Settings):
     json_settings: JsonBodySettings | None = Field(default=None, alias="json")
     kserve: KServeSettings | None = None
     oip: OipSettings | None = None
+    openai: OpenAISettings | None = None
     timeout: float = Field(default=40.0, gt=0)  # the gateway cuts requests at 40 s
     connect_timeout: float = Field(default=10.0, gt=0)
     verify_tls: bool = True
@@ -335,6 +403,18 @@ class ServiceSettings(_Settings):
                     f"{protocol!r}, "
                     f"but the protocol is {self.protocol!r}"
                 )
+        if self.openai is not None and self.protocol not in OPENAI_PROTOCOLS:
+            raise ValueError(
+                "[service.openai] applies to protocol = 'openai-chat', 'openai-embeddings' "
+                f"or 'openai-batch', but the protocol is {self.protocol!r}"
+            )
+        names_model = self.protocol in ("openai-chat", "openai-embeddings")
+        if names_model and (self.openai is None or self.openai.model is None):
+            raise ValueError(
+                f"[service.openai] model: protocol {self.protocol!r} needs the model's name"
+            )
+        if self.openai is not None and self.protocol == "openai-chat" and not self.openai.prompt:
+            raise ValueError("[service.openai] prompt: set the prompt, e.g. 'Label: {text}'")
         return self
 
     @property
@@ -382,6 +462,8 @@ class ServiceSettings(_Settings):
         given = _one_of(self, TOKEN_SOURCES)
         if given:
             return given[0]
+        if self.protocol in OPENAI_PROTOCOLS:
+            return "api_key"
         if self.protocol != "modelarts":  # other servers need no token unless one is set
             return None
         return None if self.app is not None else "token_env"
@@ -564,10 +646,30 @@ class Job(_Settings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_row_per_chat(self) -> Job:
+        chat = self.service.protocol in ("openai-chat", "openai-batch")
+        if chat and "size" in self.batch.model_fields_set and self.batch.size != 1:
+            raise ValueError(
+                f"batch.size: protocol {self.service.protocol!r} sends one row a request, "
+                "so batch.size "
+                f"must be 1 or left out, got {self.batch.size}"
+            )
+        if self.service.protocol == "openai-embeddings":
+            columns = self.input.columns
+            if columns is None or len(columns) != 1:
+                raise ValueError(
+                    "input.columns: protocol 'openai-embeddings' embeds one column's text; "
+                    'name it, e.g. columns = ["text"]'
+                )
+        return self
+
     @property
     def rows_per_request(self) -> int:
-        """Rows per request: ``batch.size``, or 1 for a one-row JSON body."""
+        """Rows per request: ``batch.size``, or 1 for a one-row JSON body or a chat."""
         if self.service.protocol == "json" and not self.service.json_body.batched:
+            return 1
+        if self.service.protocol in ("openai-chat", "openai-batch"):
             return 1
         return self.batch.size
 
@@ -781,7 +883,14 @@ def job_identity(
         identity["binary"] = job.input.binary
     if job.service.protocol != "modelarts":  # what the body looks like decides the results
         identity["wire"] = job.service.model_dump(
-            mode="json", include={"json_settings", "kserve", "oip"}, exclude_none=True
+            mode="json",
+            include={
+                "json_settings": True,
+                "kserve": True,
+                "oip": True,
+                "openai": set(OpenAISettings.IDENTITY),
+            },
+            exclude_none=True,
         )
     if kind == IMAGES:
         extensions = job.input.extensions

@@ -114,6 +114,8 @@ class StatsSnapshot:
     elapsed_s: float
     splits: int = 0  # batches halved to isolate a row the service refused
     throttled: int = 0  # answers 429
+    tokens_in: int = 0  # language models: prompt tokens the answers counted
+    tokens_out: int = 0  # and completion tokens
     #: Items this run will finish, when known: from metadata (Parquet) before reading, or
     #: once the whole input has been read; None until then (CSV and JSON lines streams).
     total: int | None = None
@@ -187,6 +189,8 @@ class RunStats:
     retries: int = 0
     splits: int = 0
     throttled: int = 0  # answers 429: the service asked us to slow down
+    tokens_in: int = 0  # language models: prompt tokens, as the answers' usage says
+    tokens_out: int = 0  # completion tokens
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: dict[str, ErrorTally] = field(default_factory=dict)
     retry_reasons: Counter[str] = field(default_factory=Counter)
@@ -258,6 +262,8 @@ class RunStats:
             retries=self.retries,
             splits=self.splits,
             throttled=self.throttled,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
             in_flight=in_flight,
             elapsed_s=elapsed_s,
             total=total,
@@ -296,6 +302,8 @@ _COUNTERS = (
     "retries",
     "splits",
     "throttled",
+    "tokens_in",
+    "tokens_out",
 )
 
 
@@ -317,7 +325,7 @@ def build_summary(
     rows = snapshot.rows_done
     elapsed_s = snapshot.elapsed_s
     latency = snapshot.latency
-    return {
+    summary = {
         "job": job_name,
         "run_id": run_id,
         "outcome": outcome,
@@ -357,6 +365,15 @@ def build_summary(
         # rows finished per bucket since the start: throughput over time (inspect --html)
         "timeline": {"bucket_s": snapshot.timeline_bucket_s, "rows": list(snapshot.timeline)},
     }
+    if snapshot.tokens_in or snapshot.tokens_out:  # language models: what the run spent
+        summary["tokens"] = {
+            "in": snapshot.tokens_in,
+            "out": snapshot.tokens_out,
+            "per_second": round((snapshot.tokens_in + snapshot.tokens_out) / elapsed_s, 1)
+            if elapsed_s > 0
+            else None,
+        }
+    return summary
 
 
 def _round(value: float | None) -> float | None:

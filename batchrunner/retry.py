@@ -29,6 +29,9 @@ class RetryPolicy:
     initial: float = 0.5
     maximum: float = 30.0
     retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
+    # Fewer sends for failures of these kinds: (kind, most sends) pairs. A language model's
+    # reply that does not fit its JSON schema is sampled again only so often.
+    attempts_by_kind: tuple[tuple[str, int], ...] = ()
 
     def delay(self, attempt: int, failure: RequestError, rng: random.Random) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or None to give up.
@@ -37,7 +40,8 @@ class RetryPolicy:
         draw up to the exponential cap) spreads retries of many requests that failed at
         once; a ``Retry-After`` from the service is a floor.
         """
-        if failure.fatal or not failure.retryable or attempt >= self.max_attempts:
+        limit = dict(self.attempts_by_kind).get(failure.kind, self.max_attempts)
+        if failure.fatal or not failure.retryable or attempt >= min(limit, self.max_attempts):
             return None
         cap = min(self.maximum, self.initial * 2 ** (attempt - 1))
         wait = rng.uniform(0.0, cap)

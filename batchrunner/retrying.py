@@ -25,7 +25,12 @@ import pyarrow.compute as pc
 from batchrunner.checkpoint import StatePaths
 from batchrunner.engines.local import run_job
 from batchrunner.errors import CoverageError, InputError
-from batchrunner.formats import OutputFormat, open_output_writer, output_format
+from batchrunner.formats import (
+    OutputFormat,
+    batch_output_format,
+    open_output_writer,
+    output_format,
+)
 from batchrunner.inspection import ROWS_PER_READ, open_output
 from batchrunner.items import STATUS_ERROR
 from batchrunner.job import Job
@@ -92,7 +97,14 @@ def retry_errors(
         result = run_job(retry_job, resume=False, only_keys=frozenset(keys), **options)
         try:
             summary = _merged_summary(job, output, target, result, rows, len(keys))
-            merged_rows = _rewrite(output, retried_output, target, len(keys), summary)
+            merged_rows = _rewrite(
+                output,
+                retried_output,
+                target,
+                len(keys),
+                summary,
+                format=batch_output_format(job, target),
+            )
         finally:
             shutil.rmtree(workspace, ignore_errors=True)
     assert merged_rows == rows
@@ -143,7 +155,15 @@ def _merged_summary(
     }
 
 
-def _rewrite(output: Path, retried: Path, target: Path, expected: int, summary: Any) -> int:
+def _rewrite(
+    output: Path,
+    retried: Path,
+    target: Path,
+    expected: int,
+    summary: Any,
+    *,
+    format: OutputFormat | None = None,
+) -> int:
     """Write ``output`` with its error rows replaced by ``retried``'s rows, to ``target``
     (aside, then renamed). Returns the rows written; ``CoverageError`` when the rows do not
     match one for one."""
@@ -162,7 +182,7 @@ def _rewrite(output: Path, retried: Path, target: Path, expected: int, summary: 
     temporary = aside_name(target)
     written = used = 0
     try:
-        kind = output_format(target) or OutputFormat.parquet
+        kind = format or output_format(target) or OutputFormat.parquet
         with open_write(temporary) as file, open_output_writer(file, schema, kind) as writer:
             for batch in old.to_batches(batch_size=ROWS_PER_READ):
                 part = pa.Table.from_batches([conform(batch, schema)], schema)

@@ -29,6 +29,7 @@ from itertools import accumulate, chain, repeat
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -241,6 +242,12 @@ JSON_TEXT = pa.large_string()
 
 
 def _to_array(values: list[Any], name: str, hints: dict[str, pa.DataType] | None) -> pa.Array:
+    if values and isinstance(values[0], np.ndarray) and values[0].ndim == 1:
+        # Vectors a codec made with NumPy (embeddings): a fixed-size list of their dtype,
+        # built in C; a codec checks that all have one length.
+        vector_type = pa.list_(pa.from_numpy_dtype(values[0].dtype), len(values[0]))
+        with suppress(pa.ArrowInvalid, pa.ArrowTypeError):
+            return pa.array(values, vector_type)
     hint = hints.get(name) if hints is not None else None
     if hint is JSON_TEXT:
         return pa.array([_json_text(value) for value in values], pa.string())
@@ -630,6 +637,7 @@ def assemble(
     rows_per_batch: array[int],
     *,
     metadata: Mapping[bytes, bytes] | None = None,
+    format: OutputFormat | None = None,
 ) -> int:
     """Write the journal's batches, in input order, to ``output`` (written aside, renamed).
 
@@ -647,7 +655,7 @@ def assemble(
     written = 0
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        kind = output_format(output) or OutputFormat.parquet  # .csv, .jsonl: see formats
+        kind = format or output_format(output) or OutputFormat.parquet  # see formats
         with open_write(temporary) as file, open_output_writer(file, schema, kind) as writer:
             pending: list[pa.RecordBatch] = []
             pending_rows = 0

@@ -40,6 +40,7 @@ from batchrunner.errors import (
 )
 from batchrunner.job import (
     IMAGES,
+    OPENAI_PROTOCOLS,
     TABULAR,
     Engine,
     InputKind,
@@ -56,9 +57,12 @@ from batchrunner.protocols.kserve import KServeCodec
 from batchrunner.protocols.mlflow import MlflowCodec
 from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.protocols.oip import OipCodec
+from batchrunner.protocols.openai import check_prompt, endpoint_url, openai_codec
+from batchrunner.protocols.openaibatch import BatchFileCodec
 from batchrunner.report import StatsSnapshot, build_summary
 from batchrunner.retry import RetryPolicy
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
+from batchrunner.sources.batchfile import open_batch_file
 from batchrunner.storage import ObjectPath, ObjectStore, is_uri
 from batchrunner.writing import check_writable
 
@@ -174,6 +178,8 @@ def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     ``store`` reads an input in a bucket.
     """
     settings = job.input
+    if job.service.protocol == "openai-batch":
+        return open_batch_file(settings.path)
     kind = input_kind(settings.path, settings.format, settings.extensions, store)
     check_input_kind(job, kind, settings.path)
     if kind == IMAGES:
@@ -251,10 +257,14 @@ def plan_job(
     batches = None if rows is None else -(-rows // size)
     if kind == TABULAR and job.service.protocol == "json":
         check_template(job.service.json_body.request, list(source.send_columns))
+    if kind == TABULAR and job.service.openai is not None and job.service.openai.prompt:
+        check_prompt(job.service.openai.prompt, list(source.send_columns))
     first = next(source.iter_batches(size, limit=limit), None)
     body = preview = refused = None
     headers = {}
-    if sends_token:
+    if sends_token and job.service.protocol in OPENAI_PROTOCOLS:
+        headers["Authorization"] = "Bearer <API key>"
+    elif sends_token:
         headers[TOKEN_HEADER] = "<token>"
     if sends_app_code:
         headers[APP_CODE_HEADER] = "<AppCode>"
@@ -330,14 +340,23 @@ def codec_for(job: Job, kind: InputKind) -> Codec:
         )
     if service.protocol == "mlflow":
         return MlflowCodec()
+    if service.protocol == "openai-batch":
+        return BatchFileCodec()
+    if service.openai is not None:
+        return openai_codec(job)
     return TextCodec()
 
 
 def retry_policy(job: Job) -> RetryPolicy:
     """The job's ``[retry]`` settings as a policy."""
     retry = job.retry
+    openai = job.service.openai
     return RetryPolicy(
-        retry.max_attempts, retry.backoff_initial, retry.backoff_max, retry.retry_after_max
+        retry.max_attempts,
+        retry.backoff_initial,
+        retry.backoff_max,
+        retry.retry_after_max,
+        attempts_by_kind=(("schema_mismatch", openai.schema_attempts),) if openai else (),
     )
 
 
@@ -346,10 +365,12 @@ def service_client(
 ) -> ServiceClient:
     """A client of the service at ``url`` with the job's ``[service]`` settings; each
     request carries the token the caller gives it."""
+    openai = service.protocol in OPENAI_PROTOCOLS
     return ServiceClient(
-        url,
+        endpoint_url(url, service.protocol) if openai else url,
         None,
         app_code=app_code,
+        bearer=openai,
         timeout=service.timeout,
         connect_timeout=service.connect_timeout,
         verify_tls=service.verify_tls,

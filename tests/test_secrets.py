@@ -471,3 +471,99 @@ def test_object_storage_keys_appear_nowhere(
     assert s3.exists("data/out/job.parquet")
     objects = {key: s3.get(key) for key in s3.keys("data")}
     assert_nowhere([ACCESS_KEY, SECRET_KEY], [*printed, repr(objects)], files)
+
+
+def test_openai_api_keys_appear_nowhere(
+    invoke, monkeypatch, fake_crontab, tmp_path_factory
+) -> None:
+    # A careless OpenAI-compatible server quotes the Bearer key: in a 400's error body (an
+    # error row), a 503's (retried), a header, and in the reply's content (a result).
+    key_env, key_file = "sk-env-secret-0123456789", "sk-file-secret-9876543210"
+
+    async def handle(call: Call) -> web.Response:
+        authorization = call.headers["Authorization"]
+        assert authorization.startswith("Bearer sk-")
+        quoted = f"key {authorization.removeprefix('Bearer ')}"
+        error = {"error": {"message": f"refused {quoted}", "type": "invalid_request_error"}}
+        if call.number % 3 == 0:
+            return web.json_response(error, status=400, headers={"X-Echo": authorization})
+        if call.number % 3 == 1:
+            return web.json_response(error, status=503)
+        reply = {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": f"bug, {quoted}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        }
+        return web.json_response(reply)
+
+    monkeypatch.setenv("LLM_KEY", key_env)
+    secret_file = tmp_path_factory.mktemp("keys") / "key"
+    secret_file.write_text(key_file + "\n")
+    data = write_csv(Path("data.csv"), ["id", "text"], [(i, f"ticket {i}") for i in range(9)])
+    printed: list[str] = []
+    with ThreadedServer(handle, path="/v1/chat/completions") as server:
+        base = server.url.removesuffix("/chat/completions")
+        for name, source in (
+            ("env", 'api_key_env = "LLM_KEY"'),
+            ("file", f'api_key_file = "{secret_file}"'),
+        ):
+            job = write_job(
+                Path(f"{name}.toml"),
+                f'name = "{name}"\n[input]\npath = "{data}"\nid_column = "id"\n'
+                f'[service]\nurl = "{base}"\nprotocol = "openai-chat"\n'
+                f'[service.openai]\nmodel = "m"\nprompt = "Label: {{text}}"\n{source}\n'
+                "[batch]\nconcurrency = 1\n[retry]\nbackoff_initial = 0.001\nmax_attempts = 2\n",
+            )
+            printed += validate_and_run(invoke, job, must_succeed=False)
+    headers = {call.headers["Authorization"] for call in server.calls}
+    assert headers == {f"Bearer {key_env}", f"Bearer {key_file}"}
+    env_file = env_file_outside(tmp_path_factory.mktemp("env"), {"LLM_KEY": key_env})
+    printed += cron_and_inspect(invoke, Path("env.toml"), env_file)
+    files = files_under(Path())
+    rows = [row for path in sorted(Path().rglob("*.parquet")) for row in read_output(path)]
+    # every path ran: a scrubbed error and a scrubbed result
+    assert any("refused key ****" in (row["_error"] or "") for row in rows)
+    assert any(row.get("content") == "bug, key ****" for row in rows)
+    assert any("Bearer ****" in text or "Authorization" in text for text in printed)
+    assert_nowhere([key_env, key_file], printed, files)
+
+
+def test_openai_keys_echoed_into_batch_file_answers_appear_nowhere(invoke, monkeypatch) -> None:
+    # protocol = "openai-batch" keeps each answer whole (response_body, the batch output
+    # shape): a server quoting the key there, or in an error, leaves no trace of it.
+    key = "sk-batch-secret-1234567890"
+
+    async def handle(call: Call) -> web.Response:
+        quoted = call.headers["Authorization"]
+        if call.number % 2:
+            error = {"error": {"message": f"refused {quoted}", "type": "invalid_request_error"}}
+            return web.json_response(error, status=400)
+        return web.json_response({"echo": quoted, "usage": {"prompt_tokens": 1}})
+
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {"m": i}}
+        for i in range(4)
+    ]
+    Path("batch.jsonl").write_bytes(b"".join(orjson.dumps(item) + b"\n" for item in lines))
+    printed: list[str] = []
+    with ThreadedServer(handle, path="/v1/chat/completions") as server:
+        for output in ("results.jsonl", "results.parquet"):
+            job = write_job(
+                Path("batch.toml"),
+                'name = "batch"\nmax_error_rate = 1\n[input]\npath = "batch.jsonl"\n'
+                f'[service]\nurl = "{server.url.removesuffix("/chat/completions")}"\n'
+                f'protocol = "openai-batch"\n[output]\npath = "{output}"\n'
+                "[retry]\nmax_attempts = 1\n",
+            )
+            printed += validate_and_run(invoke, job, must_succeed=False)
+            result = invoke("inspect", output, "--errors")
+            printed += [result.stdout, result.stderr]
+    assert {call.headers["Authorization"] for call in server.calls} == {f"Bearer {key}"}
+    answers = Path("results.jsonl").read_text()
+    assert '"echo": "Bearer ****"' in answers and "refused Bearer ****" in answers
+    assert_nowhere([key], printed, files_under(Path()))

@@ -168,10 +168,10 @@ def test_model_refuses_a_bad_record(record: Any, message: str) -> None:
 
 def test_load_model_is_cached_and_names_the_known_models() -> None:
     assert load_model("iris") is load_model("iris")
-    assert MODEL_NAMES == ("iris", "linear", "sentiment", "colors")
+    assert MODEL_NAMES == ("iris", "linear", "sentiment", "colors", "llm")
     with pytest.raises(
         ValueError,
-        match="unknown model 'tulips'; the known models are: iris, linear, sentiment, colors",
+        match="unknown model 'tulips'; the known models are: iris, linear, sentiment, colors, llm",
     ):
         load_model("tulips")
 

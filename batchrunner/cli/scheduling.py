@@ -11,7 +11,7 @@ from batchrunner.errors import (
     BatchRunnerError,
     ScheduleError,
 )
-from batchrunner.job import DEFAULT_TOKEN_ENV, Job, load_job
+from batchrunner.job import DEFAULT_OPENAI_KEY_ENV, DEFAULT_TOKEN_ENV, Job, load_job
 
 if TYPE_CHECKING:
     from batchrunner.schedule import Schedule
@@ -155,4 +155,7 @@ def _secret_envs(job: Job) -> dict[str, str]:
         envs[service.iam.password_env] = "its IAM password"
     if service.app is not None and service.app.appcode_env is not None:
         envs[service.app.appcode_env] = "its AppCode"
+    openai = service.openai
+    if service.token_source == "api_key" and not (openai and openai.api_key_file):
+        envs[(openai and openai.api_key_env) or DEFAULT_OPENAI_KEY_ENV] = "its API key"
     return envs

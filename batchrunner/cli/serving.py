@@ -31,7 +31,10 @@ SERVE_IAM_PASSWORD_ENV = "BATCHRUNNER_SERVE_IAM_PASSWORD"
 def serve(
     model: Annotated[
         str,
-        typer.Option(help="The model to serve: iris or linear (text input), or colors (images)."),
+        typer.Option(
+            help="The model to serve: iris, linear, sentiment or llm (text input), or "
+            "colors (images)."
+        ),
     ] = "iris",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
@@ -69,13 +72,15 @@ def serve(
     protocol: Annotated[
         str,
         typer.Option(
-            help="The protocol whose URL is shown: modelarts, json, kserve-v1, oip-v2 or "
-            "mlflow (a text model answers all of them at once)."
+            help="The protocol whose URL is shown: modelarts, json, kserve-v1, oip-v2, "
+            "mlflow, openai-chat or openai-embeddings (a text model answers all of them "
+            "at once)."
         ),
     ] = "modelarts",
 ) -> None:
     """Run the embedded reference service (a real model behind the ModelArts protocol, and
-    KServe v1, OIP v2, MLflow and custom JSON routes for text models).
+    KServe v1, OIP v2, MLflow, custom JSON and OpenAI-compatible chat and embeddings
+    routes for text models).
 
     The token is read from BATCHRUNNER_SERVE_TOKEN; if unset, a random one is made and shown.
     With --iam-user, the service also issues expiring tokens to that user (password in

@@ -54,6 +54,7 @@ from batchrunner.errors import (
     RunInterrupted,
     ServiceError,
 )
+from batchrunner.formats import batch_output_format
 from batchrunner.incremental import SeenItems, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
@@ -67,10 +68,12 @@ from batchrunner.job import (
 from batchrunner.keyindex import Duplicates, Spill, content_digest
 from batchrunner.limiter import RateLimiter
 from batchrunner.lock import JobLock
+from batchrunner.protocols.openai import check_prompt, openai_codec
 from batchrunner.report import RunStats, StatsSnapshot
 from batchrunner.sink import SUMMARY_METADATA_KEY, Journal, assemble, outcome_table
 from batchrunner.sources import Source
 from batchrunner.storage import ObjectPath
+from batchrunner.tokenmeter import TokenMeter, read_spent, token_meter, write_spent
 from batchrunner.wiring import (
     NOT_SENT,
     SUMMARY_SUFFIX,
@@ -147,6 +150,7 @@ class Runner:
         self._field_types: dict[str, pa.DataType] = {}  # result fields' types, as seen so far
         self._started_clock = 0.0
         self._stopping = asyncio.Event()
+        self._meter: TokenMeter | None = None  # language models: tokens, their limits
         self._data_error: DataError | None = None  # the input turned bad mid-run
         self._signals = 0
         self._requests: set[asyncio.Task[None]] = set()
@@ -170,6 +174,9 @@ class Runner:
         source = open_source(job, store)
         self._kind = kind_of(source)
         self._batch_size = batch_size_for(job, self._kind)
+        if self._kind == TABULAR and job.service.openai is not None and job.service.openai.prompt:
+            check_prompt(job.service.openai.prompt, list(source.send_columns))
+            openai_codec(job)  # a JSON schema that is not one stops the job here (exit 2)
         credentials = (
             None if job.service.embedded_model else read_credentials(job.service, clock=self._clock)
         )
@@ -221,6 +228,12 @@ class Runner:
                 seen.check_output(output, resuming=checkpoint.resumed_rows > 0)
             self._finished = checkpoint.finished
             self._checkpoint = checkpoint
+            # Language models: the tokens earlier runs of this unfinished run spent count
+            # against max_total_tokens too.
+            spent = read_spent(paths.state) if checkpoint.resumed_rows else None
+            self._meter = token_meter(
+                job, clock=self._clock.now, sleep=self._clock.sleep, spent=spent
+            )
             self._source = source
             self._started_clock = self._clock.now()
             log.info(
@@ -246,6 +259,7 @@ class Runner:
                 written,
                 self._rows_per_batch,
                 metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
+                format=batch_output_format(job, written),
             )
             if isinstance(output, ObjectPath) and isinstance(summary_path, ObjectPath):
                 output.store.upload(written, output)
@@ -264,6 +278,8 @@ class Runner:
             else:
                 # Kept: re-running after the cause is fixed sends only what did not finish.
                 log.info("run state kept in %s: re-run the same command to resume", paths.state)
+                if self._meter is not None:
+                    write_spent(paths.state, self._meter.spent)
             if written != output:
                 written.unlink(missing_ok=True)  # uploaded: the bucket holds the output
         log.info("run %s %s: output %s", run_id, outcome, output)
@@ -299,6 +315,10 @@ class Runner:
                 except ServiceError as exc:
                     abort_reason = str(exc)
                     log.error("run aborted: %s", abort_reason)
+                if abort_reason is None and self._meter is not None and self._meter.exhausted:
+                    # The token budget: the requests in flight are done; the rest waits.
+                    abort_reason = str(self._meter.exhausted)
+                    self._stopping.clear()
             if abort_reason is not None:
                 self._record_not_sent(source, journal, abort_reason)
         except asyncio.CancelledError:
@@ -446,6 +466,7 @@ class Runner:
             scrubber=self._scrubber,
             unreachable_after=self.job.service.unreachable_after,
             clock=self._clock.now,
+            meter=self._meter,
         )
         try:
             async with asyncio.TaskGroup() as group:

@@ -60,8 +60,10 @@ from batchrunner.errors import (
 )
 from batchrunner.items import STATUS_OK, Batch, Outcome
 from batchrunner.job import (
+    DEFAULT_OPENAI_KEY_ENV,
     DEFAULT_TOKEN_ENV,
     IMAGES,
+    OPENAI_PROTOCOLS,
     TABULAR,
     Engine,
     InputKind,
@@ -194,6 +196,8 @@ def secret_environ(job: Job, environ: Mapping[str, str]) -> dict[str, str]:
         names.append(service.iam.password_env)
     if service.app is not None and service.app.appcode_env is not None:
         names.append(service.app.appcode_env)
+    if service.protocol in OPENAI_PROTOCOLS:
+        names.append((service.openai and service.openai.api_key_env) or DEFAULT_OPENAI_KEY_ENV)
     return {name: environ[name] for name in names if name in environ}
 
 

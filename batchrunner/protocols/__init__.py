@@ -8,6 +8,9 @@
     oip         protocol = "oip-v2": the Open Inference Protocol v2 (KServe v2, Triton,
                 MLServer): tensors in, tensors out
     mlflow      protocol = "mlflow": dataframe_split -> predictions
+    openai      protocol = "openai-chat" (a prompt a row) and "openai-embeddings" (texts
+                a request): OpenAI-compatible language model servers
+    openaibatch protocol = "openai-batch": an OpenAI batch file's lines, one a request
 
 A codec turns a ``Batch`` into the bytes of one request and the answer's bytes back into one
 result object per row, refusing any answer whose shape does not fit the request. Codecs use
@@ -19,7 +22,7 @@ when the file cannot become a request: that item fails without being sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
@@ -42,6 +45,13 @@ class EncodedRequest:
     preview: str | None = None
     # Text input: the rows as sent (JSON-ready dicts), to check an answer's echo against.
     records: list[dict[str, Any]] | None = None
+    # Language models: the tokens the request is expected to take (the prompt's, estimated
+    # from its length, and the most the answer may take), for the token rate limit and
+    # budget before the answer's usage says.
+    estimated_tokens: int = 0
+    # Where this request goes when not to the service's URL: the path a batch file's line
+    # names (``/v1/embeddings``), on the service's own origin, always.
+    path: str | None = None
 
 
 class Codec(Protocol):
@@ -73,4 +83,23 @@ class Codec(Protocol):
     def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
         """Raise ``SettingError`` (naming both sides) when the server's answer to the probe
         says it expects other inputs than ``schema``'s columns."""
+        ...
+
+
+class TokenUsage(Protocol):
+    """The tokens an answer says its request took."""
+
+    @property
+    def prompt(self) -> int: ...
+
+    @property
+    def completion(self) -> int: ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """A codec whose answers say how many tokens their requests took (language models)."""
+
+    def usage(self, body: bytes) -> TokenUsage | None:
+        """The answer's token usage, or None when it does not say."""
         ...

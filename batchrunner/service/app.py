@@ -2,7 +2,8 @@
 ``PROTOCOL.md`` in front of a model from ``models.py``, and the ways to run it.
 
 It answers like the real gateway does, so that the client is tested against the real HTTP
-path: ``POST /v1/infers/<service-id>[/<anything>]``, the token in ``X-Auth-Token``, and
+path: ``POST /v1/infers/<service-id>[/<anything>]``, the token in ``X-Auth-Token`` (or
+``Authorization: Bearer``, as OpenAI-compatible clients send it), and
 errors as gateway JSON ``{"error_code": ..., "error_msg": ..., "request_id": <uuid hex>}``.
 Every response carries the same id in ``X-Request-Id``. A text model takes text input,
 ``{"meta": {"uuid": ...}, "data": {"req_data": [...]}}``; a file model takes file input,
@@ -69,6 +70,7 @@ from batchrunner.service.iam import (
     parse_login,
     token_document,
 )
+from batchrunner.service.llm import add_openai_routes
 from batchrunner.service.models import FileModel, ModelInputError, TextModel
 from batchrunner.service.registry import load_model
 from batchrunner.service.wire import PATHS, add_routes
@@ -217,7 +219,7 @@ def _make_auth_middleware(tokens: TokenRegistry, stats: ServiceStats) -> Middlew
             request.match_info.route.name == _IAM_ROUTE
         ):
             return await handler(request)
-        reason = tokens.refusal(request.headers.get(TOKEN_HEADER))
+        reason = tokens.refusal(request.headers.get(TOKEN_HEADER) or _bearer(request))
         if reason is None:
             return await handler(request)
         if reason == "token expires":
@@ -226,6 +228,13 @@ def _make_auth_middleware(tokens: TokenRegistry, stats: ServiceStats) -> Middlew
         raise GatewayError(401, "APIG.0301", f"Incorrect IAM authentication information: {reason}")
 
     return authenticate
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (how OpenAI-compatible clients
+    send theirs), else None."""
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def _make_login_handler(account: IamAccount, tokens: TokenRegistry, stats: ServiceStats) -> Handler:
@@ -450,6 +459,11 @@ def create_app(
             stats.rows_scored += len(records)
 
         add_routes(app, model, count)
+
+        def count_rows(rows: int) -> None:
+            stats.rows_scored += rows
+
+        add_openai_routes(app, count_rows)
     if options.iam is not None:
         app.router.add_post(
             IAM_PATH, _make_login_handler(options.iam, tokens, stats), name=_IAM_ROUTE

@@ -55,7 +55,11 @@ def fault_middleware(settings: FaultSettings) -> Middleware:
                 429,
                 "APIG.0308",
                 "The throttling threshold has been reached",
-                {"Retry-After": f"{settings.retry_after:g}"},
+                # retry-after-ms: OpenAI-compatible servers' finer form of the same.
+                {
+                    "Retry-After": f"{settings.retry_after:g}",
+                    "retry-after-ms": str(int(settings.retry_after * 1000)),
+                },
             )
         in_flight += 1
         try:

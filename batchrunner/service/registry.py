@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from batchrunner.service.llm import LabelModel
 from batchrunner.service.models import DATA_DIR, IrisModel, LinearModel, Model, SentimentModel
 
 
@@ -28,6 +29,7 @@ _LOADERS: dict[str, Callable[[], Model]] = {
     "linear": LinearModel,
     "sentiment": SentimentModel,
     "colors": _load_colors,
+    "llm": LabelModel,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_LOADERS)

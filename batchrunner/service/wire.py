@@ -36,6 +36,10 @@ PATHS = {
     "oip-v2": "/v2/models/{name}/infer",
     "mlflow": "/invocations",
     "json": "/predict/{name}",
+    # The OpenAI-compatible routes (see ``llm``): the model goes in the body, not the path.
+    "openai-chat": "/v1/chat/completions",
+    "openai-embeddings": "/v1/embeddings",
+    "openai-batch": "/v1",
 }
 
 Rows = Callable[[list[dict[str, Any]]], None]

@@ -2,6 +2,7 @@
 
     tabular     CSV, Parquet and JSON lines, cut into batches of rows (``open_tabular``)
     images      a folder, glob or manifest of image files, one file per batch (``open_images``)
+    batchfile   an OpenAI batch file (protocol = "openai-batch"), a line a row (``open_batch_file``)
 
 ``input_kind`` tells which of the two a job's input is. A source checks its input when it
 is opened (missing files and columns are ``InputError``s before any request is sent), then
