@@ -1,0 +1,73 @@
+"""The key index at scale: what earlier versions wrote is still read, the check streams the
+input in Arrow form, the duplicate check and the filter through the same partitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrunner.incremental import open_seen
+from batchrunner.report import RunStats
+from batchrunner.sources import open_tabular
+
+DATA = Path(__file__).parent / "data"
+# Written by the index code as it was before the check read Arrow columns (issue 19): the
+# nightly jobs of that version must keep their memory of earlier nights.
+EARLIER_INDEX = DATA / "keys-written-before-issue-19.keys"
+EARLIER_ROWS = 600
+
+
+def earlier_table(rows: int = EARLIER_ROWS) -> pa.Table:
+    """The table ``EARLIER_INDEX`` remembers, every row ok: keys of two widths, text short,
+    long and missing, numbers with NaN and nulls, flags."""
+    ids = list(range(rows))
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "text": [None if i % 7 == 0 else ("word" * (i % 40)) + str(i) for i in ids],
+            "x": [float("nan") if i % 11 == 0 else i / 3 for i in ids],
+            "n": pa.array([None if i % 5 == 0 else i * 1_000_003 for i in ids], pa.int64()),
+            "flag": [i % 2 == 0 for i in ids],
+        }
+    )
+
+
+def write_index_with_this_code(folder: Path, index: Path) -> None:
+    """Run one night over ``earlier_table`` and remember every row (how ``EARLIER_INDEX``
+    was made)."""
+    pq.write_table(earlier_table(), folder / "table.parquet")
+    source = open_tabular(folder / "table.parquet", id_column="id")
+    seen = open_seen(index, url="u")
+    seen.check(lambda: source.iter_batches(64))
+    sent = [
+        key for batch in seen.filter(source.iter_batches(64), RunStats(), 64) for key in batch.keys
+    ]
+    output = folder / "out.parquet"
+    pq.write_table(
+        pa.table({"_key": pa.array(sent, pa.string()), "_status": pa.repeat("ok", len(sent))}),
+        output,
+    )
+    seen.remember(output, run_id="earlier", url="u")
+
+
+def sent_by_night(folder: Path, table: pa.Table, index: Path, size: int = 64) -> list[list[str]]:
+    pq.write_table(table, folder / "night.parquet")
+    source = open_tabular(folder / "night.parquet", id_column="id")
+    seen = open_seen(index, url="u")
+    seen.check(lambda: source.iter_batches(size))
+    return [list(batch.keys) for batch in seen.filter(source.iter_batches(size), RunStats(), size)]
+
+
+def test_an_index_written_before_issue_19_is_still_read(tmp_path: Path) -> None:
+    index = tmp_path / "j.keys"
+    index.write_bytes(EARLIER_INDEX.read_bytes())
+    assert open_seen(index, url="u").version == "earlier"
+    assert sent_by_night(tmp_path, earlier_table(), index) == []  # every row remembered
+    # two rows changed, scattered, and one new: exactly those are sent
+    table = earlier_table(EARLIER_ROWS + 1)
+    x = table.column("x").to_pylist()
+    x[3], x[500] = -1.0, -2.0
+    table = table.set_column(table.schema.get_field_index("x"), "x", pa.array(x))
+    assert sent_by_night(tmp_path, table, index) == [["3", "500", str(EARLIER_ROWS)]]
