@@ -55,6 +55,11 @@ def make_table(path: Path, rows: int, *, changed: bool = False, duplicates: bool
             writer.write_table(pa.table(columns, schema=schema))
 
 
+def _peak_mb() -> int:
+    """The process's peak resident set so far (MB): ``VmHWM``, as ``ru_maxrss``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def night(table: str, folder: str, mode: str) -> None:
     """One night, in this process (see ``main``); prints a JSON line."""
     import orjson
@@ -62,9 +67,10 @@ def night(table: str, folder: str, mode: str) -> None:
     import pyarrow.parquet as pq
 
     from batchrunner.errors import InputError
-    from batchrunner.incremental import open_seen
+    from batchrunner.incremental import check_reader, open_seen
     from batchrunner.report import RunStats
     from batchrunner.runner import use_lean_memory_pool
+    from batchrunner.sink import ROW_GROUP_ROWS
     from batchrunner.sources import open_tabular
 
     use_lean_memory_pool()  # as a run does
@@ -74,7 +80,7 @@ def night(table: str, folder: str, mode: str) -> None:
     seen = open_seen(index, url="bench")
     figures: dict[str, object] = {"night": mode}
     try:
-        seen.check(lambda: source.iter_batches(65_536))
+        seen.check(check_reader(source, 65_536, None))
     except InputError as exc:
         figures["refused"] = str(exc)[:160]
         figures["seconds"] = round(time.perf_counter() - started, 2)
@@ -82,17 +88,25 @@ def night(table: str, folder: str, mode: str) -> None:
         print(orjson.dumps(figures).decode())
         return
     checked = time.perf_counter()
+    check_peak = _peak_mb()
     stats = RunStats()
     sent = batches = full = 0
     output = Path(folder) / "out.parquet"
     schema = pa.schema([("_key", pa.string()), ("_status", pa.string())])
+    # The output as the run's assembly writes it: row groups of ROW_GROUP_ROWS rows.
+    pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(output, schema) as writer:
         for batch in seen.filter(source.iter_batches(BATCH), stats, BATCH):
             sent += len(batch)
             batches += 1
             full += len(batch) == BATCH
             keys = pa.array(batch.keys, pa.string())
-            writer.write_table(pa.table([keys, pa.repeat("ok", len(keys))], schema=schema))
+            pending.append(pa.record_batch([keys, pa.repeat("ok", len(keys))], schema=schema))
+            if len(pending) * BATCH >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_batches(pending, schema))
+                pending = []
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema))
     filtered = time.perf_counter()
     seen.remember(output, run_id=mode, url="bench")
     ended = time.perf_counter()
@@ -108,6 +122,8 @@ def night(table: str, folder: str, mode: str) -> None:
         "remember_s": round(ended - filtered, 2),
         "seconds": round(ended - started, 2),
         "rows_per_s": round(rows / (ended - started)),
+        "cpu_s": round(time.process_time(), 2),
+        "check_peak_mb": check_peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "index_bytes": index.stat().st_size,
         "index_bytes_per_row": round(index.stat().st_size / max(1, rows), 1),
