@@ -374,7 +374,7 @@ def _convert(legacy: Path, path: Path) -> None:
         for rows in file.iter_batches(columns=["key", "item"]):
             items = rows.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
             spill.add(key_hashes(rows.column(0)), items.view(np.uint64))
-        partitions = ((part.by_key["key"], part.by_key["item"]) for _, part in spill.partitions())
+        partitions = ((part.sorted("key"), part.sorted("item")) for _, part in spill.partitions())
         metadata = {
             "scheme": LEGACY_SCHEME,
             "run_id": str(document.get("run_id", legacy.stat().st_mtime_ns)),
