@@ -65,6 +65,7 @@ from batchrunner.keyindex import (
     Spill,
     UnreadableIndex,
     batch_hashes,
+    flag_values,
     key_hashes,
     match,
     merged,
@@ -288,7 +289,7 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
     rows the run sent ended in error. The output holds the sent rows, in input order."""
     keep = done.copy()
     statuses = (
-        np.asarray(pc.equal(rows.column(0), STATUS_OK).to_numpy(zero_copy_only=False), bool)
+        flag_values(pc.equal(rows.column(0), STATUS_OK))  # (imports pandas, if installed)
         for rows in pq.ParquetFile(output).iter_batches(columns=["_status"])
     )
     waiting = np.zeros(0, bool)
@@ -372,7 +373,8 @@ def _convert(legacy: Path, path: Path) -> None:
             raise StateError(_unreadable(legacy, "it has no column 'key' or 'item'"))
         document = orjson.loads((file.schema_arrow.metadata or {}).get(SEEN_METADATA_KEY, b"{}"))
         for rows in file.iter_batches(columns=["key", "item"]):
-            items = rows.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+            items = pc.fill_null(pc.cast(rows.column(1), pa.int64()), 0)
+            items = np.frombuffer(items.buffers()[1], np.int64, len(items), items.offset * 8)
             spill.add(key_hashes(rows.column(0)), items.view(np.uint64))
         partitions = ((part.sorted("key"), part.sorted("item")) for _, part in spill.partitions())
         metadata = {

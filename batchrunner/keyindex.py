@@ -141,12 +141,12 @@ def _column_hashes(name: str, column: pa.Array) -> U64:
         column = column.dictionary_decode()
         kind = column.type
     if pa.types.is_integer(kind):
-        bits = _numbers(column, pa.int64(), 0).view(np.uint64)
+        bits = _numbers(column, pa.int64()).view(np.uint64)
         hashes = _mix(bits ^ _seed(name, "integer"))
     elif pa.types.is_floating(kind):
-        hashes = _mix(_numbers(column, pa.float64(), 0.0).view(np.uint64) ^ _seed(name, "number"))
+        hashes = _mix(_numbers(column, pa.float64()).view(np.uint64) ^ _seed(name, "number"))
     elif pa.types.is_boolean(kind):
-        flags = np.asarray(pc.fill_null(column, False).to_numpy(zero_copy_only=False), np.uint64)
+        flags = flag_values(column).astype(np.uint64)
         hashes = _mix(flags ^ _seed(name, "boolean"))
     elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
         hashes = _text_hashes(column, _seed(name, "text"))
@@ -156,17 +156,56 @@ def _column_hashes(name: str, column: pa.Array) -> U64:
         texts = [orjson.dumps(value, default=str) for value in column.to_pylist()]
         hashes = _text_hashes(pa.array(texts, pa.binary()), _seed(name, "json"))
     if column.null_count:
-        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+        nulls = _nulls(column)
         hashes[nulls] = _mix(np.asarray([_NULL ^ _seed(name, "null")], np.uint64))[0]
     return hashes
 
 
-def _numbers(column: pa.Array, kind: pa.DataType, fill: Any) -> npt.NDArray[Any]:
+def _numbers(column: pa.Array, kind: pa.DataType) -> npt.NDArray[Any]:
+    """The numbers of ``column`` as ``kind``; what null slots hold is left as it is (their
+    hashes are replaced by the null hash)."""
     if column.type != kind:
         column = pc.cast(column, kind)
+    dtype = np.dtype(np.int64 if pa.types.is_integer(kind) else np.float64)
+    buffer = column.buffers()[1]
+    if buffer is None:
+        return np.zeros(len(column), dtype)
+    return np.frombuffer(buffer, dtype, len(column), column.offset * dtype.itemsize)
+
+
+# Arrow imports pandas, when it is installed, for ``to_numpy`` and for any Python value
+# made an Arrow one (``pa.array``, ``pa.scalar``, a compute function given 0 or "ok"): 30 MB
+# of a night's memory. Values are read from the arrays' buffers instead.
+
+
+def _bits(buffer: pa.Buffer | None, offset: int, count: int) -> npt.NDArray[np.bool_]:
+    if buffer is None:
+        return np.ones(count, bool)
+    bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
+    return bits[offset : offset + count].astype(bool)
+
+
+def _nulls(column: pa.Array) -> npt.NDArray[np.bool_]:
+    if column.null_count == len(column):  # a null column has no validity buffer
+        return np.ones(len(column), bool)
+    return ~_bits(column.buffers()[0], column.offset, len(column))
+
+
+def flag_values(column: pa.Array) -> npt.NDArray[np.bool_]:
+    """The values of a boolean ``column`` (its nulls read as false) as numpy booleans."""
+    if not len(column):
+        return np.zeros(0, bool)
+    validity, values = column.buffers()[:2]
+    flags = _bits(values, column.offset, len(column))
     if column.null_count:
-        column = pc.fill_null(column, fill)
-    return np.ascontiguousarray(column.to_numpy(zero_copy_only=False))
+        flags &= _bits(validity, column.offset, len(column))
+    return flags
+
+
+def arrow_mask(flags: npt.NDArray[np.bool_]) -> pa.BooleanArray:
+    """``flags`` as an Arrow boolean array, for ``filter``."""
+    packed = np.packbits(flags, bitorder="little")
+    return pa.BooleanArray.from_buffers(pa.bool_(), len(flags), [None, pa.py_buffer(packed)])
 
 
 def _text_hashes(array: pa.Array, seed: np.uint64) -> U64:
@@ -182,8 +221,8 @@ def _text_hashes(array: pa.Array, seed: np.uint64) -> U64:
     if not long.any():
         return _word_hashes(array, seed)
     hashes = np.empty(len(array), np.uint64)
-    hashes[~long] = _word_hashes(array.filter(pa.array(~long)), seed)
-    hashes[long] = _byte_hashes(array.filter(pa.array(long)), seed)
+    hashes[~long] = _word_hashes(array.filter(arrow_mask(~long)), seed)
+    hashes[long] = _byte_hashes(array.filter(arrow_mask(long)), seed)
     return hashes
 
 
