@@ -294,7 +294,7 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
     )
     waiting = np.zeros(0, bool)
     errors = 0
-    window = 1 << 20
+    window = 1 << 16  # rows: their numbers and statuses, a few MB
     for start in range(0, done.count, window):
         count = min(window, done.count - start)
         sent = np.flatnonzero(~done.get(start, count)).astype(np.uint64) + np.uint64(start)

@@ -1,6 +1,7 @@
 """Nightly runs at scale: the key index's nights and the duplicate-key check, with peak memory.
 
-    python -m tests.benchmarks.keys [ROWS] [--folder DIR]     (ROWS: 10000000 by default)
+    python -m tests.benchmarks.keys [ROWS] [--folder DIR] [--repeat N] [--only duplicates]
+                                                    (ROWS: 10000000 by default)
 
 Run by hand, not in CI. Generates a Parquet table of ROWS rows (``id``, an integer, and four
 floats) in DIR (a temporary folder by default; nothing is committed), then runs each night
@@ -19,6 +20,8 @@ size on disk, and what was sent.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -55,9 +58,16 @@ def make_table(path: Path, rows: int, *, changed: bool = False, duplicates: bool
             writer.write_table(pa.table(columns, schema=schema))
 
 
-def _peak_mb() -> int:
-    """The process's peak resident set so far (MB): ``VmHWM``, as ``ru_maxrss``."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+def _phase_peak_mb() -> int:
+    """The process's peak resident set (MB) since the last call: ``VmHWM``, reset after it
+    is read (Linux; elsewhere the peak since the start, ``ru_maxrss``)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines() if "VmHWM" in line)
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024
 
 
 def night(table: str, folder: str, mode: str) -> None:
@@ -82,13 +92,16 @@ def night(table: str, folder: str, mode: str) -> None:
     try:
         seen.check(check_reader(source, 65_536, None))
     except InputError as exc:
-        figures["refused"] = str(exc)[:160]
-        figures["seconds"] = round(time.perf_counter() - started, 2)
-        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        seconds = time.perf_counter() - started
+        figures["refused"] = str(exc).split(". With")[0]
+        figures["seconds"] = round(seconds, 2)
+        figures["rows_per_s"] = round((source.count_rows() or 0) / seconds)
+        figures["cpu_s"] = round(time.process_time(), 2)
+        figures["peak_rss_mb"] = _phase_peak_mb()
         print(orjson.dumps(figures).decode())
         return
     checked = time.perf_counter()
-    check_peak = _peak_mb()
+    check_peak = _phase_peak_mb()
     stats = RunStats()
     sent = batches = full = 0
     output = Path(folder) / "out.parquet"
@@ -108,8 +121,10 @@ def night(table: str, folder: str, mode: str) -> None:
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema))
     filtered = time.perf_counter()
+    filter_peak = _phase_peak_mb()
     seen.remember(output, run_id=mode, url="bench")
     ended = time.perf_counter()
+    remember_peak = _phase_peak_mb()
     rows = sent + stats.rows_skipped
     figures |= {
         "rows": rows,
@@ -123,8 +138,8 @@ def night(table: str, folder: str, mode: str) -> None:
         "seconds": round(ended - started, 2),
         "rows_per_s": round(rows / (ended - started)),
         "cpu_s": round(time.process_time(), 2),
-        "check_peak_mb": check_peak,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mb": max(check_peak, filter_peak, remember_peak),
+        "phase_peaks_mb": [check_peak, filter_peak, remember_peak],
         "index_bytes": index.stat().st_size,
         "index_bytes_per_row": round(index.stat().st_size / max(1, rows), 1),
     }
@@ -135,29 +150,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="?", type=int, default=10_000_000)
     parser.add_argument("--folder")
+    parser.add_argument("--repeat", type=int, default=1, help="run the nights this many times")
+    parser.add_argument("--only", choices=["duplicates"], help="run only the duplicate check")
     parser.add_argument("--night", nargs=3, help=argparse.SUPPRESS)  # table folder mode
     options = parser.parse_args()
     if options.night:
         night(*options.night)
         return
+    nights = [
+        ("first", "night1"),
+        ("nothing new", "night1"),
+        ("1% new or changed", "night3"),
+        ("duplicates", "duplicates"),
+    ]
+    if options.only == "duplicates":
+        nights = nights[3:]
+    print(f"{platform.node()}: {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(dir=options.folder) as folder:
         base = Path(folder)
         print(f"generating {options.rows:,} rows in {base} ...", flush=True)
-        make_table(base / "night1.parquet", options.rows)
-        make_table(base / "night3.parquet", options.rows, changed=True)
-        make_table(base / "duplicates.parquet", options.rows, duplicates=True)
+        for _, table in nights:
+            if not (base / f"{table}.parquet").exists():
+                make_table(
+                    base / f"{table}.parquet",
+                    options.rows,
+                    changed=table == "night3",
+                    duplicates=table == "duplicates",
+                )
         state = base / "state"
         state.mkdir()
-        for mode, table in (
-            ("first", "night1"),
-            ("nothing new", "night1"),
-            ("1% new or changed", "night3"),
-            ("duplicates", "duplicates"),
-        ):
-            if mode == "duplicates":
-                (state / "bench.keys").unlink()
-            command = [sys.executable, "-m", "tests.benchmarks.keys", "--night"]
-            subprocess.run([*command, str(base / f"{table}.parquet"), str(state), mode], check=True)
+        for _ in range(options.repeat):
+            for mode, table in nights:
+                if mode in ("first", "duplicates"):
+                    (state / "bench.keys").unlink(missing_ok=True)
+                command = [sys.executable, "-m", "tests.benchmarks.keys", "--night"]
+                table_path = str(base / f"{table}.parquet")
+                subprocess.run([*command, table_path, str(state), mode], check=True)
 
 
 if __name__ == "__main__":
