@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batchrunner import keyindex
-from batchrunner.incremental import open_seen
+from batchrunner.errors import InputError
+from batchrunner.incremental import check_reader, open_seen
 from batchrunner.report import RunStats
 from batchrunner.sources import open_tabular
 
@@ -109,3 +111,26 @@ def test_the_check_never_imports_pandas(tmp_path: Path) -> None:
         check=True,
     )
     assert done.stdout.strip() == "False"
+
+
+def test_duplicate_keys_are_found_across_files_and_row_groups(tmp_path: Path) -> None:
+    # The check reads Arrow columns: a key twice in one row group, across row groups and
+    # across files is found, named with its rows, and nothing is sent.
+    folder = tmp_path / "input"
+    folder.mkdir()
+    ids = list(range(1000))
+    ids[10] = 400  # row group 0 and row group 4 of the first file
+    pq.write_table(pa.table({"id": ids, "x": [i / 7 for i in ids]}), folder / "a.parquet", 100)
+    second = [1000 + i for i in range(500)]
+    second[7] = 999  # the first file's last key, again in the second file
+    second[8] = second[9]  # twice side by side
+    pq.write_table(pa.table({"id": second, "x": [1.0] * 500}), folder / "b.parquet", 100)
+    source = open_tabular(folder, id_column="id")
+    seen = open_seen(tmp_path / "j.keys", url="u")
+    with pytest.raises(InputError) as refused:
+        seen.check(check_reader(source, 64, None))
+    assert str(refused.value).startswith(
+        "the input's keys are not unique: 3 keys more than once (3 rows repeat one): '400' at "
+        "rows 11 and 401; '999' at rows 1,000 and 1,008; '1009' at rows 1,009 and 1,010. "
+    )
+    assert not (tmp_path / "j.keys").exists() and not (tmp_path / "j.keys.work").exists()
