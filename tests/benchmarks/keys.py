@@ -20,6 +20,7 @@ size on disk, and what was sent.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import os
 import platform
 import resource
@@ -70,8 +71,20 @@ def _phase_peak_mb() -> int:
     return peak // 1024
 
 
-def night(table: str, folder: str, mode: str) -> None:
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """Makes ``import pandas`` fail, as in an install of batchrunner's own dependencies
+    (pyarrow imports pandas when it can, for ``to_numpy`` and any Python value it converts:
+    30 MB)."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ModuleNotFoundError(name)
+
+
+def night(table: str, folder: str, mode: str, *, without_pandas: bool = False) -> None:
     """One night, in this process (see ``main``); prints a JSON line."""
+    if without_pandas:
+        sys.meta_path.insert(0, _NoPandas())
     import orjson
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -88,7 +101,7 @@ def night(table: str, folder: str, mode: str) -> None:
     source = open_tabular(table, id_column="id")
     index = Path(folder) / "bench.keys"
     seen = open_seen(index, url="bench")
-    figures: dict[str, object] = {"night": mode}
+    figures: dict[str, object] = {"night": mode, "pandas": not without_pandas}
     try:
         seen.check(check_reader(source, 65_536, None))
     except InputError as exc:
@@ -152,10 +165,13 @@ def main() -> None:
     parser.add_argument("--folder")
     parser.add_argument("--repeat", type=int, default=1, help="run the nights this many times")
     parser.add_argument("--only", choices=["duplicates"], help="run only the duplicate check")
+    parser.add_argument(
+        "--without-pandas", action="store_true", help="as without pandas installed (see _NoPandas)"
+    )
     parser.add_argument("--night", nargs=3, help=argparse.SUPPRESS)  # table folder mode
     options = parser.parse_args()
     if options.night:
-        night(*options.night)
+        night(*options.night, without_pandas=options.without_pandas)
         return
     nights = [
         ("first", "night1"),
@@ -184,6 +200,8 @@ def main() -> None:
                 if mode in ("first", "duplicates"):
                     (state / "bench.keys").unlink(missing_ok=True)
                 command = [sys.executable, "-m", "tests.benchmarks.keys", "--night"]
+                if options.without_pandas:
+                    command.insert(-1, "--without-pandas")
                 table_path = str(base / f"{table}.parquet")
                 subprocess.run([*command, table_path, str(state), mode], check=True)
 
