@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError, StateError
-from batchrunner.items import STATUS_OK, Batch
+from batchrunner.items import STATUS_OK, Batch, KeyedRows
 from batchrunner.job import INCREMENTAL_IDENTITY
 from batchrunner.keyindex import (
     LEGACY_SCHEME,
@@ -65,6 +65,7 @@ from batchrunner.keyindex import (
     Spill,
     UnreadableIndex,
     batch_hashes,
+    flag_values,
     key_hashes,
     match,
     merged,
@@ -72,6 +73,7 @@ from batchrunner.keyindex import (
     write_index,
 )
 from batchrunner.report import RunStats
+from batchrunner.sources import Source, TabularSource
 
 log = logging.getLogger("batchrunner")
 
@@ -166,13 +168,15 @@ class SeenItems:
                 output,
             )
 
-    def check(self, read: Callable[[], Iterable[Batch]]) -> None:
-        """Read the input (``read()``: the run's batches, before the filter) once: raise
-        ``InputError`` if a key comes twice, and find the rows already done."""
+    def check(self, read: Callable[[], Iterable[Batch | KeyedRows]]) -> None:
+        """Read the input (``read()``: the run's rows before the filter, see ``check_reader``)
+        once: raise ``InputError`` if a key comes twice, and find the rows already done."""
         legacy = self._index is not None and self._index.scheme == LEGACY_SCHEME
         for batch in read():
             keys, items = batch_hashes(batch)
             if legacy:  # looked up with the old hash; remembered with today's
+                if isinstance(batch, KeyedRows):
+                    batch = Batch(0, batch.keys.to_pylist(), batch.rows)
                 old = np.frombuffer(legacy_item_hashes(batch), np.int64).view(np.uint64)
                 self._spill.add(keys, old, items)
             else:
@@ -285,12 +289,12 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
     rows the run sent ended in error. The output holds the sent rows, in input order."""
     keep = done.copy()
     statuses = (
-        np.asarray(pc.equal(rows.column(0), STATUS_OK).to_numpy(zero_copy_only=False), bool)
+        flag_values(pc.equal(rows.column(0), STATUS_OK))  # (imports pandas, if installed)
         for rows in pq.ParquetFile(output).iter_batches(columns=["_status"])
     )
     waiting = np.zeros(0, bool)
     errors = 0
-    window = 1 << 20
+    window = 1 << 16  # rows: their numbers and statuses, a few MB
     for start in range(0, done.count, window):
         count = min(window, done.count - start)
         sent = np.flatnonzero(~done.get(start, count)).astype(np.uint64) + np.uint64(start)
@@ -304,14 +308,26 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
     return keep, errors
 
 
-def name_examples(duplicates: Duplicates, batches: Iterable[Batch]) -> None:
+def check_reader(
+    source: Source, size: int, limit: int | None
+) -> Callable[[], Iterator[Batch | KeyedRows]]:
+    """How ``SeenItems.check`` reads ``source``: a table's keys and sent fields as Arrow
+    columns (no Python text per key), other inputs as batches of ``size``."""
+    if isinstance(source, TabularSource):
+        return functools.partial(source.iter_keyed, limit=limit)
+    return functools.partial(source.iter_batches, size, limit=limit)
+
+
+def name_examples(duplicates: Duplicates, batches: Iterable[Batch | KeyedRows]) -> None:
     """Fill in the keys of ``duplicates``' examples from ``batches`` (the input again)."""
     wanted = duplicates.example_rows()
     row = 0
     for batch in batches:
-        for place in (r - row for r in wanted if row <= r < row + len(batch)):
-            duplicates.texts[row + place] = batch.keys[place]
-        row += len(batch)
+        count = len(batch.keys)
+        for place in (r - row for r in wanted if row <= r < row + count):
+            key = batch.keys[place]
+            duplicates.texts[row + place] = key.as_py() if isinstance(key, pa.Scalar) else key
+        row += count
         if row > max(wanted, default=0):
             break
 
@@ -357,9 +373,10 @@ def _convert(legacy: Path, path: Path) -> None:
             raise StateError(_unreadable(legacy, "it has no column 'key' or 'item'"))
         document = orjson.loads((file.schema_arrow.metadata or {}).get(SEEN_METADATA_KEY, b"{}"))
         for rows in file.iter_batches(columns=["key", "item"]):
-            items = rows.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+            items = pc.fill_null(pc.cast(rows.column(1), pa.int64()), 0)
+            items = np.frombuffer(items.buffers()[1], np.int64, len(items), items.offset * 8)
             spill.add(key_hashes(rows.column(0)), items.view(np.uint64))
-        partitions = ((records["key"], records["item"]) for _, records in spill.partitions())
+        partitions = ((part.sorted("key"), part.sorted("item")) for _, part in spill.partitions())
         metadata = {
             "scheme": LEGACY_SCHEME,
             "run_id": str(document.get("run_id", legacy.stat().st_mtime_ns)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -60,6 +60,14 @@ class Batch:
         kept = self.kept.slice(start, length) if self.kept is not None else None
         keys = self.keys[start : start + length]
         return Batch(self.seq, keys, self.rows.slice(start, length), self.path, kept)
+
+
+class KeyedRows(NamedTuple):
+    """Rows of a table as the key index reads them: their keys as text and the fields sent,
+    as Arrow arrays (no Python value per row), in input order."""
+
+    keys: pa.Array
+    rows: pa.RecordBatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +40,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrunner.items import Batch
+from batchrunner.items import Batch, KeyedRows
 from batchrunner.storage import InputPath, ObjectPath
 from batchrunner.writing import fsync
 
@@ -56,7 +56,7 @@ LEGACY_SCHEME = "blake2b-json-v1"
 RECORD = np.dtype([("key", "<u8"), ("item", "<u8"), ("row", "<u8")])
 CONVERTING_RECORD = np.dtype([("key", "<u8"), ("item", "<u8"), ("row", "<u8"), ("new", "<u8")])
 # Records buffered before they are spread over the partition files.
-SPILL_ROWS = 1 << 18
+SPILL_ROWS = 1 << 17
 DUPLICATE_EXAMPLES = 5
 SHORT_TEXT = 64  # bytes: values up to this long are hashed a word at a time
 
@@ -114,8 +114,12 @@ def item_hashes(keys: U64, rows: pa.RecordBatch | None, files: Sequence[InputPat
     return _mix(hashes ^ _seed("columns", sorted(rows.schema.names)))
 
 
-def batch_hashes(batch: Batch) -> tuple[U64, U64]:
-    """A batch's key hashes and item hashes, in row order."""
+def batch_hashes(batch: Batch | KeyedRows) -> tuple[U64, U64]:
+    """A batch's key hashes and item hashes, in row order (rows read as ``KeyedRows`` hash
+    as the batches cut from them do)."""
+    if isinstance(batch, KeyedRows):
+        keys = key_hashes(batch.keys)
+        return keys, item_hashes(keys, batch.rows)
     keys = key_hashes(list(batch.keys))
     return keys, item_hashes(keys, batch.rows, [batch.path] if batch.path is not None else [])
 
@@ -137,12 +141,12 @@ def _column_hashes(name: str, column: pa.Array) -> U64:
         column = column.dictionary_decode()
         kind = column.type
     if pa.types.is_integer(kind):
-        bits = _numbers(column, pa.int64(), 0).view(np.uint64)
+        bits = _numbers(column, pa.int64()).view(np.uint64)
         hashes = _mix(bits ^ _seed(name, "integer"))
     elif pa.types.is_floating(kind):
-        hashes = _mix(_numbers(column, pa.float64(), 0.0).view(np.uint64) ^ _seed(name, "number"))
+        hashes = _mix(_numbers(column, pa.float64()).view(np.uint64) ^ _seed(name, "number"))
     elif pa.types.is_boolean(kind):
-        flags = np.asarray(pc.fill_null(column, False).to_numpy(zero_copy_only=False), np.uint64)
+        flags = flag_values(column).astype(np.uint64)
         hashes = _mix(flags ^ _seed(name, "boolean"))
     elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
         hashes = _text_hashes(column, _seed(name, "text"))
@@ -152,17 +156,56 @@ def _column_hashes(name: str, column: pa.Array) -> U64:
         texts = [orjson.dumps(value, default=str) for value in column.to_pylist()]
         hashes = _text_hashes(pa.array(texts, pa.binary()), _seed(name, "json"))
     if column.null_count:
-        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+        nulls = _nulls(column)
         hashes[nulls] = _mix(np.asarray([_NULL ^ _seed(name, "null")], np.uint64))[0]
     return hashes
 
 
-def _numbers(column: pa.Array, kind: pa.DataType, fill: Any) -> npt.NDArray[Any]:
+def _numbers(column: pa.Array, kind: pa.DataType) -> npt.NDArray[Any]:
+    """The numbers of ``column`` as ``kind``; what null slots hold is left as it is (their
+    hashes are replaced by the null hash)."""
     if column.type != kind:
         column = pc.cast(column, kind)
+    dtype = np.dtype(np.int64 if pa.types.is_integer(kind) else np.float64)
+    buffer = column.buffers()[1]
+    if buffer is None:
+        return np.zeros(len(column), dtype)
+    return np.frombuffer(buffer, dtype, len(column), column.offset * dtype.itemsize)
+
+
+# Arrow imports pandas, when it is installed, for ``to_numpy`` and for any Python value
+# made an Arrow one (``pa.array``, ``pa.scalar``, a compute function given 0 or "ok"): 30 MB
+# of a night's memory. Values are read from the arrays' buffers instead.
+
+
+def _bits(buffer: pa.Buffer | None, offset: int, count: int) -> npt.NDArray[np.bool_]:
+    if buffer is None:
+        return np.ones(count, bool)
+    bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
+    return bits[offset : offset + count].astype(bool)
+
+
+def _nulls(column: pa.Array) -> npt.NDArray[np.bool_]:
+    if column.null_count == len(column):  # a null column has no validity buffer
+        return np.ones(len(column), bool)
+    return ~_bits(column.buffers()[0], column.offset, len(column))
+
+
+def flag_values(column: pa.Array) -> npt.NDArray[np.bool_]:
+    """The values of a boolean ``column`` (its nulls read as false) as numpy booleans."""
+    if not len(column):
+        return np.zeros(0, bool)
+    validity, values = column.buffers()[:2]
+    flags = _bits(values, column.offset, len(column))
     if column.null_count:
-        column = pc.fill_null(column, fill)
-    return np.ascontiguousarray(column.to_numpy(zero_copy_only=False))
+        flags &= _bits(validity, column.offset, len(column))
+    return flags
+
+
+def arrow_mask(flags: npt.NDArray[np.bool_]) -> pa.BooleanArray:
+    """``flags`` as an Arrow boolean array, for ``filter``."""
+    packed = np.packbits(flags, bitorder="little")
+    return pa.BooleanArray.from_buffers(pa.bool_(), len(flags), [None, pa.py_buffer(packed)])
 
 
 def _text_hashes(array: pa.Array, seed: np.uint64) -> U64:
@@ -173,38 +216,46 @@ def _text_hashes(array: pa.Array, seed: np.uint64) -> U64:
         array = array.combine_chunks()
     if len(array) == 0:
         return np.zeros(0, np.uint64)
-    offsets, data = _offsets_and_data(array)
-    lengths = np.diff(offsets)
-    long = lengths > SHORT_TEXT
-    hashes = _word_hashes(offsets, data, np.where(long, 0, lengths), seed)
-    if long.any():
-        hashes[long] = _byte_hashes(array.filter(pa.array(long)), seed)
+    offsets, _ = _offsets_and_data(array)
+    long = np.diff(offsets) > SHORT_TEXT
+    if not long.any():
+        return _word_hashes(array, seed)
+    hashes = np.empty(len(array), np.uint64)
+    hashes[~long] = _word_hashes(array.filter(arrow_mask(~long)), seed)
+    hashes[long] = _byte_hashes(array.filter(arrow_mask(long)), seed)
     return hashes
 
 
-def _word_hashes(
-    offsets: npt.NDArray[np.int64],
-    data: npt.NDArray[np.uint8],
-    lengths: npt.NDArray[np.int64],
-    seed: np.uint64,
-) -> U64:
-    """Values laid out in rows of 8-byte words, zero-padded: one pass per word of the longest
-    value. Each value is mixed with its own words only, and with its length, so that padding
-    never makes two values equal."""
-    count = len(lengths)
-    longest = int(lengths.max())
+def _word_hashes(array: pa.Array, seed: np.uint64) -> U64:
+    """Values (of up to ``SHORT_TEXT`` bytes) laid out in rows of 8-byte words, zero-padded,
+    with one scatter of their bytes; then one pass per word of the longest value. Each value
+    is mixed with its own words only, and with its length, so that padding never makes two
+    values equal."""
+    offsets, data = _offsets_and_data(array)
+    count = len(offsets) - 1
+    lengths = np.diff(offsets)
+    if count == 0:
+        return np.zeros(0, np.uint64)
     words_per_row = np.maximum(1, -(-lengths // 8))
-    width = max(8, -(-longest // 8) * 8)
-    starts = offsets[:-1] - offsets[0]
-    table = np.zeros((count, width), np.uint8)
-    for place in range(longest):
-        has = lengths > place
-        table[has, place] = data[starts[has] + place]
-    words = table.view("<u8")
+    width = int(words_per_row.max()) * 8  # bytes a row
+    table = np.zeros(count * width, np.uint8)
+    shortest = int(lengths.min())
+    if shortest == int(lengths.max()):  # one length (ids of one width, codes): a copy
+        table.reshape(count, width)[:, :shortest] = data.reshape(count, shortest)
+    elif len(data):
+        # data byte i of value r goes to r * width + (i - its start)
+        place = np.int32 if len(table) < 1 << 31 else np.int64  # half the memory of int64
+        shift = (np.arange(count, dtype=np.int64) * width - (offsets[:-1] - offsets[0])).astype(
+            place
+        )
+        destination = np.repeat(shift, lengths)
+        destination += np.arange(len(data), dtype=place)
+        table[destination] = data
+    words = table.view("<u8").reshape(count, width // 8)
     hashes = _mix(lengths.astype(np.uint64) ^ seed)
     for column in range(words.shape[1]):
         mixed = _mix(hashes + words[:, column].astype(np.uint64))
-        hashes = np.where(words_per_row > column, mixed, hashes)
+        hashes = mixed if column == 0 else np.where(words_per_row > column, mixed, hashes)
     return hashes
 
 
@@ -250,7 +301,8 @@ class Spill:
     """(key hash, item hash, row number) records, spread over partition files in ``folder``.
 
     ``add`` as rows are read, in row order; then ``partitions`` gives each partition's
-    records, sorted by key hash. The folder is the caller's, and removed by ``remove``.
+    records (in row order) with the order that sorts them by key hash. The folder is the
+    caller's, and removed by ``remove``.
     """
 
     def __init__(self, folder: Path, *, converting: bool = False) -> None:
@@ -260,55 +312,121 @@ class Spill:
         self.rows = 0
         # Converting an index of another hash: looked up by ``item``, remembered by ``new``.
         self.dtype = CONVERTING_RECORD if converting else RECORD
-        self._pending: list[npt.NDArray[Any]] = []
+        self._pending: list[tuple[U64, ...]] = []
         self._pending_rows = 0
+        self._files: list[BinaryIO] = []  # open while records are added: one per partition
 
     def add(self, keys: U64, items: U64, new_items: U64 | None = None) -> None:
-        records = np.empty(len(keys), self.dtype)
-        records["key"], records["item"] = keys, items
-        if new_items is not None:
-            records["new"] = new_items
-        records["row"] = np.arange(self.rows, self.rows + len(keys), dtype=np.uint64)
+        rows = np.arange(self.rows, self.rows + len(keys), dtype=np.uint64)
+        fields = (keys, items, rows) if new_items is None else (keys, items, rows, new_items)
         self.rows += len(keys)
-        self._pending.append(records)
-        self._pending_rows += len(records)
+        self._pending.append(fields)
+        self._pending_rows += len(keys)
         if self._pending_rows >= SPILL_ROWS:
             self.flush()
 
     def flush(self) -> None:
+        """Append the pending records to their partitions' files."""
         if not self._pending:
             return
-        records = np.concatenate(self._pending)
+        columns = [np.concatenate(column) for column in zip(*self._pending, strict=True)]
         self._pending, self._pending_rows = [], 0
-        parts = partition_of(records["key"]).astype(np.uint8)
-        order = np.argsort(parts, kind="stable")  # a radix sort, for 8-bit numbers
-        records, parts = records[order], parts[order]
-        bounds = np.searchsorted(parts, np.arange(PARTITIONS + 1))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        parts = partition_of(columns[0]).astype(np.uint8)
+        order = np.argsort(parts, kind="stable")  # a radix sort, for 8-bit numbers: row order kept
+        bounds = np.searchsorted(parts[order], np.arange(PARTITIONS + 1))
+        records = np.empty(len(order), self.dtype)
+        for name, column in zip(self.dtype.names or (), columns, strict=True):
+            records[name] = column[order]
+        if not self._files:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._files = [
+                (self.folder / f"{number:03d}").open("ab", buffering=0)
+                for number in range(PARTITIONS)
+            ]
         for number in np.flatnonzero(np.diff(bounds)):
-            with (self.folder / f"{number:03d}").open("ab") as file:
-                records[bounds[number] : bounds[number + 1]].tofile(file)
+            self._files[number].write(records[bounds[number] : bounds[number + 1]].data)
 
-    def partitions(self) -> Iterator[tuple[int, npt.NDArray[Any]]]:
-        """Each partition's records, sorted by key hash (a key's rows in row order), in
-        partition order."""
+    def _close(self) -> None:
+        for file in self._files:
+            file.close()
+        self._files = []
+
+    def partitions(self) -> Iterator[tuple[int, Partition]]:
+        """Each partition's records, in partition order."""
         self.flush()
+        self._close()
         for number in range(PARTITIONS):
             path = self.folder / f"{number:03d}"
             records = np.fromfile(path, self.dtype) if path.exists() else np.empty(0, self.dtype)
-            # by key alone (a structured sort compares field by field: ten times slower);
-            # stable, so that a key's rows stay in row order
-            yield number, records[np.argsort(records["key"], kind="stable")]
+            yield number, Partition(records)
 
     def duplicates(self) -> Duplicates:
         """The rows whose key an earlier row already had."""
         found = Duplicates()
-        for _, records in self.partitions():
-            found.add(records)
+        for _, partition in self.partitions():
+            found.add(partition)
         return found
 
     def remove(self) -> None:
+        self._close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Partition:
+    """One partition's records, in row order, and their fields sorted by key hash (the order
+    computed once, when first asked for; a key's rows stay in row order)."""
+
+    def __init__(self, records: npt.NDArray[Any]) -> None:
+        self.records = records
+        self._order: npt.NDArray[np.intp] | None = None
+        self._sorted: dict[str, U64] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def order(self) -> npt.NDArray[np.intp]:
+        """The places of the records sorted by key hash."""
+        if self._order is None:
+            self._order = _key_order(self.records["key"])
+        return self._order
+
+    def sorted(self, name: str) -> U64:
+        """Field ``name`` of the records sorted by key hash."""
+        if name not in self._sorted:
+            self._sorted[name] = self.records[name][self.order]
+        return self._sorted[name]
+
+    def rows_where(self, sorted_mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+        """The rows of the sorted records ``sorted_mask`` picks, ascending."""
+        in_row_order = np.empty(len(sorted_mask), bool)
+        in_row_order[self.order] = sorted_mask
+        rows: npt.NDArray[np.uint64] = self.records["row"][in_row_order]
+        return rows
+
+
+def _key_order(keys: U64) -> npt.NDArray[np.intp]:
+    """The order that sorts ``keys`` (of one partition), equal keys in place order.
+
+    A plain sort of numbers is twice as fast as an argsort: the keys' bits below the
+    partition's go in the high bits, each key's place in the low ones, and the places are
+    read back after the sort. Two keys that agree in every bit kept but differ below are
+    rare; the order is then checked, and made with an argsort if it is wrong.
+    """
+    count = len(keys)
+    place_bits = max(1, (count - 1).bit_length())
+    if count < 2 or place_bits > 40:
+        return np.argsort(keys, kind="stable")
+    places = np.uint64((1 << place_bits) - 1)
+    packed = keys << np.uint64(PARTITION_BITS)
+    packed &= ~places
+    packed |= np.arange(count, dtype=np.uint64)
+    packed.sort()
+    order = (packed & places).astype(np.intp)
+    ordered = keys[order]
+    if bool((ordered[1:] >= ordered[:-1]).all()):
+        return order
+    return np.argsort(keys, kind="stable")
 
 
 @dataclass
@@ -321,18 +439,19 @@ class Duplicates:
     examples: list[list[int]] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)  # row -> key, for the examples
 
-    def add(self, records: npt.NDArray[Any]) -> None:
-        keys = records["key"]
-        if len(keys) < 2:
+    def add(self, partition: Partition) -> None:
+        if len(partition) < 2:
             return
+        keys = partition.sorted("key")
         repeats = np.flatnonzero(keys[1:] == keys[:-1]) + 1
         if not len(repeats):
             return
+        rows = partition.sorted("row")
         self.rows += len(repeats)
         firsts = np.unique(keys[repeats])
         self.keys += len(firsts)
         for key in firsts[: DUPLICATE_EXAMPLES - len(self.examples)]:
-            self.examples.append(sorted(int(row) for row in records["row"][keys == key]))
+            self.examples.append(sorted(int(row) for row in rows[keys == key]))
         self.examples.sort()
 
     def __bool__(self) -> bool:
@@ -460,8 +579,15 @@ class RowBits:
         self._bits = np.zeros(math.ceil(count / 8), np.uint8)
 
     def set(self, rows: npt.NDArray[np.uint64]) -> None:
+        """Set the bits of ``rows`` (ascending, each once)."""
+        if not len(rows):
+            return
         rows = rows.astype(np.int64)
-        np.bitwise_or.at(self._bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+        places = rows >> 3
+        bits = (1 << (rows & 7)).astype(np.uint8)
+        # a byte's rows are side by side: OR them together, then one OR per byte
+        firsts = np.flatnonzero(np.concatenate([[True], places[1:] != places[:-1]]))
+        self._bits[places[firsts]] |= np.bitwise_or.reduceat(bits, firsts)
 
     def get(self, start: int, count: int) -> npt.NDArray[np.bool_]:
         """The bits of rows ``start .. start + count - 1``, as booleans."""
@@ -486,21 +612,22 @@ class RowBits:
 
 
 def match(
-    spill: Spill, index: KeyIndex | None, on_partition: Callable[[npt.NDArray[Any]], None]
+    spill: Spill, index: KeyIndex | None, on_partition: Callable[[Partition], None]
 ) -> RowBits:
-    """The rows of ``spill`` whose key and item hash ``index`` holds; each partition's
-    records go to ``on_partition`` too (the duplicate check reads the same partitions)."""
+    """The rows of ``spill`` whose key and item hash ``index`` holds; each partition goes
+    to ``on_partition`` too (the duplicate check reads the same partitions)."""
     done = RowBits(spill.rows)
-    for number, records in spill.partitions():
-        on_partition(records)
-        if index is None or not len(records):
+    for number, partition in spill.partitions():
+        on_partition(partition)
+        if index is None or not len(partition):
             continue
         keys, items = index.partition(number)
         if not len(keys):
             continue
-        places = np.minimum(np.searchsorted(keys, records["key"]), len(keys) - 1)
-        found = (keys[places] == records["key"]) & (items[places] == records["item"])
-        done.set(records["row"][found])
+        read = partition.sorted("key")  # sorted: the binary searches walk the index forward
+        places = np.minimum(np.searchsorted(keys, read), len(keys) - 1)
+        found = (keys[places] == read) & (items[places] == partition.sorted("item"))
+        done.set(partition.rows_where(found))
     return done
 
 
@@ -508,14 +635,18 @@ def merged(spill: Spill, index: KeyIndex | None, remember: RowBits) -> Iterator[
     """The index after a run, partition by partition: every key the run read replaces what
     it had, with its item hash where ``remember`` has its row, with nothing where not; keys
     the run did not read keep what they had."""
-    for number, records in spill.partitions():
-        keep = remember.get_many(records["row"]) if len(records) else np.zeros(0, bool)
-        remembered = "new" if "new" in (records.dtype.names or ()) else "item"
-        new_keys, new_items = records["key"][keep], records[remembered][keep]
-        if index is not None:
-            old_keys, old_items = index.partition(number)
-            untouched = ~np.isin(old_keys, records["key"])
-            new_keys = np.concatenate([old_keys[untouched], new_keys])
-            new_items = np.concatenate([old_items[untouched], new_items])
-        order = np.argsort(new_keys, kind="stable")
-        yield new_keys[order], new_items[order]
+    for number, partition in spill.partitions():
+        read = partition.sorted("key")
+        keep = remember.get_many(partition.sorted("row"))
+        remembered = "new" if "new" in (spill.dtype.names or ()) else "item"
+        new_keys, new_items = read[keep], partition.sorted(remembered)[keep]  # sorted
+        if index is None:
+            yield new_keys, new_items
+            continue
+        old_keys, old_items = index.partition(number)
+        places = np.minimum(np.searchsorted(read, old_keys), max(len(read) - 1, 0))
+        untouched = read[places] != old_keys if len(read) else np.ones(len(old_keys), bool)
+        old_keys, old_items = old_keys[untouched], old_items[untouched]
+        # both sorted: merged by inserting the new ones where they belong
+        at = np.searchsorted(old_keys, new_keys)
+        yield np.insert(old_keys, at, new_keys), np.insert(old_items, at, new_items)

@@ -55,7 +55,7 @@ from batchrunner.errors import (
     ServiceError,
 )
 from batchrunner.formats import batch_output_format
-from batchrunner.incremental import SeenItems, name_examples, open_seen
+from batchrunner.incremental import SeenItems, check_reader, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
 from batchrunner.job import (
     IMAGES,
@@ -208,7 +208,7 @@ class Runner:
                 self._seen = open_seen(paths.keys, url=job.service.url, legacy=paths.seen)
                 # Before anything is sent: duplicate keys stop the run here (exit 2).
                 check_size = self._batch_size if self._kind == IMAGES else CHECK_BATCH_ROWS
-                read = functools.partial(source.iter_batches, check_size, limit=self.limit)
+                read = check_reader(source, check_size, self.limit)
                 await asyncio.to_thread(self._seen.check, read)
             seen = self._seen
             resume_identity = identity if seen is None else seen.resume_identity(identity)

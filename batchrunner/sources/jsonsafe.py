@@ -10,6 +10,7 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -66,10 +67,22 @@ def _json_safe_array(array: pa.Array) -> pa.Array | None:
     ):
         return None
     if types.is_floating(kind):
+        # numpy's check, over the values as they are (no copy; Arrow's to_numpy would import
+        # pandas), is ten times faster
+        if not array.null_count and len(array) and not types.is_float16(kind):
+            width = 4 if types.is_float32(kind) else 8
+            values = np.frombuffer(
+                array.buffers()[1],
+                np.float32 if width == 4 else np.float64,
+                len(array),
+                array.offset * width,
+            )
+            if np.isfinite(values).all():
+                return None
         finite = pc.is_finite(array)
         if pc.all(finite).as_py() is not False:  # True, or None when all null / empty
             return None
-        return pc.if_else(finite, array, None)
+        return pc.if_else(finite, array, pa.nulls(len(array), kind))  # pa.scalar: pandas
     if isinstance(kind, pa.BaseExtensionType):
         if kind.extension_name == "arrow.uuid":
             return _python_texts(array, str)

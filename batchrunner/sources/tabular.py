@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import InputError
-from batchrunner.items import Batch
+from batchrunner.items import Batch, KeyedRows
 from batchrunner.sources.batching import CHUNK_ROWS, Chunk, FileRows, cut_batches, row_number_texts
 from batchrunner.sources.columns import check_unique, read_columns, send_columns
 from batchrunner.sources.csv_files import (
@@ -184,8 +184,29 @@ class TabularSource:
             raise ValueError(f"limit must be >= 0, got {limit}")
         return cut_batches(self._chunks(start_seq * size, limit), size, start_seq)
 
+    def iter_keyed(self, *, limit: int | None = None) -> Iterator[KeyedRows]:
+        """The input's keys and JSON-safe sent rows, in input order, in pieces of at most
+        ``CHUNK_ROWS`` rows, as Arrow arrays: what the key index hashes, with no Python
+        text per key (``iter_batches`` makes those, for the requests)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        for path, file_row, row, piece in self._pieces(0, limit):
+            yield KeyedRows(self._keys(piece, path, file_row, row), self._sent(piece))
+
     def _chunks(self, skip: int, stop: int | None) -> Generator[Chunk, None, None]:
         """Rows ``skip`` up to ``stop`` of the whole input, as chunks in input order."""
+        pieces = self._pieces(skip, stop)
+        try:
+            for path, file_row, row, piece in pieces:
+                yield self._chunk(path, file_row, row, piece)
+        finally:
+            pieces.close()
+
+    def _pieces(
+        self, skip: int, stop: int | None
+    ) -> Generator[tuple[InputPath, int, int, pa.RecordBatch], None, None]:
+        """Rows ``skip`` up to ``stop`` of the whole input, in input order, as record batches
+        of at most ``CHUNK_ROWS`` rows: (file, row within the file, input row, rows)."""
         if stop is not None and skip >= stop:
             return
         base = 0  # the input row number of the current file's first row
@@ -215,7 +236,7 @@ class TabularSource:
                     # (a 4 MiB block of a one-column CSV holds millions of rows).
                     for part in range(0, batch.num_rows, CHUNK_ROWS):
                         piece = batch.slice(part, CHUNK_ROWS)
-                        yield self._chunk(path, file_row + low + part, start + low + part, piece)
+                        yield path, file_row + low + part, start + low + part, piece
                     if stop is not None and end >= stop:
                         return
             finally:
@@ -223,14 +244,18 @@ class TabularSource:
             base += known if known is not None else file_rows
 
     def _chunk(self, path: InputPath, file_row: int, row: int, batch: pa.RecordBatch) -> Chunk:
-        rows = json_safe(batch.select(self.send_columns))
         kept = batch if self.keep_input else None
-        if self.id_column is None:
-            keys = row_number_texts(row, batch.num_rows)
-        else:
-            keys = self._id_texts(batch.column(self.id_column), path, file_row)
+        keys = self._keys(batch, path, file_row, row)
         # Keys become Python text once per chunk: list slices per batch are then nearly free.
-        return Chunk(rows, kept, keys.to_pylist())
+        return Chunk(self._sent(batch), kept, keys.to_pylist())
+
+    def _sent(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        return json_safe(batch.select(self.send_columns))
+
+    def _keys(self, batch: pa.RecordBatch, path: InputPath, file_row: int, row: int) -> pa.Array:
+        if self.id_column is None:
+            return row_number_texts(row, batch.num_rows)
+        return self._id_texts(batch.column(self.id_column), path, file_row)
 
     def _id_texts(self, ids: pa.Array, path: InputPath, file_row: int) -> pa.Array:
         if pa.types.is_dictionary(ids.type):
@@ -249,7 +274,8 @@ class TabularSource:
                     f"{path}: input.id_column {self.id_column!r} cannot be turned into text "
                     f"keys ({exc}); choose a column of text or numbers"
                 ) from exc
-        if ids.null_count or pc.min(ids).as_py() == "":
+        # an empty id: the shortest is 0 bytes long (lengths are numbers: faster than texts)
+        if ids.null_count or pc.min(pc.binary_length(ids)).as_py() == 0:
             missing = pc.fill_null(pc.equal(ids, ""), True)
             index = pc.index(missing, pa.scalar(True)).as_py()
             raise InputError(
