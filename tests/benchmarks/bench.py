@@ -152,8 +152,9 @@ def run_batchrunner(
 
 
 def run_baseline(
-    name: str, script: str, data: Path, service: Service, size: int, concurrency: int, folder: Path
-) -> Figures:
+    name: str, script: str, data: Path, service: Service, size: int, concurrency: int, folder: Path,
+    extra: list[str] | None = None,
+) -> Figures:  # fmt: skip
     env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
     output = folder / f"out-{name}.parquet"
     command = [
@@ -164,6 +165,7 @@ def run_baseline(
         str(size),
         str(concurrency),
         str(output),
+        *(extra or []),
     ]
     wall, cpu, rss, stdout, _ = measured(command, env)
     figures = orjson.loads(stdout.strip().splitlines()[-1])
@@ -343,6 +345,62 @@ def service_ceiling(quick: bool) -> None:
         service.close()
 
 
+FAULTS = [
+    "--latency-ms", "10", "--capacity", "16", "--retry-after", "1",
+    "--error-rate", "0.05", "--drop-rate", "0.02", "--html-rate", "0.01",
+]  # fmt: skip
+
+
+def faulty(folder: Path, quick: bool, repeats: int) -> None:
+    """A faulty service (issue 16): the script at a fixed 32 with backoff from 0.1 s, beside
+    batchrunner at a fixed 32 and with ``concurrency = "auto"``; each contender in turn,
+    ``repeats`` times, a fresh service (and fault seed) per round."""
+    rows = 4_000 if quick else 20_000
+    print(
+        f"\nfaulty service: {rows:,} rows in batches of 50, 10 ms latency, capacity 16 (429 with "
+        "Retry-After: 1 above), 5% 503s, 2% dropped connections, 1% HTML 502 pages"
+    )
+    data = table_input(folder, rows, f"rows-{rows}")
+    contenders = {
+        "script, 32": lambda service: run_baseline(
+            "asyncio", "baseline_asyncio.py", data, service, 50, 32, folder, ["0.1"]
+        ),
+        "batchrunner, 32": lambda service: run_batchrunner(data, service, 50, 32, folder, []),
+        "batchrunner, auto": lambda service: run_batchrunner(
+            data, service, 50, 32, folder,
+            ["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
+        ),
+    }  # fmt: skip
+    seen: dict[str, list[Figures]] = {name: [] for name in contenders}
+    for round_ in range(repeats):
+        for name, run in contenders.items():
+            service = Service("linear", *FAULTS, "--seed", str(round_))
+            try:
+                figures = run(service)
+            finally:
+                service.close()
+            seen[name].append(figures)
+            lost = rows - figures.rows
+            share = figures.throttled / max(figures.requests, 1)
+            print(
+                f"  {name:<18} {figures.rows / figures.active_s:>9,.0f} rows/s  active "
+                f"{figures.active_s:5.2f} s  wall {figures.wall_s:5.2f} s  requests "
+                f"{figures.requests:>4}  429s {figures.throttled:>3} ({share:.1%})  lost {lost}",
+                flush=True,
+            )
+    for name, figures_list in seen.items():
+        rates = sorted(f.rows / f.active_s for f in figures_list)
+        ratios = sorted(r / s for r, s in zip(
+            (f.rows / f.active_s for f in figures_list),
+            (f.rows / f.active_s for f in seen["script, 32"]), strict=True,
+        ))  # fmt: skip
+        middle = len(rates) // 2
+        print(
+            f"  median {name:<18} {rates[middle]:>9,.0f} rows/s ({rates[0]:,.0f}-{rates[-1]:,.0f})"
+            f"  x script {ratios[middle]:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        )
+
+
 def memory(folder: Path, quick: bool) -> None:
     print("\nmemory: peak RSS of the whole command, zero latency, batches of 1,000, concurrency 8")
     service = Service("linear")
@@ -360,14 +418,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run in < 30 s")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="scenarios: startup latency cpu memory service"
+        "--only",
+        nargs="*",
+        default=None,
+        help="scenarios: startup service latency images cpu auto faulty memory",
     )
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep inputs in")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the faulty scenario")
     args = parser.parse_args()
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["startup", "service", "latency", "images", "cpu", "auto", "memory"])
+    chosen = set(
+        args.only or ["startup", "service", "latency", "images", "cpu", "auto", "faulty", "memory"]
+    )
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
@@ -409,6 +473,8 @@ def main() -> None:
                 extra=["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
                 limit_concurrency=16,
             )  # fmt: skip
+        if "faulty" in chosen:
+            faulty(folder, quick, args.repeat)
         if "memory" in chosen:
             memory(folder, quick)
     finally:
