@@ -35,6 +35,7 @@ from batchrunner.errors import (
 )
 from batchrunner.job import DEFAULT_TOKEN_ENV, OPTION_SETTINGS, Job, load_job
 from batchrunner.report import StatsSnapshot
+from batchrunner.startup import lean_process
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -909,4 +910,5 @@ def _configure_logging(log_format: LogFormat, console: Console | None = None) ->
 
 def main() -> None:
     """The console script."""
+    lean_process(sys.argv[1:])
     app()
