@@ -116,6 +116,30 @@ with pq.ParquetWriter(path, schema) as writer:
 """
 
 
+_GENERATE_IRIS = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows, path = int(sys.argv[1]), sys.argv[2]
+names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+schema = pa.schema([("id", pa.int64())] + [(name, pa.float64()) for name in names])
+with pq.ParquetWriter(path, schema) as writer:
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        columns = {"id": pa.array(range(start, start + n), pa.int64())}
+        for i, name in enumerate(names):
+            columns[name] = pa.array([1.0 + ((start + j) * (i + 3)) % 60 / 10 for j in range(n)])
+        writer.write_table(pa.table(columns, schema))
+"""
+
+
+def iris_input(folder: Path, rows: int) -> Path:
+    """An id and the four iris features: the iris model answers six fields a row."""
+    path = folder / f"iris-{rows}.parquet"
+    if not path.exists():
+        subprocess.run([PYTHON, "-c", _GENERATE_IRIS, str(rows), str(path)], check=True)
+    return path
+
+
 def table_input(folder: Path, rows: int, name: str) -> Path:
     path = folder / f"{name}.parquet"
     if not path.exists():
@@ -220,6 +244,8 @@ def scenario(
     print(f"\n{title}")
     if model == "colors":
         data = image_input(folder, rows)
+    elif model == "iris":
+        data = iris_input(folder, rows)
     else:
         data = table_input(folder, rows, f"rows-{rows}")
     service = Service(model, *serve_options)
@@ -314,7 +340,11 @@ def startup(folder: Path, repeats: int = 5) -> None:
 _HAMMER = """
 import asyncio, sys, time, orjson, aiohttp
 url, token, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
-records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
+if url.endswith("/iris"):
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    records = [{"id": j, **{n: 1.0 + j % 60 / 10 for n in names}} for j in range(1000)]
+else:
+    records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
 body = orjson.dumps({"data": {"req_data": records}})
 headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
 async def main():
@@ -330,9 +360,9 @@ asyncio.run(main())
 """
 
 
-def service_ceiling(quick: bool) -> None:
+def service_ceiling(quick: bool, model: str = "linear") -> None:
     """The embedded service alone: one body sent over and over, no encoding on our side."""
-    service = Service("linear")
+    service = Service(model)
     try:
         requests = 200 if quick else 1000
         result = subprocess.run(
@@ -340,7 +370,7 @@ def service_ceiling(quick: bool) -> None:
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         rate = float(result.stdout.strip())
-        print(f"\nservice alone (linear model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
+        print(f"\nservice alone ({model} model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
     finally:
         service.close()
 
@@ -421,7 +451,7 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="scenarios: startup service latency images cpu auto faulty memory",
+        help="scenarios: startup service latency images cpu wide auto faulty memory",
     )
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep inputs in")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the faulty scenario")
@@ -430,7 +460,8 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     chosen = set(
-        args.only or ["startup", "service", "latency", "images", "cpu", "auto", "faulty", "memory"]
+        args.only
+        or ["startup", "service", "latency", "images", "cpu", "wide", "auto", "faulty", "memory"]
     )
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
@@ -453,6 +484,19 @@ def main() -> None:
                 f"latency-bound images: {count:,} PNG files, one per request, 50 ms service "
                 "latency, concurrency 32 (limit 640 req/s)",
                 folder, count, 1, 32, ["--latency-ms", "50"], everyone, model="colors",
+            )  # fmt: skip
+        if "wide" in chosen:
+            rows = 200_000 if quick else 1_000_000
+            service_ceiling(quick, "iris")
+            scenario(
+                f"wide answers, CPU-bound: {rows:,} rows (an id and 4 numbers) in batches of "
+                "1,000, no latency, concurrency 8; the iris model answers 6 fields a row",
+                folder, rows, 1000, 8, [], ["batchrunner", "asyncio"], model="iris",
+            )  # fmt: skip
+            scenario(
+                "  the same, batchrunner keeping only predictresult (output.result_fields)",
+                folder, rows, 1000, 8, [], ["batchrunner"], model="iris",
+                extra=["--set", 'output.result_fields=["predictresult"]'],
             )  # fmt: skip
         if "cpu" in chosen:
             rows = 200_000 if quick else 1_000_000
