@@ -6,6 +6,7 @@ alone. Against real servers on loopback, with an injected sleep and a seeded ran
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pyarrow as pa
@@ -168,7 +169,8 @@ def test_overload_backs_off_and_shrinks_the_bound() -> None:
         return answer(call)
 
     slept: list[float] = []
-    limiter = AdaptiveLimiter(8, 64)
+    seconds = itertools.count()  # a second passes between any two looks at the clock
+    limiter = AdaptiveLimiter(8, 64, clock=lambda: float(next(seconds)))
     policy = RetryPolicy(max_attempts=5, initial=0.5, maximum=30.0)
     with ThreadedServer(handle) as server:
         outcomes = asyncio.run(send_all(server.url, limiter, 10, slept, policy))

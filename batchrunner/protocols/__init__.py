@@ -42,6 +42,8 @@ class EncodedRequest:
     preview: str | None = None
     # Text input: the rows as sent (JSON-ready dicts), to check an answer's echo against.
     records: list[dict[str, Any]] | None = None
+    # ... and the same values column by column (the echo is compared a column at a time).
+    columns: dict[str, list[Any]] | None = None
 
 
 class Codec(Protocol):
