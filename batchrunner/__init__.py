@@ -5,6 +5,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     errors      the BatchRunnerError tree, the exit codes
     clock       time as a run sees it (now, wall time, sleep, call later): one object,
                 passed down, faked by tests
+    startup     what the command's process leaves out before its first request (pandas,
+                pydantic's plugin discovery)
     listing     one level of a bucket prefix, page by page (boto3's paginator), in a local
                 folder's order
     storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,

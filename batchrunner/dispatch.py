@@ -44,7 +44,7 @@ from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest, Metered
 from batchrunner.report import RunStats
-from batchrunner.retry import RetryPolicy
+from batchrunner.retry import FailureWindow, RetryPolicy
 from batchrunner.storage import ObjectPath
 from batchrunner.tokenmeter import BudgetReached, TokenMeter
 
@@ -52,14 +52,13 @@ log = logging.getLogger("batchrunner")
 
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
-# Answers that say "too many at once": the adaptive limiter backs off on them.
-PUSH_BACK_STATUSES = frozenset({429, 503})
 
 # When this many renewed tokens in a row are refused before the service accepts any
 # request, the run stops: new tokens are refused too (e.g. IAM scopes them to another
 # project), and renewing again would only log in forever.
 MAX_RENEWALS_IN_A_ROW = 3
 UNAUTHORIZED = 401
+TOO_MANY_REQUESTS = 429
 # The service counts as unreachable only after at least this many requests in a row failed
 # to connect or timed out (and none succeeded for service.unreachable_after seconds).
 UNREACHABLE_STREAK = 8
@@ -123,6 +122,9 @@ class Dispatcher:
         self._latest: Secret | None = None  # the latest token a renewal gave
         self._renewals_in_a_row = 0  # new tokens since the service last accepted one
         self.renewals = 0  # 401s answered by a renewed token (each request of a wave counts)
+        # Overload or a random failure? (see retry): decides the backoff and the bound.
+        self._window = FailureWindow()
+        self._answered = 0  # requests answered 2xx
 
     async def send(self, batch: Batch) -> list[Outcome]:
         """Outcomes covering all of ``batch``'s rows in row order, or [] if the run is
@@ -177,11 +179,16 @@ class Dispatcher:
         attempt = 0  # requests sent so far
         tries = 0  # attempts of the retry budget (a token IAM could not give is one)
         renewals = 0  # sends answered by a renewed token: they do not count as retries
+        # 429s while the service answered others: the batch's turn, not its fault; they do
+        # not use up the retry budget (at most max_attempts of them).
+        throttled = 0
         while True:
             # What the row reports is this attempt's: its answer's status, its request's id.
             http_status: int | None = None
             sent_uuid: str | None = None
             renewed = False
+            overload = True
+            answered_before = self._answered
             async with self._limiter:
                 if self._stopping.is_set():
                     raise _Dropped  # waited for a slot while the run was told to stop
@@ -232,12 +239,12 @@ class Dispatcher:
                     # summary: no secret of ours goes with it, whatever the service echoed.
                     body = self._scrubber.body(response.body)
                     self._stats.latency.add(response.latency_ms)
-                    self._limiter.feedback(
-                        response.latency_ms, pushed_back=response.status in PUSH_BACK_STATUSES
-                    )
+                    if response.ok:
+                        self._limiter.feedback(response.latency_ms, pushed_back=False)
                     if response.status == 429:
                         self._stats.throttled += 1
                     if response.ok:
+                        self._answered += 1
                         self._renewals_in_a_row = 0  # the token was accepted
                         self._last_success = self._clock()
                     else:
@@ -245,6 +252,7 @@ class Dispatcher:
                             response.status, body, response.retry_after
                         )
                     results = self._codec.decode(body, batch, request)
+                    self._window.answered(response.latency_ms)
                     outcome = Outcome(
                         batch,
                         results,
@@ -257,8 +265,12 @@ class Dispatcher:
                 except RequestError as failure:
                     self._settle(estimate, None)  # not sent, or no answer
                     error = self._scrubbed(failure)
-                    if error.kind == ErrorKind.TIMEOUT:
-                        self._limiter.feedback(None, pushed_back=True)
+                    # Only overload shrinks the bound: a random failure says nothing of load.
+                    self._window.failed(error)
+                    overload = self._window.overload(error)
+                    if overload and error.retryable:
+                        latency = None if http_status is None else last_latency
+                        self._limiter.feedback(latency, pushed_back=True)
                     if http_status is None and error.kind in _UNREACHED_KINDS:
                         self._check_reachable(error)
                 if error.http_status == UNAUTHORIZED and token is not None:
@@ -278,7 +290,19 @@ class Dispatcher:
                 self._stats.retries += 1
                 self._stats.retry_reasons[ErrorKind.TOKEN_RENEWED.value] += 1
                 continue
-            delay = self._policy.delay(tries - renewals, error, self._rng)
+            if (
+                error.http_status == TOO_MANY_REQUESTS
+                and self._answered > answered_before
+                and throttled < self._policy.max_attempts
+            ):
+                throttled += 1
+            delay = self._policy.delay(
+                max(1, tries - renewals - throttled),
+                error,
+                self._rng,
+                overload=overload,
+                round_trip=self._window.round_trip,
+            )
             if delay is None:
                 outcome = self._failed(batch, error, attempt, last_latency, http_status, sent_uuid)
                 return outcome, error

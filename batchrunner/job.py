@@ -524,6 +524,8 @@ class OutputSettings(_Settings):
 
     path: str = "out/{name}.parquet"
     keep_input: bool = False
+    # Keep only these result fields (like SageMaker's OutputFilter); None keeps every one.
+    result_fields: tuple[str, ...] | None = Field(default=None, min_length=1)
 
 
 class ReportSettings(_Settings):
@@ -881,6 +883,8 @@ def job_identity(
         identity["encoding"] = job.input.encoding
     if job.input.binary != "refuse":
         identity["binary"] = job.input.binary
+    if job.output.result_fields is not None:  # what the output holds
+        identity["result_fields"] = list(job.output.result_fields)
     if job.service.protocol != "modelarts":  # what the body looks like decides the results
         identity["wire"] = job.service.model_dump(
             mode="json",

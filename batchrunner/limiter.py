@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from itertools import islice
 from types import TracebackType
 
 
@@ -119,9 +120,13 @@ class AdaptiveLimiter(ConcurrencyLimiter):
     - The bound grows only while it is in use (requests wait for a slot, or every slot is
       taken): a run whose input is slower than the service, or that is draining at its
       end, has nothing to learn by raising it.
-    - On a 429/503, or an answer slower than ``latency_tolerance`` times the fastest seen
-      lately, shrink to ``backoff`` times the bound (half, the first time), at most once
-      per round trip.
+    - On push-back (a 429, a 503 with Retry-After, a timeout, many failures together: the
+      dispatcher tells overload from a random failure, which it does not report), or when
+      every answer of the latest round trip (as many as the bound) was slower than
+      ``latency_tolerance`` times the fastest seen lately (a queue at the service slows
+      every answer; a busy machine slows some, and a few fast ones say there is no
+      queue), shrink to ``backoff`` times the bound (half, the first time), at most
+      once per round trip.
     """
 
     def __init__(
@@ -131,7 +136,7 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         *,
         minimum: int = 1,
         backoff: float = 0.9,
-        latency_tolerance: float = 3.0,
+        latency_tolerance: float = 2.0,
         probe_hold: float = 1.0,
         max_probe_hold: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -148,6 +153,8 @@ class AdaptiveLimiter(ConcurrencyLimiter):
         self._slow_start = True
         self._ceiling: float | None = None  # the bound at the last push-back
         self._fastest_ms: float | None = None
+        self._recent_ms: float | None = None  # a moving average of the latest answers
+        self._latest_ms: deque[float] = deque(maxlen=max(4, maximum))
         self._last_decrease = float("-inf")
         self.decreases = 0
 
@@ -158,28 +165,41 @@ class AdaptiveLimiter(ConcurrencyLimiter):
             # the service's speed); it drifts up slowly so that a stale minimum fades
             fastest = self._fastest_ms
             self._fastest_ms = latency_ms if fastest is None else min(latency_ms, fastest * 1.001)
+            recent = self._recent_ms
+            self._recent_ms = latency_ms if recent is None else recent + (latency_ms - recent) / 8
+            self._latest_ms.append(latency_ms)
         inflated = (
             latency_ms is not None
+            and not pushed_back
             and self._fastest_ms is not None
-            and latency_ms > self._tolerance * self._fastest_ms
             and latency_ms > 1.0  # below a millisecond, scheduling noise is not congestion
+            and self._round_trip_fastest_ms() > self._tolerance * self._fastest_ms
         )
         if pushed_back or inflated:
-            self._decrease(now)
+            self._decrease(now, refused=pushed_back)
         elif self._waiting or self._in_flight >= self.limit:
             self._increase(now)
 
-    def _decrease(self, now: float) -> None:
-        round_trip = (self._fastest_ms or 0.0) / 1000.0
+    def _round_trip_fastest_ms(self) -> float:
+        """The fastest of the latest round trip's answers (as many as the bound, at least 4)."""
+        count = min(len(self._latest_ms), max(4, self.limit))
+        return min(islice(reversed(self._latest_ms), count))
+
+    def _decrease(self, now: float, *, refused: bool) -> None:
+        # One cut per round trip, as answers take now: the answers in flight saw the old bound.
+        round_trip = (self._recent_ms or self._fastest_ms or 0.0) / 1000.0
         if now - self._last_decrease < max(round_trip, 0.001):
-            return  # one cut per round trip: the answers in flight saw the old bound
-        if self._ceiling is not None and self._limit >= self._ceiling - 1:
-            # refused again where it was refused before: probe less often
-            self._hold = min(self._max_hold, self._hold * 2)
-        self._ceiling = self._limit
-        # Leaving slow start, the bound overshot by up to half (it grows x1.5 per round
-        # trip): halve it, as TCP does; afterwards a gentle cut is enough.
-        factor = 0.5 if self._slow_start else self._backoff
+            return
+        if refused:
+            # Where the service said no is its capacity (slowness is no such mark: a busy
+            # machine slows answers at any bound, and the bound grows back from the cut).
+            if self._ceiling is not None and self._limit >= self._ceiling - 1:
+                # refused again where it was refused before: probe less often
+                self._hold = min(self._max_hold, self._hold * 2)
+            self._ceiling = self._limit
+        # Refused when leaving slow start, the bound overshot by up to half (it grows x1.5
+        # per round trip): halve it, as TCP does; otherwise a gentle cut is enough.
+        factor = 0.5 if self._slow_start and refused else self._backoff
         self._limit = max(float(self._minimum), self._limit * factor)
         self._slow_start = False
         self._last_decrease = now

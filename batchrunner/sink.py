@@ -93,6 +93,7 @@ def outcome_table(
     outcomes: Sequence[Outcome],
     kept_names: Sequence[str] = (),
     hints: dict[str, pa.DataType] | None = None,
+    result_fields: Sequence[str] | None = None,
 ) -> pa.RecordBatch:
     """The output rows of ``outcomes`` plus ``_seq``, one outcome's rows after another's.
 
@@ -100,7 +101,8 @@ def outcome_table(
     in one message); each batch's outcomes must be together and in row order. Columns are
     built once for all of them: the per-outcome values (status, error, latency, ...) are
     spread over their rows in bulk (see ``SPREAD_IN_PYTHON``). ``hints`` (one dict per run, filled
-    as it goes) remembers the result fields' types.
+    as it goes) remembers the result fields' types. ``result_fields`` (output.result_fields)
+    keeps only those result fields; None keeps every one.
     """
     outcomes = [outcome for outcome in outcomes if len(outcome.batch)]
     lengths = [len(outcome.batch) for outcome in outcomes]
@@ -139,7 +141,7 @@ def outcome_table(
         "_request_uuid": spread([outcome.request_uuid for outcome in outcomes], pa.string()),
     }
     taken = set(columns) | set(kept_names)
-    for name, values in _result_columns(outcomes, total, hints).items():
+    for name, values in _result_columns(outcomes, total, hints, result_fields).items():
         columns[_result_name(name, taken)] = values
     kept = [outcome.batch.kept for outcome in outcomes if outcome.batch.kept is not None]
     if kept:
@@ -178,7 +180,10 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def _result_columns(
-    outcomes: Sequence[Outcome], total: int, hints: dict[str, pa.DataType] | None
+    outcomes: Sequence[Outcome],
+    total: int,
+    hints: dict[str, pa.DataType] | None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, pa.Array]:
     """The result fields of the outcomes that succeeded, null in the rows of those that
     failed."""
@@ -186,7 +191,8 @@ def _result_columns(
     if not answered:
         return {}
     results = answered[0] if len(answered) == 1 else list(chain.from_iterable(answered))
-    columns = {name: _to_array(values, name, hints) for name, values in _transpose(results)}
+    fields = _transpose(results) if only is None else _pick(results, only)
+    columns = {name: _to_array(values, name, hints) for name, values in fields}
     if len(results) == total:
         return columns
     # Some outcomes failed: where each row's result is (null for a failed outcome's rows).
@@ -201,6 +207,17 @@ def _result_columns(
             done += rows
     where = pa.array(positions, pa.int64())
     return {name: column.take(where) for name, column in columns.items()}
+
+
+def _pick(results: list[dict[str, Any]], names: Sequence[str]) -> list[tuple[str, list[Any]]]:
+    """The fields ``names`` of the results as columns (null where an item lacks one); a
+    field no item carries has no column."""
+    picked = []
+    for name in names:
+        values = list(map(operator.methodcaller("get", name), results))
+        if name in results[0] or values.count(None) < len(values):
+            picked.append((name, values))
+    return picked
 
 
 def _transpose(results: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:

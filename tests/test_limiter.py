@@ -223,12 +223,49 @@ def test_fast_refusals_do_not_make_real_answers_look_slow() -> None:
     asyncio.run(scenario())
 
 
-def test_latency_inflation_counts_as_push_back() -> None:
+def test_a_round_trip_of_slow_answers_counts_as_push_back() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(10, 64, clock=clock)  # not in use: it does not grow
+        limiter.feedback(10.0, pushed_back=False)
+        for _ in range(9):
+            limiter.feedback(25.0, pushed_back=False)  # 2.5x the fastest: a queue
+        assert limiter.decreases == 0  # not yet a whole round trip (10 answers) of them
+        limiter.feedback(25.0, pushed_back=False)
+        assert limiter.decreases == 1
+        assert limiter.limit == 9  # a gentle cut, not the halving of a refusal
+
+    asyncio.run(scenario())
+
+
+def test_answers_slowed_now_and_then_by_a_busy_machine_do_not_shrink_the_bound() -> None:
     async def scenario() -> None:
         clock = FakeClock()
         limiter = busy(AdaptiveLimiter(10, 64, clock=clock))
+        for answer in range(200):
+            clock.now += 0.002
+            # most answers take 10 ms; every third is stalled 15 times longer
+            limiter.feedback(150.0 if answer % 3 == 0 else 10.0, pushed_back=False)
+        assert limiter.decreases == 0
+        assert limiter.limit > 10
+
+    asyncio.run(scenario())
+
+
+def test_a_cut_for_slowness_leaves_no_ceiling_to_wait_below() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(8, 64, clock=clock)
         limiter.feedback(10.0, pushed_back=False)
-        limiter.feedback(35.0, pushed_back=False)  # 3.5x the fastest
+        for _ in range(8):
+            limiter.feedback(30.0, pushed_back=False)
+        assert limiter.decreases == 1
+        cut = limiter.limit
+        busy(limiter)
+        clock.now += 0.05
+        for _ in range(200):  # fast again: it grows back past where it was cut, at once
+            limiter.feedback(10.0, pushed_back=False)
+        assert limiter.limit > cut + 2
         assert limiter.decreases == 1
 
     asyncio.run(scenario())

@@ -24,6 +24,7 @@ import typer
 from batchrunner import __version__
 from batchrunner.cli import inspecting, running, scheduling, serving  # their commands
 from batchrunner.cli.common import app, log
+from batchrunner.startup import lean_process
 
 __all__ = ["app", "inspecting", "main", "running", "scheduling", "serving"]
 
@@ -58,4 +59,5 @@ def _quiet_unraisable(unraisable: Any) -> None:
 
 def main() -> None:
     """The console script."""
+    lean_process(sys.argv[1:])
     app()

@@ -656,7 +656,14 @@ class Runner:
             (seq, bytes(self._batch_digests[seq * DIGEST_BYTES : (seq + 1) * DIGEST_BYTES]))
             for seq in (finished[0].batch.seq for finished in together)
         )
-        journal.append(outcome_table(list(chain.from_iterable(together)), kept, self._field_types))
+        journal.append(
+            outcome_table(
+                list(chain.from_iterable(together)),
+                kept,
+                self._field_types,
+                self.job.output.result_fields,
+            )
+        )
         for finished in together:
             seq = finished[0].batch.seq
             if seq >= len(self._finished):

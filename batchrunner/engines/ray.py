@@ -239,7 +239,9 @@ async def score_block(
     tables = []
     for finished in outcomes:
         _count(finished, stats)
-        tables.append(_without_seq(outcome_table(finished, kept_names, hints)))
+        tables.append(
+            _without_seq(outcome_table(finished, kept_names, hints, job.output.result_fields))
+        )
     return _concat(tables), stats
 
 

@@ -52,6 +52,8 @@ class EncodedRequest:
     # Where this request goes when not to the service's URL: the path a batch file's line
     # names (``/v1/embeddings``), on the service's own origin, always.
     path: str | None = None
+    # ... and the same values column by column (the echo is compared a column at a time).
+    columns: dict[str, list[Any]] | None = None
 
 
 class Codec(Protocol):

@@ -1,8 +1,9 @@
 """The careful hand-written script our users would write: asyncio, one aiohttp session, a
 semaphore, orjson, pyarrow batches, a simple retry loop. The peer batchrunner must beat.
 
-    python baseline_asyncio.py INPUT.parquet URL BATCH CONCURRENCY OUTPUT.parquet
-Token in $MODELARTS_TOKEN. Prints a JSON line of figures.
+    python baseline_asyncio.py INPUT.parquet URL BATCH CONCURRENCY OUTPUT.parquet [BACKOFF]
+Token in $MODELARTS_TOKEN. Prints a JSON line of figures. BACKOFF (default 0.5) is the first
+wait in seconds after a failure other than a 429, doubled on each; a 429 waits its Retry-After.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-async def main(path: str, url: str, batch_size: int, concurrency: int, output: str) -> None:
+async def main(
+    path: str, url: str, batch_size: int, concurrency: int, output: str, backoff: float = 0.5
+) -> None:
     headers = {"X-Auth-Token": os.environ["MODELARTS_TOKEN"], "Content-Type": "application/json"}
     semaphore = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -32,19 +35,28 @@ async def main(path: str, url: str, batch_size: int, concurrency: int, output: s
         nonlocal throttled
         body = orjson.dumps({"data": {"req_data": records}})
         for attempt in range(8):
+            status, retry_after = 0, None
             async with semaphore:
                 started = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as response:
-                    payload = await response.read()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        payload = await response.read()
+                        status = response.status
+                        retry_after = response.headers.get("Retry-After")
+                except aiohttp.ClientError:
+                    pass  # a dropped connection: retried as a failure
                 latencies.append(time.perf_counter() - started)
-            if response.status == 200:
-                results[index] = orjson.loads(payload)["data"]["resp_data"]
-                return
-            if response.status == 429:
+            if status == 200:
+                try:
+                    results[index] = orjson.loads(payload)["data"]["resp_data"]
+                    return
+                except orjson.JSONDecodeError:
+                    pass
+            if status == 429:
                 throttled += 1
-                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                await asyncio.sleep(float(retry_after or "1"))
             else:
-                await asyncio.sleep(0.5 * 2**attempt)
+                await asyncio.sleep(backoff * 2**attempt)
         raise RuntimeError(f"batch {index} failed")
 
     started = time.perf_counter()
@@ -124,7 +136,8 @@ async def images(folder: str, url: str, concurrency: int, output: str) -> None:
 
 if __name__ == "__main__":
     path, url, size, concurrency, output = sys.argv[1:6]
+    backoff = float(sys.argv[6]) if len(sys.argv) > 6 else 0.5
     if Path(path).is_dir():
         asyncio.run(images(path, url, int(concurrency), output))
     else:
-        asyncio.run(main(path, url, int(size), int(concurrency), output))
+        asyncio.run(main(path, url, int(size), int(concurrency), output, backoff))

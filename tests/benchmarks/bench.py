@@ -116,6 +116,30 @@ with pq.ParquetWriter(path, schema) as writer:
 """
 
 
+_GENERATE_IRIS = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows, path = int(sys.argv[1]), sys.argv[2]
+names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+schema = pa.schema([("id", pa.int64())] + [(name, pa.float64()) for name in names])
+with pq.ParquetWriter(path, schema) as writer:
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        columns = {"id": pa.array(range(start, start + n), pa.int64())}
+        for i, name in enumerate(names):
+            columns[name] = pa.array([1.0 + ((start + j) * (i + 3)) % 60 / 10 for j in range(n)])
+        writer.write_table(pa.table(columns, schema))
+"""
+
+
+def iris_input(folder: Path, rows: int) -> Path:
+    """An id and the four iris features: the iris model answers six fields a row."""
+    path = folder / f"iris-{rows}.parquet"
+    if not path.exists():
+        subprocess.run([PYTHON, "-c", _GENERATE_IRIS, str(rows), str(path)], check=True)
+    return path
+
+
 def table_input(folder: Path, rows: int, name: str) -> Path:
     path = folder / f"{name}.parquet"
     if not path.exists():
@@ -152,8 +176,9 @@ def run_batchrunner(
 
 
 def run_baseline(
-    name: str, script: str, data: Path, service: Service, size: int, concurrency: int, folder: Path
-) -> Figures:
+    name: str, script: str, data: Path, service: Service, size: int, concurrency: int, folder: Path,
+    extra: list[str] | None = None,
+) -> Figures:  # fmt: skip
     env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
     output = folder / f"out-{name}.parquet"
     command = [
@@ -164,6 +189,7 @@ def run_baseline(
         str(size),
         str(concurrency),
         str(output),
+        *(extra or []),
     ]
     wall, cpu, rss, stdout, _ = measured(command, env)
     figures = orjson.loads(stdout.strip().splitlines()[-1])
@@ -218,6 +244,8 @@ def scenario(
     print(f"\n{title}")
     if model == "colors":
         data = image_input(folder, rows)
+    elif model == "iris":
+        data = iris_input(folder, rows)
     else:
         data = table_input(folder, rows, f"rows-{rows}")
     service = Service(model, *serve_options)
@@ -312,7 +340,11 @@ def startup(folder: Path, repeats: int = 5) -> None:
 _HAMMER = """
 import asyncio, sys, time, orjson, aiohttp
 url, token, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
-records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
+if url.endswith("/iris"):
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    records = [{"id": j, **{n: 1.0 + j % 60 / 10 for n in names}} for j in range(1000)]
+else:
+    records = [{f"f{i}": float(j * (i + 1)) for i in range(5)} for j in range(1000)]
 body = orjson.dumps({"data": {"req_data": records}})
 headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
 async def main():
@@ -328,9 +360,9 @@ asyncio.run(main())
 """
 
 
-def service_ceiling(quick: bool) -> None:
+def service_ceiling(quick: bool, model: str = "linear") -> None:
     """The embedded service alone: one body sent over and over, no encoding on our side."""
-    service = Service("linear")
+    service = Service(model)
     try:
         requests = 200 if quick else 1000
         result = subprocess.run(
@@ -338,9 +370,65 @@ def service_ceiling(quick: bool) -> None:
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         rate = float(result.stdout.strip())
-        print(f"\nservice alone (linear model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
+        print(f"\nservice alone ({model} model, batches of 1,000, 8 in flight): {rate:,.0f} rows/s")
     finally:
         service.close()
+
+
+FAULTS = [
+    "--latency-ms", "10", "--capacity", "16", "--retry-after", "1",
+    "--error-rate", "0.05", "--drop-rate", "0.02", "--html-rate", "0.01",
+]  # fmt: skip
+
+
+def faulty(folder: Path, quick: bool, repeats: int) -> None:
+    """A faulty service (issue 16): the script at a fixed 32 with backoff from 0.1 s, beside
+    batchrunner at a fixed 32 and with ``concurrency = "auto"``; each contender in turn,
+    ``repeats`` times, a fresh service (and fault seed) per round."""
+    rows = 4_000 if quick else 20_000
+    print(
+        f"\nfaulty service: {rows:,} rows in batches of 50, 10 ms latency, capacity 16 (429 with "
+        "Retry-After: 1 above), 5% 503s, 2% dropped connections, 1% HTML 502 pages"
+    )
+    data = table_input(folder, rows, f"rows-{rows}")
+    contenders = {
+        "script, 32": lambda service: run_baseline(
+            "asyncio", "baseline_asyncio.py", data, service, 50, 32, folder, ["0.1"]
+        ),
+        "batchrunner, 32": lambda service: run_batchrunner(data, service, 50, 32, folder, []),
+        "batchrunner, auto": lambda service: run_batchrunner(
+            data, service, 50, 32, folder,
+            ["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
+        ),
+    }  # fmt: skip
+    seen: dict[str, list[Figures]] = {name: [] for name in contenders}
+    for round_ in range(repeats):
+        for name, run in contenders.items():
+            service = Service("linear", *FAULTS, "--seed", str(round_))
+            try:
+                figures = run(service)
+            finally:
+                service.close()
+            seen[name].append(figures)
+            lost = rows - figures.rows
+            share = figures.throttled / max(figures.requests, 1)
+            print(
+                f"  {name:<18} {figures.rows / figures.active_s:>9,.0f} rows/s  active "
+                f"{figures.active_s:5.2f} s  wall {figures.wall_s:5.2f} s  requests "
+                f"{figures.requests:>4}  429s {figures.throttled:>3} ({share:.1%})  lost {lost}",
+                flush=True,
+            )
+    for name, figures_list in seen.items():
+        rates = sorted(f.rows / f.active_s for f in figures_list)
+        ratios = sorted(r / s for r, s in zip(
+            (f.rows / f.active_s for f in figures_list),
+            (f.rows / f.active_s for f in seen["script, 32"]), strict=True,
+        ))  # fmt: skip
+        middle = len(rates) // 2
+        print(
+            f"  median {name:<18} {rates[middle]:>9,.0f} rows/s ({rates[0]:,.0f}-{rates[-1]:,.0f})"
+            f"  x script {ratios[middle]:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        )
 
 
 def memory(folder: Path, quick: bool) -> None:
@@ -360,14 +448,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run in < 30 s")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="scenarios: startup latency cpu memory service"
+        "--only",
+        nargs="*",
+        default=None,
+        help="scenarios: startup service latency images cpu wide auto faulty memory",
     )
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep inputs in")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the faulty scenario")
     args = parser.parse_args()
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["startup", "service", "latency", "images", "cpu", "auto", "memory"])
+    chosen = set(
+        args.only
+        or ["startup", "service", "latency", "images", "cpu", "wide", "auto", "faulty", "memory"]
+    )
+    # An installed package has its modules compiled (pip writes the .pyc files); a checkout
+    # run with PYTHONDONTWRITEBYTECODE would compile every module at each start, and the
+    # one-file script would not pay that: compile once, and let the children use it.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    package = Path(__file__).resolve().parents[2] / "batchrunner"
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(package)], check=True)
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
@@ -390,6 +491,19 @@ def main() -> None:
                 "latency, concurrency 32 (limit 640 req/s)",
                 folder, count, 1, 32, ["--latency-ms", "50"], everyone, model="colors",
             )  # fmt: skip
+        if "wide" in chosen:
+            rows = 200_000 if quick else 1_000_000
+            service_ceiling(quick, "iris")
+            scenario(
+                f"wide answers, CPU-bound: {rows:,} rows (an id and 4 numbers) in batches of "
+                "1,000, no latency, concurrency 8; the iris model answers 6 fields a row",
+                folder, rows, 1000, 8, [], ["batchrunner", "asyncio"], model="iris",
+            )  # fmt: skip
+            scenario(
+                "  the same, batchrunner keeping only predictresult (output.result_fields)",
+                folder, rows, 1000, 8, [], ["batchrunner"], model="iris",
+                extra=["--set", 'output.result_fields=["predictresult"]'],
+            )  # fmt: skip
         if "cpu" in chosen:
             rows = 200_000 if quick else 1_000_000
             scenario(
@@ -409,6 +523,8 @@ def main() -> None:
                 extra=["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
                 limit_concurrency=16,
             )  # fmt: skip
+        if "faulty" in chosen:
+            faulty(folder, quick, args.repeat)
         if "memory" in chosen:
             memory(folder, quick)
     finally:

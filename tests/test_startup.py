@@ -1,0 +1,51 @@
+"""Start-up (issue 16): the command's process leaves pandas and pydantic's plugin discovery
+out; the library API leaves the host program's modules alone; a Ray run still has pandas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import write_csv
+
+CHECK = """
+import sys
+from batchrunner.startup import lean_process
+lean_process(sys.argv[1:])
+import pyarrow as pa
+pa.array([1, 2, 3])  # pyarrow looks for pandas the first time it builds an array
+import os
+print("pandas" in sys.modules, os.environ.get("PYDANTIC_DISABLE_PLUGINS"))
+"""
+
+
+def check(*argv: str) -> str:
+    command = [sys.executable, "-c", CHECK, *argv]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_command_leaves_pandas_and_pydantic_plugins_out() -> None:
+    assert check("run", "job.toml") == "False __all__"
+
+
+def test_a_ray_run_keeps_pandas() -> None:
+    assert check("run", "job.toml", "--engine", "ray").startswith("True")
+    assert check("run", "job.toml", "--engine=ray").startswith("True")
+
+
+def test_the_whole_command_never_imports_pandas(tmp_path: Path) -> None:
+    data = write_csv(
+        tmp_path / "d.csv",
+        ["sepal_length", "sepal_width", "petal_length", "petal_width"],
+        [(5.1, 3.5, 1.4, 0.2)] * 20,
+    )
+    command = [
+        sys.executable, "-X", "importtime", "-m", "batchrunner", "run", "--input", str(data),
+        "--url", "embedded:iris", "--output", str(tmp_path / "out.parquet"), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "pyarrow.lib" in imported
+    assert not any(name.startswith("pandas.") for name in imported)
