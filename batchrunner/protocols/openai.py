@@ -209,7 +209,26 @@ def schema_validator(response_format: Mapping[str, Any] | None) -> Callable[[Any
     return check
 
 
-class ChatCodec:
+class OpenAIAnswers:
+    """What every OpenAI-compatible codec does alike: ``usage`` read from the answer, the
+    API's error bodies classified, and no probe for ``validate``."""
+
+    def usage(self, body: bytes) -> Usage | None:
+        return scan_usage(body)
+
+    def classify_failure(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> RequestError:
+        return _classify(status, body, retry_after)
+
+    def probe_url(self, url: str) -> str | None:
+        return None
+
+    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
+        return None
+
+
+class ChatCodec(OpenAIAnswers):
     """One row a request: messages from ``[service.openai]``, the answer's message back."""
 
     def __init__(
@@ -286,20 +305,6 @@ class ChatCodec:
         return {name: field for name, field in value.items() if name not in CHAT_COLUMNS}
         # (a schema naming those is refused at load; a reply adding them keeps ours)
 
-    def usage(self, body: bytes) -> Usage | None:
-        return scan_usage(body)
-
-    def classify_failure(
-        self, status: int, body: bytes, retry_after: float | None = None
-    ) -> RequestError:
-        return _classify(status, body, retry_after)
-
-    def probe_url(self, url: str) -> str | None:
-        return None
-
-    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
-        return None
-
 
 def _mismatch(message: str) -> RequestError:
     # Another sample may fit (temperature > 0, or a server that ignores the schema now and
@@ -322,7 +327,7 @@ def _classify(status: int, body: bytes, retry_after: float | None) -> RequestErr
     return error
 
 
-class EmbeddingsCodec:
+class EmbeddingsCodec(OpenAIAnswers):
     """``batch.size`` rows a request: ``input`` the column's texts, vectors joined by index."""
 
     def __init__(self, model: str, column: str, *, dimensions: int | None = None) -> None:
@@ -387,20 +392,6 @@ class EmbeddingsCodec:
         self.dimensions = width
         # Rows of one float32 matrix: the sink makes them a fixed-size list column in C.
         return [{EMBEDDING_COLUMN: vector} for vector in matrix]
-
-    def usage(self, body: bytes) -> Usage | None:
-        return scan_usage(body)
-
-    def classify_failure(
-        self, status: int, body: bytes, retry_after: float | None = None
-    ) -> RequestError:
-        return _classify(status, body, retry_after)
-
-    def probe_url(self, url: str) -> str | None:
-        return None
-
-    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
-        return None
 
 
 def openai_codec(job: Job) -> ChatCodec | EmbeddingsCodec:

@@ -29,9 +29,7 @@ from batchrunner.protocols.answers import bad_response, parse_answer
 from batchrunner.protocols.openai import (
     CHARS_PER_TOKEN,
     JSON_CONTENT_TYPE,
-    Usage,
-    _classify,
-    scan_usage,
+    OpenAIAnswers,
     usage_of,
 )
 
@@ -44,7 +42,7 @@ def _unfit(message: str) -> RequestError:
     return RequestError(message, kind="request_unfit", retryable=False)
 
 
-class BatchFileCodec:
+class BatchFileCodec(OpenAIAnswers):
     """Each batch-file line's body to its url; the answer kept whole."""
 
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
@@ -84,20 +82,6 @@ class BatchFileCodec:
                 "completion_tokens": usage.completion if usage else None,
             }
         ]
-
-    def usage(self, body: bytes) -> Usage | None:
-        return scan_usage(body)
-
-    def classify_failure(
-        self, status: int, body: bytes, retry_after: float | None = None
-    ) -> RequestError:
-        return _classify(status, body, retry_after)
-
-    def probe_url(self, url: str) -> str | None:
-        return None
-
-    def check_probe(self, status: int, body: bytes, schema: pa.Schema) -> None:
-        return None
 
 
 def is_batch_output(path: Path) -> bool:
