@@ -230,16 +230,6 @@ class AppSettings(_Settings):
 TOKEN_SOURCES = ("token_env", "token_file", "iam")
 
 #: The wire formats ``service.protocol`` names (see ``protocols``).
-PROTOCOLS = (
-    "modelarts",
-    "json",
-    "kserve-v1",
-    "oip-v2",
-    "mlflow",
-    "openai-chat",
-    "openai-embeddings",
-    "openai-batch",
-)
 Protocol = Literal[
     "modelarts",
     "json",
@@ -250,6 +240,7 @@ Protocol = Literal[
     "openai-embeddings",
     "openai-batch",
 ]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 #: The protocols of OpenAI-compatible servers, configured by ``[service.openai]``.
 OPENAI_PROTOCOLS = ("openai-chat", "openai-embeddings", "openai-batch")
 DEFAULT_OPENAI_KEY_ENV = "OPENAI_API_KEY"

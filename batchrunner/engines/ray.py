@@ -79,6 +79,7 @@ from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.storage import is_uri
 from batchrunner.wiring import (
+    SUMMARY_SUFFIX,
     RayFigures,
     RunOutcome,
     RunReport,
@@ -348,7 +349,7 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
         summary["engine"] = "ray"
         summary["actors"] = shares
         summary["blocks"] = {"total": len(names), "reused": reused}
-        summary_path = output.with_name(output.name + ".summary.json")
+        summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
         write_json_atomically(summary_path, summary)
         state.remove()
     return RunReport(
