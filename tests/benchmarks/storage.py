@@ -3,10 +3,13 @@
     python -m tests.benchmarks.storage                      # 1,000,000 rows, 10,000 images
     python -m tests.benchmarks.storage --rows 100000 --images 1000 --repeat 1   # a quick look
 
-The S3 server is moto's (``moto[server]``, the tests' server), in this process on loopback;
-everything measured runs in a child process of its own, timed as a whole (wall time from
-start to exit, start-up included) with its peak RSS, ``--repeat`` times: the median and
-the range are printed side by side.
+The S3 server is moto's (``moto[server]``, the tests' server), in this process on loopback,
+or with ``--server s3rver`` a Node.js S3 server (``npm install s3rver@3``; ``--s3rver`` names
+its command, default ``s3rver`` on the PATH), in a process of its own: moto serves a few
+hundred small objects a second, below the images' latency limit, so its figure is moto's;
+s3rver is fast enough to show batchrunner's own. Everything measured runs in a child
+process of its own, timed as a whole (wall time from start to exit, start-up included) with
+its peak RSS, ``--repeat`` times: the median and the range are printed side by side.
 
 - Tables: a Parquet file of ``--rows`` rows (an id and five float columns) is read through
   batchrunner's own source (``open_source``, batches as a run makes them) from disk and from
@@ -26,14 +29,19 @@ import argparse
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -48,6 +56,7 @@ ENV = {
     "BENCH_S3_SECRET_KEY": SECRET_KEY,
     "MODELARTS_TOKEN": TOKEN,
 }
+S3RVER_KEY = "S3RVER"  # s3rver's own access key and secret (it checks signatures with them)
 
 # Reads the job's input as a run does, counting rows (a child process: measured whole).
 READ = """
@@ -60,7 +69,7 @@ size = batch_size_for(job, kind_of(source))
 print(sum(len(batch) for batch in source.iter_batches(size)))
 """
 
-# moto alone: one object read whole by Arrow, nothing parsed.
+# the store alone: one object read whole by Arrow, nothing parsed.
 READ_OBJECT = """
 import sys, pyarrow.fs as pafs
 fs = pafs.S3FileSystem(access_key=sys.argv[2], secret_key=sys.argv[3], region="us-east-1",
@@ -72,17 +81,18 @@ with fs.open_input_stream(sys.argv[4]) as stream:
 print(total)
 """
 
-# moto alone: a prefix listed with boto3's paginator, then its objects fetched by Arrow at a
-# given concurrency (threads), nothing else done with them.
+# the store alone: a prefix listed with boto3's paginator (ListObjects: s3rver fails on V2),
+# then its objects fetched by Arrow at a given concurrency (threads), nothing else done.
 LIST_AND_FETCH = """
 import sys, time, boto3
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 import pyarrow.fs as pafs
 endpoint, access, secret, bucket, prefix, concurrency = sys.argv[1:7]
 client = boto3.session.Session().client("s3", endpoint_url="http://" + endpoint,
     aws_access_key_id=access, aws_secret_access_key=secret, region_name="us-east-1")
 started = time.perf_counter()
-keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+keys = [item["Key"] for page in client.get_paginator("list_objects").paginate(
     Bucket=bucket, Prefix=prefix) for item in page.get("Contents", ())]
 listed = time.perf_counter() - started
 fs = pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1",
@@ -120,6 +130,69 @@ def storage_section(endpoint: str) -> str:
     )
 
 
+class S3rver(S3):
+    """s3rver (Node.js) in a process of its own, its objects in a temporary folder."""
+
+    def __init__(self, command: str, folder: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        (folder / "s3rver").mkdir()
+        self.process = subprocess.Popen(
+            [command, "-d", str(folder / "s3rver"), "-a", "127.0.0.1", "-p", str(port),
+             "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            self.process.kill()
+            raise RuntimeError(f"{command} did not start listening on port {port}")
+        self.host, self.port = "127.0.0.1", port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.fs = pafs.S3FileSystem(
+            access_key=S3RVER_KEY, secret_key=S3RVER_KEY, endpoint_override=f"127.0.0.1:{port}",
+            scheme="http", region="us-east-1", allow_bucket_creation=True,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def started(server: str, command: str, folder: Path) -> Iterator[S3]:
+    """The chosen S3 server, running until the generator is closed."""
+    if server == "s3rver":
+        store = S3rver(command, folder)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    servers = moto_server()
+    host, port = next(servers)
+    try:
+        yield S3(host, port)
+    finally:
+        servers.close()
+
+
+def keys_of(s3: S3) -> tuple[str, str]:
+    return (S3RVER_KEY, S3RVER_KEY) if isinstance(s3, S3rver) else (ACCESS_KEY, SECRET_KEY)
+
+
+def env_of(s3: S3) -> dict[str, str]:
+    access, secret = keys_of(s3)
+    return {**ENV, "BENCH_S3_ACCESS_KEY": access, "BENCH_S3_SECRET_KEY": secret}
+
+
+def name_of(s3: S3) -> str:
+    return "s3rver" if isinstance(s3, S3rver) else "moto"
+
+
 # -- tables --------------------------------------------------------------------------------
 
 
@@ -133,14 +206,14 @@ def parquet_rows(path: Path, rows: int) -> None:
             writer.write_table(pa.table([ids, *[values] * 5], schema=schema))
 
 
-def read_input(folder: Path, source: str, endpoint: str, rows: int) -> tuple[float, float]:
+def read_input(folder: Path, source: str, s3: S3, rows: int) -> tuple[float, float]:
     job = folder / "read.toml"
     job.write_text(
         f'name = "bench"\n[input]\npath = "{source}"\nid_column = "id"\n'
         f'[service]\nurl = "embedded:iris"\n[output]\npath = "{folder / "o.parquet"}"\n'
-        + storage_section(endpoint)
+        + storage_section(s3.endpoint)
     )
-    wall, _, rss, stdout, stderr = measured([PYTHON, "-c", READ, str(job)], ENV)
+    wall, _, rss, stdout, stderr = measured([PYTHON, "-c", READ, str(job)], env_of(s3))
     if stdout.strip() != str(rows):
         raise RuntimeError(f"read {stdout.strip()!r} rows, not {rows}: {stderr[-2000:]}")
     return rows / wall, rss
@@ -155,25 +228,24 @@ def tables(s3: S3, folder: Path, rows: int, repeat: int) -> None:
             sink.write(chunk)
     size = local.stat().st_size
     print(f"\nTables: {rows:,} rows of Parquet ({size / 1e6:.1f} MB), read by batchrunner's source")
-    disk = repeated(repeat, lambda: read_input(folder, str(local), s3.endpoint, rows))
-    bucket = repeated(
-        repeat, lambda: read_input(folder, "s3://bench/rows.parquet", s3.endpoint, rows)
-    )
+    disk = repeated(repeat, lambda: read_input(folder, str(local), s3, rows))
+    bucket = repeated(repeat, lambda: read_input(folder, "s3://bench/rows.parquet", s3, rows))
     host = s3.endpoint.removeprefix("http://")
 
-    def moto_alone() -> tuple[float, float]:
-        command = [PYTHON, "-c", READ_OBJECT, host, ACCESS_KEY, SECRET_KEY, "bench/rows.parquet"]
-        wall, _, rss, _, _ = measured(command, ENV)
+    def store_alone() -> tuple[float, float]:
+        command = [PYTHON, "-c", READ_OBJECT, host, *keys_of(s3), "bench/rows.parquet"]
+        wall, _, rss, _, _ = measured(command, env_of(s3))
         return size / wall / 1e6, rss
 
-    alone = repeated(repeat, moto_alone)
+    alone = repeated(repeat, store_alone)
+    name = name_of(s3)
     ratio = statistics.median(column(disk, 0)) / statistics.median(column(bucket, 0))
     print(f"  local disk  {median_range(column(disk, 0), 'rows/s')}"
           f"  peak RSS {statistics.median(column(disk, 1)):.0f} MB")  # fmt: skip
-    print(f"  moto S3     {median_range(column(bucket, 0), 'rows/s')}"
+    print(f"  {name + ' S3':<11} {median_range(column(bucket, 0), 'rows/s')}"
           f"  peak RSS {statistics.median(column(bucket, 1)):.0f} MB"
           f"  disk/bucket {ratio:.2f}x (aim: within 1.3x)")  # fmt: skip
-    print(f"  moto alone  {median_range(column(alone, 0), 'MB/s', 1)}"
+    print(f"  {name + ' alone':<11} {median_range(column(alone, 0), 'MB/s', 1)}"
           f"  (the object read whole by Arrow, nothing parsed)")  # fmt: skip
 
 
@@ -191,33 +263,50 @@ def image_keys(count: int) -> list[str]:
 
 
 def seed_images(s3: S3, folder: Path, count: int) -> None:
-    """The same keys and bytes as files and as objects (put straight into moto's store in
-    this process: over HTTP one by one takes minutes)."""
-    from moto.backends import get_backend
-    from moto.core import DEFAULT_ACCOUNT_ID
-
+    """The same keys and bytes as files and as objects (into moto's store straight, in this
+    process: over HTTP one by one takes minutes; into s3rver by PUTs from 16 threads)."""
     content = png()
-    backend = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
     s3.bucket("photos")
-    for key in image_keys(count):
+    keys = image_keys(count)
+    for key in keys:
         path = folder / "images" / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
+    if isinstance(s3, S3rver):
+        import boto3
+        from botocore.config import Config
+
+        # s3rver predates the SDKs' default checksums: sent as aws-chunked trailers, it would
+        # keep them in the object's bytes, so they are asked for only where required.
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=s3.endpoint, aws_access_key_id=S3RVER_KEY,
+            aws_secret_access_key=S3RVER_KEY, region_name="us-east-1",
+            config=Config(request_checksum_calculation="when_required"),
+        )  # fmt: skip
+        with ThreadPoolExecutor(16) as pool:
+            put = partial(client.put_object, Bucket="photos", Body=content)
+            list(pool.map(lambda key: put(Key=f"images/{key}"), keys))
+        return
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    backend = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
+    for key in keys:
         backend.put_object("photos", f"images/{key}", content)
 
 
 def run_images(
-    folder: Path, source: str, endpoint: str, url: str, concurrency: int, count: int
+    folder: Path, source: str, s3: S3, url: str, concurrency: int, count: int
 ) -> tuple[float, float, float]:
     job = folder / "images.toml"
     output = folder / "images-out.parquet"
     job.write_text(
         f'name = "bench-images"\n[input]\npath = "{source}"\n'
         f'[service]\nurl = "{url}"\n[batch]\nconcurrency = {concurrency}\n'
-        f'[output]\npath = "{output}"\n' + storage_section(endpoint)
+        f'[output]\npath = "{output}"\n' + storage_section(s3.endpoint)
     )
     command = [PYTHON, "-m", "batchrunner", "run", str(job), "--no-progress", "--no-resume"]
-    wall, _, rss, _, stderr = measured(command, ENV)
+    wall, _, rss, _, stderr = measured(command, env_of(s3))
     summary = json.loads(Path(f"{output}.summary.json").read_text())
     if summary["rows"]["ok"] != count:
         raise RuntimeError(f"not every image ok: {summary['rows']}\n{stderr[-2000:]}")
@@ -241,7 +330,7 @@ def images(
         def measure(source: str) -> list[tuple[float, ...]]:
             return repeated(
                 repeat,
-                lambda: run_images(folder, source, s3.endpoint, service.url, concurrency, count),
+                lambda: run_images(folder, source, s3, service.url, concurrency, count),
             )
 
         disk = measure(local)
@@ -249,19 +338,22 @@ def images(
     finally:
         service.close()
     host = s3.endpoint.removeprefix("http://")
-    command = [PYTHON, "-c", LIST_AND_FETCH, host, ACCESS_KEY, SECRET_KEY, "photos", "images/",
+    command = [PYTHON, "-c", LIST_AND_FETCH, host, *keys_of(s3), "photos", "images/",
                str(concurrency)]  # fmt: skip
+    env = env_of(s3)
     alone = repeated(
-        repeat, lambda: tuple(map(float, subprocess.check_output(command, env=ENV).split()))
+        repeat, lambda: tuple(map(float, subprocess.check_output(command, env=env).split()))
     )
-    for name, figures in (("local disk", disk), ("moto S3", bucket)):
+    store = name_of(s3)
+    for name, figures in (("local disk", disk), (f"{store} S3", bucket)):
         whole, own = statistics.median(column(figures, 0)), statistics.median(column(figures, 1))
         print(f"  {name:<10}  {median_range(column(figures, 0), 'images/s')} whole process"
               f" ({whole / limit:.2f} of the limit); the run's own "
               f"{median_range(column(figures, 1), 'images/s')} ({own / limit:.2f})"
               f"  peak RSS {statistics.median(column(figures, 2)):.0f} MB")  # fmt: skip
-    print(f"  moto alone  listing {median_range(column(alone, 0), 'keys/s')}; fetching at "
-          f"concurrency {concurrency} {median_range(column(alone, 1), 'objects/s')}")  # fmt: skip
+    fetching = median_range(column(alone, 1), "objects/s")
+    print(f"  {store + ' alone':<11} listing {median_range(column(alone, 0), 'keys/s')}; "
+          f"fetching at concurrency {concurrency} {fetching}")  # fmt: skip
 
 
 def main() -> None:
@@ -272,21 +364,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=["tables", "images"], default=None)
+    parser.add_argument("--server", choices=["moto", "s3rver"], default="moto")
+    parser.add_argument("--s3rver", default="s3rver", help="s3rver's command (npm's s3rver@3)")
     args = parser.parse_args()
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
           f"(1, 5, 15 min), {os.cpu_count()} CPUs; median of {args.repeat} (range)")  # fmt: skip
-    servers = moto_server()
-    host, port = next(servers)
-    s3 = S3(host, port)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-storage-") as temporary:
-            folder = Path(temporary)
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as temporary:
+        folder = Path(temporary)
+        servers = started(args.server, args.s3rver, folder)
+        s3 = next(servers)
+        try:
             if args.only in (None, "tables"):
                 tables(s3, folder, args.rows, args.repeat)
             if args.only in (None, "images"):
                 images(s3, folder, args.images, args.latency_ms, args.concurrency, args.repeat)
-    finally:
-        servers.close()
+        finally:
+            servers.close()
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
 
 
