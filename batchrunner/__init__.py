@@ -14,7 +14,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     objectfiles an object opened for Arrow's table readers, each range read tried again on
                 the store's transient errors
     items       plain data passed between stages (Batch, Outcome)
-    job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
+    job         the job file: settings (the pydantic models: common, service, settings),
+                loading (TOML, overrides, ${ENV} expansion, validation), identity
+                (fingerprint), output (the output path's placeholders)
     sources     one reader per input kind (tabular; images: folders, globs, manifests)
     protocols   request encoding, response decoding, one module per wire format
                 (modelarts: text and file input; multipart: one-file form bodies; json,
