@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-u
     from rich.table import Table
 
     from batchrunner.inspection import FieldCounts, HeadRows, Inspection
-    from batchrunner.job import Job
+    from batchrunner.job.settings import Job
     from batchrunner.wiring import Plan
 
 OUTCOME_TITLES = {

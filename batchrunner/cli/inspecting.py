@@ -19,7 +19,7 @@ from batchrunner.cli.common import (
     app,
     fail,
 )
-from batchrunner.job import load_job
+from batchrunner.job.loading import load_job
 
 SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
 

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from batchrunner.job import EmbeddedSettings
+from batchrunner.job.service import EmbeddedSettings
 from batchrunner.service.app import GatewayError
 
 HTML_502 = (

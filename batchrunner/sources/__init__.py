@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from batchrunner.items import Batch
-from batchrunner.job import IMAGES, TABULAR
+from batchrunner.job.settings import IMAGES, TABULAR
 from batchrunner.sources.images import (
     IMAGE_EXTENSIONS,
     ImageSource,
