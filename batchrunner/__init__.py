@@ -38,7 +38,9 @@ Imports flow one way, down this list; a module imports only from those above it:
                 token renewal
     writing     local writes: aside and renamed, leftovers of killed runs, writability
     formats     the output's file formats: Parquet, CSV, JSON lines (by the path's suffix)
-    sink        the run's journal of finished batches; assembly into one Parquet file
+    sink        the run's results: rows (outcomes as Arrow record batches), schemas (merged,
+                JSON text where types disagree), the journal of finished batches, assembly
+                into one output file in input order
     keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
                 index of finished items, on disk, partition by partition
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
