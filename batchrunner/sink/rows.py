@@ -4,9 +4,7 @@ disagree or nest too deep) and the kept input columns, plus ``_seq`` for the jou
 
 from __future__ import annotations
 
-import importlib.util
 import operator
-import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from itertools import accumulate, chain, repeat
@@ -18,14 +16,6 @@ import pyarrow.compute as pc
 
 from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
 from batchrunner.sink.schemas import _json_text, conform, merge_schemas
-
-# pyarrow's type inference (pa.array without a type, as for a result column whose type is
-# not known yet or cannot be hinted) tries to import dateutil on each call; when it is not
-# installed, each failed import searches sys.path again: ~80 us a call, more than converting
-# a small batch's column. Marking the absence in sys.modules makes the failure instant (it
-# could not be imported anyway).
-if importlib.util.find_spec("dateutil") is None:
-    sys.modules.setdefault("dateutil", None)  # type: ignore[arg-type]
 
 SEQ = "_seq"  # the batch's position: in the journal only, never in the output
 
