@@ -17,7 +17,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     job         the job file: settings (the pydantic models: common, service, settings),
                 loading (TOML, overrides, ${ENV} expansion, validation), identity
                 (fingerprint), output (the output path's placeholders)
-    sources     one reader per input kind (tabular; images: folders, globs, manifests)
+    sources     one reader per input kind (tabular; images: folders, globs, manifests, the
+                walk of an image folder)
     protocols   request encoding, response decoding, one module per wire format
                 (modelarts: text and file input; multipart: one-file form bodies; json,
                 kserve-v1, oip-v2, mlflow; openai: chat and embeddings)
