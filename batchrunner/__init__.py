@@ -48,7 +48,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (a key index), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
-                with its IAM, and small language models behind OpenAI-compatible routes
+                with its IAM, and small language models behind OpenAI-compatible routes;
+                gateway (counts, JSON errors, middlewares), handlers, app (put together, run)
     expectations what validate asks a server about its model (OIP v2 metadata, KServe v1
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the

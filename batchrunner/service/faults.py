@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from batchrunner.job.service import EmbeddedSettings
-from batchrunner.service.app import GatewayError
+from batchrunner.service.gateway import GatewayError
 
 HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head>"
