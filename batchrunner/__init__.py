@@ -64,7 +64,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     inspection  an output file read back: summary, counts by status, error kinds, fields
     retrying    `batchrunner retry`: an output's error rows sent again, the output rewritten
     api         the library API: load, plan, run on either engine, read back (re-exported here)
-    display     how runs and outputs look to a person (text, rich renderables); never prints
+    display     how a run looks to a person: progress, the summary table, the plan (text,
+                rich renderables); never prints
+    outputview  how an output looks to a person (`inspect`): its summary and counts, its
+                rows, a field's counts, the charts of its run; never prints
     htmlreport  `inspect --html`: one self-contained HTML page (inline SVG charts) about a run
     cli         the typer app, the only place that prints or exits: common (the app, logs,
                 errors said), running (run, retry, validate), serving, scheduling (cron),
