@@ -14,8 +14,11 @@ Imports flow one way, down this list; a module imports only from those above it:
     objectfiles an object opened for Arrow's table readers, each range read tried again on
                 the store's transient errors
     items       plain data passed between stages (Batch, Outcome)
-    job         the job file: load, ${ENV} expansion, overrides, validation, fingerprint
-    sources     one reader per input kind (tabular; images: folders, globs, manifests)
+    job         the job file: settings (the pydantic models: common, service, settings),
+                loading (TOML, overrides, ${ENV} expansion, validation), identity
+                (fingerprint), output (the output path's placeholders)
+    sources     one reader per input kind (tabular; images: folders, globs, manifests, the
+                walk of an image folder)
     protocols   request encoding, response decoding, one module per wire format
                 (modelarts: text and file input; multipart: one-file form bodies; json,
                 kserve-v1, oip-v2, mlflow; openai: chat and embeddings)
@@ -36,14 +39,17 @@ Imports flow one way, down this list; a module imports only from those above it:
                 token renewal
     writing     local writes: aside and renamed, leftovers of killed runs, writability
     formats     the output's file formats: Parquet, CSV, JSON lines (by the path's suffix)
-    sink        the run's journal of finished batches; assembly into one Parquet file
+    sink        the run's results: rows (outcomes as Arrow record batches), schemas (merged,
+                JSON text where types disagree), the journal of finished batches, assembly
+                into one output file in input order
     keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
                 index of finished items, on disk, partition by partition
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (a key index), the filter that leaves them out
     service     the embedded reference service, iris and colors (the only user of aiohttp.web),
-                with its IAM, and small language models behind OpenAI-compatible routes
+                with its IAM, and small language models behind OpenAI-compatible routes;
+                gateway (counts, JSON errors, middlewares), handlers, app (put together, run)
     expectations what validate asks a server about its model (OIP v2 metadata, KServe v1
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the
@@ -58,7 +64,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     inspection  an output file read back: summary, counts by status, error kinds, fields
     retrying    `batchrunner retry`: an output's error rows sent again, the output rewritten
     api         the library API: load, plan, run on either engine, read back (re-exported here)
-    display     how runs and outputs look to a person (text, rich renderables); never prints
+    display     how a run looks to a person: progress, the summary table, the plan (text,
+                rich renderables); never prints
+    outputview  how an output looks to a person (`inspect`): its summary and counts, its
+                rows, a field's counts, the charts of its run; never prints
     htmlreport  `inspect --html`: one self-contained HTML page (inline SVG charts) about a run
     cli         the typer app, the only place that prints or exits: common (the app, logs,
                 errors said), running (run, retry, validate), serving, scheduling (cron),

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchrunner.errors import InputError
-from batchrunner.job import Engine, Job, load_job
+from batchrunner.job.loading import load_job
+from batchrunner.job.settings import Engine, Job
 from batchrunner.wiring import RunOutcome, RunReport
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import InputError, StateError
-from batchrunner.job import INCREMENTAL_IDENTITY, fingerprint, identity_changes
+from batchrunner.job.identity import INCREMENTAL_IDENTITY, fingerprint, identity_changes
 from batchrunner.report import RunStats
 from batchrunner.retry import is_transient_kind
 from batchrunner.sink import (

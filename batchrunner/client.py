@@ -37,7 +37,7 @@ from yarl import URL
 from batchrunner import __version__
 from batchrunner.auth import Secret
 from batchrunner.errors import ErrorKind, RequestError, SettingError, clip
-from batchrunner.job import DEFAULT_MAX_RESPONSE_BYTES
+from batchrunner.job.service import DEFAULT_MAX_RESPONSE_BYTES
 from batchrunner.retry import parse_retry_after
 
 USER_AGENT = f"batchrunner/{__version__}"

@@ -31,15 +31,15 @@ from batchrunner.client import login
 from batchrunner.clock import SYSTEM_CLOCK, Clock
 from batchrunner.errors import SettingError
 from batchrunner.iam import IamToken, TokenCache, default_cache_dir, password_source
-from batchrunner.job import (
+from batchrunner.job.service import (
     DEFAULT_OPENAI_KEY_ENV,
     DEFAULT_TOKEN_ENV,
     AppSettings,
     IamSettings,
     OpenAISettings,
     ServiceSettings,
-    StorageSettings,
 )
+from batchrunner.job.settings import StorageSettings
 from batchrunner.storage import ObjectStore
 
 

@@ -40,7 +40,8 @@ from batchrunner.auth import Scrubber, Secret, TokenProvider
 from batchrunner.client import Response, ServiceClient
 from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_UNREACHABLE_AFTER
+from batchrunner.job.service import DEFAULT_UNREACHABLE_AFTER
+from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest, Metered
 from batchrunner.report import RunStats

@@ -16,7 +16,7 @@ from batchrunner.auth import Secret
 from batchrunner.client import ServiceClient
 from batchrunner.credentials import read_credentials
 from batchrunner.errors import RequestError, ServiceError
-from batchrunner.job import Job
+from batchrunner.job.settings import Job
 from batchrunner.protocols import Codec
 
 

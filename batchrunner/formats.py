@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batchrunner.job import Job
+from batchrunner.job.settings import Job
 from batchrunner.protocols.openaibatch import batch_output_line
 from batchrunner.storage import ObjectPath
 

@@ -159,7 +159,7 @@ def _throughput(summary: Mapping[str, Any]) -> str:
 
 
 def _latency(inspection: Inspection) -> str:
-    from batchrunner.display import latency_histogram_rows
+    from batchrunner.outputview import latency_histogram_rows
 
     rows = latency_histogram_rows(inspection.latency_bins)
     if not rows:

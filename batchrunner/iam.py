@@ -33,7 +33,7 @@ import orjson
 from batchrunner.auth import RenewingToken, Secret, scrub
 from batchrunner.client import LoginAnswer
 from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
-from batchrunner.job import IamSettings
+from batchrunner.job.service import IamSettings
 
 log = logging.getLogger("batchrunner")
 

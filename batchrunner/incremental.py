@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from batchrunner.errors import InputError, StateError
 from batchrunner.items import STATUS_OK, Batch, KeyedRows
-from batchrunner.job import INCREMENTAL_IDENTITY
+from batchrunner.job.identity import INCREMENTAL_IDENTITY
 from batchrunner.keyindex import (
     LEGACY_SCHEME,
     SCHEME,

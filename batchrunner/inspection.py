@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    from batchrunner.job import StorageSettings
+    from batchrunner.job.settings import StorageSettings
 
 #: Where an output is: a local file or folder, or an object or prefix in a bucket.
 OutputPath = Path | ObjectPath

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from batchrunner.auth import MASK, Secret, scrub
-from batchrunner.job import NotifySettings
+from batchrunner.job.settings import NotifySettings
 
 log = logging.getLogger("batchrunner")
 

@@ -33,7 +33,7 @@ from batchrunner.formats import (
 )
 from batchrunner.inspection import ROWS_PER_READ, open_output
 from batchrunner.items import STATUS_ERROR
-from batchrunner.job import Job
+from batchrunner.job.settings import Job
 from batchrunner.lock import JobLock
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY, conform, merge_schemas
 from batchrunner.wiring import RunOutcome, RunReport

@@ -33,7 +33,8 @@ from pathlib import Path
 import orjson
 
 from batchrunner.errors import ServiceError
-from batchrunner.job import OPENAI_PROTOCOLS, Job, OpenAISettings
+from batchrunner.job.service import OPENAI_PROTOCOLS, OpenAISettings
+from batchrunner.job.settings import Job
 from batchrunner.limiter import RateLimiter
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -16,7 +16,7 @@ from typing import Any
 
 from batchrunner.engines.local import run_job
 from batchrunner.errors import BatchRunnerError, RunInterrupted
-from batchrunner.job import Job
+from batchrunner.job.settings import Job
 from batchrunner.metrics import RunState, read_last_success, render_metrics, write_metrics
 from batchrunner.notify import RunEnd, send_notifications
 from batchrunner.report import StatsSnapshot

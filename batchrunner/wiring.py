@@ -38,18 +38,11 @@ from batchrunner.errors import (
     SettingError,
     did_you_mean,
 )
-from batchrunner.job import (
-    IMAGES,
-    OPENAI_PROTOCOLS,
-    TABULAR,
-    Engine,
-    InputKind,
-    Job,
-    ServiceSettings,
-    check_input_kind,
-    fingerprint,
-    resolve_output,
-)
+from batchrunner.job.identity import fingerprint
+from batchrunner.job.loading import check_input_kind
+from batchrunner.job.output import resolve_output
+from batchrunner.job.service import OPENAI_PROTOCOLS, ServiceSettings
+from batchrunner.job.settings import IMAGES, TABULAR, Engine, InputKind, Job
 from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter
 from batchrunner.protocols import Codec
 from batchrunner.protocols.jsonbody import JsonCodec, check_template

@@ -253,7 +253,8 @@ def test_a_full_disk_mid_run_exits_74_and_a_rerun_resumes(invoke, service, monke
     _big_job(service.url)
     disk = _FullDisk(room=60_000)
     with monkeypatch.context() as patch:
-        patch.setattr("batchrunner.sink.open_write", disk.open_write)
+        patch.setattr("batchrunner.sink.journal.open_write", disk.open_write)
+        patch.setattr("batchrunner.sink.assembly.open_write", disk.open_write)
         result = invoke("run", "job.toml")
     assert result.exit_code == 74, result.stderr
     assert "No space left on device" in result.stderr
@@ -270,7 +271,8 @@ def test_a_full_disk_during_assembly_exits_74_and_a_rerun_sends_nothing(
     _big_job(service.url)
     disk = _FullDisk(room=1000, applies=lambda path: ".tmp-" in path.name)
     with monkeypatch.context() as patch:
-        patch.setattr("batchrunner.sink.open_write", disk.open_write)
+        patch.setattr("batchrunner.sink.journal.open_write", disk.open_write)
+        patch.setattr("batchrunner.sink.assembly.open_write", disk.open_write)
         result = invoke("run", "job.toml")
     assert result.exit_code == 74, result.stderr
     assert "cannot write the output out/big.parquet: No space left on device" in result.stderr

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner import sink
 from batchrunner.errors import CoverageError
 from batchrunner.items import Batch, Outcome
 from batchrunner.sink import (
@@ -17,11 +16,13 @@ from batchrunner.sink import (
     SUMMARY_METADATA_KEY,
     Journal,
     assemble,
+    assembly,
     conform,
     journal_parts,
     merge_types,
     outcome_table,
 )
+from batchrunner.sink import rows as sink_rows
 
 
 def batch(seq: int, keys: list[str], kept: pa.RecordBatch | None = None) -> Batch:
@@ -239,8 +240,8 @@ def test_one_row_batches_are_merged_once_and_keep_their_order(
 ) -> None:
     # Images: one row per batch. Pending batches are merged a few at a time, each batch
     # copied once (merged runs are not merged again), and row groups keep their size.
-    monkeypatch.setattr(sink, "MERGE_BATCHES", 4)
-    monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr(assembly, "MERGE_BATCHES", 4)
+    monkeypatch.setattr(assembly, "ROW_GROUP_ROWS", 10)
     merged: list[int] = []
     concat = pa.concat_batches
 
@@ -248,7 +249,7 @@ def test_one_row_batches_are_merged_once_and_keep_their_order(
         merged.append(sum(b.num_rows for b in batches))
         return concat(batches)
 
-    monkeypatch.setattr(sink.pa, "concat_batches", counting_concat)
+    monkeypatch.setattr(assembly.pa, "concat_batches", counting_concat)
     order = [5, 3, 0, 4, 1, 2, *range(6, 25)]  # finished out of order
     tables = [outcome_table([ok(seq, [f"k{seq:02d}"], [{"n": seq}])]) for seq in order]
     state = journal_of(tmp_path, tables)
@@ -344,7 +345,7 @@ def test_a_field_once_json_text_stays_json_text_without_trying_again(
             inferred.append(values)
         return array(values, type_, **options)
 
-    monkeypatch.setattr(sink.pa, "array", spying)
+    monkeypatch.setattr(sink_rows.pa, "array", spying)
     later = outcome_table([ok(1, ["b", "c"], [{"scores": [[0.5]]}, {"scores": None}])], (), hints)
     assert later.column("scores").to_pylist() == ["[[0.5]]", None]
     assert inferred == []
@@ -353,8 +354,8 @@ def test_a_field_once_json_text_stays_json_text_without_trying_again(
 def test_messages_evicted_from_the_read_cache_are_read_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sink, "_CACHED_MESSAGES", 1)
-    monkeypatch.setattr(sink, "_CACHED_ROWS", 1)
+    monkeypatch.setattr(assembly, "_CACHED_MESSAGES", 1)
+    monkeypatch.setattr(assembly, "_CACHED_ROWS", 1)
     # batches 0..5 journaled in two messages that interleave in input order
     first = outcome_table([ok(s, [f"k{s}"], [{"n": s}]) for s in (4, 0, 2)])
     second = outcome_table([ok(s, [f"k{s}"], [{"n": s}]) for s in (1, 5, 3)])

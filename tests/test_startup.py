@@ -49,3 +49,55 @@ def test_the_whole_command_never_imports_pandas(tmp_path: Path) -> None:
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
     assert "pyarrow.lib" in imported
     assert not any(name.startswith("pandas.") for name in imported)
+
+
+WITHOUT_DATEUTIL = """
+import sys
+sys.path.insert(0, sys.argv[1])
+
+class Count:
+    looked = 0
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "dateutil":
+            Count.looked += 1
+        return None
+
+sys.meta_path.insert(0, Count())
+import batchrunner.sink  # the library alone leaves the host's modules alone
+assert "dateutil" not in sys.modules
+if sys.argv[2] == "command":
+    from batchrunner.startup import lean_process
+    lean_process(["run", "job.toml"])
+import pyarrow as pa
+Count.looked = 0
+for _ in range(20):
+    pa.array([{"label": "rose"}])  # pyarrow's inference tries to import dateutil each time
+print(Count.looked)
+"""
+
+
+def without_dateutil(tmp_path: Path, how: str) -> int:
+    """Dateutil lookups in a process that has not got it (as a plain install has not): the
+    same installed packages but dateutil, each linked into one folder."""
+    import pyarrow
+
+    installed = Path(pyarrow.__file__).parent.parent
+    packages = tmp_path / "packages"
+    if not packages.exists():
+        packages.mkdir()
+        for entry in installed.iterdir():
+            if not entry.name.lower().startswith(("dateutil", "python_dateutil")):
+                (packages / entry.name).symlink_to(entry)
+    command = [sys.executable, "-S", "-c", WITHOUT_DATEUTIL, str(packages), how]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout)
+
+
+def test_the_command_knows_dateutil_is_absent_and_does_not_search_for_it(
+    tmp_path: Path,
+) -> None:
+    # Each failed search walks sys.path again (~80 us, per result column per batch).
+    assert without_dateutil(tmp_path, "command") == 0
+    assert without_dateutil(tmp_path, "library") > 0  # the library leaves sys.modules alone

@@ -18,7 +18,8 @@ from batchrunner.errors import (
     BatchRunnerError,
     SettingError,
 )
-from batchrunner.job import Job, load_job
+from batchrunner.job.loading import load_job
+from batchrunner.job.settings import Job
 
 if TYPE_CHECKING:
     from rich.console import Console

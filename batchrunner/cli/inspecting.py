@@ -19,7 +19,7 @@ from batchrunner.cli.common import (
     app,
     fail,
 )
-from batchrunner.job import load_job
+from batchrunner.job.loading import load_job
 
 SHOWN_ERROR_ROWS_IN_HTML = 10  # inspect --html lists the first error rows
 
@@ -73,8 +73,8 @@ def inspect(
 
     With --head N: the first N rows instead; with --counts FIELD: how often each value of
     FIELD occurs."""
-    from batchrunner.display import counts_text, error_rows_text, head_text, inspection_text
     from batchrunner.inspection import count_values, head_rows, inspect_output, output_path
+    from batchrunner.outputview import counts_text, error_rows_text, head_text, inspection_text
 
     try:
         storage = load_job(job_file).storage if job_file is not None else None
@@ -105,7 +105,7 @@ def inspect(
 
 
 def _show_charts(inspection: Any) -> None:
-    from batchrunner.display import charts_renderable, charts_text
+    from batchrunner.outputview import charts_renderable, charts_text
 
     if sys.stdout.isatty():
         from rich.console import Console

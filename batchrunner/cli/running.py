@@ -15,7 +15,8 @@ from batchrunner.errors import (
     InputError,
     WriteError,
 )
-from batchrunner.job import OPTION_SETTINGS, Engine, Job, load_job
+from batchrunner.job.loading import OPTION_SETTINGS, load_job
+from batchrunner.job.settings import Engine, Job
 from batchrunner.report import StatsSnapshot
 
 if TYPE_CHECKING:

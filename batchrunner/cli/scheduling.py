@@ -11,7 +11,9 @@ from batchrunner.errors import (
     BatchRunnerError,
     ScheduleError,
 )
-from batchrunner.job import DEFAULT_OPENAI_KEY_ENV, DEFAULT_TOKEN_ENV, Job, load_job
+from batchrunner.job.loading import load_job
+from batchrunner.job.service import DEFAULT_OPENAI_KEY_ENV, DEFAULT_TOKEN_ENV
+from batchrunner.job.settings import Job
 
 if TYPE_CHECKING:
     from batchrunner.schedule import Schedule

@@ -57,14 +57,9 @@ from batchrunner.errors import (
 from batchrunner.formats import batch_output_format
 from batchrunner.incremental import SeenItems, check_reader, name_examples, open_seen
 from batchrunner.items import Batch, Outcome
-from batchrunner.job import (
-    IMAGES,
-    TABULAR,
-    Engine,
-    Job,
-    job_identity,
-    output_name_glob,
-)
+from batchrunner.job.identity import job_identity
+from batchrunner.job.output import output_name_glob
+from batchrunner.job.settings import IMAGES, TABULAR, Engine, Job
 from batchrunner.keyindex import Duplicates, Spill, content_digest
 from batchrunner.limiter import RateLimiter
 from batchrunner.lock import JobLock

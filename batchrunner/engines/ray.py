@@ -59,18 +59,10 @@ from batchrunner.errors import (
     SettingError,
 )
 from batchrunner.items import STATUS_OK, Batch, Outcome
-from batchrunner.job import (
-    DEFAULT_OPENAI_KEY_ENV,
-    DEFAULT_TOKEN_ENV,
-    IMAGES,
-    OPENAI_PROTOCOLS,
-    TABULAR,
-    Engine,
-    InputKind,
-    Job,
-    job_identity,
-    resolve_output_path,
-)
+from batchrunner.job.identity import job_identity
+from batchrunner.job.output import resolve_output_path
+from batchrunner.job.service import DEFAULT_OPENAI_KEY_ENV, DEFAULT_TOKEN_ENV, OPENAI_PROTOCOLS
+from batchrunner.job.settings import IMAGES, TABULAR, Engine, InputKind, Job
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.report import RunStats

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from batchrunner.errors import ErrorKind, RequestError, clip, http_kind
 from batchrunner.items import Batch
-from batchrunner.job import DEFAULT_MAX_REQUEST_BYTES
+from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.protocols import EncodedRequest
 from batchrunner.protocols.multipart import choose_boundary, file_part, read_file, too_large
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from batchrunner.errors import RequestError, SettingError, clip
 from batchrunner.items import Batch
-from batchrunner.job import Job
+from batchrunner.job.settings import Job
 from batchrunner.protocols import EncodedRequest
 from batchrunner.protocols.answers import (
     bad_response,

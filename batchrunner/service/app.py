@@ -50,341 +50,39 @@ import dataclasses
 import logging
 import secrets
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import orjson
-from aiohttp import BodyPartReader, hdrs, web
-from aiohttp.helpers import parse_mimetype
-from aiohttp.multipart import content_disposition_filename, parse_content_disposition
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from batchrunner.service.iam import (
-    IamAccount,
-    TokenRegistry,
-    login_fails,
-    parse_login,
-    token_document,
+from batchrunner.service.gateway import (
+    _IAM_ROUTE,
+    STATS_KEY,
+    ServiceStats,
+    _make_auth_middleware,
+    _make_gateway_middleware,
 )
+from batchrunner.service.handlers import (
+    _make_file_handler,
+    _make_login_handler,
+    _make_text_handler,
+)
+from batchrunner.service.iam import IamAccount, TokenRegistry
 from batchrunner.service.llm import add_openai_routes
-from batchrunner.service.models import FileModel, ModelInputError, TextModel
+from batchrunner.service.models import TextModel
 from batchrunner.service.registry import load_model
 from batchrunner.service.wire import PATHS, add_routes
 
 DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024  # the gateway's limit through the API URL
-MAX_UUID_CHARS = 64
-# A file this small is scored on the event loop: decoding it takes less than handing it
-# to a worker thread and back.
-_INLINE_FILE_BYTES = 64 * 1024
-
-TOKEN_HEADER = "X-Auth-Token"
-SUBJECT_TOKEN_HEADER = "X-Subject-Token"
-REQUEST_ID_HEADER = "X-Request-Id"
 IAM_PATH = "/v3/auth/tokens"
-_IAM_ROUTE = "iam-tokens"
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0  # the real IAM's
 
 # Graceful shutdown waits this long for requests still in flight. Short: the embedded
 # service lives inside a run or a test, and a stuck request must not hold up its end.
 _SHUTDOWN_TIMEOUT_S = 2.0
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ServiceStats:
-    """What the service has seen so far; mutated in place, read by tests and benchmarks.
-
-    ``requests`` counts every request that reached the application (404s included);
-    ``by_status`` counts the responses by HTTP status; ``rows_scored`` counts the records
-    of successful requests. ``in_flight`` and ``max_in_flight`` show the concurrency a
-    client really used.
-    """
-
-    requests: int = 0
-    by_status: Counter[int] = field(default_factory=Counter)
-    rows_scored: int = 0
-    in_flight: int = 0
-    max_in_flight: int = 0
-    logins: int = 0  # IAM logins that got a token
-    logins_refused: int = 0
-    expired_tokens: int = 0  # requests refused because their token had expired
-
-
-STATS_KEY = web.AppKey("batchrunner_service_stats", ServiceStats)
-
-
-class GatewayError(Exception):
-    """An error answer in the gateway's JSON, e.g. ``GatewayError(429, "APIG.0308", ...)``.
-
-    Raise it from a handler or a middleware (a fault injector's 429 or 503, with a
-    ``Retry-After`` in ``headers``); the outermost middleware renders it, request id and all.
-    """
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def _bad_request(message: str) -> GatewayError:
-    return GatewayError(400, "ModelArts.4101", message)
-
-
-def _too_large(max_body_bytes: int) -> GatewayError:
-    return GatewayError(
-        413, "APIG.0201", f"Request entity too large: the limit is {max_body_bytes} bytes"
-    )
-
-
-def _translate_http_exception(exc: web.HTTPException, max_body_bytes: int) -> GatewayError:
-    """Turn aiohttp's own errors (router, body limit) into the gateway's JSON errors."""
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return _too_large(max_body_bytes)
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return GatewayError(
-            405,
-            "APIG.0101",
-            f"Method {exc.method} is not allowed; use POST",
-            {"Allow": ", ".join(sorted(exc.allowed_methods))},
-        )
-    if isinstance(exc, web.HTTPNotFound):
-        return GatewayError(
-            404, "APIG.0101", "The API does not exist or has not been published in the environment"
-        )
-    return GatewayError(exc.status, f"APIG.{exc.status:04d}", exc.reason)
-
-
-def _error_response(error: GatewayError, request_id: str) -> web.Response:
-    body = {"error_code": error.code, "error_msg": error.message, "request_id": request_id}
-    response = web.Response(
-        status=error.status, body=orjson.dumps(body), content_type="application/json"
-    )
-    response.headers.update(error.headers)
-    return response
-
-
-def _make_gateway_middleware(stats: ServiceStats, max_body_bytes: int) -> Middleware:
-    """The outermost layer: counts every request and renders every error as gateway JSON."""
-
-    @web.middleware
-    async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex
-        stats.requests += 1
-        stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        try:
-            try:
-                response = await handler(request)
-            except GatewayError as exc:
-                response = _error_response(exc, request_id)
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = _error_response(
-                    _translate_http_exception(exc, max_body_bytes), request_id
-                )
-            except Exception:
-                # A bug in a model or in this module: answer like a server, keep serving.
-                logger.exception("request %s failed", request_id)
-                response = _error_response(
-                    GatewayError(500, "ModelArts.5000", "Internal error of the service"),
-                    request_id,
-                )
-            response.headers[REQUEST_ID_HEADER] = request_id
-            stats.by_status[response.status] += 1
-            return response
-        finally:
-            stats.in_flight -= 1
-
-    return gateway
-
-
-def _make_auth_middleware(tokens: TokenRegistry, stats: ServiceStats) -> Middleware:
-    """Refuse requests without a good token; unknown paths fall through to 404/405."""
-
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # A path that matches no API has no token to check: the gateway says 404 first.
-        # The IAM login is how a token is got: it needs none.
-        if request.match_info.http_exception is not None or (
-            request.match_info.route.name == _IAM_ROUTE
-        ):
-            return await handler(request)
-        reason = tokens.refusal(request.headers.get(TOKEN_HEADER) or _bearer(request))
-        if reason is None:
-            return await handler(request)
-        if reason == "token expires":
-            stats.expired_tokens += 1
-        # Never echo the given token: it may be a real one meant for another service.
-        raise GatewayError(401, "APIG.0301", f"Incorrect IAM authentication information: {reason}")
-
-    return authenticate
-
-
-def _bearer(request: web.Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (how OpenAI-compatible clients
-    send theirs), else None."""
-    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-    return (token.strip() or None) if scheme.lower() == "bearer" else None
-
-
-def _make_login_handler(account: IamAccount, tokens: TokenRegistry, stats: ServiceStats) -> Handler:
-    async def log_in(request: web.Request) -> web.StreamResponse:
-        try:
-            login = parse_login(await request.read())
-        except ValueError as exc:
-            raise GatewayError(400, "IAM.0001", str(exc)) from None
-        refusal = login_fails(account, login)
-        if refusal is not None:
-            stats.logins_refused += 1
-            raise GatewayError(401, "IAM.0002", refusal)
-        token, issued_at, expires_at = tokens.issue()
-        stats.logins += 1
-        return web.Response(
-            status=201,
-            body=orjson.dumps(token_document(account, issued_at, expires_at)),
-            content_type="application/json",
-            headers={SUBJECT_TOKEN_HEADER: token},
-        )
-
-    return log_in
-
-
-def _make_text_handler(model: TextModel, stats: ServiceStats, max_body_bytes: int) -> Handler:
-    async def infer(request: web.Request) -> web.StreamResponse:
-        # Refuse an announced oversize body before reading a byte of it; a body without
-        # Content-Length (chunked) is cut by the Application's client_max_size instead.
-        if request.content_length is not None and request.content_length > max_body_bytes:
-            raise _too_large(max_body_bytes)
-        raw = await request.read()
-        meta_uuid, records = _parse_text_request(raw)
-        try:
-            # Synchronous on purpose: scoring is microseconds a record, and a real model
-            # server is busy while it scores, too.
-            results = model.predict(records)
-        except ModelInputError as exc:
-            raise GatewayError(400, "MR.0105", str(exc)) from exc
-        if len(results) != len(records):
-            raise RuntimeError(
-                f"model {model.name!r} returned {len(results)} results for {len(records)} records"
-            )
-        stats.rows_scored += len(records)
-        body = {"meta": {"uuid": meta_uuid}, "data": {"resp_data": results}}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-    return infer
-
-
-def _make_file_handler(model: FileModel, stats: ServiceStats, max_body_bytes: int) -> Handler:
-    field = model.input_name
-    how = (
-        f"send one file as multipart/form-data under the form field '{field}' "
-        f"(curl -F '{field}=@photo.png')"
-    )
-
-    async def infer(request: web.Request) -> web.StreamResponse:
-        if request.content_length is not None and request.content_length > max_body_bytes:
-            raise _too_large(max_body_bytes)
-        # The header itself, not request.content_type: aiohttp parses that with the email
-        # package, a millisecond per request for the distinct boundary of each.
-        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-        mimetype = parse_mimetype(content_type)
-        if (mimetype.type, mimetype.subtype) != ("multipart", "form-data"):
-            given = f"{mimetype.type}/{mimetype.subtype}" if content_type else "no Content-Type"
-            raise _bad_request(f"The model {model.name!r} takes file input, not {given}: {how}")
-        filename, content = await _read_file_part(request, field, how, max_body_bytes)
-        try:
-            if len(content) <= _INLINE_FILE_BYTES:
-                result = model.predict_file(filename, content)
-            else:
-                # Decoding a photo takes long enough to hold up every other request (and,
-                # inside a run, the client on the same event loop): a worker thread does it.
-                result = await asyncio.to_thread(model.predict_file, filename, content)
-        except ModelInputError as exc:
-            raise GatewayError(400, "MR.0105", str(exc)) from exc
-        stats.rows_scored += 1
-        return web.Response(body=orjson.dumps(result), content_type="application/json")
-
-    return infer
-
-
-async def _read_file_part(
-    request: web.Request, field: str, how: str, max_body_bytes: int
-) -> tuple[str, bytes]:
-    """(file name, bytes) of the one part named ``field``; a 400 or 413 if there is not
-    exactly one, or the body is malformed or too large (counted as it streams in: a
-    chunked body has no Content-Length to refuse up front)."""
-    found: tuple[str, bytes] | None = None
-    others: list[str] = []
-    received = 0
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise _bad_request(f"A form part holds a nested multipart body: {how}")
-            # Parsed once here: aiohttp's part.name and part.filename parse the header anew.
-            _, params = parse_content_disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
-            name = content_disposition_filename(params, "name")
-            chunks: list[bytes] = []
-            while chunk := await part.read_chunk():
-                received += len(chunk)
-                if received > max_body_bytes:
-                    raise _too_large(max_body_bytes)
-                if name == field:
-                    chunks.append(chunk)
-            if name != field:
-                others.append(repr(name))
-            elif found is not None:
-                raise _bad_request(f"The form holds more than one '{field}' file: {how}")
-            else:
-                filename = content_disposition_filename(params, "filename") or ""
-                found = (filename, b"".join(chunks))
-    except ValueError as exc:  # aiohttp's word for a malformed multipart body
-        raise _bad_request(f"The multipart body is malformed ({exc}): {how}") from exc
-    if found is None:
-        held = f"its fields are {', '.join(others)}" if others else "it is empty"
-        raise _bad_request(f"The form holds no '{field}' file ({held}): {how}")
-    return found
-
-
-def _parse_text_request(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
-    """Return (meta.uuid or "", data.req_data) of a text-input body; raise a 400 if unfit."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _bad_request(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise _bad_request("The request body must be a JSON object with a 'data' object")
-    data = body.get("data")
-    if not isinstance(data, dict):
-        raise _bad_request("The request body lacks the 'data' object")
-    records = data.get("req_data")
-    if not isinstance(records, list):
-        raise _bad_request("'data.req_data' must be a list of records")
-    if not records:
-        raise _bad_request("'data.req_data' is empty: send at least one record")
-    meta = body.get("meta")
-    meta_uuid = ""
-    if meta is not None:
-        if not isinstance(meta, dict):
-            raise _bad_request("'meta' must be an object")
-        given = meta.get("uuid")
-        if given is not None:
-            if not isinstance(given, str) or len(given) > MAX_UUID_CHARS:
-                raise _bad_request(
-                    f"'meta.uuid' must be a string of at most {MAX_UUID_CHARS} characters"
-                )
-            meta_uuid = given
-    return meta_uuid, records
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from batchrunner.job import EmbeddedSettings
-from batchrunner.service.app import GatewayError
+from batchrunner.job.service import EmbeddedSettings
+from batchrunner.service.gateway import GatewayError
 
 HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head>"

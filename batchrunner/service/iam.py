@@ -2,7 +2,8 @@
 
 ``parse_login`` reads the documented login request (``PROTOCOL.md``, "Getting a token");
 ``TokenRegistry`` issues tokens with a time to live and tells the inference routes whether
-a given token is good, expired or unknown. The HTTP side (routes, errors) is in ``app``.
+a given token is good, expired or unknown. The HTTP side is in ``handlers`` (the login
+route) and ``gateway`` (the token check, the errors).
 """
 
 from __future__ import annotations

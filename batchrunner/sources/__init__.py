@@ -22,11 +22,13 @@ The tabular source is made of small modules; imports flow one way, down this lis
     parquet_files   Parquet: schemas and row counts from the footers, streaming by row group
     tabular         ``open_tabular`` and ``TabularSource``: the pieces put together; row keys
 
-Image input in a bucket (``s3://``, ``obs://``) is walked by ``bucket_images``, which
-``images`` uses; a table in a bucket is found by ``files`` and read through ``storage``.
+Image input in a local folder or glob is walked by ``walk`` (the files that are items,
+in order, each skip counted), in a bucket (``s3://``, ``obs://``) by ``bucket_images``;
+``images`` uses both. A table in a bucket is found by ``files`` and read through
+``storage``.
 
 ``files`` is written for any source kind: ``find_files`` resolves a path for a source that
-says which files it accepts. The image source walks its folder itself instead (``images``):
+says which files it accepts. The image source walks its folder itself instead (``walk``):
 it streams the walk folder by folder rather than listing the tree up front, and keeps
 names starting with ``_`` (cameras write ``_DSC1234.JPG``); it shares ``files``' message
 for a missing path.
@@ -38,7 +40,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from batchrunner.items import Batch
-from batchrunner.job import IMAGES, TABULAR
+from batchrunner.job.settings import IMAGES, TABULAR
 from batchrunner.sources.images import (
     IMAGE_EXTENSIONS,
     ImageSource,

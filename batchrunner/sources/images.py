@@ -5,17 +5,13 @@ This module owns everything between ``input.path`` and the ``Batch``es of an ima
 - what the path names: a folder (walked, into subfolders unless ``recursive = false``),
   one image file, a glob (``photos/**/*.jpg``), or a manifest: a ``.txt`` or ``.lst`` file
   listing one path per line, relative to the manifest's own folder;
-- the order: a walk yields files sorted by relative path as ``pathlib`` sorts paths (part
-  by part, so ``a/z.png`` comes before ``a.png``, as for tabular folders). It streams: each
-  folder is listed (and its names sorted) when the walk reaches it, never the whole tree up
-  front. A manifest keeps its own order;
+- the order: a walk yields files sorted by relative path (see ``walk``, which walks a
+  folder or a glob's folder, streaming). A manifest keeps its own order;
 - which files are items: in a walk or glob, those whose extension (any case) is one of
-  ``extensions``. Hidden names (``.DS_Store``, macOS's ``._photo.jpg``, ``.git/``), files
-  that are not regular (pipes, devices, broken links) and symbolic links leading outside
-  the input folder (unless ``follow_links``) are skipped. A link inside the folder is
-  followed like what it points to; a linked folder that leads back into the walk is not
-  walked twice. Every skip is counted (``statistics()``) and logged once. A manifest, or a
-  single file, is taken as it is: the user named those files;
+  ``extensions``; hidden names, files that are not regular and links leading outside the
+  input folder (unless ``follow_links``) are skipped (see ``walk``). Every skip is counted
+  (``statistics()``) and logged once. A manifest, or a single file, is taken as it is: the
+  user named those files;
 - each item's key: its path relative to the input folder (a glob's folder is the part
   before its first wildcard; a manifest's is the manifest's own), with ``/`` separators.
 
@@ -29,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from batchrunner.errors import InputError
@@ -44,6 +39,7 @@ from batchrunner.sources.bucket_images import (
     read_bucket_manifest,
 )
 from batchrunner.sources.files import glob_match, no_such_path
+from batchrunner.sources.walk import FolderWalk, WalkStatistics, _key_text, _Tally
 from batchrunner.storage import InputPath, ObjectStore, is_uri
 
 __all__ = [
@@ -65,73 +61,6 @@ MANIFEST_EXTENSIONS = (".txt", ".lst")
 
 _GLOB_CHARS = frozenset("*?[")
 _FOLDER, _FILE, _GLOB, _MANIFEST = "folder", "file", "glob", "manifest"
-
-
-@dataclass(frozen=True, slots=True)
-class WalkStatistics:
-    """What the last walk found: the items, and the files it skipped, by reason."""
-
-    files: int = 0
-    other_extension: int = 0  # not one of input.extensions
-    hidden: int = 0  # names starting with "."
-    outside_links: int = 0  # links leading outside the input folder (follow_links = false)
-    not_regular: int = 0  # pipes, sockets, devices, broken links
-    loops: int = 0  # linked folders leading back into the walk
-    unreadable_folders: int = 0
-
-    @property
-    def skipped(self) -> int:
-        return (
-            self.other_extension
-            + self.hidden
-            + self.outside_links
-            + self.not_regular
-            + self.loops
-            + self.unreadable_folders
-        )
-
-
-_REASONS = {
-    "other_extension": "with other extensions",
-    "hidden": "hidden",
-    "outside_links": "links leading outside the folder (set input.follow_links = true)",
-    "not_regular": "not regular files",
-    "loops": "linked folders leading back into the walk",
-    "unreadable_folders": "folders that could not be listed",
-}
-
-
-@dataclass
-class _Tally:
-    """The counts of one walk as it goes, with the first example of each skip."""
-
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_REASONS, 0))
-    examples: dict[str, str] = field(default_factory=dict)
-    files: int = 0
-
-    def skip(self, reason: str, key: str) -> None:
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, key)
-
-    def snapshot(self) -> WalkStatistics:
-        return WalkStatistics(files=self.files, **self.counts)
-
-    def describe(self) -> str:
-        parts = [
-            f"{count:,} {_REASONS[reason]} (e.g. {self.examples[reason]})"
-            for reason, count in self.counts.items()
-            if count
-        ]
-        return "; ".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One name of a listed folder that the walk will visit."""
-
-    name: str
-    is_folder: bool
-    real: str  # the real path of a folder (links resolved), for the loop check
 
 
 class ImageSource:
@@ -269,7 +198,14 @@ class ImageSource:
                 tally.files += 1
                 yield key, listed
             return
-        for key, local in self._walk(tally):
+        walk = FolderWalk(
+            self._root,
+            self._extensions,
+            recursive=self._recursive,
+            follow_links=self._follow_links,
+            pattern=self._pattern if self._mode == _GLOB else None,
+        )
+        for key, local in walk.walk(tally):
             tally.files += 1
             yield key, local
         self._log_skips(tally)
@@ -283,91 +219,6 @@ class ImageSource:
             logger.warning(
                 "%s: %s %s skipped: %s", self._given, f"{skipped:,}", noun, tally.describe()
             )
-
-    def _walk(self, tally: _Tally) -> Generator[tuple[str, Path], None, None]:
-        """Depth first, each folder's names sorted: files in order of their relative path."""
-        root = str(self._root)
-        root_real = os.path.realpath(root)
-        # One frame per folder being walked: (its path, its key with a trailing "/", its
-        # real path, the names still to visit). Only the folders on the current path are
-        # held, each with its own listing.
-        stack = [(root, "", root_real, iter(self._list(root, "", root_real, root_real, tally)))]
-        on_path = {root_real}
-        while stack:
-            folder, prefix, real, entries = stack[-1]
-            entry = next(entries, None)
-            if entry is None:
-                stack.pop()
-                on_path.discard(real)
-                continue
-            path = os.path.join(folder, entry.name)
-            key = prefix + _key_text(entry.name)
-            if not entry.is_folder:
-                yield key, Path(path)
-            elif entry.real in on_path:
-                tally.skip("loops", key + "/")
-            else:
-                listing = self._list(path, key + "/", entry.real, root_real, tally)
-                stack.append((path, key + "/", entry.real, iter(listing)))
-                on_path.add(entry.real)
-
-    def _list(
-        self, folder: str, prefix: str, folder_real: str, root_real: str, tally: _Tally
-    ) -> list[_Entry]:
-        """The names of ``folder`` that the walk visits, sorted; skips are counted."""
-        entries: list[_Entry] = []
-        try:
-            with os.scandir(folder) as scan:
-                for item in scan:
-                    entry = self._consider(item, prefix, folder_real, root_real, tally)
-                    if entry is not None:
-                        entries.append(entry)
-        except OSError as exc:
-            # A folder that cannot be listed (no permission, removed meanwhile): its files
-            # are unknown, so they cannot be error rows; say so loudly and go on.
-            tally.skip("unreadable_folders", prefix or ".")
-            logger.warning("%s: cannot list this folder (%s); its files are skipped", folder, exc)
-            return []
-        entries.sort(key=lambda entry: entry.name)
-        return entries
-
-    def _consider(
-        self, item: os.DirEntry[str], prefix: str, folder_real: str, root_real: str, tally: _Tally
-    ) -> _Entry | None:
-        name = item.name
-        key = prefix + _key_text(name)
-        if name.startswith("."):
-            tally.skip("hidden", key)
-            return None
-        try:
-            if item.is_symlink():
-                real = os.path.realpath(item.path)
-                if not self._follow_links and not _inside(real, root_real):
-                    tally.skip("outside_links", key)
-                    return None
-                is_folder, is_file = item.is_dir(), item.is_file()
-            else:
-                real = os.path.join(folder_real, name)
-                is_folder = item.is_dir(follow_symlinks=False)
-                is_file = item.is_file(follow_symlinks=False)
-        except OSError:
-            tally.skip("not_regular", key)
-            return None
-        if is_folder:
-            if self._mode == _FOLDER and not self._recursive:
-                return None
-            if self._mode == _GLOB and not glob_match(self._pattern, _parts(key), prefix=True):
-                return None
-            return _Entry(name, True, real)
-        if not is_file:
-            tally.skip("not_regular", key)
-            return None
-        if self._mode == _GLOB and not glob_match(self._pattern, _parts(key)):
-            return None  # not asked for: not a skip
-        if os.path.splitext(name)[1].lower() not in self._extensions:
-            tally.skip("other_extension", key)
-            return None
-        return _Entry(name, False, real)
 
 
 # --- opening ----------------------------------------------------------------------------------
@@ -464,15 +315,8 @@ def looks_like_images(
         return suffix in chosen
     if given.is_dir():
         # The walk of a run, stopped at the first file that is an image or a table.
-        probe = ImageSource(
-            mode=_FOLDER,
-            root=given,
-            given=given,
-            extensions=chosen | frozenset(s.lower() for s in table_suffixes),
-            recursive=True,
-            follow_links=False,
-        )
-        walk = probe._walk(_Tally())
+        probe = FolderWalk(given, chosen | frozenset(s.lower() for s in table_suffixes))
+        walk = probe.walk(_Tally())
         try:
             first_file = next(walk, None)
         finally:
@@ -564,28 +408,3 @@ def split_glob(text: str) -> tuple[Path, tuple[str, ...]]:
     fixed = parts[:magic]
     root = "/".join(fixed) if fixed != [""] else "/"
     return Path(root or "."), tuple(part for part in parts[magic:] if part)
-
-
-# --- small helpers ----------------------------------------------------------------------------
-
-
-def _inside(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _parts(key: str) -> list[str]:
-    return key.split("/")
-
-
-def _key_text(name: str) -> str:
-    """A file name as key text: itself, or with bytes that are not UTF-8 shown as ``\\xNN``.
-
-    Such names reach Python with lone surrogates, which no Arrow string can hold.
-    """
-    if name.isascii():
-        return name
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(name).decode("utf-8", errors="backslashreplace")
-    return name
