@@ -53,7 +53,7 @@ def test_the_whole_command_never_imports_pandas(tmp_path: Path) -> None:
 
 WITHOUT_DATEUTIL = """
 import sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[3]]
 
 class Count:
     looked = 0
@@ -82,14 +82,17 @@ def without_dateutil(tmp_path: Path, how: str) -> int:
     same installed packages but dateutil, each linked into one folder."""
     import pyarrow
 
+    import batchrunner
+
     installed = Path(pyarrow.__file__).parent.parent
+    project = Path(batchrunner.__file__).parent.parent  # an editable install is a .pth: -S skips it
     packages = tmp_path / "packages"
     if not packages.exists():
         packages.mkdir()
         for entry in installed.iterdir():
             if not entry.name.lower().startswith(("dateutil", "python_dateutil")):
                 (packages / entry.name).symlink_to(entry)
-    command = [sys.executable, "-S", "-c", WITHOUT_DATEUTIL, str(packages), how]
+    command = [sys.executable, "-S", "-c", WITHOUT_DATEUTIL, str(packages), how, str(project)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stdout)
