@@ -28,7 +28,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses; the object store
                 that [storage] describes
-    report      run statistics and their frozen snapshot, latency histogram, timeline, summary
+    report      each stage's frozen statistics and the snapshot that combines them; latency
+                histogram, timeline, summary
     metrics     a run's figures in Prometheus' text format (textfile collector), written
                 atomically
     notify      telling someone a run ended: a command given the summary, an incoming webhook
@@ -48,9 +49,11 @@ Imports flow one way, down this list; a module imports only from those above it:
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the
                 plan, the summary, the one result type (RunReport, RunOutcome)
-    engines     local (the asyncio pipeline, `run`), ray (Ray Data, the only module that
-                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
-                blocks, for resume); neither engine imports the other
+    engines     local (the asyncio pipeline, `run`: runner, a run's life; control, signals,
+                grace period, progress; reading and finishing, the stages around dispatch),
+                ray (Ray Data, the only module that imports ray, lazily; `run --engine ray`),
+                blocks (a Ray run's finished blocks, for resume); neither engine imports the
+                other
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
