@@ -29,7 +29,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     credentials the token source and AppCode that [service] chooses; the object store
                 that [storage] describes
     report      each stage's frozen statistics and the snapshot that combines them; latency
-                histogram, timeline, summary
+                histogram, timeline
+    summary     the run summary, typed (RunSummary): built from the final snapshot, to and
+                from the JSON of <output>.summary.json
     metrics     a run's figures in Prometheus' text format (textfile collector), written
                 atomically
     notify      telling someone a run ended: a command given the summary, an incoming webhook
@@ -87,6 +89,7 @@ _EXPORTS = {
     "Engine": "batchrunner.api",
     "Outcome": "batchrunner.api",
     "RunReport": "batchrunner.api",
+    "RunSummary": "batchrunner.summary",
     "Plan": "batchrunner.wiring",
     "Inspection": "batchrunner.inspection",
     "BatchRunnerError": "batchrunner.errors",
@@ -115,6 +118,7 @@ __all__ = [
     "Plan",
     "RunInterrupted",
     "RunReport",
+    "RunSummary",
     "ServiceError",
     "SettingError",
     "StateError",
@@ -150,6 +154,7 @@ if TYPE_CHECKING:
     )
     from batchrunner.inspection import Inspection
     from batchrunner.job import Job, load_job
+    from batchrunner.summary import RunSummary
     from batchrunner.wiring import Plan
 
 

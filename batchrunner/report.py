@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import Any
 
 from batchrunner.items import Outcome
 
@@ -470,75 +469,6 @@ def _rebucketed(timeline: Sequence[int], bucket_s: float, wider_s: float) -> lis
     """``timeline`` (rows per ``bucket_s``) as rows per ``wider_s``, a power of two wider."""
     factor = max(1, round(wider_s / bucket_s))
     return [sum(timeline[i : i + factor]) for i in range(0, len(timeline), factor)]
-
-
-def build_summary(
-    snapshot: StatsSnapshot,
-    *,
-    job_name: str,
-    fingerprint: str,
-    run_id: str,
-    input_path: str,
-    output_path: str,
-    url: str,
-    started: str,
-    finished: str,
-    outcome: str,
-    max_error_rate: float,
-) -> dict[str, Any]:
-    """The run summary as plain JSON-ready data (the same in the file metadata and beside it)."""
-    rows = snapshot.rows_done
-    elapsed_s = snapshot.elapsed_s
-    latency = snapshot.latency
-    summary = {
-        "job": job_name,
-        "run_id": run_id,
-        "outcome": outcome,
-        "fingerprint": fingerprint,
-        "input": input_path,
-        "output": output_path,
-        "url": url,
-        "started": started,
-        "finished": finished,
-        "elapsed_s": round(elapsed_s, 3),
-        "rows": {
-            "total": rows,
-            "ok": snapshot.rows_ok,
-            "error": snapshot.rows_error,
-            "skipped": snapshot.rows_skipped,
-            "resumed": snapshot.rows_resumed,
-        },
-        "error_rate": round(snapshot.rows_error / rows, 6) if rows else 0.0,
-        "max_error_rate": max_error_rate,
-        "requests": snapshot.requests,
-        "retries": snapshot.retries,
-        "splits": snapshot.splits,
-        "throttled": snapshot.throttled,
-        "rows_per_second": round(snapshot.rows_per_second, 1) if elapsed_s > 0 else None,
-        "latency_ms": {
-            "mean": latency.mean,
-            "p50": latency.p50,
-            "p95": latency.p95,
-            "p99": latency.p99,
-            "max": latency.max,
-        },
-        "errors": {
-            e.kind: {"rows": e.rows, "example_key": e.example_key, "example": e.example_message}
-            for e in snapshot.errors
-        },
-        "retries_by_reason": dict(snapshot.retries_by_reason),
-        # rows finished per bucket since the start: throughput over time (inspect --html)
-        "timeline": {"bucket_s": snapshot.timeline_bucket_s, "rows": list(snapshot.timeline)},
-    }
-    if snapshot.tokens_in or snapshot.tokens_out:  # language models: what the run spent
-        summary["tokens"] = {
-            "in": snapshot.tokens_in,
-            "out": snapshot.tokens_out,
-            "per_second": round((snapshot.tokens_in + snapshot.tokens_out) / elapsed_s, 1)
-            if elapsed_s > 0
-            else None,
-        }
-    return summary
 
 
 def _round(value: float | None) -> float | None:

@@ -102,7 +102,7 @@ def test_each_stage_counts_its_part_of_a_real_run() -> None:
         dispatch.retries,
         dispatch.splits,
     )
-    summary = report.summary
+    summary = report.summary.to_json()
     assert summary["rows"] == {
         "total": 300,
         "ok": finishing.rows_ok,

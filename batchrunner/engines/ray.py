@@ -32,6 +32,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ from batchrunner.sink import SEQ, outcome_table
 from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.storage import is_uri
+from batchrunner.summary import BlockFigures
 from batchrunner.wiring import (
     SUMMARY_SUFFIX,
     RayFigures,
@@ -339,11 +341,11 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
         )  # fmt: skip
         snapshot = stats.snapshot(0, seconds, total=rows)
         summary = job_summary(job, snapshot, identity, run_id, output, started, outcome)
-        summary["engine"] = "ray"
-        summary["actors"] = shares
-        summary["blocks"] = {"total": len(names), "reused": reused}
+        summary = replace(
+            summary, engine="ray", actors=shares, blocks=BlockFigures(len(names), reused)
+        )
         summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
-        write_json_atomically(summary_path, summary)
+        write_json_atomically(summary_path, summary.to_json())
         state.remove()
     return RunReport(
         engine=Engine.RAY,

@@ -20,6 +20,7 @@ import random
 import shutil
 from collections.abc import Callable, Collection
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -229,24 +230,25 @@ class Runner:
             outcome = self._judge(final, abort_reason)
             summary = job_summary(job, final, identity, run_id, output, started, outcome)
             if duplicates:
-                summary["duplicate_keys"] = duplicates.to_json()
+                summary = replace(summary, duplicate_keys=duplicates.to_json())
+            document = summary.to_json()
             # An output in a bucket is assembled in the state folder, then uploaded whole.
             written = output if isinstance(output, Path) else paths.assembled(output.suffix)
             assemble(
                 paths.state,
                 written,
                 reading.rows_per_batch,
-                metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)},
+                metadata={SUMMARY_METADATA_KEY: orjson.dumps(document)},
                 format=batch_output_format(job, written),
             )
             if isinstance(output, ObjectPath) and isinstance(summary_path, ObjectPath):
                 output.store.upload(written, output)
                 output.store.put_bytes(
-                    orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n", summary_path
+                    orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", summary_path
                 )
             else:
                 assert isinstance(summary_path, Path)
-                write_summary(summary_path, summary)
+                write_summary(summary_path, document)
             if abort_reason is None:
                 shutil.rmtree(paths.state, ignore_errors=True)
                 if seen is not None:  # after the state: a crash between costs resends only
