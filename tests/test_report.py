@@ -5,13 +5,11 @@ import random
 import pytest
 
 from batchrunner.report import (
-    DispatchStatistics,
     FinishStatistics,
     FinishTally,
     LatencyHistogram,
     RunStatistics,
     StatsSnapshot,
-    build_summary,
 )
 
 
@@ -38,35 +36,6 @@ def test_percentile_stays_within_the_values_seen() -> None:
     histogram = LatencyHistogram()
     histogram.add(5.0)
     assert histogram.percentile(0.99) == 5.0
-
-
-def test_summary_counts_and_errors() -> None:
-    finishing = FinishTally(rows_ok=8, rows_error=2)
-    finishing.record_error_rows("http_503", 2, "k7", "HTTP 503")
-    latency = LatencyHistogram()
-    latency.add(10.0)
-    dispatch = DispatchStatistics(requests=4, retries=1, latency=latency.statistics())
-    stats = RunStatistics(dispatch=dispatch, finishing=finishing.statistics())
-    summary = build_summary(
-        stats.snapshot(in_flight=0, elapsed_s=2.0),
-        job_name="j",
-        fingerprint="f",
-        run_id="r",
-        input_path="in.csv",
-        output_path="out.parquet",
-        url="embedded:iris",
-        started="s",
-        finished="e",
-        outcome="done",
-        max_error_rate=0.5,
-    )
-    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0, "resumed": 0}
-    assert summary["error_rate"] == 0.2
-    assert summary["rows_per_second"] == 5.0
-    assert summary["errors"] == {
-        "http_503": {"rows": 2, "example_key": "k7", "example": "HTTP 503"}
-    }
-    assert summary["latency_ms"]["p50"] == 10.0
 
 
 def test_snapshot_orders_error_kinds_by_rows_and_keeps_first_example() -> None:

@@ -25,7 +25,9 @@ SUMMARY_KEYS = [
 ]  # fmt: skip
 
 
-def summary_of(stats: RunStatistics, elapsed_s: float = 4.0) -> RunSummary:
+def summary_of(
+    stats: RunStatistics, elapsed_s: float = 4.0, outcome: str = "too_many_errors"
+) -> RunSummary:
     return build_summary(
         stats.snapshot(0, elapsed_s),
         job_name="j",
@@ -36,7 +38,7 @@ def summary_of(stats: RunStatistics, elapsed_s: float = 4.0) -> RunSummary:
         url="embedded:iris",
         started="s",
         finished="e",
-        outcome="too_many_errors",
+        outcome=outcome,
         max_error_rate=0.1,
     )
 
@@ -59,6 +61,24 @@ def figures() -> RunStatistics:
         retries_by_reason=(("http_503", 1), ("timeout", 1)),
     )
     return RunStatistics(dispatch=dispatch, finishing=finishing.statistics())
+
+
+def test_summary_counts_and_errors() -> None:
+    finishing = FinishTally(rows_ok=8, rows_error=2)
+    finishing.record_error_rows("http_503", 2, "k7", "HTTP 503")
+    latency = LatencyHistogram()
+    latency.add(10.0)
+    dispatch = DispatchStatistics(requests=4, retries=1, latency=latency.statistics())
+    stats = RunStatistics(dispatch=dispatch, finishing=finishing.statistics())
+    summary = summary_of(stats, elapsed_s=2.0, outcome="done").to_json()
+    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0, "resumed": 0}
+    assert summary["error_rate"] == 0.2
+    assert summary["rows_per_second"] == 5.0
+    assert summary["errors"] == {
+        "http_503": {"rows": 2, "example_key": "k7", "example": "HTTP 503"}
+    }
+    assert summary["latency_ms"]["p50"] == 10.0
+    assert "tokens" not in summary  # none spent
 
 
 def test_the_json_has_the_documented_keys_and_values() -> None:
