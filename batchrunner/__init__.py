@@ -31,7 +31,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     iam         the IAM token source: login request and answer, token cache, renewal
     credentials the token source and AppCode that [service] chooses; the object store
                 that [storage] describes
-    report      run statistics and their frozen snapshot, latency histogram, timeline, summary
+    report      each stage's frozen statistics and the snapshot that combines them; latency
+                histogram, timeline
+    summary     the run summary, typed (RunSummary): built from the final snapshot, to and
+                from the JSON of <output>.summary.json
     metrics     a run's figures in Prometheus' text format (textfile collector), written
                 atomically
     notify      telling someone a run ended: a command given the summary, an incoming webhook
@@ -54,9 +57,11 @@ Imports flow one way, down this list; a module imports only from those above it:
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the
                 plan, the summary, the one result type (RunReport, RunOutcome)
-    engines     local (the asyncio pipeline, `run`), ray (Ray Data, the only module that
-                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
-                blocks, for resume); neither engine imports the other
+    engines     local (the asyncio pipeline, `run`: runner, a run's life; control, signals,
+                grace period, progress; reading and finishing, the stages around dispatch),
+                ray (Ray Data, the only module that imports ray, lazily; `run --engine ray`),
+                blocks (a Ray run's finished blocks, for resume); neither engine imports the
+                other
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
@@ -93,6 +98,7 @@ _EXPORTS = {
     "Engine": "batchrunner.api",
     "Outcome": "batchrunner.api",
     "RunReport": "batchrunner.api",
+    "RunSummary": "batchrunner.summary",
     "Plan": "batchrunner.wiring",
     "Inspection": "batchrunner.inspection",
     "BatchRunnerError": "batchrunner.errors",
@@ -121,6 +127,7 @@ __all__ = [
     "Plan",
     "RunInterrupted",
     "RunReport",
+    "RunSummary",
     "ServiceError",
     "SettingError",
     "StateError",
@@ -156,6 +163,7 @@ if TYPE_CHECKING:
     )
     from batchrunner.inspection import Inspection
     from batchrunner.job import Job, load_job
+    from batchrunner.summary import RunSummary
     from batchrunner.wiring import Plan
 
 

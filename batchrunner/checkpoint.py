@@ -26,7 +26,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from batchrunner.errors import InputError, StateError
 from batchrunner.job.identity import INCREMENTAL_IDENTITY, fingerprint, identity_changes
-from batchrunner.report import RunStats
+from batchrunner.report import FinishStatistics, FinishTally
 from batchrunner.retry import is_transient_kind
 from batchrunner.sink import (
     Journal,
@@ -118,6 +118,8 @@ class Checkpoint:
     # DIGEST_BYTES per seq: keys_digest of each batch finished by the unfinished run (zeros
     # for the others); read-only, unlike ``finished``, which the run goes on filling.
     key_digests: bytes = b""
+    #: The finished rows kept, counted as the finishing stage counts them (rows_resumed).
+    resumed: FinishStatistics = field(default_factory=FinishStatistics)
 
     def check_keys(self, seq: int, keys: Sequence[str]) -> None:
         """Raise ``InputError`` if batch ``seq``, finished by the unfinished run, held other
@@ -211,19 +213,18 @@ def open_checkpoint(
     identity: Mapping[str, Any],
     *,
     resume: bool,
-    stats: RunStats,
     scan: Callable[[], Scan] | None = None,
 ) -> Checkpoint:
     """Prepare the state folder for a run and return what it already holds.
 
     With ``resume`` and a state of the same job identity, finished batches are kept (and
-    counted into ``stats``); anything else starts fresh. ``scan`` reads the input as it is
+    counted: ``Checkpoint.resumed``); anything else starts fresh. ``scan`` reads the input as it is
     now: a finished batch whose keys are the same but whose content changed (an edit that
     kept the file's size and modification time) is dropped, to be sent again.
     """
     same, note = resumable(paths.manifest, identity, resume=resume)
     if same:
-        return _resume(paths, stats, scan() if scan is not None else None)
+        return _resume(paths, scan() if scan is not None else None)
     if note is not None and resume and journal_parts(paths.state):
         _refuse_setting_changes(paths.manifest, identity)
         log.warning("%s; its finished rows are discarded", note)
@@ -311,12 +312,13 @@ def _changed(seq: int, batch: pa.RecordBatch, recorded: bytes | None, now: Scan 
     return now.keys[place] == keys_digest(batch.column("_key").to_pylist())
 
 
-def _resume(paths: StatePaths, stats: RunStats, now: Scan | None) -> Checkpoint:
+def _resume(paths: StatePaths, now: Scan | None) -> Checkpoint:
     # Rewrite the journal keeping each finished batch once, then drop the old parts. A crash
     # half-way leaves both copies: the next resume keeps the first of each, so it is safe.
     old_parts = journal_parts(paths.state)
     finished = bytearray()
     digests = bytearray()
+    tally = FinishTally()
     kept_batches = resent_batches = kept_rows = changed_batches = changed_rows = 0
     log_of_digests = DigestLog(paths.digests)
     recorded = log_of_digests.read()
@@ -347,7 +349,7 @@ def _resume(paths: StatePaths, stats: RunStats, now: Scan | None) -> Checkpoint:
         journal.append(batch)
         kept_batches += 1
         kept_rows += batch.num_rows
-        _count(batch, stats)
+        _count(batch, tally)
     journal.close()
     for part in journal_parts(compacted):
         part.rename(paths.state / part.name)
@@ -366,7 +368,7 @@ def _resume(paths: StatePaths, stats: RunStats, now: Scan | None) -> Checkpoint:
             f"{changed_batches:,}", f"{changed_rows:,}",
         )  # fmt: skip
     journal = Journal(paths.state, generation + 1)
-    return Checkpoint(journal, finished, kept_rows, note, bytes(digests))
+    return Checkpoint(journal, finished, kept_rows, note, bytes(digests), tally.statistics())
 
 
 def _worth_resending(batch: pa.RecordBatch) -> bool:
@@ -376,11 +378,9 @@ def _worth_resending(batch: pa.RecordBatch) -> bool:
     return any(is_transient_kind(kind) for kind in pc.unique(kinds.drop_null()).to_pylist())
 
 
-def _count(batch: pa.RecordBatch, stats: RunStats) -> None:
+def _count(batch: pa.RecordBatch, tally: FinishTally) -> None:
     errors = batch.filter(pc.equal(batch.column("_status"), "error"))
-    stats.rows_ok += batch.num_rows - errors.num_rows
-    stats.rows_error += errors.num_rows
-    stats.rows_resumed += batch.num_rows
+    tally.count_resumed(batch.num_rows - errors.num_rows, errors.num_rows)
     kinds = errors.column("_error_kind")
     counts = pc.value_counts(kinds)
     for kind, count in zip(
@@ -388,4 +388,4 @@ def _count(batch: pa.RecordBatch, stats: RunStats) -> None:
     ):
         of_kind = pc.is_null(kinds) if kind is None else pc.equal(kinds, kind)
         first = errors.filter(of_kind).slice(0, 1).to_pylist()[0]
-        stats.record_error_rows(kind or "error", count, first["_key"], first["_error"] or "")
+        tally.record_error_rows(kind or "error", count, first["_key"], first["_error"] or "")

@@ -44,7 +44,7 @@ from batchrunner.job.service import DEFAULT_UNREACHABLE_AFTER
 from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest, Metered
-from batchrunner.report import RunStats
+from batchrunner.report import DispatchStatistics, DispatchTally
 from batchrunner.retry import FailureWindow, RetryPolicy
 from batchrunner.storage import ObjectPath
 from batchrunner.tokenmeter import BudgetReached, TokenMeter
@@ -77,7 +77,8 @@ class Dispatcher:
     """Sends batches through one client, within one limiter, under one retry policy.
 
     ``tokens`` gives each request its token and renews a refused one; None sends none
-    (an AppCode alone, or the client's own token).
+    (an AppCode alone, or the client's own token). It counts what it sends and what comes
+    back; ``statistics()`` tells.
     """
 
     def __init__(
@@ -86,7 +87,6 @@ class Dispatcher:
         codec: Codec,
         limiter: ConcurrencyLimiter,
         policy: RetryPolicy,
-        stats: RunStats,
         *,
         tokens: TokenProvider | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
@@ -104,7 +104,6 @@ class Dispatcher:
         self._codec = codec
         self._limiter = limiter
         self._policy = policy
-        self._stats = stats
         self._tokens = tokens
         self._max_request_bytes = max_request_bytes
         self._rate = rate
@@ -126,6 +125,11 @@ class Dispatcher:
         # Overload or a random failure? (see retry): decides the backoff and the bound.
         self._window = FailureWindow()
         self._answered = 0  # requests answered 2xx
+        self._counts = DispatchTally()  # what statistics() tells
+
+    def statistics(self) -> DispatchStatistics:
+        """What this dispatcher has sent so far, and what came back (a frozen copy)."""
+        return self._counts.statistics()
 
     async def send(self, batch: Batch) -> list[Outcome]:
         """Outcomes covering all of ``batch``'s rows in row order, or [] if the run is
@@ -152,7 +156,7 @@ class Dispatcher:
         become error rows as they are. A batch refused whole thus costs at most 7 requests
         (itself, 2 halves, 4 quarters) instead of 2n - 1.
         """
-        self._stats.splits += 1
+        self._counts.splits += 1
         log.debug("batch %d: splitting %d rows in halves", batch.seq, len(batch))
         left, right = batch.split()
         (left_outcome, left_error), (right_outcome, right_error) = await _both(
@@ -222,7 +226,7 @@ class Dispatcher:
                     self._scrubber.add(token)  # whatever comes back, this is not shown
                     attempt += 1
                     sent_uuid = request.request_uuid
-                    self._stats.requests += 1
+                    self._counts.requests += 1
                     try:
                         response = await self._client.post(
                             request.body, request.content_type, token=token, path=request.path
@@ -239,11 +243,11 @@ class Dispatcher:
                     # Service-provided text reaches results, error rows, logs and the
                     # summary: no secret of ours goes with it, whatever the service echoed.
                     body = self._scrubber.body(response.body)
-                    self._stats.latency.add(response.latency_ms)
+                    self._counts.latency.add(response.latency_ms)
                     if response.ok:
                         self._limiter.feedback(response.latency_ms, pushed_back=False)
                     if response.status == 429:
-                        self._stats.throttled += 1
+                        self._counts.throttled += 1
                     if response.ok:
                         self._answered += 1
                         self._renewals_in_a_row = 0  # the token was accepted
@@ -288,8 +292,8 @@ class Dispatcher:
                 if self._stopping.is_set():
                     raise _Dropped
                 renewals += 1
-                self._stats.retries += 1
-                self._stats.retry_reasons[ErrorKind.TOKEN_RENEWED.value] += 1
+                self._counts.retries += 1
+                self._counts.retry_reasons[ErrorKind.TOKEN_RENEWED.value] += 1
                 continue
             if (
                 error.http_status == TOO_MANY_REQUESTS
@@ -309,8 +313,8 @@ class Dispatcher:
                 return outcome, error
             if self._stopping.is_set():
                 raise _Dropped
-            self._stats.retries += 1
-            self._stats.retry_reasons[error.kind] += 1
+            self._counts.retries += 1
+            self._counts.retry_reasons[error.kind] += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
             await self._back_off(delay)
 
@@ -338,8 +342,8 @@ class Dispatcher:
         if response is not None and response.ok and isinstance(self._codec, Metered):
             usage = self._codec.usage(response.body)
         if usage is not None:
-            self._stats.tokens_in += usage.prompt
-            self._stats.tokens_out += usage.completion
+            self._counts.tokens_in += usage.prompt
+            self._counts.tokens_out += usage.completion
         self._meter.settle(
             estimate,
             usage.prompt if usage is not None else None,

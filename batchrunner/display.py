@@ -9,12 +9,13 @@ fields show the same figures, read from the same snapshot. How an output looks
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchrunner.report import StatsSnapshot
+from batchrunner.summary import RowCounts, RunSummary
 
 if TYPE_CHECKING:  # rich is imported where a terminal needs it: a run's start-up does not
     from rich.console import RenderableType
@@ -126,79 +127,72 @@ class ProgressView:
 # --- the run summary ------------------------------------------------------------------------------
 
 
-def summary_title(summary: Mapping[str, Any]) -> str:
-    outcome = str(summary.get("outcome", "?"))
-    return f"{summary.get('job', '?')}: {OUTCOME_TITLES.get(outcome, outcome)}"
+def summary_title(summary: RunSummary) -> str:
+    outcome = summary.outcome or "?"
+    return f"{summary.job or '?'}: {OUTCOME_TITLES.get(outcome, outcome)}"
 
 
-def summary_rows(summary: Mapping[str, Any], summary_path: object | None = None) -> Rows:
+def summary_rows(summary: RunSummary, summary_path: object | None = None) -> Rows:
     """The run summary as (label, value) rows: the end of a run, and ``inspect``.
 
-    Reads what it finds: a summary written by another version may lack a figure.
+    A summary written by another version may lack a figure: it shows as zero or "?".
     """
-    counts = summary.get("rows", {})
-    latency = summary.get("latency_ms", {})
-    rate = summary.get("rows_per_second")
-    elapsed = summary.get("elapsed_s") or 0.0
+    counts = summary.rows
+    latency = summary.latency_ms
+    rate = summary.rows_per_second
     rows: Rows = [
-        ("run", f"{summary.get('run_id', '?')}, started {summary.get('started', '?')}"),
+        ("run", f"{summary.run_id or '?'}, started {summary.started or '?'}"),
         ("rows", _rows_text(counts)),
         (
             "throughput",
             f"{'-' if rate is None else format(rate, ',.0f')} rows/s "
-            f"({counts.get('total', 0):,} rows in {_elapsed(elapsed)}); "
-            f"{summary.get('requests', 0):,} requests, {summary.get('retries', 0):,} retries",
+            f"({counts.total:,} rows in {_elapsed(summary.elapsed_s or 0.0)}); "
+            f"{summary.requests:,} requests, {summary.retries:,} retries",
         ),
     ]
-    if latency.get("p50") is None:
+    if latency.p50 is None:
         rows.append(("latency", "no answers"))
     else:
-        rows.append(
-            (
-                "latency",
-                ", ".join(f"{p} {latency.get(p, 0):,.1f} ms" for p in ("p50", "p95", "p99")),
-            )
-        )
-    tokens = summary.get("tokens")
-    if isinstance(tokens, Mapping):
-        rate = tokens.get("per_second")
+        shown = (("p50", latency.p50), ("p95", latency.p95), ("p99", latency.p99))
+        rows.append(("latency", ", ".join(f"{p} {v or 0:,.1f} ms" for p, v in shown)))
+    tokens = summary.tokens
+    if tokens is not None:
+        rate = tokens.per_second
         rows.append(
             (
                 "tokens",
-                f"{tokens.get('in', 0):,} in, {tokens.get('out', 0):,} out"
+                f"{tokens.tokens_in:,} in, {tokens.tokens_out:,} out"
                 + ("" if rate is None else f" ({rate:,.0f} tokens/s)"),
             )
         )
-    for number, (kind, tally) in enumerate(summary.get("errors", {}).items()):
+    for number, (kind, tally) in enumerate(summary.errors):
         rows.append(
             (
                 "errors" if number == 0 else "",
-                _error_kind_text(
-                    kind, tally.get("rows", 0), tally.get("example_key"), tally.get("example")
-                ),
+                _error_kind_text(kind, tally.rows, tally.example_key, tally.example),
             )
         )
-    retry = summary.get("retry")
-    if isinstance(retry, Mapping):
+    retry = summary.retry
+    if retry is not None:
         rows.append(
             (
                 "retried",
-                f"{retry.get('retried', 0):,} error rows of {retry.get('from', '?')}: "
-                f"{retry.get('now_ok', 0):,} now ok, {retry.get('still_error', 0):,} still failing",
+                f"{retry.retried:,} error rows of {retry.source or '?'}: "
+                f"{retry.now_ok:,} now ok, {retry.still_error:,} still failing",
             )
         )
-    rows.append(("output", str(summary.get("output", "?"))))
+    rows.append(("output", summary.output or "?"))
     if summary_path is not None:
         rows.append(("summary", str(summary_path)))
     return rows
 
 
-def _rows_text(counts: Mapping[str, int]) -> str:
-    skipped = counts.get("skipped", 0)
-    if not counts.get("total") and skipped:
+def _rows_text(counts: RowCounts) -> str:
+    skipped = counts.skipped
+    if not counts.total and skipped:
         # input.incremental, a night with no new or changed item: the usual figures are zeros
         return f"nothing new: {skipped:,} items already done"
-    return f"{counts.get('ok', 0):,} ok, {counts.get('error', 0):,} errors, {skipped:,} skipped"
+    return f"{counts.ok:,} ok, {counts.error:,} errors, {skipped:,} skipped"
 
 
 def _elapsed(seconds: float) -> str:

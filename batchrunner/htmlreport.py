@@ -10,7 +10,7 @@ Every value from the output is HTML-escaped.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from html import escape
 from pathlib import Path
@@ -18,6 +18,8 @@ from typing import Any
 
 from batchrunner.errors import InputError
 from batchrunner.inspection import FieldCounts, Inspection, count_values
+from batchrunner.report import LatencySummary
+from batchrunner.summary import RunSummary, Timeline
 
 CHART_WIDTH = 720
 CHART_HEIGHT = 180
@@ -75,8 +77,8 @@ def render_report(
     inspection: Inspection, field_counts: Sequence[FieldCounts], *, title: str | None = None
 ) -> str:
     """The page, as text: write it to a ``.html`` file."""
-    summary = inspection.summary or {}
-    heading = title or f"{summary.get('job', inspection.path.name)}: batchrunner report"
+    summary = inspection.summary
+    heading = title or f"{summary.job if summary else inspection.path.name}: batchrunner report"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -103,34 +105,34 @@ def render_report(
     return "\n".join(parts) + "\n"
 
 
-def _subtitle(inspection: Inspection, summary: Mapping[str, Any]) -> str:
-    outcome = str(summary.get("outcome", "unknown"))
+def _subtitle(inspection: Inspection, summary: RunSummary | None) -> str:
     bits = [f"output <code>{escape(str(inspection.path))}</code>"]
-    if summary:
+    if summary is not None:
+        outcome = summary.outcome or "unknown"
         bits.append(
             f'outcome <b class="outcome-{escape(outcome)}">{escape(outcome.replace("_", " "))}</b>'
         )
-        bits.append(f"run {escape(str(summary.get('run_id', '?')))}")
-        bits.append(f"started {escape(str(summary.get('started', '?')))}")
+        bits.append(f"run {escape(summary.run_id or '?')}")
+        bits.append(f"started {escape(summary.started or '?')}")
     else:
         bits.append("no run summary found (not written by batchrunner run)")
     return f'<p class="sub">{" · ".join(bits)}</p>'
 
 
-def _cards(inspection: Inspection, summary: Mapping[str, Any]) -> str:
+def _cards(inspection: Inspection, summary: RunSummary | None) -> str:
     statuses = dict(inspection.statuses)
-    latency = summary.get("latency_ms") or {}
-    rate = summary.get("rows_per_second")
+    latency = summary.latency_ms if summary is not None else LatencySummary()
+    rate = summary.rows_per_second if summary is not None else None
     cards = [
         ("rows", f"{inspection.rows:,}", ""),
         ("ok", f"{statuses.get('ok', 0):,}", "ok"),
         ("errors", f"{statuses.get('error', 0):,}", "error"),
         ("rows/s", "-" if rate is None else f"{rate:,.0f}", ""),
-        ("elapsed", f"{summary.get('elapsed_s', 0) or 0:,.1f} s" if summary else "-", ""),
-        ("p50 latency", _ms(latency.get("p50")), ""),
-        ("p99 latency", _ms(latency.get("p99")), ""),
-        ("requests", f"{summary.get('requests', 0):,}" if summary else "-", ""),
-        ("retries", f"{summary.get('retries', 0):,}" if summary else "-", ""),
+        ("elapsed", f"{summary.elapsed_s or 0:,.1f} s" if summary else "-", ""),
+        ("p50 latency", _ms(latency.p50), ""),
+        ("p99 latency", _ms(latency.p99), ""),
+        ("requests", f"{summary.requests:,}" if summary else "-", ""),
+        ("retries", f"{summary.retries:,}" if summary else "-", ""),
     ]
     inner = "".join(
         f'<div class="card {kind}"><b>{escape(value)}</b><span>{escape(label)}</span></div>'
@@ -143,10 +145,10 @@ def _ms(value: Any) -> str:
     return "-" if value is None else f"{float(value):,.1f} ms"
 
 
-def _throughput(summary: Mapping[str, Any]) -> str:
-    timeline = summary.get("timeline") or {}
-    rows = [n for n in timeline.get("rows") or [] if isinstance(n, int | float)]
-    bucket = float(timeline.get("bucket_s") or 1.0)
+def _throughput(summary: RunSummary | None) -> str:
+    timeline = summary.timeline if summary is not None else Timeline()
+    rows = list(timeline.rows)
+    bucket = float(timeline.bucket_s or 1.0)
     if not rows:
         return '<p class="empty">No timeline in the summary (a run of an older version).</p>'
     rates = [n / bucket for n in rows]
@@ -275,10 +277,10 @@ def _fields(inspection: Inspection, field_counts: Sequence[FieldCounts]) -> str:
     return "".join(sections)
 
 
-def _summary_table(summary: Mapping[str, Any]) -> str:
+def _summary_table(summary: RunSummary | None) -> str:
     from batchrunner.display import summary_rows
 
-    if not summary:
+    if summary is None:
         return '<p class="empty">No run summary.</p>'
     rows = "".join(
         f"<tr><th>{escape(label)}</th><td>{escape(value)}</td></tr>"

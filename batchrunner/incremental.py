@@ -72,7 +72,6 @@ from batchrunner.keyindex import (
     read_index,
     write_index,
 )
-from batchrunner.report import RunStats
 from batchrunner.sources import Source, TabularSource
 
 log = logging.getLogger("batchrunner")
@@ -146,6 +145,7 @@ class SeenItems:
         self._spill = Spill(path.with_name(path.name + ".work"), converting=converting)
         self._done: RowBits | None = None
         self._counted = 0  # input rows whose left-out rows are counted into rows_skipped
+        self.rows_skipped = 0  # rows filter() left out: done by earlier runs
 
     def __len__(self) -> int:
         return 0 if self._index is None else self._index.count
@@ -192,21 +192,19 @@ class SeenItems:
                 "unique, or leave it out to key rows by their number"
             )
 
-    def filter(
-        self, batches: Iterable[Batch], stats: RunStats, size: int, *, dry: bool = False
-    ) -> Iterator[Batch]:
+    def filter(self, batches: Iterable[Batch], size: int, *, dry: bool = False) -> Iterator[Batch]:
         """``batches`` (the input, in order) without the rows already done, packed into
         batches of ``size`` rows numbered from 0 (the last may be shorter).
 
         The first time rows go through, the left-out ones are counted into
-        ``stats.rows_skipped`` (unless ``dry``); going through them again is allowed.
+        ``rows_skipped`` (unless ``dry``); going through them again is allowed.
         """
         assert self._done is not None, "check the input first"
         done = self._done
         skipped = done.total()
         if skipped == done.count:  # nothing to send: no need to read the input again
             if not dry and self._counted < done.count:
-                stats.rows_skipped += skipped
+                self.rows_skipped += skipped
                 self._counted = done.count
             return
         row = seq = 0
@@ -215,7 +213,7 @@ class SeenItems:
         for batch in batches:
             left_out = done.get(row, len(batch))
             if not dry and row >= self._counted:
-                stats.rows_skipped += int(left_out.sum())
+                self.rows_skipped += int(left_out.sum())
                 self._counted = row + len(batch)
             row += len(batch)
             kept = batch if not left_out.any() else batch.take(np.flatnonzero(~left_out).tolist())

@@ -34,6 +34,7 @@ from batchrunner.objectfiles import retrying_filesystem, seekable
 from batchrunner.protocols.openaibatch import is_batch_output, read_batch_output
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY
 from batchrunner.storage import ObjectPath, is_uri
+from batchrunner.summary import RunSummary
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -80,7 +81,7 @@ class Inspection:
 
     path: OutputPath
     rows: int
-    summary: dict[str, Any] | None  # the run summary in the metadata; None if there is none
+    summary: RunSummary | None  # the run summary in the metadata; None if there is none
     statuses: tuple[tuple[str, int], ...]  # status and rows, most rows first
     error_kinds: tuple[ErrorKindCount, ...]  # most rows first
     fields: tuple[tuple[str, str], ...]  # every column but the reserved ones, and its type
@@ -236,7 +237,7 @@ def _csv_format() -> ds.CsvFileFormat:
     )
 
 
-def _summary(schema: pa.Schema) -> dict[str, Any] | None:
+def _summary(schema: pa.Schema) -> RunSummary | None:
     raw = (schema.metadata or {}).get(SUMMARY_METADATA_KEY)
     return None if raw is None else _parsed(raw)
 
@@ -245,7 +246,7 @@ def _is_parquet_file(path: OutputPath) -> bool:
     return not path.is_dir() and output_format(path) in (None, OutputFormat.parquet)
 
 
-def _summary_beside(folder: OutputPath) -> dict[str, Any] | None:
+def _summary_beside(folder: OutputPath) -> RunSummary | None:
     """A folder of parts (``--engine ray``), a CSV or JSON lines output: the summary is in
     ``<output>.summary.json``."""
     beside = folder.with_name(folder.name + ".summary.json")
@@ -259,12 +260,12 @@ def _summary_beside(folder: OutputPath) -> dict[str, Any] | None:
     return _parsed(raw)
 
 
-def _parsed(raw: bytes) -> dict[str, Any] | None:
+def _parsed(raw: bytes) -> RunSummary | None:
     try:
         summary = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return RunSummary.from_json(summary) if isinstance(summary, dict) else None
+    except (orjson.JSONDecodeError, ValueError):
         return None  # a damaged summary: the counts from the rows still stand
-    return summary if isinstance(summary, dict) else None
 
 
 def _value_counts(column: pa.Array, null_as: str) -> dict[str, int]:

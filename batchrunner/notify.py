@@ -24,6 +24,7 @@ import orjson
 
 from batchrunner.auth import MASK, Secret, scrub
 from batchrunner.job.settings import NotifySettings
+from batchrunner.summary import RunSummary
 
 log = logging.getLogger("batchrunner")
 
@@ -38,7 +39,7 @@ class RunEnd:
     job: str
     exit_code: int
     message: str  # one line: what happened, what to do
-    summary: Mapping[str, Any] | None = None  # None when the run ended before it had one
+    summary: RunSummary | None = None  # None when the run ended before it had one
 
     @property
     def event(self) -> str:
@@ -58,8 +59,12 @@ def notification(end: RunEnd) -> dict[str, Any]:
         "event": end.event,
         "exit_code": end.exit_code,
         "message": end.message,
-        "summary": end.summary,
+        "summary": _summary(end),
     }
+
+
+def _summary(end: RunEnd) -> dict[str, Any] | None:
+    return None if end.summary is None else end.summary.to_json()
 
 
 def notification_text(end: RunEnd) -> str:
@@ -130,7 +135,7 @@ def post_webhook(url: Secret, end: RunEnd, timeout: float) -> str | None:
     address = url.reveal()
     if not address.lower().startswith(("https://", "http://")):
         return "the webhook URL must start with https:// (or http://)"
-    body = orjson.dumps({"text": notification_text(end), "summary": end.summary}, default=str)
+    body = orjson.dumps({"text": notification_text(end), "summary": _summary(end)}, default=str)
     request = urllib.request.Request(
         address,
         data=body,

@@ -5,7 +5,7 @@ run (throughput, latency) as text or rich renderables. Never prints (``cli`` doe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from batchrunner.display import (
@@ -17,6 +17,7 @@ from batchrunner.display import (
     summary_rows,
     summary_title,
 )
+from batchrunner.summary import RunSummary, Timeline
 
 if TYPE_CHECKING:  # rich is imported where a terminal needs it
     from rich.console import RenderableType
@@ -146,12 +147,11 @@ SPARK_WIDTH = 60
 HISTOGRAM_WIDTH = 40
 
 
-def throughput_series(summary: Mapping[str, Any] | None) -> tuple[list[float], float]:
+def throughput_series(summary: RunSummary | None) -> tuple[list[float], float]:
     """Rows per second in each bucket of the summary's timeline, and the bucket's seconds."""
-    timeline = (summary or {}).get("timeline") or {}
-    rows = timeline.get("rows") or []
-    bucket = float(timeline.get("bucket_s") or 1.0)
-    return [n / bucket for n in rows if isinstance(n, int | float)], bucket
+    timeline = summary.timeline if summary is not None else Timeline()
+    bucket = float(timeline.bucket_s or 1.0)
+    return [n / bucket for n in timeline.rows], bucket
 
 
 def sparkline(values: Sequence[float], width: int = SPARK_WIDTH) -> str:

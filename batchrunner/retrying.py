@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from batchrunner.items import STATUS_ERROR
 from batchrunner.job.settings import Job
 from batchrunner.lock import JobLock
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY, conform, merge_schemas
+from batchrunner.summary import RetryFigures, RowCounts, RunSummary
 from batchrunner.wiring import RunOutcome, RunReport
 from batchrunner.writing import aside_name, fsync, open_write
 from batchrunner.writing import write_json_atomically as write_summary
@@ -50,7 +51,7 @@ class RetryResult:
     outcome: RunOutcome
     output: Path
     summary_path: Path
-    summary: dict[str, Any]
+    summary: RunSummary
     retried: int
     now_ok: int
 
@@ -109,50 +110,51 @@ def retry_errors(
             shutil.rmtree(workspace, ignore_errors=True)
     assert merged_rows == rows
     summary_path = target.with_name(target.name + ".summary.json")
-    write_summary(summary_path, summary)
-    retry = summary["retry"]
+    write_summary(summary_path, summary.to_json())
+    retry = summary.retry
+    assert retry is not None
     log.info(
         "retry: %s rows retried, %s now ok, %s still failing: output %s",
-        f"{retry['retried']:,}", f"{retry['now_ok']:,}", f"{retry['still_error']:,}", target,
+        f"{retry.retried:,}", f"{retry.now_ok:,}", f"{retry.still_error:,}", target,
     )  # fmt: skip
     return RetryResult(
-        RunOutcome(summary["outcome"]),
+        RunOutcome(summary.outcome),
         target,
         summary_path,
         summary,
-        retry["retried"],
-        retry["now_ok"],
+        retry.retried,
+        retry.now_ok,
     )
 
 
 def _merged_summary(
     job: Job, output: Path, target: Path, result: RunReport, rows: int, retried: int
-) -> dict[str, Any]:
+) -> RunSummary:
     sub = result.summary
-    counts = sub["rows"]
-    if counts["total"] != retried:
-        missing = retried - counts["total"]
+    counts = sub.rows
+    if counts.total != retried:
+        missing = retried - counts.total
         raise CoverageError(
             f"{missing:,} of the {retried:,} error rows' keys are not in the input any more "
             f"({job.input.path}): the output was left as it was. Retry with the input the "
             "output was made from, or run the job again"
         )
-    now_ok = counts["ok"]
-    still = counts["error"]
+    now_ok = counts.ok
+    still = counts.error
     error_rate = round(still / rows, 6) if rows else 0.0
-    outcome = RunOutcome(sub["outcome"])
+    outcome = RunOutcome(sub.outcome)
     if outcome is not RunOutcome.ABORTED:
         outcome = (
             RunOutcome.DONE if error_rate <= job.max_error_rate else RunOutcome.TOO_MANY_ERRORS
         )
-    return {
-        **sub,
-        "outcome": outcome,
-        "output": str(target),
-        "rows": {"total": rows, "ok": rows - still, "error": still, "skipped": 0, "resumed": 0},
-        "error_rate": error_rate,
-        "retry": {"from": str(output), "retried": retried, "now_ok": now_ok, "still_error": still},
-    }
+    return replace(
+        sub,
+        outcome=outcome,
+        output=str(target),
+        rows=RowCounts(total=rows, ok=rows - still, error=still),
+        error_rate=error_rate,
+        retry=RetryFigures(str(output), retried, now_ok, still),
+    )
 
 
 def _rewrite(
@@ -160,7 +162,7 @@ def _rewrite(
     retried: Path,
     target: Path,
     expected: int,
-    summary: Any,
+    summary: RunSummary,
     *,
     format: OutputFormat | None = None,
 ) -> int:
@@ -176,7 +178,9 @@ def _rewrite(
     old = open_output(output)
     merged = merge_schemas([RESERVED, old.schema, new.schema])
     fields = [f for f in merged if f.name not in RESERVED.names]
-    schema = pa.schema([*RESERVED, *fields], metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary)})
+    schema = pa.schema(
+        [*RESERVED, *fields], metadata={SUMMARY_METADATA_KEY: orjson.dumps(summary.to_json())}
+    )
     new = pa.Table.from_batches([conform(b, schema) for b in new.to_batches()], schema)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = aside_name(target)

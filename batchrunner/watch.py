@@ -20,6 +20,7 @@ from batchrunner.job.settings import Job
 from batchrunner.metrics import RunState, read_last_success, render_metrics, write_metrics
 from batchrunner.notify import RunEnd, send_notifications
 from batchrunner.report import StatsSnapshot
+from batchrunner.summary import RunSummary
 from batchrunner.wiring import RunOutcome, RunReport
 
 log = logging.getLogger("batchrunner")
@@ -125,7 +126,7 @@ def _ended(
     exit_code: int,
     snapshot: StatsSnapshot | None,
     message: str,
-    summary: Mapping[str, Any] | None,
+    summary: RunSummary | None,
     environ: Mapping[str, str] | None,
 ) -> None:
     if metrics is not None:
@@ -136,15 +137,13 @@ def _ended(
 
 def _result_message(result: RunReport) -> str:
     summary = result.summary
-    rows = summary.get("rows", {})
     text = (
-        f"{rows.get('ok', 0):,} rows ok, {rows.get('error', 0):,} errors "
-        f"in {summary.get('elapsed_s', 0):.1f} s"
+        f"{summary.rows.ok:,} rows ok, {summary.rows.error:,} errors in {summary.elapsed_s:.1f} s"
     )
     if result.outcome == RunOutcome.TOO_MANY_ERRORS:
         text += (
-            f"; error rate {summary.get('error_rate', 0):.2%} is above max_error_rate "
-            f"{summary.get('max_error_rate', 0):.2%}"
+            f"; error rate {summary.error_rate:.2%} is above max_error_rate "
+            f"{summary.max_error_rate:.2%}"
         )
     elif result.outcome == RunOutcome.ABORTED:
         text += f"; aborted: {result.abort_reason}"

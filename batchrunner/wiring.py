@@ -52,11 +52,12 @@ from batchrunner.protocols.modelarts import FileCodec, TextCodec
 from batchrunner.protocols.oip import OipCodec
 from batchrunner.protocols.openai import check_prompt, endpoint_url, openai_codec
 from batchrunner.protocols.openaibatch import BatchFileCodec
-from batchrunner.report import StatsSnapshot, build_summary
+from batchrunner.report import StatsSnapshot
 from batchrunner.retry import RetryPolicy
 from batchrunner.sources import Source, input_kind, open_images, open_tabular
 from batchrunner.sources.batchfile import open_batch_file
 from batchrunner.storage import ObjectPath, ObjectStore, is_uri
+from batchrunner.summary import RunSummary, build_summary
 from batchrunner.writing import check_writable
 
 log = logging.getLogger("batchrunner")
@@ -103,7 +104,7 @@ class RunReport:
     outcome: RunOutcome
     output: Path | ObjectPath  # a file (local, or in a bucket) or a folder of parts (ray)
     summary_path: Path | ObjectPath  # <output>.summary.json
-    summary: dict[str, Any]  # what summary_path holds
+    summary: RunSummary  # what summary_path holds
     rows: int  # finished rows (a Ray run: the rows its parts hold)
     rows_ok: int
     rows_error: int
@@ -402,7 +403,7 @@ def job_summary(
     output: Path | ObjectPath,
     started: datetime,
     outcome: str,
-) -> dict[str, Any]:
+) -> RunSummary:
     """The run summary of a run of ``job`` (either engine), finished now."""
     return build_summary(
         snapshot,

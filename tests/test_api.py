@@ -58,16 +58,16 @@ def test_a_run_reports_the_command_lines_exit_code(iris_job: Path) -> None:
     assert report.engine is batchrunner.Engine.LOCAL
     assert (report.rows, report.rows_ok, report.rows_error) == (150, 150, 0)
     assert report.summary_path.is_file()
-    assert report.summary["rows"] == {
+    assert report.summary.to_json()["rows"] == {
         "total": 150,
         "ok": 150,
         "error": 0,
         "skipped": 0,
         "resumed": 0,
     }
-    assert json.loads(report.summary_path.read_text())["run_id"] == report.summary["run_id"]
+    assert json.loads(report.summary_path.read_text())["run_id"] == report.summary.run_id
     # The figures the summary was built from, in one typed snapshot; no Ray figures here.
-    assert report.stats.requests == report.summary["requests"] > 0
+    assert report.stats.requests == report.summary.requests > 0
     assert report.stats.rows_ok == 150 and report.ray is None
 
 

@@ -9,7 +9,6 @@ import pyarrow as pa
 
 from batchrunner.checkpoint import StatePaths, open_checkpoint
 from batchrunner.items import Batch, Outcome
-from batchrunner.report import RunStats
 from batchrunner.sink import journal_parts, outcome_table, read_journal
 
 IDENTITY = {"input": "in.csv", "batch.size": 2}
@@ -24,7 +23,7 @@ def outcome(seq: int, keys: list[str], error_kind: str | None = None) -> Outcome
 
 def test_resume_keeps_each_finished_batch_of_a_shared_message(tmp_path: Path) -> None:
     paths = StatePaths.beside(tmp_path / "out.parquet", "job")
-    first = open_checkpoint(paths, IDENTITY, resume=True, stats=RunStats())
+    first = open_checkpoint(paths, IDENTITY, resume=True)
     first.journal.append(
         outcome_table(
             [
@@ -37,8 +36,8 @@ def test_resume_keeps_each_finished_batch_of_a_shared_message(tmp_path: Path) ->
     )
     first.journal.close()  # the run was killed here
 
-    stats = RunStats()
-    resumed = open_checkpoint(paths, IDENTITY, resume=True, stats=stats)
+    resumed = open_checkpoint(paths, IDENTITY, resume=True)
+    stats = resumed.resumed
     assert resumed.note == (
         "resuming: 4 rows in 2 finished batches are kept; 1 failed batches are sent again"
     )

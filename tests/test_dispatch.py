@@ -18,7 +18,6 @@ from batchrunner.errors import AuthError
 from batchrunner.items import Batch, Outcome
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols.modelarts import TextCodec
-from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 from tests.servers import Call, ThreadedServer, answer, gateway_error
 
@@ -69,7 +68,6 @@ async def send_all(
             TextCodec(),
             ConcurrencyLimiter(concurrency),
             RetryPolicy(max_attempts=1),
-            RunStats(),
             tokens=tokens,
             rate=rate,
             rng=random.Random(0),

@@ -16,6 +16,7 @@ from batchrunner.display import (
     summary_rows,
 )
 from batchrunner.report import StatsSnapshot
+from batchrunner.summary import RunSummary
 
 
 def figures(**changes: object) -> StatsSnapshot:
@@ -112,7 +113,9 @@ def test_summary_rows() -> None:
         },
         "output": "out/j.parquet",
     }
-    assert plain_table("j: done", summary_rows(summary, Path("s.json"))) == "\n".join(
+    assert plain_table(
+        "j: done", summary_rows(RunSummary.from_json(summary), Path("s.json"))
+    ) == "\n".join(
         [
             "j: done",
             "  run         r1, started 2024-05-01T02:00:00+02:00",
@@ -129,17 +132,19 @@ def test_summary_rows() -> None:
 
 def test_summary_rows_of_a_sparse_summary() -> None:
     # a summary from another version may lack figures: shown as unknown, never a crash
-    rows = dict(summary_rows({"job": "old"}))
+    rows = dict(summary_rows(RunSummary.from_json({"job": "old"})))
     assert rows["rows"] == "0 ok, 0 errors, 0 skipped"
     assert rows["latency"] == "no answers"
     assert rows["output"] == "?"
 
 
 def test_summary_rows_of_a_night_with_nothing_new() -> None:
-    rows = dict(summary_rows({"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 1500}}))
+    nothing_new = {"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 1500}}
+    rows = dict(summary_rows(RunSummary.from_json(nothing_new)))
     assert rows["rows"] == "nothing new: 1,500 items already done"
     # an empty input is not "nothing new": nothing was done before either
-    empty = dict(summary_rows({"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 0}}))
+    empty_input = {"rows": {"total": 0, "ok": 0, "error": 0, "skipped": 0}}
+    empty = dict(summary_rows(RunSummary.from_json(empty_input)))
     assert empty["rows"] == "0 ok, 0 errors, 0 skipped"
 
 

@@ -7,18 +7,24 @@ from pathlib import Path
 import pyarrow as pa
 
 from batchrunner.engines.blocks import block_name, open_ray_state, reusable_part, write_part
-from batchrunner.report import RunStats
+from batchrunner.report import (
+    DispatchStatistics,
+    FinishTally,
+    LatencyHistogram,
+    ReadStatistics,
+    RunStatistics,
+)
 
 IDENTITY = {"url": "http://127.0.0.1:9/v1/infers/iris", "batch_size": 10, "files": []}
 
 
-def finished_block(rows_ok: int, errors: dict[str, int]) -> tuple[pa.Table, RunStats]:
-    stats = RunStats(rows_ok=rows_ok)
+def finished_block(rows_ok: int, errors: dict[str, int]) -> tuple[pa.Table, RunStatistics]:
+    finishing = FinishTally(rows_ok=rows_ok)
     for kind, rows in errors.items():
-        stats.rows_error += rows
-        stats.record_error_rows(kind, rows, "k1", f"{kind} happened")
-    keys = [f"k{index}" for index in range(stats.rows_ok + stats.rows_error)]
-    return pa.table({"_key": keys}), stats
+        finishing.rows_error += rows
+        finishing.record_error_rows(kind, rows, "k1", f"{kind} happened")
+    keys = [f"k{index}" for index in range(finishing.rows_ok + finishing.rows_error)]
+    return pa.table({"_key": keys}), RunStatistics(finishing=finishing.statistics())
 
 
 def test_a_block_is_named_by_its_keys_in_order() -> None:
@@ -34,9 +40,10 @@ def test_a_part_is_reused_with_its_counts_unless_it_holds_rows_worth_another_try
     write_part(tmp_path / "a.parquet", table, stats)
     reused = reusable_part(tmp_path / "a.parquet")
     assert reused is not None
-    assert (reused.rows_ok, reused.rows_error) == (3, 1)
-    assert reused.errors["model_error"].example_message == "model_error happened"
-    assert reused.requests == 0  # nothing is sent for it
+    assert (reused.finishing.rows_ok, reused.finishing.rows_error) == (3, 1)
+    [error] = reused.finishing.errors
+    assert (error.kind, error.example_message) == ("model_error", "model_error happened")
+    assert reused.dispatch.requests == 0  # nothing is sent for it
     table, stats = finished_block(3, {"timeout": 1})
     write_part(tmp_path / "b.parquet", table, stats)
     assert reusable_part(tmp_path / "b.parquet") is None
@@ -75,12 +82,20 @@ def test_the_state_is_kept_for_the_same_job_only(tmp_path: Path) -> None:
 
 
 def test_run_statistics_add_up() -> None:
-    first, second = RunStats(requests=2, rows_ok=5), RunStats(requests=1, rows_error=2)
-    first.latency.add(10.0)
-    second.latency.add(30.0)
-    second.record_error_rows("http_400", 2, "k9", "bad")
-    first.merge(second)
-    snapshot = first.snapshot(0, 1.0)
+    def block(requests: int, latency_ms: float, ok: int, errors: int) -> RunStatistics:
+        latency = LatencyHistogram()
+        latency.add(latency_ms)
+        finishing = FinishTally(rows_ok=ok, rows_error=errors)
+        if errors:
+            finishing.record_error_rows("http_400", errors, "k9", "bad")
+        return RunStatistics(
+            ReadStatistics(1, ok + errors),
+            DispatchStatistics(requests=requests, latency=latency.statistics()),
+            finishing.statistics(),
+        )
+
+    snapshot = (block(2, 10.0, 5, 0) + block(1, 30.0, 0, 2)).snapshot(0, 1.0)
+    assert (snapshot.batches_read, snapshot.rows_read) == (2, 7)
     assert (snapshot.requests, snapshot.rows_ok, snapshot.rows_error) == (3, 5, 2)
     assert snapshot.latency.max == 30.0
     assert snapshot.errors[0].kind == "http_400"

@@ -28,7 +28,6 @@ from batchrunner.errors import InputError
 from batchrunner.incremental import SeenItems, legacy_item_hashes, open_seen
 from batchrunner.items import Batch
 from batchrunner.keyindex import PARTITIONS, batch_hashes, read_index
-from batchrunner.report import RunStats
 from batchrunner.sink import RESERVED
 from batchrunner.sources import open_tabular
 from tests.conftest import REPO, read_output, write_csv, write_job
@@ -467,7 +466,7 @@ def checked(seen: SeenItems, batches: list[Batch]) -> SeenItems:
 
 
 def sent_keys(seen: SeenItems, batches: list[Batch], size: int = 100) -> list[list[str]]:
-    return [list(batch.keys) for batch in seen.filter(iter(batches), RunStats(), size)]
+    return [list(batch.keys) for batch in seen.filter(iter(batches), size)]
 
 
 def test_the_filter_keeps_input_order_packs_full_batches_and_counts_once(tmp_path: Path) -> None:
@@ -494,20 +493,19 @@ def test_the_filter_keeps_input_order_packs_full_batches_and_counts_once(tmp_pat
         for seq, i in enumerate(range(0, 12, 3))
     ]
     seen = checked(open_seen(path, url="u"), batches)
-    stats = RunStats()
-    kept = list(seen.filter(iter(batches), stats, 3))
+    kept = list(seen.filter(iter(batches), 3))
     assert [(b.seq, list(b.keys)) for b in kept] == [
         (0, ["k1", "k4", "k5"]),
         (1, ["k8", "k10", "k11"]),
     ]
     assert [r["x"] for r in kept[0].rows.to_pylist()] == [101.0, 104.0, 105.0]
-    assert stats.rows_skipped == 6
+    assert seen.rows_skipped == 6
     # after an abort the runner reads from the start again: the same batches, counted once
-    assert [list(b.keys) for b in seen.filter(iter(batches), stats, 3)] == [
+    assert [list(b.keys) for b in seen.filter(iter(batches), 3)] == [
         ["k1", "k4", "k5"],
         ["k8", "k10", "k11"],
     ]
-    assert stats.rows_skipped == 6
+    assert seen.rows_skipped == 6
 
 
 def index_items(path: Path) -> dict[int, int]:
@@ -673,12 +671,11 @@ def test_filter_speed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     timings = {}
     for case in ("nothing remembered", "everything remembered"):
         seen = open_seen(path, url="u")
-        stats = RunStats()
         started = time.perf_counter()
         seen.check(lambda: source.iter_batches(1000))
-        kept = sum(len(batch) for batch in seen.filter(source.iter_batches(1000), stats, 1000))
+        kept = sum(len(batch) for batch in seen.filter(source.iter_batches(1000), 1000))
         timings[case] = time.perf_counter() - started
-        assert (kept, stats.rows_skipped) == ((n, 0) if not len(seen) else (0, n))
+        assert (kept, seen.rows_skipped) == ((n, 0) if not len(seen) else (0, n))
         if not len(seen):
             output = write_output(tmp_path / "out.parquet", [(str(i), "ok") for i in range(n)])
             seen.remember(output, run_id="r", url="u")

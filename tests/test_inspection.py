@@ -15,6 +15,7 @@ import pytest
 from batchrunner import inspection
 from batchrunner.errors import InputError
 from batchrunner.inspection import ErrorKindCount, ErrorRow, inspect_output
+from batchrunner.summary import RunSummary
 from tests.conftest import REPO, write_csv, write_job
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -71,7 +72,13 @@ def test_an_output_with_errors(with_errors: Path) -> None:
     )
     assert found.fields == RESULT_FIELDS
     assert found.summary is not None
-    assert found.summary["rows"] == {"total": 5, "ok": 3, "error": 2, "skipped": 0, "resumed": 0}
+    assert found.summary.to_json()["rows"] == {
+        "total": 5,
+        "ok": 3,
+        "error": 2,
+        "skipped": 0,
+        "resumed": 0,
+    }
 
 
 def test_an_output_without_errors(without_errors: Path) -> None:
@@ -81,7 +88,7 @@ def test_an_output_without_errors(without_errors: Path) -> None:
     assert found.error_kinds == ()
     assert found.error_rows == ()
     assert found.fields == RESULT_FIELDS
-    assert found.summary is not None and found.summary["outcome"] == "done"
+    assert found.summary is not None and found.summary.outcome == "done"
 
 
 def test_error_rows_only_when_asked(with_errors: Path) -> None:
@@ -262,7 +269,9 @@ def test_a_folder_of_parts_is_read_as_one_output() -> None:
     assert found.summary is None
     # its summary, when there is one, is beside it
     Path("parts.summary.json").write_bytes(orjson.dumps({"job": "j", "outcome": "done"}))
-    assert inspect_output(Path("parts")).summary == {"job": "j", "outcome": "done"}
+    summary = inspect_output(Path("parts")).summary
+    assert summary is not None and (summary.job, summary.outcome) == ("j", "done")
+    assert summary == RunSummary.from_json({"job": "j", "outcome": "done"})
     assert found.statuses == (("ok", 2), ("error", 1))
     assert [(kind.kind, kind.rows) for kind in found.error_kinds] == [("http_503", 1)]
 

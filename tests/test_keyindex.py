@@ -15,7 +15,6 @@ import pytest
 from batchrunner import keyindex
 from batchrunner.errors import InputError
 from batchrunner.incremental import check_reader, open_seen
-from batchrunner.report import RunStats
 from batchrunner.sources import open_tabular
 
 DATA = Path(__file__).parent / "data"
@@ -47,9 +46,7 @@ def write_index_with_this_code(folder: Path, index: Path) -> None:
     source = open_tabular(folder / "table.parquet", id_column="id")
     seen = open_seen(index, url="u")
     seen.check(lambda: source.iter_batches(64))
-    sent = [
-        key for batch in seen.filter(source.iter_batches(64), RunStats(), 64) for key in batch.keys
-    ]
+    sent = [key for batch in seen.filter(source.iter_batches(64), 64) for key in batch.keys]
     output = folder / "out.parquet"
     pq.write_table(
         pa.table({"_key": pa.array(sent, pa.string()), "_status": pa.repeat("ok", len(sent))}),
@@ -63,7 +60,7 @@ def sent_by_night(folder: Path, table: pa.Table, index: Path, size: int = 64) ->
     source = open_tabular(folder / "night.parquet", id_column="id")
     seen = open_seen(index, url="u")
     seen.check(lambda: source.iter_batches(size))
-    return [list(batch.keys) for batch in seen.filter(source.iter_batches(size), RunStats(), size)]
+    return [list(batch.keys) for batch in seen.filter(source.iter_batches(size), size)]
 
 
 def test_an_index_written_before_issue_19_is_still_read(tmp_path: Path) -> None:

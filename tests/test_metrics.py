@@ -13,7 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchrunner.job import load_job
 from batchrunner.metrics import RunState, read_last_success, render_metrics
-from batchrunner.report import LATENCY_BOUNDS_MS, RunStats
+from batchrunner.report import (
+    LATENCY_BOUNDS_MS,
+    DispatchStatistics,
+    FinishStatistics,
+    LatencyHistogram,
+    RunStatistics,
+)
 from batchrunner.watch import run_watched
 from tests.conftest import write_csv, write_job
 
@@ -128,10 +134,18 @@ def test_written_during_the_run() -> None:
 
 
 def test_render_escapes_labels_and_counts_retry_reasons() -> None:
-    stats = RunStats(rows_ok=3, requests=5, retries=2)
-    stats.retry_reasons.update({"http_503": 1, "timeout": 1})
+    latencies = LatencyHistogram()
     for latency in (3.0, 40.0, 700.0):
-        stats.latency.add(latency)
+        latencies.add(latency)
+    stats = RunStatistics(
+        dispatch=DispatchStatistics(
+            requests=5,
+            retries=2,
+            latency=latencies.statistics(),
+            retries_by_reason=(("http_503", 1), ("timeout", 1)),
+        ),
+        finishing=FinishStatistics(rows_ok=3),
+    )
     text = render_metrics(
         RunState(job='we"ird\\job', started=1.5), stats.snapshot(0, 2.0), last_success=None
     )

@@ -18,7 +18,6 @@ from batchrunner.errors import RequestError
 from batchrunner.items import Batch, Outcome
 from batchrunner.limiter import AdaptiveLimiter
 from batchrunner.protocols.modelarts import TextCodec
-from batchrunner.report import RunStats
 from batchrunner.retry import QUICK_RETRY_MIN, FailureWindow, RetryPolicy, is_overload
 from batchrunner.service.faults import HTML_502 as HTML_502_PAGE
 from tests.servers import Call, ThreadedServer, answer, gateway_error
@@ -123,7 +122,6 @@ async def send_all(
             TextCodec(),
             limiter,
             policy,
-            RunStats(),
             sleep=fake_sleep,
             rng=random.Random(0),
         )
@@ -230,7 +228,6 @@ def test_a_429_while_the_service_answers_others_does_not_use_up_the_retry_budget
                 TextCodec(),
                 AdaptiveLimiter(4, 4),
                 RetryPolicy(max_attempts=2, initial=0.5, maximum=30.0),
-                RunStats(),
                 sleep=no_sleep,
                 rng=random.Random(0),
             )

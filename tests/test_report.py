@@ -4,7 +4,13 @@ import random
 
 import pytest
 
-from batchrunner.report import LatencyHistogram, RunStats, StatsSnapshot, build_summary
+from batchrunner.report import (
+    FinishStatistics,
+    FinishTally,
+    LatencyHistogram,
+    RunStatistics,
+    StatsSnapshot,
+)
 
 
 def test_empty_histogram_has_no_percentiles() -> None:
@@ -32,37 +38,12 @@ def test_percentile_stays_within_the_values_seen() -> None:
     assert histogram.percentile(0.99) == 5.0
 
 
-def test_summary_counts_and_errors() -> None:
-    stats = RunStats(rows_ok=8, rows_error=2, requests=4, retries=1)
-    stats.record_error_rows("http_503", 2, "k7", "HTTP 503")
-    stats.latency.add(10.0)
-    summary = build_summary(
-        stats.snapshot(in_flight=0, elapsed_s=2.0),
-        job_name="j",
-        fingerprint="f",
-        run_id="r",
-        input_path="in.csv",
-        output_path="out.parquet",
-        url="embedded:iris",
-        started="s",
-        finished="e",
-        outcome="done",
-        max_error_rate=0.5,
-    )
-    assert summary["rows"] == {"total": 10, "ok": 8, "error": 2, "skipped": 0, "resumed": 0}
-    assert summary["error_rate"] == 0.2
-    assert summary["rows_per_second"] == 5.0
-    assert summary["errors"] == {
-        "http_503": {"rows": 2, "example_key": "k7", "example": "HTTP 503"}
-    }
-    assert summary["latency_ms"]["p50"] == 10.0
-
-
 def test_snapshot_orders_error_kinds_by_rows_and_keeps_first_example() -> None:
-    stats = RunStats()
-    stats.record_error_rows("timeout", 1, "a", "timed out")
-    stats.record_error_rows("http_503", 2, "b", "HTTP 503")
-    stats.record_error_rows("http_503", 5, "c", "HTTP 503 again")
+    finishing = FinishTally()
+    finishing.record_error_rows("timeout", 1, "a", "timed out")
+    finishing.record_error_rows("http_503", 2, "b", "HTTP 503")
+    finishing.record_error_rows("http_503", 5, "c", "HTTP 503 again")
+    stats = RunStatistics(finishing=finishing.statistics())
     errors = stats.snapshot(in_flight=0, elapsed_s=1.0).errors
     assert [(e.kind, e.rows, e.example_key) for e in errors] == [
         ("http_503", 7, "b"),
@@ -109,9 +90,9 @@ def test_eta_and_fraction_when_they_cannot_be_told(
 
 
 def test_the_timeline_stays_compact() -> None:
-    from batchrunner.report import TIMELINE_BUCKETS, RunStats
+    from batchrunner.report import TIMELINE_BUCKETS
 
-    stats = RunStats()
+    stats = FinishTally()
     stats.record_finished(5, 0.2)
     stats.record_finished(3, 2.5)
     assert stats.timeline == [5, 0, 3]
@@ -124,10 +105,10 @@ def test_the_timeline_stays_compact() -> None:
     assert sum(stats.timeline) == 15
     stats.record_finished(1, 10_000.0)
     assert len(stats.timeline) <= TIMELINE_BUCKETS and sum(stats.timeline) == 16
-    snapshot = stats.snapshot(0, 10_000.0)
+    snapshot = RunStatistics(finishing=stats.statistics()).snapshot(0, 10_000.0)
     assert sum(snapshot.timeline) == 16 and snapshot.timeline_bucket_s == stats.timeline_bucket_s
 
 
 def test_rows_resumed_from_an_earlier_run_are_not_counted_in_the_rate() -> None:
-    stats = RunStats(rows_ok=1_000, rows_resumed=900)
+    stats = RunStatistics(finishing=FinishStatistics(rows_ok=1_000, rows_resumed=900))
     assert stats.snapshot(0, 2.0).rows_per_second == 50.0  # 100 rows sent in 2 s

@@ -20,7 +20,6 @@ from batchrunner.items import Batch
 from batchrunner.job import load_job
 from batchrunner.limiter import ConcurrencyLimiter
 from batchrunner.protocols.openai import ChatCodec
-from batchrunner.report import RunStats
 from batchrunner.retry import RetryPolicy
 from batchrunner.tokenmeter import BudgetReached, TokenMeter, parse_reset
 from tests.clocks import FakeClock
@@ -138,7 +137,7 @@ def test_a_429_with_retry_after_ms_is_waited_as_asked() -> None:
         return web.Response(body=chat_answer("bug"), content_type="application/json")
 
     time = FakeTime()
-    stats = RunStats()
+    throttled = []
 
     async def main() -> None:
         async with ServiceClient(server.url, None, bearer=True) as client:
@@ -147,7 +146,6 @@ def test_a_429_with_retry_after_ms_is_waited_as_asked() -> None:
                 ChatCodec("m", "{text}"),
                 ConcurrencyLimiter(1),
                 RetryPolicy(max_attempts=3, initial=0.001),
-                stats,
                 sleep=time.sleep,
                 rng=random.Random(0),
                 meter=TokenMeter(clock=time, sleep=time.sleep),
@@ -155,10 +153,12 @@ def test_a_429_with_retry_after_ms_is_waited_as_asked() -> None:
             rows = pa.RecordBatch.from_pydict({"text": ["It crashes"]})
             [outcome] = await dispatcher.send(Batch(0, ["0"], rows))
             assert outcome.ok and outcome.attempts == 2
+            throttled.append(dispatcher.statistics())
 
     with ThreadedServer(handle, path="/v1/chat/completions") as server:
         asyncio.run(main())
     assert time.slept == [pytest.approx(1.5)]  # retry-after-ms, finer than Retry-After
+    [stats] = throttled
     assert stats.throttled == 1 and (stats.tokens_in, stats.tokens_out) == (7, 1)
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from batchrunner.storage import ObjectPath
+    from batchrunner.summary import RunSummary
 
 
 log = logging.getLogger("batchrunner")
@@ -81,14 +82,14 @@ def stderr_console(*, force_terminal: bool) -> Console:
 
 
 def show_summary(
-    summary: dict[str, Any], summary_path: Path | ObjectPath, log_format: LogFormat
+    summary: RunSummary, summary_path: Path | ObjectPath, log_format: LogFormat
 ) -> None:
     from batchrunner.display import plain_table, rich_table, summary_rows, summary_title
 
     # The summary is the run's product: stdout (`run job.toml > summary.txt`, `| jq`); log
     # lines and progress stay on stderr.
     if log_format is LogFormat.json:
-        typer.echo(orjson.dumps(summary).decode())
+        typer.echo(orjson.dumps(summary.to_json()).decode())
         return
     title = summary_title(summary)
     rows = summary_rows(summary, summary_path)

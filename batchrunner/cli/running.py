@@ -293,7 +293,7 @@ def retry(
     code = result.outcome.exit_code
     if code == ExitCode.TOO_MANY_ERRORS:
         say_error(
-            f"error rate {result.summary['error_rate']:.2%} is still above max_error_rate "
+            f"error rate {result.summary.error_rate:.2%} is still above max_error_rate "
             f"{job.max_error_rate:.2%}; the output was written",
             log_format,
         )

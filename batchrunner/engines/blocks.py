@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrunner.checkpoint import StatePaths, resumable, start_fresh
-from batchrunner.report import ErrorTally, RunStats
+from batchrunner.report import ErrorKindSummary, FinishStatistics, RunStatistics
 from batchrunner.retry import is_transient_kind
 
 BLOCK_METADATA_KEY = b"batchrunner.block"
@@ -98,14 +98,15 @@ def open_ray_state(
     return state, note
 
 
-def write_part(path: Path, table: pa.Table, stats: RunStats) -> None:
+def write_part(path: Path, table: pa.Table, stats: RunStatistics) -> None:
     """Write a finished block's rows, with its counts in the metadata, aside then in place."""
+    finishing = stats.finishing
     record = {
-        "rows": stats.rows_ok + stats.rows_error,
-        "ok": stats.rows_ok,
+        "rows": finishing.rows_ok + finishing.rows_error,
+        "ok": finishing.rows_ok,
         "errors": {
-            kind: [tally.rows, tally.example_key, tally.example_message]
-            for kind, tally in stats.errors.items()
+            error.kind: [error.rows, error.example_key, error.example_message]
+            for error in finishing.errors
         },
     }
     metadata = dict(table.schema.metadata or {})
@@ -115,22 +116,20 @@ def write_part(path: Path, table: pa.Table, stats: RunStats) -> None:
     os.replace(temporary, path)
 
 
-def reusable_part(path: Path) -> RunStats | None:
-    """The counts of the finished block at ``path``, or None when it must be sent (again):
-    no part, a part that cannot be read, or one with rows worth another try."""
+def reusable_part(path: Path) -> RunStatistics | None:
+    """The counts of the finished block at ``path`` (rows finished; nothing read or sent
+    now), or None when it must be sent (again): no part, a part that cannot be read, or one
+    with rows worth another try."""
     try:
         metadata = pq.read_schema(path).metadata or {}
         record = orjson.loads(metadata[BLOCK_METADATA_KEY])
-        errors = {
-            str(kind): ErrorTally(int(rows), key, message)
+        errors = tuple(
+            ErrorKindSummary(str(kind), int(rows), key, message)
             for kind, (rows, key, message) in record["errors"].items()
-        }
-        stats = RunStats(
-            rows_ok=int(record["ok"]), rows_error=int(record["rows"]) - int(record["ok"])
         )
+        ok, error = int(record["ok"]), int(record["rows"]) - int(record["ok"])
     except (OSError, pa.ArrowException, KeyError, TypeError, ValueError, orjson.JSONDecodeError):
         return None
-    if any(is_transient_kind(kind) for kind in errors):
+    if any(is_transient_kind(summary.kind) for summary in errors):
         return None
-    stats.errors = errors
-    return stats
+    return RunStatistics(finishing=FinishStatistics(rows_ok=ok, rows_error=error, errors=errors))

@@ -32,6 +32,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,18 +59,19 @@ from batchrunner.errors import (
     ServiceError,
     SettingError,
 )
-from batchrunner.items import STATUS_OK, Batch, Outcome
+from batchrunner.items import STATUS_OK, Batch
 from batchrunner.job.identity import job_identity
 from batchrunner.job.output import resolve_output_path
 from batchrunner.job.service import DEFAULT_OPENAI_KEY_ENV, DEFAULT_TOKEN_ENV, OPENAI_PROTOCOLS
 from batchrunner.job.settings import IMAGES, TABULAR, Engine, InputKind, Job
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.lock import JobLock
-from batchrunner.report import RunStats
+from batchrunner.report import FinishTally, ReadStatistics, RunStatistics
 from batchrunner.sink import SEQ, outcome_table
 from batchrunner.sources import ImageSource, Source
 from batchrunner.sources.jsonsafe import json_safe
 from batchrunner.storage import is_uri
+from batchrunner.summary import BlockFigures
 from batchrunner.wiring import (
     SUMMARY_SUFFIX,
     RayFigures,
@@ -91,7 +93,7 @@ INSTALL_HINT = "--engine ray needs Ray: pip install 'batchrunner[ray]'"
 # What an image block carries to its actor: each file's key and absolute path.
 IMAGE_KEY, IMAGE_PATH = "_key", "_path"
 # What an actor hands back for each block: its name, rows, whether an earlier run had
-# finished it, and its statistics (a pickled ``RunStats``).
+# finished it, and its statistics (a pickled ``RunStatistics``).
 BLOCK_SCHEMA = pa.schema(
     [("block", pa.string()), ("rows", pa.int64()), ("reused", pa.bool_()), ("stats", pa.binary())]
 )
@@ -202,13 +204,12 @@ async def score_block(
     send: list[str],
     in_flight: int,
     environ: Mapping[str, str],
-) -> tuple[pa.Table, RunStats]:
+) -> tuple[pa.Table, RunStatistics]:
     """Send a block as the local engine would (``batch.size`` rows a request, or one file,
     at most ``in_flight`` at once): its output rows, one per input row in input order, and
     its statistics."""
     batches = _batches(job, kind, record, keys, send)
     credentials = read_credentials(job.service, environ=environ)
-    stats = RunStats()
     async with AsyncExitStack() as stack:
         client = service_client(job.service, job.service.url, credentials.app_code, in_flight)
         await stack.enter_async_context(client)
@@ -218,7 +219,6 @@ async def score_block(
             codec_for(job, kind),
             ConcurrencyLimiter(in_flight),
             retry_policy(job),
-            stats,
             tokens=credentials.tokens,
             max_request_bytes=job.batch.max_request_bytes,
             rate=RateLimiter(job.batch.rate_limit * share) if job.batch.rate_limit else None,
@@ -230,11 +230,16 @@ async def score_block(
     kept_names = list(record.schema.names) if job.output.keep_input else []
     hints: dict[str, pa.DataType] = {}
     tables = []
+    finishing = FinishTally()
     for finished in outcomes:
-        _count(finished, stats)
+        # As the local engine counts what it journals: rows by status, error rows by kind.
+        for outcome in finished:
+            finishing.count_outcome(outcome)
         tables.append(
             _without_seq(outcome_table(finished, kept_names, hints, job.output.result_fields))
         )
+    reading = ReadStatistics(len(batches), sum(len(batch) for batch in batches))
+    stats = RunStatistics(reading, dispatcher.statistics(), finishing.statistics())
     return _concat(tables), stats
 
 
@@ -259,14 +264,6 @@ def _batches(
         )
         for start in range(0, record.num_rows, size)
     ]
-
-
-def _count(finished: list[Outcome], stats: RunStats) -> None:
-    # As the local engine counts what it journals: rows by status, error rows by kind.
-    stats.batches_read += 1
-    for outcome in finished:
-        stats.rows_read += len(outcome.batch)
-        stats.count_outcome(outcome)
 
 
 def _without_seq(batch: pa.RecordBatch) -> pa.Table:
@@ -325,9 +322,7 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
             gc.collect()
             raise _kept_for_resume(scored, state)
         blocks, keys, shares = scored
-        stats = RunStats()
-        for block in blocks:
-            stats.merge(pickle.loads(block["stats"]))
+        stats = sum((pickle.loads(block["stats"]) for block in blocks), RunStatistics())
         names = [block["block"] for block in blocks]
         rows, ok = commit_parts(state, names, keys, output)
         seconds = time.perf_counter() - clock
@@ -338,11 +333,11 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
         )  # fmt: skip
         snapshot = stats.snapshot(0, seconds, total=rows)
         summary = job_summary(job, snapshot, identity, run_id, output, started, outcome)
-        summary["engine"] = "ray"
-        summary["actors"] = shares
-        summary["blocks"] = {"total": len(names), "reused": reused}
+        summary = replace(
+            summary, engine="ray", actors=shares, blocks=BlockFigures(len(names), reused)
+        )
         summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
-        write_json_atomically(summary_path, summary)
+        write_json_atomically(summary_path, summary.to_json())
         state.remove()
     return RunReport(
         engine=Engine.RAY,

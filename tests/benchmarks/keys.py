@@ -91,7 +91,6 @@ def night(table: str, folder: str, mode: str, *, without_pandas: bool = False) -
 
     from batchrunner.errors import InputError
     from batchrunner.incremental import check_reader, open_seen
-    from batchrunner.report import RunStats
     from batchrunner.sink import ROW_GROUP_ROWS
     from batchrunner.sources import open_tabular
     from batchrunner.wiring import use_lean_memory_pool
@@ -115,14 +114,13 @@ def night(table: str, folder: str, mode: str, *, without_pandas: bool = False) -
         return
     checked = time.perf_counter()
     check_peak = _phase_peak_mb()
-    stats = RunStats()
     sent = batches = full = 0
     output = Path(folder) / "out.parquet"
     schema = pa.schema([("_key", pa.string()), ("_status", pa.string())])
     # The output as the run's assembly writes it: row groups of ROW_GROUP_ROWS rows.
     pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(output, schema) as writer:
-        for batch in seen.filter(source.iter_batches(BATCH), stats, BATCH):
+        for batch in seen.filter(source.iter_batches(BATCH), BATCH):
             sent += len(batch)
             batches += 1
             full += len(batch) == BATCH
@@ -138,11 +136,11 @@ def night(table: str, folder: str, mode: str, *, without_pandas: bool = False) -
     seen.remember(output, run_id=mode, url="bench")
     ended = time.perf_counter()
     remember_peak = _phase_peak_mb()
-    rows = sent + stats.rows_skipped
+    rows = sent + seen.rows_skipped
     figures |= {
         "rows": rows,
         "sent": sent,
-        "skipped": stats.rows_skipped,
+        "skipped": seen.rows_skipped,
         "batches": batches,
         "full_batches": full,
         "check_s": round(checked - started, 2),
