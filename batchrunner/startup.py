@@ -7,10 +7,17 @@ builds an array, as pyarrow looks for pandas whenever it is installed; pydantic 
 installed package's entry points, looking for plugins, when the job model is first built).
 ``lean_process`` tells both not to look. It is for the console script only: the library
 API, used inside someone else's program, leaves that program's modules alone.
+
+``settle_heap``, also the console's only, takes what start-up made out of the cyclic garbage
+collector's sight once the job is loaded. A run makes few reference cycles, but many
+short-lived containers (a request's rows, an answer's items): they trigger collections, and
+each full collection walked the ~70,000 objects of the imported modules again (7 of them,
+0.2 s of CPU, on a run of 1,000,000 rows in batches of 1,000).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.abc
 import os
 import sys
@@ -28,6 +35,18 @@ def lean_process(argv: Sequence[str]) -> None:
     # A finder first in line that refuses pandas: pyarrow takes the ImportError for "pandas
     # is not installed".
     sys.meta_path.insert(0, _NoPandas())
+
+
+# Collections of the youngest generation: after this many more objects made than freed
+# (700 by default); the older ones follow 10 such each (as by default).
+GC_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Freeze the objects made so far (modules, classes, the job) out of the collector's
+    sight, and collect less often (see the module docstring)."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
 class _NoPandas(importlib.abc.MetaPathFinder):
