@@ -86,10 +86,14 @@ class Service:
         self.process.communicate(timeout=10)
 
 
-def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, float, str, str]:
+def measured(
+    command: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[float, float, float, str, str]:
     """Run a command; its wall time, own CPU seconds and peak RSS (MB), stdout, stderr."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
+    )
     assert process.stdout is not None and process.stderr is not None
     stdout = process.stdout.read()
     stderr = process.stderr.read()
@@ -167,7 +171,8 @@ def run_batchrunner(
         "--output", str(output), "--batch-size", str(size), "--concurrency", str(concurrency),
         "--no-progress", "--no-resume", *extra,
     ]  # fmt: skip
-    wall, cpu, rss, _, _ = measured(command, env)
+    # ``python -m`` imports from the working folder first: the other tree's, for its run.
+    wall, cpu, rss, _, _ = measured(command, env, tree)
     summary = orjson.loads(Path(str(output) + ".summary.json").read_bytes())
     return Figures(
         "batchrunner" if tree is None else "other",
@@ -345,8 +350,9 @@ def startup(folder: Path, repeats: int = 5) -> None:
                 if name == "asyncio":
                     arguments += ["100", "8", str(output)]
                 own = env if name != "other" else {**env, "PYTHONPATH": str(OTHER_TREE)}
+                where = OTHER_TREE if name == "other" else None
                 started = time.perf_counter()
-                subprocess.run(arguments, env=own, check=True, capture_output=True)
+                subprocess.run(arguments, env=own, check=True, capture_output=True, cwd=where)
                 assert server.first is not None
                 times.append(server.first - started)
             finally:
