@@ -148,3 +148,11 @@ def test_a_run_mixing_regular_and_irregular_answers_keeps_every_value(invoke) ->
     assert [row["v"] for row in rows] == [0, 1, 2, 3, 4, 5]
     # a number here, a string there: JSON text, as every answer's objects always gave
     assert [row["score"] for row in rows] == ["0", "2", "4", None, '"high"', "10"]
+
+
+def test_an_echo_of_a_dictionary_column_is_compared_too() -> None:
+    labels = pa.array(["a", "b"]).dictionary_encode()
+    batch = Batch(seq=0, keys=["x", "y"], rows=pa.RecordBatch.from_arrays([labels], ["t"]))
+    assert isinstance(decode([{"t": "a"}, {"t": "b"}], batch), pa.RecordBatch)
+    with pytest.raises(RequestError, match=r"resp_data\[0\].t is 'b', but .* has 'a'"):
+        decode([{"t": "b"}, {"t": "a"}], batch)

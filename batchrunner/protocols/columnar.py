@@ -69,12 +69,16 @@ def check_echo_columns(
 
 
 def _scalar(type_: pa.DataType) -> bool:
+    """Whether the column's values are JSON scalars in Python (int, float, str, bool, None)."""
+    if pa.types.is_dictionary(type_):
+        return _scalar(type_.value_type)
     return bool(
         pa.types.is_integer(type_)
         or pa.types.is_floating(type_)
         or pa.types.is_boolean(type_)
         or pa.types.is_string(type_)
         or pa.types.is_large_string(type_)
+        or pa.types.is_string_view(type_)
         or pa.types.is_null(type_)
     )
 
