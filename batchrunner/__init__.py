@@ -20,8 +20,9 @@ Imports flow one way, down this list; a module imports only from those above it:
     sources     one reader per input kind (tabular; images: folders, globs, manifests, the
                 walk of an image folder)
     protocols   request encoding, response decoding, one module per wire format
-                (modelarts: text and file input; multipart: one-file form bodies; json,
-                kserve-v1, oip-v2, mlflow; openai: chat and embeddings)
+                (modelarts: text and file input; columnar: regular answers straight into
+                Arrow columns; multipart: one-file form bodies; json, kserve-v1, oip-v2,
+                mlflow; openai: chat and embeddings)
     retry       pure retry decisions
     limiter     concurrency bound (fixed or adaptive) and rate limit
     tokenmeter  language models' tokens: requests and tokens a minute, the servers'

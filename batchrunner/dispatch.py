@@ -45,7 +45,7 @@ from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.limiter import ConcurrencyLimiter, RateLimiter
 from batchrunner.protocols import Codec, EncodedRequest, Metered
 from batchrunner.report import DispatchStatistics, DispatchTally
-from batchrunner.retry import FailureWindow, RetryPolicy
+from batchrunner.retry import QUICK_RETRY_MIN, FailureWindow, RetryPolicy
 from batchrunner.storage import ObjectPath
 from batchrunner.tokenmeter import BudgetReached, TokenMeter
 
@@ -67,6 +67,9 @@ UNREACHABLE_STREAK = 8
 _UNREACHED_KINDS = frozenset({ErrorKind.CONNECTION, ErrorKind.TIMEOUT})
 # Files up to this size are read on the event loop (see _small_file).
 READ_ON_LOOP_BYTES = 256 * 1024
+# Batches told to wait out the same Retry-After come back this many to a round trip of the
+# service, one after another, not all at the same instant (see _send_whole).
+RETURNS_PER_ROUND_TRIP = 4
 
 
 class _Dropped(Exception):
@@ -126,6 +129,7 @@ class Dispatcher:
         self._window = FailureWindow()
         self._answered = 0  # requests answered 2xx
         self._counts = DispatchTally()  # what statistics() tells
+        self._waiting_out = 0  # batches waiting out a Retry-After now
 
     def statistics(self) -> DispatchStatistics:
         """What this dispatcher has sent so far, and what came back (a frozen copy)."""
@@ -315,8 +319,19 @@ class Dispatcher:
                 raise _Dropped
             self._counts.retries += 1
             self._counts.retry_reasons[error.kind] += 1
+            # Batches throttled together (a 429 wave) would all come back at the instant
+            # their Retry-After ends, find the service full again and wait it out once more:
+            # each one already waiting puts this one a fraction of a round trip later.
+            waiting_out = error.retry_after is not None
+            if waiting_out:
+                step = (self._window.round_trip or QUICK_RETRY_MIN) / RETURNS_PER_ROUND_TRIP
+                delay += self._waiting_out * step
+                self._waiting_out += 1
             log.debug("batch %d: %s; retry in %.2f s", batch.seq, error.message, delay)
-            await self._back_off(delay)
+            try:
+                await self._back_off(delay)
+            finally:
+                self._waiting_out -= waiting_out
 
     async def _reserve(self, request: EncodedRequest) -> int | None:
         """Wait for the token meter (rate limits in requests and tokens, the server's

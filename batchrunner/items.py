@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import pyarrow as pa
 
@@ -62,6 +62,10 @@ class Batch:
         return Batch(self.seq, keys, self.rows.slice(start, length), self.path, kept)
 
 
+# One result per row: an object each, or (a regular ModelArts answer) Arrow columns.
+Results: TypeAlias = list[dict[str, Any]] | pa.RecordBatch
+
+
 class KeyedRows(NamedTuple):
     """Rows of a table as the key index reads them: their keys as text and the fields sent,
     as Arrow arrays (no Python value per row), in input order."""
@@ -74,12 +78,13 @@ class KeyedRows(NamedTuple):
 class Outcome:
     """What became of one request's rows: their results, or the reason they failed.
 
-    ``results`` holds one JSON object per row when the request succeeded; when it failed
-    it is None and ``error`` / ``error_kind`` say why, for every row of ``batch``.
+    ``results`` holds one JSON object per row when the request succeeded (or the rows'
+    result fields as Arrow columns, when the codec decoded them so); when it failed it is
+    None and ``error`` / ``error_kind`` say why, for every row of ``batch``.
     """
 
     batch: Batch
-    results: list[dict[str, Any]] | None
+    results: Results | None
     error: str | None = None
     error_kind: str | None = None
     http_status: int | None = None

@@ -378,12 +378,15 @@ def use_lean_memory_pool() -> None:
     """Have Arrow allocate from jemalloc, set to give freed memory back to the system at
     once; the default pool (mimalloc) keeps what a run's batches used, on top of what the
     assembly then needs: peak RSS about 145 MB instead of 160-185 MB on a 1,000,000-row
-    run. A pool chosen with ``ARROW_DEFAULT_MEMORY_POOL`` is left alone, as is a pyarrow
-    built without jemalloc."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    run. Arrow's C++ code allocates from the pool ``ARROW_DEFAULT_MEMORY_POOL`` named when
+    it loaded (the console names jemalloc first: ``startup.arrow_pool_first``). Another pool
+    chosen there is left alone, as is a pyarrow built without jemalloc."""
+    chosen = os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
+    if chosen and chosen != "jemalloc":
         return
     with suppress(NotImplementedError, pa.ArrowNotImplementedError):
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        if not chosen:
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
         pa.jemalloc_set_decay_ms(0)
 
 

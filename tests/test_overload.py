@@ -10,13 +10,14 @@ import itertools
 import random
 
 import pyarrow as pa
+import pytest
 from aiohttp import web
 
 from batchrunner.client import ServiceClient
-from batchrunner.dispatch import Dispatcher
+from batchrunner.dispatch import RETURNS_PER_ROUND_TRIP, Dispatcher
 from batchrunner.errors import RequestError
 from batchrunner.items import Batch, Outcome
-from batchrunner.limiter import AdaptiveLimiter
+from batchrunner.limiter import AdaptiveLimiter, ConcurrencyLimiter
 from batchrunner.protocols.modelarts import TextCodec
 from batchrunner.retry import QUICK_RETRY_MIN, FailureWindow, RetryPolicy, is_overload
 from batchrunner.service.faults import HTML_502 as HTML_502_PAGE
@@ -253,3 +254,38 @@ def test_a_service_that_refuses_everything_still_ends_the_batch() -> None:
         )
     assert [outcome.ok for outcome in outcomes] == [False]
     assert len(server.calls) == 3  # nothing answered meanwhile: each refusal is an attempt
+
+
+def test_batches_throttled_together_come_back_one_after_another() -> None:
+    # Eight batches in flight are all answered 429 (Retry-After: 1): come back all at the
+    # instant it ends, they would find the service full again. Each waits the second the
+    # service asked for, and each one already waiting puts the next a step later.
+    async def handle(call: Call) -> web.StreamResponse:
+        if call.number < 8:  # the first eight calls
+            return gateway_error(429, "APIG.0308", "throttled", **{"Retry-After": "1"})
+        return answer(call)
+
+    slept: list[float] = []
+
+    async def run(url: str) -> list[Outcome]:
+        everyone_waits = asyncio.Event()
+
+        async def held_sleep(seconds: float) -> None:  # until all eight wait
+            slept.append(seconds)
+            if len(slept) == 8:
+                everyone_waits.set()
+            await everyone_waits.wait()
+
+        async with ServiceClient(url, None) as client:
+            dispatcher = Dispatcher(
+                client, TextCodec(), ConcurrencyLimiter(8), RetryPolicy(),
+                sleep=held_sleep, rng=random.Random(0),
+            )  # fmt: skip
+            sent = await asyncio.gather(*(dispatcher.send(batch) for batch in batches(8)))
+        return [outcome for outcomes in sent for outcome in outcomes]
+
+    with ThreadedServer(handle) as server:
+        outcomes = asyncio.run(run(server.url))
+    assert len(outcomes) == 8 and all(outcome.ok for outcome in outcomes)
+    step = QUICK_RETRY_MIN / RETURNS_PER_ROUND_TRIP  # no answer yet: no round trip known
+    assert slept == pytest.approx([1.0 + position * step for position in range(8)])

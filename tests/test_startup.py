@@ -3,6 +3,7 @@ out; the library API leaves the host program's modules alone; a Ray run still ha
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,26 @@ def test_the_command_knows_dateutil_is_absent_and_does_not_search_for_it(
     # Each failed search walks sys.path again (~80 us, per result column per batch).
     assert without_dateutil(tmp_path, "command") == 0
     assert without_dateutil(tmp_path, "library") > 0  # the library leaves sys.modules alone
+
+
+POOLS = """
+import os, sys
+import batchrunner.cli  # the console's module: it names Arrow's pool before pyarrow loads
+import pyarrow as pa, pyarrow.parquet as pq
+from batchrunner.wiring import use_lean_memory_pool
+use_lean_memory_pool()
+pq.write_table(pa.table({"x": list(range(100_000))}), sys.argv[1])
+pq.read_table(sys.argv[1])
+print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory())
+"""
+
+
+def test_all_of_arrow_allocates_from_one_lean_pool(tmp_path: Path) -> None:
+    # The Parquet writer and reader (Arrow's C++ code) take the pool named when it loaded:
+    # told only later, they kept mimalloc beside jemalloc (peak RSS ~200 MB instead of 150).
+    if not sys.platform.startswith("linux"):
+        return  # jemalloc is where pyarrow's wheels have it
+    env = {key: value for key, value in os.environ.items() if key != "ARROW_DEFAULT_MEMORY_POOL"}
+    command = [sys.executable, "-c", POOLS, str(tmp_path / "t.parquet")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["jemalloc", "0"], done.stderr

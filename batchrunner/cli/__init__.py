@@ -19,12 +19,15 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Any
 
-import typer
+from batchrunner.startup import arrow_pool_first, lean_process
 
-from batchrunner import __version__
-from batchrunner.cli import inspecting, running, scheduling, serving  # their commands
-from batchrunner.cli.common import app, log
-from batchrunner.startup import lean_process
+arrow_pool_first()  # before the commands' modules bring pyarrow in
+
+import typer  # noqa: E402
+
+from batchrunner import __version__  # noqa: E402
+from batchrunner.cli import inspecting, running, scheduling, serving  # noqa: E402
+from batchrunner.cli.common import app, log  # noqa: E402
 
 __all__ = ["app", "inspecting", "main", "running", "scheduling", "serving"]
 

@@ -134,12 +134,14 @@ def run(
         OPTION_SETTINGS["max_error_rate"]: max_error_rate,
         OPTION_SETTINGS["state_dir"]: state_dir,
     }
+    from batchrunner.startup import settle_heap
     from batchrunner.watch import run_watched
     from batchrunner.wiring import plan_job, use_lean_memory_pool
 
     use_lean_memory_pool()
     try:
         job = load(job_file, overrides, set_ or [])
+        settle_heap()
         if dry_run:
             plan = plan_job(job, limit=limit, folder_output=engine is Engine.RAY)
             _show_plan(plan, dry_run=True)

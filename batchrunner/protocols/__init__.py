@@ -1,6 +1,7 @@
 """Request encoding and response decoding, one module per protocol (``modelarts`` first).
 
     modelarts   text input (TextCodec) and file input (FileCodec); failure classification
+    columnar    a regular answer's items as Arrow columns; the echo checked a column at a time
     multipart   multipart/form-data bodies with one file part, built by hand
     answers     what the other JSON protocols share: error bodies, answers' shapes
     jsonbody    protocol = "json": a body shaped by the job ([service.json])
@@ -22,12 +23,12 @@ when the file cannot become a request: that item fails without being sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from batchrunner.errors import RequestError
-from batchrunner.items import Batch
+from batchrunner.items import Batch, Results
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +44,6 @@ class EncodedRequest:
     content_type: str
     request_uuid: str | None = None
     preview: str | None = None
-    # Text input: the rows as sent (JSON-ready dicts), to check an answer's echo against.
-    records: list[dict[str, Any]] | None = None
     # Language models: the tokens the request is expected to take (the prompt's, estimated
     # from its length, and the most the answer may take), for the token rate limit and
     # budget before the answer's usage says.
@@ -52,8 +51,6 @@ class EncodedRequest:
     # Where this request goes when not to the service's URL: the path a batch file's line
     # names (``/v1/embeddings``), on the service's own origin, always.
     path: str | None = None
-    # ... and the same values column by column (the echo is compared a column at a time).
-    columns: dict[str, list[Any]] | None = None
 
 
 class Codec(Protocol):
@@ -67,9 +64,9 @@ class Codec(Protocol):
         """
         ...
 
-    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
-        """One result object per row of ``batch`` (sent as ``request``); raises
-        ``RequestError`` on a bad shape."""
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> Results:
+        """One result object per row of ``batch`` (sent as ``request``), or the results as
+        Arrow columns; raises ``RequestError`` on a bad shape."""
         ...
 
     def classify_failure(

@@ -35,9 +35,10 @@ import orjson
 import pyarrow as pa
 
 from batchrunner.errors import ErrorKind, RequestError, clip, http_kind
-from batchrunner.items import Batch
+from batchrunner.items import Batch, Results
 from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
 from batchrunner.protocols import EncodedRequest
+from batchrunner.protocols.columnar import ECHO_REL_TOL, check_echo_columns, item_columns
 from batchrunner.protocols.multipart import choose_boundary, file_part, read_file, too_large
 
 JSON_CONTENT_TYPE = "application/json"
@@ -129,8 +130,6 @@ def decode_text(body: bytes, expected: int, request_uuid: str) -> list[dict[str,
 # sent as the JSON encoder makes them, and echoed as the model likes).
 _ECHO_SCALARS = frozenset({int, float, str, bool, type(None)})
 _ABSENT = object()
-# A model computing in float32 echoes 5.1 as 5.099999904632568: equal enough.
-_ECHO_REL_TOL = 1e-6
 
 
 def check_echo(
@@ -191,7 +190,7 @@ def _same_value(sent: Any, echoed: Any) -> bool:
     if sent is None or (isinstance(sent, float) and math.isnan(sent)):
         return echoed is None  # JSON has no NaN: it was sent as null
     if isinstance(sent, int | float) and isinstance(echoed, int | float):
-        return math.isclose(sent, echoed, rel_tol=_ECHO_REL_TOL)
+        return math.isclose(sent, echoed, rel_tol=ECHO_REL_TOL)
     return False
 
 
@@ -232,16 +231,24 @@ class TextCodec:
     def encode(self, batch: Batch, request_uuid: str) -> EncodedRequest:
         if batch.rows is None:
             raise ValueError("text input needs rows: this batch carries a file")
-        records, columns = _records_and_columns(batch.rows)
-        body = _encode_records(records, request_uuid)
+        # The rows' dicts go as soon as they are written: the echo is checked against the
+        # batch's Arrow columns, and only an irregular answer builds them again.
         return EncodedRequest(
-            body, JSON_CONTENT_TYPE, request_uuid=request_uuid, records=records, columns=columns
+            encode_text(batch.rows, request_uuid), JSON_CONTENT_TYPE, request_uuid=request_uuid
         )
 
-    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> list[dict[str, Any]]:
+    def decode(self, body: bytes, batch: Batch, request: EncodedRequest) -> Results:
+        """The answer's items: as Arrow columns when regular (see ``columnar``), else as
+        objects; both checked against the rows sent (count, order by their echo)."""
         results = decode_text(body, len(batch), request.request_uuid or "")
-        if request.records is not None:
-            check_echo(results, request.records, batch.keys, request.columns)
+        if batch.rows is None:
+            return results
+        columns = item_columns(results)
+        if columns is not None:
+            check_echo_columns(columns, batch.rows, batch.keys, _compare_echo)
+            return columns
+        records, sent = _records_and_columns(batch.rows)
+        check_echo(results, records, batch.keys, sent)
         return results
 
     def classify_failure(

@@ -22,9 +22,10 @@ from batchrunner.sink.schemas import conform, merge_schemas
 from batchrunner.writing import aside_name, fsync, open_write, reason
 
 SUMMARY_METADATA_KEY = b"batchrunner.summary"
-# Rows per output row group. The Parquet writer's own buffers grow with it (about 10 MB more
-# at 65,536 rows, beyond what the benchmark's 150 MB allows).
-ROW_GROUP_ROWS = 32 * 1024
+# Rows per output row group. The Parquet writer's own buffers grow with it: with the wide
+# answers' six result fields, 32,768 rows put the assembly's peak at 147-157 MB, 16,384 at
+# 141-144 MB (the benchmark allows 150).
+ROW_GROUP_ROWS = 16 * 1024
 # Batches waiting for their row group are merged this many at a time: a batch of one row
 # (an image) costs kilobytes as separate Arrow buffers, and a row group holds 32,768 of them.
 MERGE_BATCHES = 1024

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome
+from batchrunner.items import STATUS_ERROR, STATUS_OK, Outcome, Results
 from batchrunner.sink.schemas import _json_text, conform, merge_schemas
 
 SEQ = "_seq"  # the batch's position: in the journal only, never in the output
@@ -141,10 +141,16 @@ def _result_columns(
     answered = [outcome.results for outcome in outcomes if outcome.results is not None]
     if not answered:
         return {}
-    results = answered[0] if len(answered) == 1 else list(chain.from_iterable(answered))
-    fields = _transpose(results) if only is None else _pick(results, only)
-    columns = {name: _to_array(values, name, hints) for name, values in fields}
-    if len(results) == total:
+    columns = _arrow_columns(answered, hints, only)
+    if columns is None:
+        results = (
+            _objects(answered[0])
+            if len(answered) == 1
+            else list(chain.from_iterable(map(_objects, answered)))
+        )
+        fields = _transpose(results) if only is None else _pick(results, only)
+        columns = {name: _to_array(values, name, hints) for name, values in fields}
+    if sum(len(part) for part in answered) == total:
         return columns
     # Some outcomes failed: where each row's result is (null for a failed outcome's rows).
     positions: list[int | None] = []
@@ -158,6 +164,41 @@ def _result_columns(
             done += rows
     where = pa.array(positions, pa.int64())
     return {name: column.take(where) for name, column in columns.items()}
+
+
+def _objects(results: Results) -> list[dict[str, Any]]:
+    return results if isinstance(results, list) else results.to_pylist()
+
+
+def _arrow_columns(
+    answered: Sequence[Results],
+    hints: dict[str, pa.DataType] | None,
+    only: Sequence[str] | None,
+) -> dict[str, pa.Array] | None:
+    """The result columns when every outcome's results are Arrow columns of one schema (a
+    codec decoded them so), with the hints kept as the objects' path keeps them; None
+    otherwise (the objects' path takes them)."""
+    first = answered[0]
+    if not isinstance(first, pa.RecordBatch):
+        return None
+    schema = first.schema
+    if not all(isinstance(p, pa.RecordBatch) and schema.equals(p.schema) for p in answered):
+        return None  # a codec's types changed between answers: the objects' path merges
+    names = schema.names if only is None else [name for name in only if name in schema.names]
+    known = hints if hints is not None else {}
+    if any(known.get(name) is JSON_TEXT for name in names):
+        return None  # kept as JSON text of the values as they came
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        parts = [cast(pa.RecordBatch, part).column(name) for part in answered]
+        column = parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
+        hint = known.get(name)
+        if hint == pa.float64() and pa.types.is_int64(column.type):
+            column = column.cast(hint)  # as the objects' path converts them with the hint
+        elif hints is not None and hint is None and column.type in _HINTABLE:
+            hints[name] = column.type
+        columns[name] = column
+    return columns
 
 
 def _pick(results: list[dict[str, Any]], names: Sequence[str]) -> list[tuple[str, list[Any]]]:

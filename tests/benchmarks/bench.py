@@ -8,8 +8,9 @@ serve`` with injected latency), then runs, one after the other, each contender a
 command in a child process: batchrunner, the careful hand-written asyncio script
 (``baseline_asyncio.py``) and the ``requests`` thread pool of the vendor's docs
 (``baseline_requests.py``). It prints, per contender: rows/s, requests/s, the ratio to the
-limit (concurrency / mean latency, the latency the client saw), CPU seconds per 1,000 rows
-(the client's own), its peak RSS and the requests answered 429.
+limit (concurrency / mean latency, the latency the client saw), CPU microseconds per row
+(the client's own, the whole command: on a loaded machine, the steadier figure), its peak
+RSS and the requests answered 429. ``--other-tree`` runs another checkout (main's) beside.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Figures:
         return (
             f"  {self.contender:<12} {rows_per_s:>11,.0f} rows/s {requests_per_s:>8,.1f} req/s"
             f"  ratio {requests_per_s / limit:5.2f}  wall {self.wall_s:6.2f} s"
-            f"  cpu/1k rows {1000 * self.cpu_s / max(self.rows, 1):6.3f} s"
+            f"  cpu/row {1e6 * self.cpu_s / max(self.rows, 1):7.2f} us"
             f"  rss {self.peak_rss_mb:6.0f} MB  429s {self.throttled}"
         )
 
@@ -85,10 +86,14 @@ class Service:
         self.process.communicate(timeout=10)
 
 
-def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, float, str, str]:
+def measured(
+    command: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[float, float, float, str, str]:
     """Run a command; its wall time, own CPU seconds and peak RSS (MB), stdout, stderr."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
+    )
     assert process.stdout is not None and process.stderr is not None
     stdout = process.stdout.read()
     stderr = process.stderr.read()
@@ -149,20 +154,28 @@ def table_input(folder: Path, rows: int, name: str) -> Path:
     return path
 
 
+# Another checkout of batchrunner (--other-tree) run beside this one, as contender "other".
+OTHER_TREE: Path | None = None
+
+
 def run_batchrunner(
-    data: Path, service: Service, size: int, concurrency: int, folder: Path, extra: list[str]
-) -> Figures:
+    data: Path, service: Service, size: int, concurrency: int, folder: Path, extra: list[str],
+    tree: Path | None = None,
+) -> Figures:  # fmt: skip
     output = folder / "out-batchrunner.parquet"
     env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     command = [
         PYTHON, "-m", "batchrunner", "run", "--input", str(data), "--url", service.url,
         "--output", str(output), "--batch-size", str(size), "--concurrency", str(concurrency),
         "--no-progress", "--no-resume", *extra,
     ]  # fmt: skip
-    wall, cpu, rss, _, _ = measured(command, env)
+    # ``python -m`` imports from the working folder first: the other tree's, for its run.
+    wall, cpu, rss, _, _ = measured(command, env, tree)
     summary = orjson.loads(Path(str(output) + ".summary.json").read_bytes())
     return Figures(
-        "batchrunner",
+        "batchrunner" if tree is None else "other",
         summary["rows"]["ok"],
         summary["requests"],
         wall,
@@ -253,6 +266,12 @@ def scenario(
         for contender in contenders:
             if contender == "batchrunner":
                 figures = run_batchrunner(data, service, size, concurrency, folder, extra or [])
+            elif contender == "other":
+                if OTHER_TREE is None:
+                    continue
+                figures = run_batchrunner(
+                    data, service, size, concurrency, folder, extra or [], OTHER_TREE
+                )
             elif contender == "asyncio":
                 figures = run_baseline(
                     "asyncio", "baseline_asyncio.py", data, service, size, concurrency, folder
@@ -319,6 +338,8 @@ def startup(folder: Path, repeats: int = 5) -> None:
         ],
         "asyncio": [PYTHON, str(HERE / "baseline_asyncio.py"), str(data)],
     }  # fmt: skip
+    if OTHER_TREE is not None:
+        contenders["other"] = contenders["batchrunner"]
     print(f"\nstart-up: from the command's start to its first request (best of {repeats})")
     for name, command in contenders.items():
         times = []
@@ -328,8 +349,10 @@ def startup(folder: Path, repeats: int = 5) -> None:
                 arguments = [*command, server.url]
                 if name == "asyncio":
                     arguments += ["100", "8", str(output)]
+                own = env if name != "other" else {**env, "PYTHONPATH": str(OTHER_TREE)}
+                where = OTHER_TREE if name == "other" else None
                 started = time.perf_counter()
-                subprocess.run(arguments, env=env, check=True, capture_output=True)
+                subprocess.run(arguments, env=own, check=True, capture_output=True, cwd=where)
                 assert server.first is not None
                 times.append(server.first - started)
             finally:
@@ -401,6 +424,14 @@ def faulty(folder: Path, quick: bool, repeats: int) -> None:
             ["--concurrency", "auto", "--set", "batch.max_concurrency=64"],
         ),
     }  # fmt: skip
+    if OTHER_TREE is not None:
+        contenders["other, 32"] = lambda service: run_batchrunner(
+            data, service, 50, 32, folder, [], OTHER_TREE
+        )
+        contenders["other, auto"] = lambda service: run_batchrunner(
+            data, service, 50, 32, folder,
+            ["--concurrency", "auto", "--set", "batch.max_concurrency=64"], OTHER_TREE,
+        )  # fmt: skip
     seen: dict[str, list[Figures]] = {name: [] for name in contenders}
     for round_ in range(repeats):
         for name, run in contenders.items():
@@ -455,7 +486,15 @@ def main() -> None:
     )
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep inputs in")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the faulty scenario")
+    parser.add_argument(
+        "--other-tree",
+        type=Path,
+        default=None,
+        help="another checkout of batchrunner (e.g. main's) run beside this one, as 'other'",
+    )
     args = parser.parse_args()
+    global OTHER_TREE
+    OTHER_TREE = args.other_tree.resolve() if args.other_tree else None
     quick = args.quick
     folder = args.keep or Path(tempfile.mkdtemp(prefix="batchrunner-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -469,6 +508,8 @@ def main() -> None:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     package = Path(__file__).resolve().parents[2] / "batchrunner"
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(package)], check=True)
+    if OTHER_TREE is not None:
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(OTHER_TREE / "batchrunner")])
     python = sys.version.split()[0]
     print(f"batchrunner benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {python}")
     everyone = ["batchrunner", "asyncio", "requests"]
@@ -497,11 +538,11 @@ def main() -> None:
             scenario(
                 f"wide answers, CPU-bound: {rows:,} rows (an id and 4 numbers) in batches of "
                 "1,000, no latency, concurrency 8; the iris model answers 6 fields a row",
-                folder, rows, 1000, 8, [], ["batchrunner", "asyncio"], model="iris",
+                folder, rows, 1000, 8, [], ["other", "batchrunner", "asyncio"], model="iris",
             )  # fmt: skip
             scenario(
                 "  the same, batchrunner keeping only predictresult (output.result_fields)",
-                folder, rows, 1000, 8, [], ["batchrunner"], model="iris",
+                folder, rows, 1000, 8, [], ["other", "batchrunner"], model="iris",
                 extra=["--set", 'output.result_fields=["predictresult"]'],
             )  # fmt: skip
         if "cpu" in chosen:
