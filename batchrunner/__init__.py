@@ -48,9 +48,11 @@ Imports flow one way, down this list; a module imports only from those above it:
                 status, MLflow ping) before any request
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the
                 plan, the summary, the one result type (RunReport, RunOutcome)
-    engines     local (the asyncio pipeline, `run`), ray (Ray Data, the only module that
-                imports ray, lazily; `run --engine ray`), blocks (a Ray run's finished
-                blocks, for resume); neither engine imports the other
+    engines     local (the asyncio pipeline, `run`); a Ray run: blocks (its finished
+                blocks, in a folder or a bucket, for resume), blockscoring (the actor side:
+                a block in, its part out), blockcommit (the driver's coverage check and
+                commit), ray (Ray Data, the only module that imports ray, lazily; `run
+                --engine ray`); neither engine imports the other
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)
