@@ -7,8 +7,8 @@ Imports flow one way, down this list; a module imports only from those above it:
                 passed down, faked by tests
     startup     what the command's process leaves out before its first request (pandas,
                 pydantic's plugin discovery)
-    listing     one level of a bucket prefix, page by page (boto3's paginator), in a local
-                folder's order
+    listing     boto3's side of a bucket: one level of a prefix, page by page (its
+                paginator), in a local folder's order; an object read with one GET
     storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,
                 whole-or-absent uploads
     objectfiles an object opened for Arrow's table readers, each range read tried again on

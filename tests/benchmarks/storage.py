@@ -72,8 +72,9 @@ with fs.open_input_stream(sys.argv[4]) as stream:
 print(total)
 """
 
-# moto alone: a prefix listed with boto3's paginator, then its objects fetched by Arrow at a
-# given concurrency (threads), nothing else done with them.
+# moto alone: a prefix listed with boto3's paginator, then its objects fetched at a given
+# concurrency (threads), nothing else done with them: by Arrow (a HEAD and a GET each), then
+# by boto3 (one GET each).
 LIST_AND_FETCH = """
 import sys, time, boto3
 from concurrent.futures import ThreadPoolExecutor
@@ -90,10 +91,15 @@ fs = pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1",
 def fetch(key):
     with fs.open_input_file(bucket + "/" + key) as file:
         return len(file.read())
-started = time.perf_counter()
-with ThreadPoolExecutor(int(concurrency)) as pool:
-    fetched = sum(1 for _ in pool.map(fetch, keys))
-print(len(keys) / listed, fetched / (time.perf_counter() - started))
+def get(key):  # one GET, as batchrunner fetches an image when boto3 is installed
+    return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+rates = []
+for way in (fetch, get):
+    started = time.perf_counter()
+    with ThreadPoolExecutor(int(concurrency)) as pool:
+        fetched = sum(1 for _ in pool.map(way, keys))
+    rates.append(fetched / (time.perf_counter() - started))
+print(len(keys) / listed, *rates)
 """
 
 
@@ -261,7 +267,9 @@ def images(
               f"{median_range(column(figures, 1), 'images/s')} ({own / limit:.2f})"
               f"  peak RSS {statistics.median(column(figures, 2)):.0f} MB")  # fmt: skip
     print(f"  moto alone  listing {median_range(column(alone, 0), 'keys/s')}; fetching at "
-          f"concurrency {concurrency} {median_range(column(alone, 1), 'objects/s')}")  # fmt: skip
+          f"concurrency {concurrency}: Arrow (HEAD+GET) "
+          f"{median_range(column(alone, 1), 'objects/s')}, boto3 (GET) "
+          f"{median_range(column(alone, 2), 'objects/s')}")  # fmt: skip
 
 
 def main() -> None:
