@@ -119,9 +119,12 @@ def paged_entries(client: Any, bucket: str, prefix: str, page_size: int = 1000) 
         yield from heapq.merge(folders, objects, key=lambda entry: entry.store_key)
 
 
-def boto_client(options: dict[str, Any], *, virtual: bool, retries: dict[str, int]) -> Any:
+def boto_client(
+    options: dict[str, Any], *, virtual: bool, retries: dict[str, int], pool: int = 10
+) -> Any:
     """boto3's S3 client on the store Arrow's ``options`` describe (endpoint, region,
-    timeouts, keys), retrying as ``retries`` says; None without boto3."""
+    timeouts, keys), retrying as ``retries`` says, keeping ``pool`` connections; None
+    without boto3."""
     try:
         import boto3  # type: ignore[import-untyped]
         from botocore.config import Config  # type: ignore[import-untyped]
@@ -133,6 +136,7 @@ def boto_client(options: dict[str, Any], *, virtual: bool, retries: dict[str, in
         connect_timeout=options["connect_timeout"],
         read_timeout=options["request_timeout"],
         s3={"addressing_style": "virtual" if virtual else "path"},
+        max_pool_connections=pool,
     )
     endpoint = None
     if "endpoint_override" in options:

@@ -23,6 +23,7 @@ are secrets: they are handed to Arrow and never kept in a ``repr``, a message or
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ SCHEMES = ("s3", "obs")
 RETRY_ATTEMPTS = 10  # the SDK's standard strategy: exponential backoff, capped at 20 s
 READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around each read (see ObjectStore.retried)
 _DOT_SEGMENTS = frozenset({".", ".."})
+FETCH_POOL = 32  # connections kept for image fetches: asyncio's threads are at most 32
 _T = TypeVar("_T")
 _TRANSIENT = (
     "internal_failure",
@@ -241,6 +243,7 @@ class ObjectStore:
         self._fs: pafs.S3FileSystem | None = None
         self._lister: Any = None
         self._getter: Any = None
+        self._making = threading.Lock()
         self.sleep: Callable[[float], None] = time.sleep  # injected by tests
         self.paged = True  # list with boto3's paginator, when it is installed
 
@@ -342,17 +345,22 @@ class ObjectStore:
     def lister(self) -> Any:
         """boto3's S3 client on the same store (None without boto3): for paged listings."""
         if self._lister is None and self.paged:
-            self._lister = self._boto_client({"max_attempts": RETRY_ATTEMPTS})
+            with self._making:  # one client, however many threads ask at once
+                if self._lister is None and self.paged:
+                    self._lister = self._boto_client({"max_attempts": RETRY_ATTEMPTS})
         return self._lister
 
     def getter(self) -> Any:
-        """boto3's S3 client for single GETs, the SDK's retries off (None without boto3)."""
+        """boto3's S3 client for single GETs, the SDK's retries off (None without boto3);
+        shared by the threads that fetch images."""
         if self._getter is None and self.paged:
-            self._getter = self._boto_client({"total_max_attempts": 1})
+            with self._making:
+                if self._getter is None and self.paged:
+                    self._getter = self._boto_client({"total_max_attempts": 1}, FETCH_POOL)
         return self._getter
 
-    def _boto_client(self, retries: dict[str, int]) -> Any:
-        client = boto_client(self._options, virtual=self.virtual, retries=retries)
+    def _boto_client(self, retries: dict[str, int], pool: int = 10) -> Any:
+        client = boto_client(self._options, virtual=self.virtual, retries=retries, pool=pool)
         if client is None:
             self.paged = False
         return client
