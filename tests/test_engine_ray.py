@@ -22,12 +22,14 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batchrunner.engines.blockscoring import secret_environ
+from batchrunner.engines.blockscoring import ActorSecrets, secret_environ
 from batchrunner.engines.ray import check_ray_job, split_concurrency
 from batchrunner.errors import InputError
 from batchrunner.job import IMAGES, load_job
 from batchrunner.service import FaultSettings, ServiceOptions, fault_middleware
+from batchrunner.storage import ObjectStore
 from tests.conftest import REPO, TOKEN, iris_csv, write_job
+from tests.s3 import ACCESS_KEY, SECRET_KEY
 from tests.servers import ThreadedService
 
 COMPARED = ["_key", "_status", "predictresult"]
@@ -73,6 +75,11 @@ def test_actors_get_only_the_job_secrets(iris_job: Path) -> None:
     job = load_job(iris_job, assignments=["service.url=http://127.0.0.1:9/v1/infers/iris"])
     environ = {"MODELARTS_TOKEN": TOKEN, "OTHER_SECRET": "x", "HOME": "/root"}
     assert secret_environ(job, environ) == {"MODELARTS_TOKEN": TOKEN, "HOME": "/root"}
+    # What a Ray error naming the actors' arguments would show of them: nothing secret.
+    store = ObjectStore(endpoint="http://127.0.0.1:9", access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    secrets = ActorSecrets(secret_environ(job, environ), store)
+    assert repr(secrets) == "ActorSecrets(<hidden>)"
+    assert secrets.environ["MODELARTS_TOKEN"] == TOKEN and secrets.store is store
 
 
 @pytest.mark.ray
