@@ -7,8 +7,8 @@ Imports flow one way, down this list; a module imports only from those above it:
                 passed down, faked by tests
     startup     what the command's process leaves out before its first request (pandas,
                 pydantic's plugin discovery)
-    listing     one level of a bucket prefix, page by page (boto3's paginator), in a local
-                folder's order
+    listing     boto3's side of a bucket: one level of a prefix, page by page (its
+                paginator), in a local folder's order; an object read with one GET
     storage     s3:// and obs:// locations through pyarrow.fs.S3FileSystem: listing, reading,
                 whole-or-absent uploads
     objectfiles an object opened for Arrow's table readers, each range read tried again on
@@ -59,10 +59,12 @@ Imports flow one way, down this list; a module imports only from those above it:
     wiring      what a run needs whichever the engine: source, codec, client, limiter, the
                 plan, the summary, the one result type (RunReport, RunOutcome)
     engines     local (the asyncio pipeline, `run`: runner, a run's life; control, signals,
-                grace period, progress; reading and finishing, the stages around dispatch),
-                ray (Ray Data, the only module that imports ray, lazily; `run --engine ray`),
-                blocks (a Ray run's finished blocks, for resume); neither engine imports the
-                other
+                grace period, progress; reading and finishing, the stages around dispatch);
+                a Ray run: blocks (its finished blocks, in a folder or a bucket, for
+                resume), blockscoring (the actor side: a block in, its part out),
+                blockcommit (the driver's coverage check and commit), ray (Ray Data, the
+                only module that imports ray, lazily; `run --engine ray`); neither engine
+                imports the other
     watch       a run watched from outside: its metrics file during and after, its
                 notification at the end
     schedule    cron lines: schedules checked, the line built, the crontab edited (pure)

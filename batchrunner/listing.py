@@ -14,6 +14,10 @@ count.
 ``paged_entries`` is the store's stream: ListObjectsV2 pages of up to 1,000 keys from
 boto3's paginator (pyarrow's ``get_file_info`` has no paged form: it returns a whole
 level at once), each with the size, time and ETag the listing gives.
+
+``get_object`` reads an object with one GET (Arrow's files ask for the size with a HEAD
+first: two round trips an image). boto3 is the ``s3`` extra; ``boto_client`` is None
+without it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Entry", "local_order", "paged_entries"]
+__all__ = ["Entry", "boto_client", "get_object", "is_boto_error", "local_order", "paged_entries"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +117,61 @@ def paged_entries(client: Any, bucket: str, prefix: str, page_size: int = 1000) 
             if len(item["Key"]) > start
         )
         yield from heapq.merge(folders, objects, key=lambda entry: entry.store_key)
+
+
+def boto_client(
+    options: dict[str, Any], *, virtual: bool, retries: dict[str, int], pool: int = 10
+) -> Any:
+    """boto3's S3 client on the store Arrow's ``options`` describe (endpoint, region,
+    timeouts, keys), retrying as ``retries`` says, keeping ``pool`` connections; None
+    without boto3."""
+    try:
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    config = Config(
+        region_name=options["region"],
+        retries={"mode": "standard", **retries},
+        connect_timeout=options["connect_timeout"],
+        read_timeout=options["request_timeout"],
+        s3={"addressing_style": "virtual" if virtual else "path"},
+        max_pool_connections=pool,
+    )
+    endpoint = None
+    if "endpoint_override" in options:
+        endpoint = f"{options['scheme']}://{options['endpoint_override']}"
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=options.get("access_key"),
+        aws_secret_access_key=options.get("secret_key"),
+        aws_session_token=options.get("session_token"),
+        config=config,
+    )
+
+
+def get_object(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
+    """The object's bytes, with one GET: the size from its answer, the body read only if
+    it fits (``ValueError(size)`` otherwise). The client's errors as ``OSError``."""
+    try:
+        answer = client.get_object(Bucket=bucket, Key=key)
+        body = answer["Body"]
+        try:
+            size = int(answer["ContentLength"])
+            if size > max_bytes:
+                raise ValueError(size)
+            data: bytes = body.read()
+        finally:
+            body.close()
+    except Exception as exc:
+        if not is_boto_error(exc):
+            raise
+        raise OSError(str(exc)) from None
+    return data
+
+
+def is_boto_error(exc: Exception) -> bool:
+    """Whether ``exc`` is botocore's (the store refused, or could not be reached) or
+    urllib3's under it (a body cut short, a reset)."""
+    return type(exc).__module__.startswith(("botocore", "boto3", "urllib3"))

@@ -23,6 +23,7 @@ are secrets: they are handed to Arrow and never kept in a ``repr``, a message or
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,7 +36,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from batchrunner.errors import JobError, ServiceError
-from batchrunner.listing import Entry, local_order, paged_entries
+from batchrunner.listing import (
+    Entry,
+    boto_client,
+    get_object,
+    is_boto_error,
+    local_order,
+    paged_entries,
+)
 
 __all__ = [
     "RETRY_ATTEMPTS",
@@ -54,6 +62,8 @@ __all__ = [
 SCHEMES = ("s3", "obs")
 RETRY_ATTEMPTS = 10  # the SDK's standard strategy: exponential backoff, capped at 20 s
 READ_ATTEMPTS, READ_BACKOFF = 5, 0.1  # ours, around each read (see ObjectStore.retried)
+_DOT_SEGMENTS = frozenset({".", ".."})
+FETCH_POOL = 32  # connections kept for image fetches: asyncio's threads are at most 32
 _T = TypeVar("_T")
 _TRANSIENT = (
     "internal_failure",
@@ -67,6 +77,10 @@ _TRANSIENT = (
     "curl error",
     "timed out",
     "timeout",
+    # botocore's words for the same (its messages carry the error code, not the status)
+    "internalerror",
+    "serviceunavailable",
+    "could not connect",
 )
 
 
@@ -228,6 +242,8 @@ class ObjectStore:
         self._options = options
         self._fs: pafs.S3FileSystem | None = None
         self._lister: Any = None
+        self._getter: Any = None
+        self._making = threading.Lock()
         self.sleep: Callable[[float], None] = time.sleep  # injected by tests
         self.paged = True  # list with boto3's paginator, when it is installed
 
@@ -322,39 +338,32 @@ class ObjectStore:
         try:
             yield
         except Exception as exc:
-            if not _is_store_error(exc):
+            if not is_boto_error(exc):
                 raise
             raise StorageError(self.explain(prefix, OSError(str(exc)))) from None
 
     def lister(self) -> Any:
         """boto3's S3 client on the same store (None without boto3): for paged listings."""
         if self._lister is None and self.paged:
-            try:
-                import boto3  # type: ignore[import-untyped]
-                from botocore.config import Config  # type: ignore[import-untyped]
-            except ImportError:
-                self.paged = False
-                return None
-            options = self._options
-            config = Config(
-                region_name=options["region"],
-                retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
-                connect_timeout=options["connect_timeout"],
-                read_timeout=options["request_timeout"],
-                s3={"addressing_style": "virtual" if self.virtual else "path"},
-            )
-            endpoint = None
-            if "endpoint_override" in options:
-                endpoint = f"{options['scheme']}://{options['endpoint_override']}"
-            self._lister = boto3.session.Session().client(
-                "s3",
-                endpoint_url=endpoint,
-                aws_access_key_id=options.get("access_key"),
-                aws_secret_access_key=options.get("secret_key"),
-                aws_session_token=options.get("session_token"),
-                config=config,
-            )
+            with self._making:  # one client, however many threads ask at once
+                if self._lister is None and self.paged:
+                    self._lister = self._boto_client({"max_attempts": RETRY_ATTEMPTS})
         return self._lister
+
+    def getter(self) -> Any:
+        """boto3's S3 client for single GETs, the SDK's retries off (None without boto3);
+        shared by the threads that fetch images."""
+        if self._getter is None and self.paged:
+            with self._making:
+                if self._getter is None and self.paged:
+                    self._getter = self._boto_client({"total_max_attempts": 1}, FETCH_POOL)
+        return self._getter
+
+    def _boto_client(self, retries: dict[str, int], pool: int = 10) -> Any:
+        client = boto_client(self._options, virtual=self.virtual, retries=retries, pool=pool)
+        if client is None:
+            self.paged = False
+        return client
 
     def walk(self, prefix: ObjectPath) -> Iterator[tuple[str, ObjectPath]]:
         """(key relative to ``prefix``, object) under ``prefix``, depth first, sorted as a
@@ -374,26 +383,37 @@ class ObjectStore:
 
     def read(self, path: ObjectPath, max_bytes: int) -> bytes:
         """The object's bytes; ``OSError`` if it cannot be read, ``ValueError`` (its size)
-        if it holds more than ``max_bytes``. Tried again as ``retried`` says."""
+        if it holds more than ``max_bytes``. Tried again as ``retried`` says.
+
+        With boto3 (the ``s3`` extra), one GET (see ``_get``), tried up to
+        ``RETRY_ATTEMPTS`` times here (the SDK's own retries are off for it, so that the
+        pauses are this object's ``sleep``); else Arrow's file."""
+        client = self.getter()
+        if client is not None and not _DOT_SEGMENTS & set(path.key.split("/")):
+            return self.retried(
+                lambda: get_object(client, path.bucket, path.key, max_bytes), RETRY_ATTEMPTS
+            )
         return self.retried(lambda: self._read_once(path, max_bytes))
 
-    def retried(self, call: Callable[[], _T]) -> _T:
+    def retried(self, call: Callable[[], _T], attempts: int = READ_ATTEMPTS) -> _T:
         """``call()`` (a read), tried again on a transient failure:
-        ``READ_ATTEMPTS`` times in all, with backoff; the last ``OSError`` as it is.
+        ``attempts`` times in all, with backoff; the last ``OSError`` as it is.
 
         The SDK retries most of them itself, but not an error answer longer than a small
         read (Arrow reads into a buffer of the range's size, and a 503 SlowDown's body
         overflows it: "Failed to flush response stream")."""
-        for attempt in range(1, READ_ATTEMPTS + 1):
+        for attempt in range(1, attempts + 1):
             try:
                 return call()
             except OSError as exc:
-                if attempt == READ_ATTEMPTS or not is_transient(exc):
+                if attempt == attempts or not is_transient(exc):
                     raise
                 self.sleep(min(READ_BACKOFF * 2 ** (attempt - 1), 2.0))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read_once(self, path: ObjectPath, max_bytes: int) -> bytes:
+        # Arrow's file asks for the size first: a HEAD, then a GET. (Used without boto3,
+        # and for a key Arrow resolves: a manifest's ``../x.png``.)
         with self.filesystem.open_input_file(path.location) as file:
             size = file.size()
             if size > max_bytes:
@@ -487,11 +507,6 @@ def _rebuild(
     store._fs = filesystem
     store.paged = False  # the keys travel inside Arrow's filesystem only
     return store
-
-
-def _is_store_error(exc: Exception) -> bool:
-    """Whether ``exc`` is botocore's: the store refused, or could not be reached."""
-    return type(exc).__module__.startswith(("botocore", "boto3"))
 
 
 def _scrub(text: str, options: dict[str, Any]) -> str:

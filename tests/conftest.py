@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batchrunner.cli import app
+from tests.rays import local_ray  # noqa: F401  (a fixture)
 from tests.s3 import ACCESS_KEY, S3, SECRET_KEY, moto_server
 
 REPO = Path(__file__).resolve().parent.parent

@@ -125,10 +125,10 @@ def slow_job(server: ThreadedServer) -> Path:
     )
 
 
-# "of ~10": the CSV's total is an estimate (from the bytes read) until it is read through, which
-# on a loaded machine can come after the first progress line.
+# "of ~10": the CSV's total is an estimate (from the bytes read) until it is read through; on
+# a loaded machine the first progress line can even come before anything is read (no total).
 PROGRESS_LINE = re.compile(
-    r"^\d\d:\d\d:\d\d INFO progress: (\d+) of ~?10 rows \((\d+)%\), [\d,]+ rows/s, "
+    r"^\d\d:\d\d:\d\d INFO progress: (\d+)(?: of ~?10)? rows(?: \((\d+)%\))?, [\d,]+ rows/s, "
     r"[01] in flight, 0 retries, 0 errors(, ETA \d+:\d\d)?$"
 )
 

@@ -1,4 +1,5 @@
-"""``batchrunner run JOB.toml --engine ray``: the same job on a local Ray with 2 CPUs.
+"""``batchrunner run JOB.toml --engine ray``: the same job on a local Ray of two nodes
+(see ``tests.rays``).
 
 The tests marked ``ray`` are skipped when Ray is not installed (``pip install -e '.[ray]'``);
 the others check what needs no Ray: the install hint, the refusals, the concurrency split.
@@ -6,11 +7,9 @@ the others check what needs no Ray: the install hint, the refusals, the concurre
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,41 +22,19 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batchrunner.engines.ray import check_ray_job, secret_environ, split_concurrency
+from batchrunner.engines.blockscoring import ActorSecrets, secret_environ
+from batchrunner.engines.ray import check_ray_job, split_concurrency
 from batchrunner.errors import InputError
 from batchrunner.job import IMAGES, load_job
 from batchrunner.service import FaultSettings, ServiceOptions, fault_middleware
+from batchrunner.storage import ObjectStore
 from tests.conftest import REPO, TOKEN, iris_csv, write_job
+from tests.s3 import ACCESS_KEY, SECRET_KEY
 from tests.servers import ThreadedService
 
 COMPARED = ["_key", "_status", "predictresult"]
 # Ray's own modules warn about Ray's own settings: not this project's to fix.
 on_ray = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="session")
-def local_ray() -> Iterator[Any]:
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # pytest keeps a test's log records: Ray's record of a failed run, with its traceback,
-    # would hold the run's execution, and so its actors' CPUs, until the test ends (a re-run
-    # in the same test would wait for them forever). Its records keep their message only.
-    failing = [logging.getLogger(f"ray.data.{name}") for name in RAY_FAILURE_LOGGERS]
-    for logger in failing:
-        logger.addFilter(_without_traceback)
-    yield ray
-    for logger in failing:
-        logger.removeFilter(_without_traceback)
-    ray.shutdown()
-
-
-# Where Ray logs a failed run's exception.
-RAY_FAILURE_LOGGERS = ("_internal.execution.streaming_executor_state", "exceptions")
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-    record.msg, record.args, record.exc_info = record.getMessage(), None, None
-    return True
 
 
 def rows_by_key(table: pa.Table) -> list[dict[str, Any]]:
@@ -98,6 +75,11 @@ def test_actors_get_only_the_job_secrets(iris_job: Path) -> None:
     job = load_job(iris_job, assignments=["service.url=http://127.0.0.1:9/v1/infers/iris"])
     environ = {"MODELARTS_TOKEN": TOKEN, "OTHER_SECRET": "x", "HOME": "/root"}
     assert secret_environ(job, environ) == {"MODELARTS_TOKEN": TOKEN, "HOME": "/root"}
+    # What a Ray error naming the actors' arguments would show of them: nothing secret.
+    store = ObjectStore(endpoint="http://127.0.0.1:9", access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    secrets = ActorSecrets(secret_environ(job, environ), store)
+    assert repr(secrets) == "ActorSecrets(<hidden>)"
+    assert secrets.environ["MODELARTS_TOKEN"] == TOKEN and secrets.store is store
 
 
 @pytest.mark.ray

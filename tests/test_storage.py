@@ -285,3 +285,35 @@ def test_keys_named_but_missing_are_a_setting_error(invoke, s3: S3, monkeypatch)
     assert "storage.secret_key_env: environment variable TEST_S3_SECRET_KEY is not set" in (
         result.stderr
     )
+
+
+def test_threads_fetching_at_once_share_one_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images are fetched in threads: the first fetches, arriving together, must not each
+    # make a client (each costs megabytes: boto3 loads the S3 model for it).
+    import threading
+    import time
+
+    import batchrunner.storage as storage
+
+    made: list[object] = []
+
+    def slow_client(*args: object, **kwargs: object) -> object:
+        time.sleep(0.05)  # widens the window in which others ask
+        made.append(object())
+        return made[-1]
+
+    monkeypatch.setattr(storage, "boto_client", slow_client)
+    store = ObjectStore(endpoint="http://127.0.0.1:9", access_key="a", secret_key="b")
+    start = threading.Barrier(8)
+    clients: list[object] = []
+
+    def fetch() -> None:
+        start.wait()
+        clients.append(store.getter())
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and clients == made * 8

@@ -89,7 +89,7 @@ def run(
         typer.Option(
             "--engine",
             help="local: this process, one Parquet file; ray: Ray Data, a folder of Parquet "
-            "parts (needs pip install 'batchrunner[ray]').",
+            "parts (one object in a bucket; needs pip install 'batchrunner[ray]').",
         ),
     ] = Engine.LOCAL,
     metrics_file: Annotated[

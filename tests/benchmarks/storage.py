@@ -82,11 +82,11 @@ print(total)
 """
 
 # the store alone: a prefix listed with boto3's paginator (ListObjects: s3rver fails on V2),
-# then its objects fetched by Arrow at a given concurrency (threads), nothing else done.
+# then its objects fetched at a given concurrency (threads), nothing else done with them: by
+# Arrow (a HEAD and a GET each), then by boto3 (one GET each).
 LIST_AND_FETCH = """
 import sys, time, boto3
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 import pyarrow.fs as pafs
 endpoint, access, secret, bucket, prefix, concurrency = sys.argv[1:7]
 client = boto3.session.Session().client("s3", endpoint_url="http://" + endpoint,
@@ -100,10 +100,15 @@ fs = pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1",
 def fetch(key):
     with fs.open_input_file(bucket + "/" + key) as file:
         return len(file.read())
-started = time.perf_counter()
-with ThreadPoolExecutor(int(concurrency)) as pool:
-    fetched = sum(1 for _ in pool.map(fetch, keys))
-print(len(keys) / listed, fetched / (time.perf_counter() - started))
+def get(key):  # one GET, as batchrunner fetches an image when boto3 is installed
+    return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+rates = []
+for way in (fetch, get):
+    started = time.perf_counter()
+    with ThreadPoolExecutor(int(concurrency)) as pool:
+        fetched = sum(1 for _ in pool.map(way, keys))
+    rates.append(fetched / (time.perf_counter() - started))
+print(len(keys) / listed, *rates)
 """
 
 
@@ -351,9 +356,10 @@ def images(
               f" ({whole / limit:.2f} of the limit); the run's own "
               f"{median_range(column(figures, 1), 'images/s')} ({own / limit:.2f})"
               f"  peak RSS {statistics.median(column(figures, 2)):.0f} MB")  # fmt: skip
-    fetching = median_range(column(alone, 1), "objects/s")
     print(f"  {store + ' alone':<11} listing {median_range(column(alone, 0), 'keys/s')}; "
-          f"fetching at concurrency {concurrency} {fetching}")  # fmt: skip
+          f"fetching at concurrency {concurrency}: Arrow (HEAD+GET) "
+          f"{median_range(column(alone, 1), 'objects/s')}, boto3 (GET) "
+          f"{median_range(column(alone, 2), 'objects/s')}")  # fmt: skip
 
 
 def main() -> None:
