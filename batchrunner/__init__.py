@@ -37,8 +37,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     writing     local writes: aside and renamed, leftovers of killed runs, writability
     formats     the output's file formats: Parquet, CSV, JSON lines (by the path's suffix)
     sink        the run's journal of finished batches; assembly into one Parquet file
-    keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
-                index of finished items, on disk, partition by partition
+    keyhash     row hashes: keys and what is sent for them, 64 bits, numpy a column at a time
+    keyspill    keys spilled to partition files by hash, each sorted on its own: the
+                duplicate-key check
+    keyindex    the key index of finished items, on disk, checked partition by partition
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (a key index), the filter that leaves them out

@@ -2,7 +2,7 @@
 
 With ``input.incremental = true`` a job remembers, in ``.batchrunner/<name>.keys`` beside its
 output (a key index, see ``keyindex``), every item a run finished ok: its key hash and its
-*item hash*, over the key and what is sent for it (see ``keyindex.item_hashes``). A later run
+*item hash*, over the key and what is sent for it (see ``keyhash.item_hashes``). A later run
 sends only the items whose key and item hash are not remembered: new items, and changed ones.
 
     a row's content     the fields it sends, each by name, JSON kind and value (1 and 1.0
@@ -56,22 +56,19 @@ import pyarrow.parquet as pq
 from batchrunner.errors import InputError, StateError
 from batchrunner.items import STATUS_OK, Batch, KeyedRows
 from batchrunner.job import INCREMENTAL_IDENTITY
+from batchrunner.keyhash import batch_hashes, flag_values, key_hashes
 from batchrunner.keyindex import (
     LEGACY_SCHEME,
     SCHEME,
-    Duplicates,
     KeyIndex,
     RowBits,
-    Spill,
     UnreadableIndex,
-    batch_hashes,
-    flag_values,
-    key_hashes,
     match,
     merged,
     read_index,
     write_index,
 )
+from batchrunner.keyspill import Duplicates, Spill
 from batchrunner.report import RunStats
 from batchrunner.sources import Source, TabularSource
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner import keyindex
+from batchrunner import keyspill
 from batchrunner.errors import InputError
 from batchrunner.incremental import check_reader, open_seen
 from batchrunner.report import RunStats
@@ -83,11 +83,11 @@ def test_keys_alike_in_their_high_bits_are_still_sorted() -> None:
     # The sort packs each key's high bits with its place: keys that differ only below must
     # still come out in order (the order is checked, and made again if wrong).
     rng = np.random.default_rng(7)
-    top = np.uint64(5) << np.uint64(64 - keyindex.PARTITION_BITS)
+    top = np.uint64(5) << np.uint64(64 - keyspill.PARTITION_BITS)
     spread = rng.integers(0, 1 << 55, 5000, dtype=np.uint64) | top
     alike = top | np.array([9, 8, 9, 7, 8], np.uint64)  # equal but in their lowest bits
     for keys in (spread, alike, np.concatenate([spread, alike, spread[:3]])):
-        order = keyindex._key_order(keys)
+        order = keyspill._key_order(keys)
         assert order.tolist() == np.argsort(keys, kind="stable").tolist()
 
 

@@ -65,7 +65,8 @@ from batchrunner.job import (
     job_identity,
     output_name_glob,
 )
-from batchrunner.keyindex import Duplicates, Spill, content_digest
+from batchrunner.keyhash import content_digest
+from batchrunner.keyspill import Duplicates, Spill
 from batchrunner.limiter import RateLimiter
 from batchrunner.lock import JobLock
 from batchrunner.protocols.openai import check_prompt, openai_codec
