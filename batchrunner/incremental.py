@@ -41,11 +41,13 @@ import operator
 import os
 import shutil
 import sys
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from queue import Queue
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -56,7 +58,7 @@ import pyarrow.parquet as pq
 from batchrunner.errors import InputError, StateError
 from batchrunner.items import STATUS_OK, Batch, KeyedRows
 from batchrunner.job import INCREMENTAL_IDENTITY
-from batchrunner.keyhash import batch_hashes, flag_values, key_hashes
+from batchrunner.keyhash import U64, batch_hashes, flag_values, key_hashes
 from batchrunner.keyindex import (
     LEGACY_SCHEME,
     SCHEME,
@@ -73,6 +75,7 @@ from batchrunner.report import RunStats
 from batchrunner.sources import Source, TabularSource
 
 log = logging.getLogger("batchrunner")
+T = TypeVar("T")
 
 SEEN_METADATA_KEY = b"batchrunner.seen"  # the metadata of an earlier version's .seen.parquet
 #: The version of an empty memory: no file yet, or one that was removed.
@@ -82,6 +85,16 @@ NOTHING_REMEMBERED = "nothing remembered"
 _ROW_PERSON = b"batchrunner.row"
 _FILE_PERSON = b"batchrunner.file"
 _DIGEST = operator.methodcaller("digest")
+# Rows read between two calls of ``release_unused``.
+RELEASE_ROWS = 1 << 18
+RELEASE_EVERY = 4  # pieces of the check's read (of at most CHUNK_ROWS, 65,536 rows)
+
+
+def release_unused() -> None:
+    """Give the memory Arrow's pool holds free back to the system. With the system
+    allocator's pool (``wiring.use_lean_memory_pool``), glibc keeps the freed buffers of the
+    reads and the hashes: about 45 MB at once over a 10,000,000-row check if never given back."""
+    pa.default_memory_pool().release_unused()
 
 
 # --- the earlier version's item hash ---------------------------------------------------------
@@ -169,17 +182,12 @@ class SeenItems:
         """Read the input (``read()``: the run's rows before the filter, see ``check_reader``)
         once: raise ``InputError`` if a key comes twice, and find the rows already done."""
         legacy = self._index is not None and self._index.scheme == LEGACY_SCHEME
-        for batch in read():
-            keys, items = batch_hashes(batch)
-            if legacy:  # looked up with the old hash; remembered with today's
-                if isinstance(batch, KeyedRows):
-                    batch = Batch(0, batch.keys.to_pylist(), batch.rows)
-                old = np.frombuffer(legacy_item_hashes(batch), np.int64).view(np.uint64)
-                self._spill.add(keys, old, items)
-            else:
-                self._spill.add(keys, items)
+        for keys, items, new_items in ahead(_hashed(read(), legacy=legacy)):
+            self._spill.add(keys, items, new_items)
+        release_unused()
         duplicates = Duplicates()
         self._done = match(self._spill, self._index, duplicates.add)
+        release_unused()
         if duplicates:
             name_examples(duplicates, read())
             self._spill.remove()
@@ -210,6 +218,8 @@ class SeenItems:
         pending: list[Batch] = []
         pending_rows = 0
         for batch in batches:
+            if row // RELEASE_ROWS != (row + len(batch)) // RELEASE_ROWS:
+                release_unused()
             left_out = done.get(row, len(batch))
             if not dry and row >= self._counted:
                 stats.rows_skipped += int(left_out.sum())
@@ -241,6 +251,7 @@ class SeenItems:
         if unchanged and self._done.total() == self._done.count:
             self._spill.remove()
             return  # nothing sent, nothing changes: the index stays as it is
+        release_unused()  # what the run's batches and answers used
         keep, forgotten = _finished_rows(output, self._done)
         metadata = {
             "scheme": SCHEME,
@@ -256,6 +267,63 @@ class SeenItems:
             f"{index.count:,}", self.path, f"{keep.total() - self._done.total():,}",
             f"{forgotten:,}",
         )  # fmt: skip
+
+
+def _hashed(
+    batches: Iterable[Batch | KeyedRows], *, legacy: bool
+) -> Iterator[tuple[U64, U64, U64 | None]]:
+    """Each batch's key hashes and item hashes (and today's item hashes, for a ``legacy``
+    index: looked up with the old hash, remembered with today's)."""
+    for number, batch in enumerate(batches, 1):
+        if number % RELEASE_EVERY == 0:
+            release_unused()
+        keys, items = batch_hashes(batch)
+        if not legacy:
+            yield keys, items, None
+            continue
+        if isinstance(batch, KeyedRows):
+            batch = Batch(0, batch.keys.to_pylist(), batch.rows)
+        old = np.frombuffer(legacy_item_hashes(batch), np.int64).view(np.uint64)
+        yield keys, old, items
+
+
+def ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items``, made by a thread of their own up to ``depth`` ahead: the next pieces are
+    read and hashed while this one is spilled (Arrow and numpy mostly without the GIL: the
+    check on two cores). What the thread raises is raised here; leaving early stops it."""
+    queue: Queue[tuple[bool, Any]] = Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        end: BaseException | None = None
+        try:
+            for item in items:
+                queue.put((True, item))
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # raised again in the caller's thread
+            end = exc
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        queue.put((False, end))
+
+    thread = threading.Thread(target=produce, name="batchrunner-check", daemon=True)
+    thread.start()
+    more = True
+    try:
+        while more:
+            more, value = queue.get()
+            if more:
+                yield value
+            elif value is not None:
+                raise value
+    finally:
+        stop.set()
+        while more:  # drained, so that the thread's last put goes through
+            more, _ = queue.get()
+        thread.join()
 
 
 def _rows(batch: Batch, offset: int, count: int) -> Batch:

@@ -134,3 +134,26 @@ def test_duplicate_keys_are_found_across_files_and_row_groups(tmp_path: Path) ->
         "rows 11 and 401; '999' at rows 1,000 and 1,008; '1009' at rows 1,009 and 1,010. "
     )
     assert not (tmp_path / "j.keys").exists() and not (tmp_path / "j.keys.work").exists()
+
+
+def test_the_check_reads_ahead_in_a_thread_and_raises_what_it_raised() -> None:
+    from batchrunner.incremental import ahead
+
+    closed = []
+
+    def pieces(fail_at: int | None):
+        try:
+            for number in range(10):
+                if number == fail_at:
+                    raise InputError(f"piece {number} is bad")
+                yield number
+        finally:
+            closed.append(True)
+
+    assert list(ahead(pieces(None))) == list(range(10))
+    with pytest.raises(InputError, match="piece 4 is bad"):
+        list(ahead(pieces(4)))
+    read = ahead(pieces(None))
+    assert next(read) == 0
+    read.close()  # leaving early stops the thread, which closes what it reads
+    assert closed == [True, True, True]
