@@ -10,7 +10,8 @@ sends only the items whose key and item hash are not remembered: new items, and 
     a file's content    its path, size and modification time (ns); the file is not read
 
 Before anything is sent, ``SeenItems.check`` reads the input once (the same batches the run
-reads), spills each row's key hash, item hash and row number to partition files, and goes
+reads; read and hashed by a thread of its own, ``ahead``, a piece or two ahead of the
+spilling), spills each row's key hash, item hash and row number to partition files, and goes
 through them a partition at a time: a key found twice stops the run (``InputError``: which
 row would the remembered result be?), and each row already done gets a bit. The run then
 reads the input again through ``filter``, which leaves the done rows out and packs the others

@@ -34,6 +34,8 @@ MAGIC = b"BRKEYS1\n"
 #: The item hash ``keyhash`` computes; ``LEGACY_SCHEME``: the one of ``.seen.parquet`` files.
 SCHEME = "columns-v2"
 LEGACY_SCHEME = "blake2b-json-v1"
+COUNT_BYTES = 1 << 20  # RowBits.total: bytes of bits counted at a time
+_ONES = np.array([bin(byte).count("1") for byte in range(256)], np.uint8)  # bits set, by byte
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,12 @@ class RowBits:
         return np.asarray(bits, bool)
 
     def total(self) -> int:
-        return int(np.unpackbits(self._bits, bitorder="little")[: self.count].sum())
+        """How many bits are set, counted a megabyte of bits at a time (unpacked, they
+        would hold a byte per row: 100 MB at 100,000,000 rows)."""
+        return sum(
+            int(_ONES[self._bits[start : start + COUNT_BYTES]].sum(dtype=np.int64))
+            for start in range(0, len(self._bits), COUNT_BYTES)
+        )
 
 
 def match(
