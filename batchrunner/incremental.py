@@ -253,6 +253,7 @@ class SeenItems:
             self._spill.remove()
             return  # nothing sent, nothing changes: the index stays as it is
         release_unused()  # what the run's batches and answers used
+        done_before = self._done.total()
         keep, forgotten = _finished_rows(output, self._done)
         metadata = {
             "scheme": SCHEME,
@@ -265,7 +266,7 @@ class SeenItems:
         log.info(
             "remembered %s items in %s: %s finished ok in this run; %s error rows are sent again "
             "next time",
-            f"{index.count:,}", self.path, f"{keep.total() - self._done.total():,}",
+            f"{index.count:,}", self.path, f"{keep.total() - done_before:,}",
             f"{forgotten:,}",
         )  # fmt: skip
 
@@ -351,9 +352,10 @@ def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch | None:
 
 
 def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
-    """The input rows to remember (done before, or ok in ``output``), and how many of the
-    rows the run sent ended in error. The output holds the sent rows, in input order."""
-    keep = done.copy()
+    """The input rows to remember (done before, or ok in ``output``): ``done``, its bits set
+    in place (12.5 MB at 100,000,000 rows: no copy), and how many of the rows the run sent
+    ended in error. The output holds the sent rows, in input order."""
+    keep = done
     statuses = (
         flag_values(pc.equal(rows.column(0), STATUS_OK))  # (imports pandas, if installed)
         for rows in pq.ParquetFile(output).iter_batches(columns=["_status"])

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from batchrunner.keyhash import U64
 
@@ -90,13 +91,17 @@ class Spill:
         self._files = []
 
     def partitions(self) -> Iterator[tuple[int, Partition]]:
-        """Each partition's records, in partition order."""
+        """Each partition's records, in partition order. Between two, what the allocator
+        holds free is given back (the arrays of one partition, sorted and searched, are
+        tens of MB at 100,000,000 rows, each a little larger or smaller than the last)."""
         self.flush()
         self._close()
         for number in range(PARTITIONS):
             path = self.folder / f"{number:03d}"
             records = np.fromfile(path, self.dtype) if path.exists() else np.empty(0, self.dtype)
             yield number, Partition(records)
+            del records
+            pa.default_memory_pool().release_unused()
 
     def duplicates(self) -> Duplicates:
         """The rows whose key an earlier row already had."""
