@@ -355,7 +355,6 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
     """The input rows to remember (done before, or ok in ``output``): ``done``, its bits set
     in place (12.5 MB at 100,000,000 rows: no copy), and how many of the rows the run sent
     ended in error. The output holds the sent rows, in input order."""
-    keep = done
     statuses = (
         flag_values(pc.equal(rows.column(0), STATUS_OK))  # (imports pandas, if installed)
         for rows in pq.ParquetFile(output).iter_batches(columns=["_status"])
@@ -371,9 +370,9 @@ def _finished_rows(output: Path, done: RowBits) -> tuple[RowBits, int]:
             assert more is not None, "the output holds every row the run sent"
             waiting = np.concatenate([waiting, more])
         ok, waiting = waiting[: len(sent)], waiting[len(sent) :]
-        keep.set(sent[ok])
+        done.set(sent[ok])
         errors += int((~ok).sum())
-    return keep, errors
+    return done, errors
 
 
 def check_reader(

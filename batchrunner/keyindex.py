@@ -149,11 +149,6 @@ class RowBits:
         offset = start - (low << 3)
         return bits[offset : offset + count].astype(bool)
 
-    def copy(self) -> RowBits:
-        bits = RowBits(0)
-        bits.count, bits._bits = self.count, self._bits.copy()
-        return bits
-
     def get_many(self, rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         """The bits of ``rows``, as booleans."""
         places = rows.astype(np.int64)
