@@ -46,8 +46,10 @@ Imports flow one way, down this list; a module imports only from those above it:
     sink        the run's results: rows (outcomes as Arrow record batches), schemas (merged,
                 JSON text where types disagree), the journal of finished batches, assembly
                 into one output file in input order
-    keyindex    row hashes (numpy, a column at a time), the duplicate-key check and the key
-                index of finished items, on disk, partition by partition
+    keyhash     row hashes: keys and what is sent for them, 64 bits, numpy a column at a time
+    keyspill    keys spilled to partition files by hash, each sorted on its own: the
+                duplicate-key check
+    keyindex    the key index of finished items, on disk, checked partition by partition
     checkpoint  run state for resume: where it lives, whether it is this job's, what it holds
     lock        one run per job at a time (flock)
     incremental the items earlier runs finished (a key index), the filter that leaves them out

@@ -29,7 +29,8 @@ from batchrunner.credentials import open_store, standard_store
 from batchrunner.errors import InputError, did_you_mean
 from batchrunner.formats import OutputFormat, output_format
 from batchrunner.items import STATUS_ERROR
-from batchrunner.keyindex import Spill, key_hashes
+from batchrunner.keyhash import key_hashes
+from batchrunner.keyspill import Spill
 from batchrunner.objectfiles import retrying_filesystem, seekable
 from batchrunner.protocols.openaibatch import is_batch_output, read_batch_output
 from batchrunner.sink import RESERVED, SUMMARY_METADATA_KEY

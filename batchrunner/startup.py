@@ -56,14 +56,15 @@ def lean_process(argv: Sequence[str]) -> None:
 GC_THRESHOLD = 10_000
 
 
-def arrow_pool_first() -> None:
-    """Have all of Arrow allocate from jemalloc (where pyarrow's wheels have it: Linux), unless
-    the user chose a pool or pyarrow is already in (see the module docstring)."""
-    if sys.platform.startswith("linux") and "pyarrow" not in sys.modules:
-        os.environ.setdefault(ARROW_POOL_VARIABLE, "jemalloc")
-
-
 ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
+LEAN_POOL = "jemalloc"  # Arrow's pool for a run, where pyarrow's wheels have it (Linux)
+
+
+def arrow_pool_first() -> None:
+    """Have all of Arrow allocate from the lean pool, unless the user chose a pool or
+    pyarrow is already in (see the module docstring)."""
+    if sys.platform.startswith("linux") and "pyarrow" not in sys.modules:
+        os.environ.setdefault(ARROW_POOL_VARIABLE, LEAN_POOL)
 
 
 def settle_heap() -> None:

@@ -27,7 +27,9 @@ from batchrunner.checkpoint import StatePaths
 from batchrunner.errors import InputError
 from batchrunner.incremental import SeenItems, legacy_item_hashes, open_seen
 from batchrunner.items import Batch
-from batchrunner.keyindex import PARTITIONS, batch_hashes, read_index
+from batchrunner.keyhash import batch_hashes
+from batchrunner.keyindex import read_index
+from batchrunner.keyspill import PARTITIONS
 from batchrunner.sink import RESERVED
 from batchrunner.sources import open_tabular
 from tests.conftest import REPO, read_output, write_csv, write_job
@@ -601,10 +603,10 @@ def test_a_killed_index_write_leaves_the_last_one(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from batchrunner import keyindex\n"
+        "from batchrunner import keyindex, keyspill\n"
         "import numpy as np\n"
         "def parts():\n"
-        "    for number in range(keyindex.PARTITIONS):\n"
+        "    for number in range(keyspill.PARTITIONS):\n"
         "        if number == 100:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        yield np.zeros(0, np.uint64), np.zeros(0, np.uint64)\n"

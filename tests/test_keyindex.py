@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner import keyindex
+from batchrunner import keyspill
 from batchrunner.errors import InputError
 from batchrunner.incremental import check_reader, open_seen
 from batchrunner.sources import open_tabular
@@ -80,11 +80,11 @@ def test_keys_alike_in_their_high_bits_are_still_sorted() -> None:
     # The sort packs each key's high bits with its place: keys that differ only below must
     # still come out in order (the order is checked, and made again if wrong).
     rng = np.random.default_rng(7)
-    top = np.uint64(5) << np.uint64(64 - keyindex.PARTITION_BITS)
+    top = np.uint64(5) << np.uint64(64 - keyspill.PARTITION_BITS)
     spread = rng.integers(0, 1 << 55, 5000, dtype=np.uint64) | top
     alike = top | np.array([9, 8, 9, 7, 8], np.uint64)  # equal but in their lowest bits
     for keys in (spread, alike, np.concatenate([spread, alike, spread[:3]])):
-        order = keyindex._key_order(keys)
+        order = keyspill._key_order(keys)
         assert order.tolist() == np.argsort(keys, kind="stable").tolist()
 
 
@@ -131,3 +131,46 @@ def test_duplicate_keys_are_found_across_files_and_row_groups(tmp_path: Path) ->
         "rows 11 and 401; '999' at rows 1,000 and 1,008; '1009' at rows 1,009 and 1,010. "
     )
     assert not (tmp_path / "j.keys").exists() and not (tmp_path / "j.keys.work").exists()
+
+
+def test_the_check_reads_ahead_in_a_thread_and_raises_what_it_raised() -> None:
+    from batchrunner.incremental import ahead
+
+    closed = []
+
+    def pieces(fail_at: int | None):
+        try:
+            for number in range(10):
+                if number == fail_at:
+                    raise InputError(f"piece {number} is bad")
+                yield number
+        finally:
+            closed.append(True)
+
+    assert list(ahead(pieces(None))) == list(range(10))
+    with pytest.raises(InputError, match="piece 4 is bad"):
+        list(ahead(pieces(4)))
+    read = ahead(pieces(None))
+    assert next(read) == 0
+    read.close()  # leaving early stops the thread, which closes what it reads
+    assert closed == [True, True, True]
+
+
+def test_counting_the_rows_done_holds_no_byte_per_row() -> None:
+    # Unpacking the bits to count them held a byte per input row: 100 MB at 100M rows, the
+    # peak of a nothing-new night of that size.
+    import tracemalloc
+
+    from batchrunner.keyindex import RowBits
+
+    rows = 80_000_000
+    bits = RowBits(rows)
+    done = np.array([0, 7, 8, 9, 65_000, rows - 1], np.uint64)
+    bits.set(done)
+    tracemalloc.start()
+    try:
+        assert bits.total() == len(done)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < rows // 8  # less than the bits themselves

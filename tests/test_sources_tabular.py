@@ -231,7 +231,8 @@ def test_a_nan_id_is_refused(tmp_path: Path) -> None:
 def test_1_and_1_0_in_two_parquet_files_are_the_same_key(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from batchrunner.keyindex import Spill, key_hashes
+    from batchrunner.keyhash import key_hashes
+    from batchrunner.keyspill import Spill
 
     pq.write_table(
         pa.table({"id": pa.array([1, 2], pa.int64()), "x": [1, 2]}), tmp_path / "a.parquet"

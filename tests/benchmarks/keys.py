@@ -1,37 +1,49 @@
-"""Nightly runs at scale: the key index's nights and the duplicate-key check, with peak memory.
+"""Nightly runs at scale: the key index's nights and the duplicate-key check, whole commands.
 
-    python -m tests.benchmarks.keys [ROWS] [--folder DIR] [--repeat N] [--only duplicates]
-                                                    (ROWS: 10000000 by default)
+    python -m tests.benchmarks.keys [ROWS] [--folder DIR] [--repeat N]
+        [--only first nothing-new changed duplicates] [--nice]      (ROWS: 10000000 by default)
 
-Run by hand, not in CI. Generates a Parquet table of ROWS rows (``id``, an integer, and four
-floats) in DIR (a temporary folder by default; nothing is committed), then runs each night
-in a fresh process, through the library as a run does (``open_seen``, ``check``, ``filter``,
-``remember``; every sent row answered ok, no network):
+Run by hand, not in CI. Generates Parquet tables of ROWS rows (``id``, an integer, and four
+floats) in DIR (a temporary folder by default, removed after; nothing is committed; about 40
+bytes a row each), starts ``batchrunner serve --model linear`` in its own process, and runs
+each night as the whole command a cron line runs (``batchrunner run job.toml``, batches of
+1,000, concurrency 8, ``input.incremental = true``), one after the other:
 
-    night 1     nothing remembered: every row is sent
-    night 2     nothing new: no row is sent
-    night 3     1% of rows new or changed, scattered: exactly those are sent, in full batches
-    duplicates  the check alone, over the table with 3 duplicate keys planted
+    first       nothing remembered: every row is sent
+    nothing-new nothing new: no row is sent (the input read, hashed and checked)
+    changed     1% of rows new or changed, scattered: exactly those are sent, in full batches
+    duplicates  the table with 3 duplicate keys planted: refused before anything is sent
 
-and prints one line per night: seconds, rows/s, peak RSS (the process's maxrss), the index's
-size on disk, and what was sent.
+and prints one JSON line per night: the command's wall time (start-up included), rows read
+per second of it, CPU seconds, peak RSS (``wait4``'s maxrss), what was sent and in how many
+requests, and the index's size. Without the first night (``--only``), the index the others
+need is written through the library, as a first night with every row answered ok would
+(``seed``). ``--nice`` runs the service and the commands at the lowest priority.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.abc
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import orjson
+
+from tests.benchmarks.bench import TOKEN, Service
+
 BATCH = 1000
 FEATURES = ["a", "b", "c", "d"]
+NIGHTS = {  # night: its table
+    "first": "night1",
+    "nothing-new": "night1",
+    "changed": "night3",
+    "duplicates": "duplicates",
+}
 
 
 def make_table(path: Path, rows: int, *, changed: bool = False, duplicates: bool = False) -> None:
@@ -59,102 +71,109 @@ def make_table(path: Path, rows: int, *, changed: bool = False, duplicates: bool
             writer.write_table(pa.table(columns, schema=schema))
 
 
-def _phase_peak_mb() -> int:
-    """The process's peak resident set (MB) since the last call: ``VmHWM``, reset after it
-    is read (Linux; elsewhere the peak since the start, ``ru_maxrss``)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        peak = next(int(line.split()[1]) for line in status.splitlines() if "VmHWM" in line)
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024
-
-
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """Makes ``import pandas`` fail, as in an install of batchrunner's own dependencies
-    (pyarrow imports pandas when it can, for ``to_numpy`` and any Python value it converts:
-    30 MB)."""
-
-    def find_spec(self, name: str, path: object, target: object = None) -> None:
-        if name.partition(".")[0] == "pandas":
-            raise ModuleNotFoundError(name)
-
-
-def night(table: str, folder: str, mode: str, *, without_pandas: bool = False) -> None:
-    """One night, in this process (see ``main``); prints a JSON line."""
-    if without_pandas:
-        sys.meta_path.insert(0, _NoPandas())
-    import orjson
+def seed(table: Path, state: Path) -> None:
+    """The index a first night over ``table`` leaves when every row is answered ok, written
+    through the library (``open_seen``, ``check``, ``filter``, ``remember``), no service."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batchrunner.errors import InputError
     from batchrunner.incremental import check_reader, open_seen
-    from batchrunner.sink import ROW_GROUP_ROWS
     from batchrunner.sources import open_tabular
-    from batchrunner.wiring import use_lean_memory_pool
 
-    use_lean_memory_pool()  # as a run does
-    started = time.perf_counter()
     source = open_tabular(table, id_column="id")
-    index = Path(folder) / "bench.keys"
-    seen = open_seen(index, url="bench")
-    figures: dict[str, object] = {"night": mode, "pandas": not without_pandas}
-    try:
-        seen.check(check_reader(source, 65_536, None))
-    except InputError as exc:
-        seconds = time.perf_counter() - started
-        figures["refused"] = str(exc).split(". With")[0]
-        figures["seconds"] = round(seconds, 2)
-        figures["rows_per_s"] = round((source.count_rows() or 0) / seconds)
-        figures["cpu_s"] = round(time.process_time(), 2)
-        figures["peak_rss_mb"] = _phase_peak_mb()
-        print(orjson.dumps(figures).decode())
-        return
-    checked = time.perf_counter()
-    check_peak = _phase_peak_mb()
-    sent = batches = full = 0
-    output = Path(folder) / "out.parquet"
+    seen = open_seen(state / "bench.keys", url="seed")
+    seen.check(check_reader(source, 65_536, None))
+    output = state / "seed.parquet"
     schema = pa.schema([("_key", pa.string()), ("_status", pa.string())])
-    # The output as the run's assembly writes it: row groups of ROW_GROUP_ROWS rows.
-    pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(output, schema) as writer:
-        for batch in seen.filter(source.iter_batches(BATCH), BATCH):
-            sent += len(batch)
-            batches += 1
-            full += len(batch) == BATCH
+        for batch in seen.filter(source.iter_batches(65_536), 65_536):
             keys = pa.array(batch.keys, pa.string())
-            pending.append(pa.record_batch([keys, pa.repeat("ok", len(keys))], schema=schema))
-            if len(pending) * BATCH >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending, schema))
-                pending = []
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending, schema))
-    filtered = time.perf_counter()
-    filter_peak = _phase_peak_mb()
-    seen.remember(output, run_id=mode, url="bench")
-    ended = time.perf_counter()
-    remember_peak = _phase_peak_mb()
-    rows = sent + seen.rows_skipped
-    figures |= {
-        "rows": rows,
-        "sent": sent,
-        "skipped": seen.rows_skipped,
-        "batches": batches,
-        "full_batches": full,
-        "check_s": round(checked - started, 2),
-        "filter_s": round(filtered - checked, 2),
-        "remember_s": round(ended - filtered, 2),
-        "seconds": round(ended - started, 2),
-        "rows_per_s": round(rows / (ended - started)),
-        "cpu_s": round(time.process_time(), 2),
-        "peak_rss_mb": max(check_peak, filter_peak, remember_peak),
-        "phase_peaks_mb": [check_peak, filter_peak, remember_peak],
-        "index_bytes": index.stat().st_size,
-        "index_bytes_per_row": round(index.stat().st_size / max(1, rows), 1),
+            writer.write_batch(pa.record_batch([keys, pa.repeat("ok", len(keys))], schema=schema))
+    seen.remember(output, run_id="seed", url="seed")
+    output.unlink()
+
+
+def exactly_the_changed(output: Path, rows: int) -> bool:
+    """Whether ``output`` holds exactly the changed rows (every 200th) and the new ones."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    keys = pq.read_table(output, columns=["_key"]).column(0).cast("int64").to_numpy()
+    changed = np.arange(7, rows, 200)
+    expected = np.concatenate([changed, np.arange(rows, rows + rows // 200)])
+    return bool(np.array_equal(np.sort(keys), expected))
+
+
+def _task(*arguments: str) -> subprocess.CompletedProcess[bytes]:
+    """A task with pyarrow in a process of its own: the benchmark's process stays small, as
+    a command's peak RSS (``wait4``) counts what it was forked from."""
+    command = [sys.executable, "-m", "tests.benchmarks.keys", "--task", *arguments]
+    return subprocess.run(command, check=False)
+
+
+def job_file(folder: Path, table: Path, url: str) -> Path:
+    path = folder / f"{table.stem}.toml"
+    path.write_text(
+        f'''name = "bench"
+[input]
+path = "{table}"
+id_column = "id"
+incremental = true
+[service]
+url = "{url}"
+[output]
+path = "{folder}/out/{{run_id}}.parquet"
+[batch]
+size = {BATCH}
+concurrency = 8
+'''
+    )
+    return path
+
+
+def run_night(night: str, base: Path, rows: int, service: Service) -> dict[str, object]:
+    """One night as the whole command; its figures."""
+    table = base / f"{NIGHTS[night]}.parquet"
+    outputs = base / "out"
+    for old in outputs.glob("*.parquet*"):
+        old.unlink()
+    command = [sys.executable, "-m", "batchrunner", "run", str(job_file(base, table, service.url))]
+    command += ["--no-progress", "--log-format", "json"]
+    started = time.perf_counter()
+    env = {**os.environ, "MODELARTS_TOKEN": TOKEN}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall, cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+    rss = usage.ru_maxrss / 1024
+    if os.waitstatus_to_exitcode(status) != (2 if night == "duplicates" else 0):
+        raise RuntimeError(f"{night}: exit {os.waitstatus_to_exitcode(status)}: {stderr[-3000:]}")
+    read = rows + (rows // 200 if night == "changed" else 0)
+    figures: dict[str, object] = {
+        "night": night,
+        "rows": read,
+        "seconds": round(wall, 2),
+        "rows_per_s": round(read / wall),
+        "cpu_s": round(cpu, 2),
+        "peak_rss_mb": round(rss),
     }
-    print(orjson.dumps(figures).decode())
+    if night == "duplicates":
+        refused = [line for line in stderr.splitlines() if "not unique" in line]
+        figures["refused"] = orjson.loads(refused[-1])["message"].split(". With")[0]
+        return figures
+    (summary_path,) = outputs.glob("*.summary.json")
+    summary = orjson.loads(summary_path.read_bytes())
+    sent = summary["rows"]["ok"] + summary["rows"]["error"]
+    figures |= {"sent": sent, "skipped": summary["rows"]["skipped"]}
+    figures |= {"requests": summary["requests"], "errors": summary["rows"]["error"]}
+    if night == "changed":
+        (output,) = outputs.glob("*.parquet")
+        exact = _task("exact", str(output), str(rows))
+        figures["exactly_the_changed_rows"] = exact.returncode == 0
+    index = outputs / ".batchrunner" / "bench.keys"
+    figures["index_bytes_per_row"] = round(index.stat().st_size / max(1, read), 1)
+    return figures
 
 
 def main() -> None:
@@ -162,46 +181,52 @@ def main() -> None:
     parser.add_argument("rows", nargs="?", type=int, default=10_000_000)
     parser.add_argument("--folder")
     parser.add_argument("--repeat", type=int, default=1, help="run the nights this many times")
-    parser.add_argument("--only", choices=["duplicates"], help="run only the duplicate check")
-    parser.add_argument(
-        "--without-pandas", action="store_true", help="as without pandas installed (see _NoPandas)"
-    )
-    parser.add_argument("--night", nargs=3, help=argparse.SUPPRESS)  # table folder mode
+    parser.add_argument("--only", nargs="+", choices=list(NIGHTS), help="run only these nights")
+    parser.add_argument("--nice", action="store_true", help="at the lowest CPU priority")
+    parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     options = parser.parse_args()
-    if options.night:
-        night(*options.night, without_pandas=options.without_pandas)
+    if options.task:
+        name, *arguments = options.task
+        if name == "make":
+            path, rows, table = arguments
+            changed, duplicates = table == "night3", table == "duplicates"
+            make_table(Path(path), int(rows), changed=changed, duplicates=duplicates)
+        elif name == "seed":
+            seed(Path(arguments[0]), Path(arguments[1]))
+        else:
+            sys.exit(0 if exactly_the_changed(Path(arguments[0]), int(arguments[1])) else 1)
         return
-    nights = [
-        ("first", "night1"),
-        ("nothing new", "night1"),
-        ("1% new or changed", "night3"),
-        ("duplicates", "duplicates"),
-    ]
-    if options.only == "duplicates":
-        nights = nights[3:]
+    nights = options.only or list(NIGHTS)
+    if options.nice:
+        os.nice(19)  # the service and every command inherit it
     print(f"{platform.node()}: {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(dir=options.folder) as folder:
         base = Path(folder)
-        print(f"generating {options.rows:,} rows in {base} ...", flush=True)
-        for _, table in nights:
-            if not (base / f"{table}.parquet").exists():
-                make_table(
-                    base / f"{table}.parquet",
-                    options.rows,
-                    changed=table == "night3",
-                    duplicates=table == "duplicates",
-                )
-        state = base / "state"
-        state.mkdir()
-        for _ in range(options.repeat):
-            for mode, table in nights:
-                if mode in ("first", "duplicates"):
-                    (state / "bench.keys").unlink(missing_ok=True)
-                command = [sys.executable, "-m", "tests.benchmarks.keys", "--night"]
-                if options.without_pandas:
-                    command.insert(-1, "--without-pandas")
-                table_path = str(base / f"{table}.parquet")
-                subprocess.run([*command, table_path, str(state), mode], check=True)
+        (base / "out").mkdir()
+        state = base / "out" / ".batchrunner"
+        for table in sorted({NIGHTS[night] for night in nights} | {"night1"}):
+            started = time.perf_counter()
+            _task(
+                "make", str(base / f"{table}.parquet"), str(options.rows), table
+            ).check_returncode()
+            print(
+                f"{table}: {options.rows:,} rows in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+        service = Service("linear")
+        try:
+            for _ in range(options.repeat):
+                for night in nights:
+                    if night in ("first", "duplicates"):
+                        (state / "bench.keys").unlink(missing_ok=True)
+                    elif not (state / "bench.keys").exists():
+                        state.mkdir(parents=True, exist_ok=True)
+                        _task("seed", str(base / "night1.parquet"), str(state)).check_returncode()
+                    figures = run_night(night, base, options.rows, service)
+                    figures["load_average"] = [round(load, 1) for load in os.getloadavg()]
+                    print(orjson.dumps(figures).decode(), flush=True)
+        finally:
+            service.close()
 
 
 if __name__ == "__main__":

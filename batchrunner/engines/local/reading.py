@@ -20,7 +20,8 @@ from batchrunner.errors import DataError, InputError
 from batchrunner.incremental import SeenItems, name_examples
 from batchrunner.items import Batch
 from batchrunner.job import TABULAR, InputKind, Job
-from batchrunner.keyindex import Duplicates, Spill, content_digest
+from batchrunner.keyhash import content_digest
+from batchrunner.keyspill import Duplicates, Spill
 from batchrunner.report import ReadStatistics
 from batchrunner.sources import Source
 
