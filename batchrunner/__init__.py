@@ -39,6 +39,8 @@ Imports flow one way, down this list; a module imports only from those above it:
     metrics     a run's figures in Prometheus' text format (textfile collector), written
                 atomically
     notify      telling someone a run ended: a command given the summary, an incoming webhook
+    gate        the gate every request passes: its token, renewed once for all the
+                requests a refusal hits, and the fatal answer that bars the rest
     dispatch    one batch's life on the wire: limiter, codec, client, retries, splitting,
                 token renewal
     writing     local writes: aside and renamed, leftovers of killed runs, writability

@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 
 from batchrunner.auth import Scrubber, Secret, TokenProvider
 from batchrunner.client import Response, ServiceClient
-from batchrunner.errors import AuthError, ErrorKind, RequestError, ServiceError
+from batchrunner.errors import ErrorKind, RequestError, ServiceError
+from batchrunner.gate import Gate, fatal_error
 from batchrunner.items import Batch, Outcome
 from batchrunner.job.service import DEFAULT_UNREACHABLE_AFTER
 from batchrunner.job.settings import DEFAULT_MAX_REQUEST_BYTES
@@ -57,7 +58,6 @@ T = TypeVar("T")
 # When this many renewed tokens in a row are refused before the service accepts any
 # request, the run stops: new tokens are refused too (e.g. IAM scopes them to another
 # project), and renewing again would only log in forever.
-MAX_RENEWALS_IN_A_ROW = 3
 UNAUTHORIZED = 401
 TOO_MANY_REQUESTS = 429
 # The service counts as unreachable only after at least this many requests in a row failed
@@ -107,7 +107,6 @@ class Dispatcher:
         self._codec = codec
         self._limiter = limiter
         self._policy = policy
-        self._tokens = tokens
         self._max_request_bytes = max_request_bytes
         self._rate = rate
         self._stopping = stopping or asyncio.Event()
@@ -118,18 +117,17 @@ class Dispatcher:
         self._clock = clock
         self._last_success = clock()  # or the start: no success yet
         self._unreached_in_a_row = 0  # requests that failed to connect or timed out
-        self._fatal: ServiceError | None = None  # set once: no request may start after it
-        self._renewing = 0  # renewals under way; no request starts until they are done
-        self._renewed = asyncio.Event()
-        self._renewed.set()
-        self._latest: Secret | None = None  # the latest token a renewal gave
-        self._renewals_in_a_row = 0  # new tokens since the service last accepted one
-        self.renewals = 0  # 401s answered by a renewed token (each request of a wave counts)
+        self._gate = Gate(tokens, self._scrubber)  # the token, its renewal, the fatal bar
         # Overload or a random failure? (see retry): decides the backoff and the bound.
         self._window = FailureWindow()
         self._answered = 0  # requests answered 2xx
         self._counts = DispatchTally()  # what statistics() tells
         self._waiting_out = 0  # batches waiting out a Retry-After now
+
+    @property
+    def renewals(self) -> int:
+        """401s answered by a renewed token (each request of a wave counts)."""
+        return self._gate.renewals
 
     def statistics(self) -> DispatchStatistics:
         """What this dispatcher has sent so far, and what came back (a frozen copy)."""
@@ -201,7 +199,7 @@ class Dispatcher:
             async with self._limiter:
                 if self._stopping.is_set():
                     raise _Dropped  # waited for a slot while the run was told to stop
-                await self._check_open()
+                await self._gate.check_open()
                 try:
                     request = await self._encode(batch)
                 except RequestError as unfit:
@@ -222,11 +220,11 @@ class Dispatcher:
                 # Encoding and the rate limit may have waited: a renewal or a fatal answer
                 # may have come meanwhile. Only the token source is awaited between this
                 # check and the post.
-                await self._check_open()
+                await self._gate.check_open()
                 token: Secret | None = None
                 tries += 1
                 try:
-                    token = await self._current_token()
+                    token = await self._gate.token()
                     self._scrubber.add(token)  # whatever comes back, this is not shown
                     attempt += 1
                     sent_uuid = request.request_uuid
@@ -254,7 +252,7 @@ class Dispatcher:
                         self._counts.throttled += 1
                     if response.ok:
                         self._answered += 1
-                        self._renewals_in_a_row = 0  # the token was accepted
+                        self._gate.accepted()
                         self._last_success = self._clock()
                     else:
                         raise self._codec.classify_failure(
@@ -284,13 +282,13 @@ class Dispatcher:
                         self._check_reachable(error)
                 if error.http_status == UNAUTHORIZED and token is not None:
                     try:
-                        await self._renew(token, error)
+                        await self._gate.renew(token, error)
                         renewed = True
                     except RequestError as failure:  # IAM unreachable: an ordinary failure
                         error = failure
                 if not renewed and error.fatal:
                     # Set before the limiter lets the next request go: none follows.
-                    raise self._bar(_fatal_error(error))
+                    raise self._gate.bar(fatal_error(error))
             if renewed:
                 # Sent again at once with the new token: no backoff, no attempt used up.
                 if self._stopping.is_set():
@@ -402,7 +400,7 @@ class Dispatcher:
         quiet = self._clock() - self._last_success
         if self._unreached_in_a_row < UNREACHABLE_STREAK or quiet < self._unreachable_after:
             return
-        raise self._bar(
+        raise self._gate.bar(
             ServiceError(
                 f"the service cannot be reached: no request has succeeded for {quiet:.0f} s "
                 f"and the last {self._unreached_in_a_row} failed to connect or timed out "
@@ -412,66 +410,12 @@ class Dispatcher:
             )
         )
 
-    async def _check_open(self) -> None:
-        """Wait out a renewal under way; raise if a fatal answer bars every request."""
-        while not self._renewed.is_set():
-            await self._renewed.wait()
-        if self._fatal is not None:
-            raise self._barred()
-
     async def _encode(self, batch: Batch) -> EncodedRequest:
         request_uuid = str(uuid.uuid4())
         if batch.path is not None and not _small_file(batch.path):
             # Reading a large file takes a while: off the event loop.
             return await asyncio.to_thread(self._codec.encode, batch, request_uuid)
         return self._codec.encode(batch, request_uuid)
-
-    async def _current_token(self) -> Secret | None:
-        if self._tokens is None:
-            return None
-        try:
-            return await self._tokens.current()
-        except ServiceError as exc:  # IAM refused the login that renews an expiring token
-            raise self._bar(exc) from None
-
-    async def _renew(self, refused: Secret, failure: RequestError) -> None:
-        """Have the token source replace ``refused``; raises ``ServiceError`` (and bars
-        every later request) when it cannot, ``RequestError`` when IAM cannot be reached."""
-        assert self._tokens is not None
-        self._renewing += 1
-        self._renewed.clear()
-        try:
-            if self._renewals_in_a_row >= MAX_RENEWALS_IN_A_ROW:
-                raise self._bar(_fatal_error(failure, self._renewals_in_a_row))
-            try:
-                renewed = await self._tokens.refresh(refused)
-            except ServiceError as exc:
-                raise self._bar(exc) from None
-            if renewed is None:
-                raise self._bar(_fatal_error(failure))
-            if renewed != self._latest:  # a new token, not the one this wave already got
-                self._latest = renewed
-                self._renewals_in_a_row += 1
-            self.renewals += 1
-            log.debug("the service refused a token; sending again with a renewed one")
-        finally:
-            # The fatal flag, if any, is set before the waiting requests are let go.
-            self._renewing -= 1
-            if self._renewing == 0:
-                self._renewed.set()
-
-    def _bar(self, error: ServiceError) -> ServiceError:
-        """Stop every later request because of ``error`` (the first such error wins)."""
-        if self._fatal is None:
-            # Its message may quote the service or IAM: no secret goes with it.
-            self._fatal = type(error)(self._scrubber.text(str(error)))
-        return self._barred()
-
-    def _barred(self) -> ServiceError:
-        # A fresh exception per task: one instance raised in many tasks would pile up
-        # their tracebacks.
-        assert self._fatal is not None
-        return type(self._fatal)(str(self._fatal))
 
     @staticmethod
     def _failed(
@@ -535,15 +479,3 @@ def _small_file(path: Path | ObjectPath) -> bool:
         return os.stat(path).st_size <= READ_ON_LOOP_BYTES
     except OSError:
         return False
-
-
-def _fatal_error(error: RequestError, renewals_in_a_row: int = 0) -> ServiceError:
-    if error.kind != ErrorKind.AUTH:
-        return ServiceError(error.message)
-    if renewals_in_a_row:
-        return AuthError(
-            f"{error.message}; renewed tokens were refused as well ({renewals_in_a_row} in a "
-            "row): check that the token source is for this service (for IAM: "
-            "service.iam.project is the service's project)"
-        )
-    return AuthError(error.message)

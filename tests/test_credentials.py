@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from batchrunner.clock import Clock
-from batchrunner.dispatch import MAX_RENEWALS_IN_A_ROW
 from batchrunner.engines.local import run_job
+from batchrunner.gate import MAX_RENEWALS_IN_A_ROW
 from batchrunner.job import load_job
 from batchrunner.service import GatewayError, IamAccount, ServiceOptions
 from tests.conftest import (
