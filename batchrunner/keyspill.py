@@ -9,7 +9,10 @@ more than once (rows, and a few examples).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +104,7 @@ class Spill:
             records = np.fromfile(path, self.dtype) if path.exists() else np.empty(0, self.dtype)
             yield number, Partition(records)
             del records
-            pa.default_memory_pool().release_unused()
+            give_back_memory()
 
     def duplicates(self) -> Duplicates:
         """The rows whose key an earlier row already had."""
@@ -113,6 +116,31 @@ class Spill:
     def remove(self) -> None:
         self._close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def give_back_memory() -> None:
+    """Give what the allocators hold free back to the system: Arrow's pool, and the C heap
+    numpy's arrays come from. glibc raises its threshold for mapping a block of its own as
+    large blocks are freed (up to 32 MB), so a partition's arrays, a few MB each at
+    100,000,000 rows, end up in its heap, and what they freed stays held unless trimmed
+    (a 100M-row first night's index update peaked at 220 MB untrimmed, 197 MB trimmed)."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc has it; musl does not)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
 
 
 class Partition:

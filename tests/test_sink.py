@@ -262,6 +262,21 @@ def test_one_row_batches_are_merged_once_and_keep_their_order(
     assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10, 10, 5]
 
 
+def test_a_large_output_has_at_most_max_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every reader reads the footer whole, about 1 KB a column chunk: 57 MB for 100,000,000
+    # rows in groups of 16,384. Past MAX_ROW_GROUPS groups, the groups grow instead.
+    monkeypatch.setattr(assembly, "ROW_GROUP_ROWS", 2)
+    monkeypatch.setattr(assembly, "MAX_ROW_GROUPS", 4)
+    tables = [outcome_table([ok(seq, [f"k{seq:02d}"], [{"n": seq}])]) for seq in range(25)]
+    output = tmp_path / "out.parquet"
+    assert assemble(journal_of(tmp_path, tables), output, array("q", [1] * 25)) == 25
+    metadata = pq.ParquetFile(output).metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [7, 7, 7, 4]
+    assert pq.read_table(output).column("_key").to_pylist() == [f"k{i:02d}" for i in range(25)]
+
+
 def test_batches_that_finished_together_share_one_message(tmp_path: Path) -> None:
     # The writer journals what finished together as one message: batches out of input
     # order, ok and failed, and split batches (two outcomes of one seq) side by side.

@@ -26,6 +26,11 @@ SUMMARY_METADATA_KEY = b"batchrunner.summary"
 # answers' six result fields, 32,768 rows put the assembly's peak at 147-157 MB, 16,384 at
 # 141-144 MB (the benchmark allows 150).
 ROW_GROUP_ROWS = 16 * 1024
+# At most this many row groups (more rows a group, past ROW_GROUP_ROWS, for a large output):
+# the file's footer describes each group's column chunks, about 1 KB each once read back, and
+# is read whole by any reader (a night's index update, inspect): 57 MB for 100,000,000 rows
+# in groups of 16,384, 10 MB in 1,024 groups.
+MAX_ROW_GROUPS = 1024
 # Batches waiting for their row group are merged this many at a time: a batch of one row
 # (an image) costs kilobytes as separate Arrow buffers, and a row group holds 32,768 of them.
 MERGE_BATCHES = 1024
@@ -148,6 +153,7 @@ def assemble(
     result_fields = [f for f in merged if f.name not in RESERVED.names and f.name != SEQ]
     schema = pa.schema([*RESERVED, *result_fields], metadata=dict(metadata or {}))
 
+    group_rows = max(ROW_GROUP_ROWS, -(-sum(rows_per_batch) // MAX_ROW_GROUPS))
     temporary = aside_name(output)
     written = 0
     try:
@@ -164,7 +170,7 @@ def assemble(
                     # Only the batches not merged yet: what is merged is never copied again.
                     pending[merged:] = [pa.concat_batches(pending[merged:])]
                     merged += 1
-                if pending_rows >= ROW_GROUP_ROWS:
+                if pending_rows >= group_rows:
                     writer.write_table(pa.Table.from_batches(pending, schema))
                     written += pending_rows
                     pending, pending_rows, merged = [], 0, 0
