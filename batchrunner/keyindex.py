@@ -59,7 +59,7 @@ class KeyIndex:
             keys = np.fromfile(file, "<u8", end - start)
             file.seek(HEADER_BYTES + 8 * (self.count + start))
             items = np.fromfile(file, "<u8", end - start)
-        return keys.astype(np.uint64), items.astype(np.uint64)
+        return keys.astype(np.uint64, copy=False), items.astype(np.uint64, copy=False)
 
 
 class UnreadableIndex(Exception):
@@ -188,18 +188,28 @@ def merged(spill: Spill, index: KeyIndex | None, remember: RowBits) -> Iterator[
     """The index after a run, partition by partition: every key the run read replaces what
     it had, with its item hash where ``remember`` has its row, with nothing where not; keys
     the run did not read keep what they had."""
+    remembered = "new" if "new" in (spill.dtype.names or ()) else "item"
     for number, partition in spill.partitions():
         read = partition.sorted("key")
         keep = remember.get_many(partition.sorted("row"))
-        remembered = "new" if "new" in (spill.dtype.names or ()) else "item"
         new_keys, new_items = read[keep], partition.sorted(remembered)[keep]  # sorted
+        # Let the records and their sorted copies go before the old partition is read: at
+        # 100,000,000 rows a partition's arrays are a few MB each, and they add up.
+        del partition, keep
         if index is None:
             yield new_keys, new_items
             continue
         old_keys, old_items = index.partition(number)
-        places = np.minimum(np.searchsorted(read, old_keys), max(len(read) - 1, 0))
-        untouched = read[places] != old_keys if len(read) else np.ones(len(old_keys), bool)
+        if len(read):
+            places = np.searchsorted(read, old_keys)
+            np.minimum(places, len(read) - 1, out=places)
+            untouched = read[places] != old_keys
+            del places
+        else:
+            untouched = np.ones(len(old_keys), bool)
+        del read
         old_keys, old_items = old_keys[untouched], old_items[untouched]
+        del untouched
         # both sorted: merged by inserting the new ones where they belong
         at = np.searchsorted(old_keys, new_keys)
         yield np.insert(old_keys, at, new_keys), np.insert(old_items, at, new_items)

@@ -101,9 +101,13 @@ class Spill:
         self._close()
         for number in range(PARTITIONS):
             path = self.folder / f"{number:03d}"
-            records = np.fromfile(path, self.dtype) if path.exists() else np.empty(0, self.dtype)
-            yield number, Partition(records)
-            del records
+            # The records are the Partition's alone: a consumer that lets it go frees them.
+            yield (
+                number,
+                Partition(
+                    np.fromfile(path, self.dtype) if path.exists() else np.empty(0, self.dtype)
+                ),
+            )
             give_back_memory()
 
     def duplicates(self) -> Duplicates:
