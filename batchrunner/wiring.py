@@ -165,6 +165,20 @@ def locate_output(
     return Path(text)
 
 
+def writable_output(
+    job: Job, started: datetime, run_id: str, store: ObjectStore | None, *, folder: bool = False
+) -> Path | ObjectPath:
+    """Where the run's output goes (``locate_output``), checked writable before any request:
+    a probe object in its bucket (a refused key stops here), or its local folder (``folder``:
+    an output that is itself a folder, as Ray writes one)."""
+    output = locate_output(job, started, run_id, store)
+    if isinstance(output, ObjectPath):
+        output.store.check_writable(output)
+    else:
+        check_writable(output, folder=folder)
+    return output
+
+
 def open_source(job: Job, store: ObjectStore | None = None) -> Source:
     """Open and check the job's input (raises ``InputError`` before anything is sent).
 
@@ -278,11 +292,7 @@ def plan_job(
         sends = list(source.send_columns)
         key = job.input.id_column or "row number"
     now = datetime.now()
-    output = locate_output(job, now, new_run_id(now), store)
-    if isinstance(output, ObjectPath):
-        output.store.check_writable(output)
-    else:
-        check_writable(output, folder=folder_output)
+    output = writable_output(job, now, new_run_id(now), store, folder=folder_output)
     return Plan(
         job=job,
         kind=kind,

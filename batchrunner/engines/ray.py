@@ -63,11 +63,11 @@ from batchrunner.wiring import (
     job_store,
     job_summary,
     kind_of,
-    locate_output,
     new_run_id,
     open_source,
+    writable_output,
 )
-from batchrunner.writing import check_writable, write_json_atomically
+from batchrunner.writing import write_json_atomically
 
 log = logging.getLogger("batchrunner")
 
@@ -130,12 +130,9 @@ def run_on_ray(job: Job, *, actors: int | None = None, resume: bool = True) -> R
     secrets = ActorSecrets(secret_environ(job, os.environ), store)
     started = datetime.now().astimezone()
     run_id = new_run_id(started)
-    output = locate_output(job, started, run_id, store)
-    if isinstance(output, ObjectPath):  # before Ray starts: a refused key stops here
-        output.store.check_writable(output)
-    else:
+    output = writable_output(job, started, run_id, store, folder=True)  # before Ray starts
+    if isinstance(output, Path):
         output = output.absolute()
-        check_writable(output, folder=True)
     paths = StatePaths.for_output(output, job.name, job.run.state_dir)
     state = RayState.of(paths, output, job.name)
     identity = job_identity(job, source.paths, kind=kind)

@@ -65,14 +65,14 @@ from batchrunner.wiring import (
     job_store,
     job_summary,
     kind_of,
-    locate_output,
     make_limiter,
     new_run_id,
     open_source,
     retry_policy,
     service_client,
+    writable_output,
 )
-from batchrunner.writing import check_writable, remove_leftovers
+from batchrunner.writing import remove_leftovers
 from batchrunner.writing import write_json_atomically as write_summary
 
 log = logging.getLogger("batchrunner")
@@ -149,11 +149,7 @@ class Runner:
             self._scrubber = credentials.scrubber()
         started = datetime.now().astimezone()
         run_id = new_run_id(started)
-        output = locate_output(job, started, run_id, store)
-        if isinstance(output, ObjectPath):  # before any request: a refused key stops here
-            output.store.check_writable(output)
-        else:
-            check_writable(output)
+        output = writable_output(job, started, run_id, store)  # before any request
         summary_path = output.with_name(output.name + SUMMARY_SUFFIX)
         paths = StatePaths.for_output(output, job.name, job.run.state_dir)
         identity = job_identity(job, source.paths, kind=kind)
