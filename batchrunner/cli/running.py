@@ -40,6 +40,24 @@ from batchrunner.cli.common import (
 LIVE_REFRESHES_PER_SECOND = 4
 
 
+# The options run and retry share, declared once.
+UrlOption = Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")]
+ConcurrencyOption = Annotated[
+    str | None, typer.Option(help='Requests in flight: a number, or "auto".')
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any setting: --set section.key=value (repeatable)."),
+]
+ProgressIntervalOption = Annotated[
+    float,
+    typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
+]
+LogFormatOption = Annotated[
+    LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
+]
+
+
 @app.command()
 def run(
     job_file: Annotated[
@@ -50,18 +68,13 @@ def run(
         str | None,
         typer.Option(help="Output path: .parquet, .csv or .jsonl ({name} {date} {time} {run_id})."),
     ] = None,
-    url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
-    concurrency: Annotated[
-        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
-    ] = None,
+    url: UrlOption = None,
+    concurrency: ConcurrencyOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per request.")] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Only the first N items (to try a job).")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override any setting: --set section.key=value (repeatable)."),
-    ] = None,
+    set_: SetOption = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Validate, count, show the first request; send nothing."),
@@ -77,13 +90,8 @@ def run(
             "(default: live when stderr is a terminal).",
         ),
     ] = None,
-    progress_interval: Annotated[
-        float,
-        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
-    ] = 10.0,
-    log_format: Annotated[
-        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
-    ] = LogFormat.text,
+    progress_interval: ProgressIntervalOption = 10.0,
+    log_format: LogFormatOption = LogFormat.text,
     engine: Annotated[
         Engine,
         typer.Option(
@@ -248,21 +256,11 @@ def retry(
         str | None,
         typer.Option(help="Write the new output here instead of replacing OUTPUT."),
     ] = None,
-    url: Annotated[str | None, typer.Option(help="Service URL, or embedded:<model>.")] = None,
-    concurrency: Annotated[
-        str | None, typer.Option(help='Requests in flight: a number, or "auto".')
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override any setting: --set section.key=value (repeatable)."),
-    ] = None,
-    progress_interval: Annotated[
-        float,
-        typer.Option("--progress-interval", min=0.01, help="Seconds between progress log lines."),
-    ] = 10.0,
-    log_format: Annotated[
-        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON objects.")
-    ] = LogFormat.text,
+    url: UrlOption = None,
+    concurrency: ConcurrencyOption = None,
+    set_: SetOption = None,
+    progress_interval: ProgressIntervalOption = 10.0,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Send the error rows of OUTPUT again and write a new, complete output: the ok rows as
     they were, the retried rows in their place, in input order. OUTPUT is replaced (whole or
