@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from batchrunner.credentials import open_store, standard_store
 from batchrunner.errors import InputError, did_you_mean
-from batchrunner.formats import OutputFormat, output_format
+from batchrunner.formats import OutputFormat, is_nested, output_format
 from batchrunner.items import STATUS_ERROR
 from batchrunner.keyhash import key_hashes
 from batchrunner.keyspill import Spill
@@ -367,7 +367,7 @@ def count_values(path: OutputPath, field: str) -> FieldCounts:
     try:
         for batch in dataset.to_batches(batch_size=ROWS_PER_READ, columns=[field]):
             column = batch.column(0)
-            if _is_nested(column.type):
+            if is_nested(column.type):
                 counts.update(
                     None if v is None else orjson.dumps(v, default=str).decode()
                     for v in column.to_pylist()
@@ -382,16 +382,6 @@ def count_values(path: OutputPath, field: str) -> FieldCounts:
         raise InputError(f"{path}: cannot read it: {exc}") from None
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0] is None, item[0] or ""))
     return FieldCounts(path=path, field=field, counts=tuple(ordered), rows=dataset.count_rows())
-
-
-def _is_nested(type_: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_list(type_)
-        or pa.types.is_large_list(type_)
-        or pa.types.is_struct(type_)
-        or pa.types.is_map(type_)
-        or pa.types.is_fixed_size_list(type_)
-    )
 
 
 def _as_text(value: Any) -> str:
