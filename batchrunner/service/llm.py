@@ -43,6 +43,7 @@ import orjson
 from aiohttp import web
 
 from batchrunner.service.models import ModelInputError, TextModel
+from batchrunner.service.wire import Refused, json_object
 
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
@@ -218,14 +219,6 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-
-
 def _error(status: int, message: str, param: str | None, headers: dict[str, str]) -> web.Response:
     kind = "rate_limit_exceeded" if status == 429 else "invalid_request_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -249,15 +242,10 @@ def add_openai_routes(
         async def route(request: web.Request) -> web.StreamResponse:
             window.roll()
             try:
-                try:
-                    body = orjson.loads(await request.read())
-                except orjson.JSONDecodeError as exc:
-                    raise _Refused(400, f"the body is not valid JSON: {exc}") from None
-                if not isinstance(body, dict):
-                    raise _Refused(400, "the body must be a JSON object")
+                body = await json_object(request)
                 model = body.get("model")
                 if not isinstance(model, str) or not model:
-                    raise _Refused(400, "you must provide a model parameter", "model")
+                    raise Refused(400, "you must provide a model parameter", "model")
                 answer, prompt, rows = handle(body)
                 if (
                     window.requests + 1 > REQUESTS_PER_MINUTE
@@ -270,7 +258,7 @@ def add_openai_routes(
                         None,
                         {**window.headers(), "retry-after-ms": str(int(wait * 1000))},
                     )
-            except _Refused as exc:
+            except Refused as exc:
                 return _error(exc.status, exc.message, exc.param, window.headers())
             usage = answer["usage"]
             window.requests += 1
@@ -291,7 +279,7 @@ def add_openai_routes(
 def _chat(body: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _Refused(400, "'messages' must be a non-empty list", "messages")
+        raise Refused(400, "'messages' must be a non-empty list", "messages")
     texts: list[str] = []
     for index, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
@@ -306,7 +294,7 @@ def _chat(body: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
             "developer",
             "tool",
         ):
-            raise _Refused(400, f"messages[{index}] needs a role and a text content", "messages")
+            raise Refused(400, f"messages[{index}] needs a role and a text content", "messages")
         texts.append(content)
     # The user's words decide (the system message says what to do, not what it is about).
     user_text = " ".join(
@@ -314,21 +302,21 @@ def _chat(body: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
     )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise _Refused(400, "max_tokens must be a whole number >= 1", "max_tokens")
+        raise Refused(400, "max_tokens must be a whole number >= 1", "max_tokens")
     response_format = body.get("response_format") or {"type": "text"}
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
-            raise _Refused(400, "response_format.json_schema.schema must be an object")
+            raise Refused(400, "response_format.json_schema.schema must be an object")
         content = json.dumps(answer_for_schema(schema, user_text))
     elif kind == "json_object":
         content = json.dumps({"label": classify(user_text)})
     elif kind == "text":
         content = classify(user_text)
     else:
-        raise _Refused(400, f"unknown response_format type {kind!r}", "response_format")
+        raise Refused(400, f"unknown response_format type {kind!r}", "response_format")
     finish = "stop"
     completion = count_tokens(content)
     if max_tokens is not None and completion > max_tokens:
@@ -360,10 +348,10 @@ def _embeddings(body: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
     given = body.get("input")
     texts = [given] if isinstance(given, str) else given
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise _Refused(400, "'input' must be a text or a non-empty list of texts", "input")
+        raise Refused(400, "'input' must be a text or a non-empty list of texts", "input")
     dimensions = body.get("dimensions", DEFAULT_DIMENSIONS)
     if type(dimensions) is not int or not 1 <= dimensions <= MAX_DIMENSIONS:
-        raise _Refused(400, f"dimensions must be from 1 to {MAX_DIMENSIONS}", "dimensions")
+        raise Refused(400, f"dimensions must be from 1 to {MAX_DIMENSIONS}", "dimensions")
     data = [
         {"object": "embedding", "index": index, "embedding": embed(text, dimensions)}
         for index, text in enumerate(texts)

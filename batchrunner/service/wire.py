@@ -45,11 +45,15 @@ PATHS = {
 Rows = Callable[[list[dict[str, Any]]], None]
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+class Refused(Exception):
+    """A request refused with ``status``; ``param`` names the field at fault, where the
+    protocol says (OpenAI's errors)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
 
 
 def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
@@ -68,7 +72,7 @@ def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
                 return render(404, f"Model {given} not found")
             try:
                 return await handler(request)
-            except _Refused as exc:
+            except Refused as exc:
                 return render(exc.status, exc.message)
             except ModelInputError as exc:
                 return render(400, str(exc))
@@ -76,7 +80,7 @@ def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
         return handle
 
     async def oip_infer(request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
+        body = await json_object(request)
         records, fed = _oip_records(body, model)
         results = scored(records)
         outputs = _oip_outputs(results, fed, body.get("outputs"))
@@ -98,10 +102,10 @@ def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
         )
 
     async def kserve_predict(request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
+        body = await json_object(request)
         instances = body.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise _Refused(400, "Expected 'instances' to be a non-empty list")
+            raise Refused(400, "Expected 'instances' to be a non-empty list")
         records = [_record(instance, model, "instances", i) for i, instance in enumerate(instances)]
         return _json(200, {"predictions": _predictions(scored(records), records)})
 
@@ -109,22 +113,22 @@ def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
         return _json(200, {"name": name, "ready": True})
 
     async def mlflow_invocations(request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
+        body = await json_object(request)
         if "dataframe_split" in body:
             frame = body["dataframe_split"]
             columns = frame.get("columns") if isinstance(frame, dict) else None
             data = frame.get("data") if isinstance(frame, dict) else None
             if not isinstance(columns, list) or not isinstance(data, list):
-                raise _Refused(400, "dataframe_split needs 'columns' and 'data' lists")
+                raise Refused(400, "dataframe_split needs 'columns' and 'data' lists")
             records = []
             for row in data:
                 if not isinstance(row, list) or len(row) != len(columns):
-                    raise _Refused(400, "each dataframe_split row needs one value per column")
+                    raise Refused(400, "each dataframe_split row needs one value per column")
                 records.append(dict(zip(columns, row, strict=True)))
         elif isinstance(body.get("dataframe_records"), list):
             records = body["dataframe_records"]
         else:
-            raise _Refused(
+            raise Refused(
                 400,
                 "The input must be a JSON dictionary with exactly one of the input fields "
                 "{'dataframe_split', 'dataframe_records', 'instances', 'inputs'}",
@@ -135,9 +139,9 @@ def add_routes(app: web.Application, model: TextModel, count: Rows) -> None:
         return web.Response(text="\n", content_type="application/json")
 
     async def custom(request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
+        body = await json_object(request)
         if "input" not in body:
-            raise _Refused(400, "the body needs an 'input': a record, a text, or a list")
+            raise Refused(400, "the body needs an 'input': a record, a text, or a list")
         given = body["input"]
         if isinstance(given, list):
             records = [_record(item, model, "input", i) for i, item in enumerate(given)]
@@ -168,13 +172,14 @@ def _error_mlflow(status: int, message: str) -> web.Response:
     return _json(status, {"error_code": code, "message": message})
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's body, a JSON object, or ``Refused`` (400)."""
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
-        raise _Refused(400, f"the body is not valid JSON: {exc}") from None
+        raise Refused(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise _Refused(400, "the body must be a JSON object")
+        raise Refused(400, "the body must be a JSON object")
     return body
 
 
@@ -187,11 +192,11 @@ def _record(value: Any, model: TextModel, where: str, index: int) -> dict[str, A
     if isinstance(value, list):
         names = features or tuple(f"f{i}" for i in range(len(value)))
         if len(value) != len(names):
-            raise _Refused(
+            raise Refused(
                 400, f"{where}[{index}] has {len(value)} values for {len(names)} features"
             )
         return dict(zip(names, value, strict=True))
-    raise _Refused(400, f"{where}[{index}] must be a list of values or an object")
+    raise Refused(400, f"{where}[{index}] must be a list of values or an object")
 
 
 def _predictions(results: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[Any]:
@@ -205,22 +210,22 @@ def _predictions(results: list[dict[str, Any]], records: list[dict[str, Any]]) -
 def _oip_records(body: dict[str, Any], model: TextModel) -> tuple[list[dict[str, Any]], set[str]]:
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise _Refused(400, "'inputs' must be a non-empty list of tensors")
+        raise Refused(400, "'inputs' must be a non-empty list of tensors")
     columns: dict[str, list[Any]] = {}
     rows = None
     for tensor in inputs:
         if not isinstance(tensor, dict):
-            raise _Refused(400, "each input must be a tensor object")
+            raise Refused(400, "each input must be a tensor object")
         name, shape, data = tensor.get("name"), tensor.get("shape"), tensor.get("data")
         if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(data, list):
-            raise _Refused(400, "each input needs a name, a shape and data")
+            raise Refused(400, "each input needs a name, a shape and data")
         if not shape or not all(type(s) is int and s >= 0 for s in shape):
-            raise _Refused(400, f"input {name!r}: invalid shape {shape}")
+            raise Refused(400, f"input {name!r}: invalid shape {shape}")
         flat = _flatten(data)
         if len(flat) != math.prod(shape):
-            raise _Refused(400, f"input {name!r}: {len(flat)} values do not fill its shape {shape}")
+            raise Refused(400, f"input {name!r}: {len(flat)} values do not fill its shape {shape}")
         if rows is not None and shape[0] != rows:
-            raise _Refused(400, f"input {name!r} has {shape[0]} rows, others {rows}")
+            raise Refused(400, f"input {name!r} has {shape[0]} rows, others {rows}")
         rows = shape[0]
         if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1 and len(inputs) > 1):
             columns[name] = flat
@@ -228,7 +233,7 @@ def _oip_records(body: dict[str, Any], model: TextModel) -> tuple[list[dict[str,
         width = math.prod(shape[1:])
         names = model.features or tuple(f"f{i}" for i in range(width))
         if len(names) != width:
-            raise _Refused(
+            raise Refused(
                 400, f"input {name!r} has {width} features; model {model.name} takes {len(names)}"
             )
         for position, feature in enumerate(names):
@@ -259,7 +264,7 @@ def _oip_outputs(
         wanted = [o.get("name") for o in requested if isinstance(o, dict)]
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise _Refused(400, f"unknown output(s) {unknown}; the model has {names}")
+            raise Refused(400, f"unknown output(s) {unknown}; the model has {names}")
         names = [n for n in names if n in wanted]
     outputs = []
     for name in names:
