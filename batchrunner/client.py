@@ -91,7 +91,7 @@ class ServiceClient:
         self._token = token
         self._app_code = app_code
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
-        self._ssl = _ssl_setting(verify_tls, ca_bundle)
+        self._ssl = tls_context(url, verify_tls, ca_bundle)
         self._max_connections = max_connections
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
@@ -228,7 +228,7 @@ async def login(
     ``iam_login``; a TLS failure is fatal.
     """
     client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
-    connector = aiohttp.TCPConnector(ssl=_ssl_setting(verify_tls, ca_bundle))
+    connector = aiohttp.TCPConnector(ssl=tls_context(url, verify_tls, ca_bundle))
     headers = {"User-Agent": USER_AGENT, "Content-Type": IAM_CONTENT_TYPE}
     try:
         async with (
@@ -366,11 +366,27 @@ def _origin(url: str) -> str | None:
     return f"{found.group(1)}://{found.group(2)}".lower() if found else None
 
 
-def _ssl_setting(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext | bool:
+def tls_context(url: str, verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext:
+    """The TLS context of a session to ``url``: always one of ours, never aiohttp's defaults
+    (the console does not even build those: see ``startup.lean_process``).
+
+    Verified, with the system's CAs (or ``ca_bundle``'s), for an https URL; for a plain
+    http URL, verified against no CA at all: no TLS connection is made to it, and nothing
+    is loaded for one (the CA bundle takes ~20 ms to read); were one ever made, no
+    certificate would pass. ``verify_tls = false``: no check.
+    """
+    context: ssl.SSLContext
     if not verify_tls:
-        return False
-    if ca_bundle:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_bundle:
         if not Path(ca_bundle).is_file():
             raise SettingError(f"service.ca_bundle: no such file: {ca_bundle}")
-        return ssl.create_default_context(cafile=ca_bundle)
-    return True
+        context = ssl.create_default_context(cafile=ca_bundle)
+    elif url.lower().startswith("https:"):
+        context = ssl.create_default_context()
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and trusts no CA
+    context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own
+    return context

@@ -17,6 +17,13 @@ it loads, whatever pyarrow is told later; ``wiring.use_lean_memory_pool`` alone 
 mimalloc beside jemalloc, two allocators each keeping what it freed (peak RSS about 200 MB
 instead of 150 on 1,000,000 rows of wide answers).
 
+aiohttp builds two TLS contexts when its connector module is imported, for the sessions
+given none of their own; each reads the system's CA bundle (together ~45 ms on a 2-core
+machine, the largest single cost before the first request). batchrunner's client gives every
+session its own (``client.tls_context``, which reads the bundle only for an https URL), so
+``lean_process`` has aiohttp build those two without reading it: they trust no CA, and a
+session that relied on them would refuse every certificate (fail closed, never open).
+
 ``settle_heap``, also the console's only, takes what start-up made out of the cyclic garbage
 collector's sight once the job is loaded. A run makes few reference cycles, but many
 short-lived containers (a request's rows, an answer's items): they trigger collections, and
@@ -44,6 +51,8 @@ def lean_process(argv: Sequence[str]) -> None:
     if importlib.util.find_spec("dateutil") is None:
         # Marked absent, a failed import is instant (it could not be imported anyway).
         sys.modules.setdefault("dateutil", None)  # type: ignore[arg-type]
+    if "aiohttp.connector" not in sys.modules:
+        sys.meta_path.insert(0, _UnusedTlsDefaults())
     if _on_ray(argv) or "pandas" in sys.modules:
         return
     # A finder first in line that refuses pandas: pyarrow takes the ImportError for "pandas
@@ -84,6 +93,47 @@ class _NoPandas(importlib.abc.MetaPathFinder):
         if fullname == "pandas" or fullname.startswith("pandas."):
             raise ModuleNotFoundError(f"{fullname} is left out of the command's process")
         return None
+
+
+class _UnusedTlsDefaults(importlib.abc.MetaPathFinder):
+    """Finds ``aiohttp.connector`` as usual, and runs it with the CA bundle left unread."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> ModuleSpec | None:
+        if fullname != "aiohttp.connector":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders find it
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and isinstance(spec.loader, importlib.abc.Loader):
+            spec.loader = _WithoutCaBundle(spec.loader)
+        return spec
+
+
+class _WithoutCaBundle(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        import ssl
+
+        def trusting_no_ca(*args: object, **kwargs: object) -> ssl.SSLContext:
+            return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+        create, verify_paths = ssl.create_default_context, ssl.SSLContext.set_default_verify_paths
+        ssl.create_default_context = trusting_no_ca  # type: ignore[assignment]
+        ssl.SSLContext.set_default_verify_paths = lambda self: None  # type: ignore[method-assign]
+        try:
+            self._loader.exec_module(module)
+        finally:
+            ssl.create_default_context = create
+            ssl.SSLContext.set_default_verify_paths = verify_paths  # type: ignore[method-assign]
 
 
 def _on_ray(argv: Sequence[str]) -> bool:

@@ -128,3 +128,22 @@ def test_all_of_arrow_allocates_from_one_lean_pool(tmp_path: Path) -> None:
     command = [sys.executable, "-c", POOLS, str(tmp_path / "t.parquet")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     assert done.stdout.split() == ["jemalloc", "0"], done.stderr
+
+
+TLS_DEFAULTS = """
+import ssl, sys
+from batchrunner.startup import lean_process
+create, paths = ssl.create_default_context, ssl.SSLContext.set_default_verify_paths
+lean_process(["run", "job.toml"])
+import aiohttp.connector as connector
+print(connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"],
+      connector._SSL_CONTEXT_VERIFIED.verify_mode == ssl.CERT_REQUIRED,
+      ssl.create_default_context is create, ssl.SSLContext.set_default_verify_paths is paths)
+"""
+
+
+def test_aiohttps_unused_default_tls_contexts_read_no_ca_bundle() -> None:
+    """They trust nothing (fail closed), and ssl is left as it was for everyone else."""
+    command = [sys.executable, "-c", TLS_DEFAULTS]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert output.split() == ["0", "True", "True", "True"]

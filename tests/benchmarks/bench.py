@@ -45,6 +45,7 @@ class Figures:
     peak_rss_mb: float
     throttled: int
     concurrency: int
+    service_cpu_s: float = float("nan")
 
     def line(self) -> str:
         rows_per_s = self.rows / self.active_s
@@ -55,6 +56,7 @@ class Figures:
             f"  ratio {requests_per_s / limit:5.2f}  wall {self.wall_s:6.2f} s"
             f"  cpu/row {1e6 * self.cpu_s / max(self.rows, 1):7.2f} us"
             f"  rss {self.peak_rss_mb:6.0f} MB  429s {self.throttled}"
+            f"  service {self.service_cpu_s / self.active_s:4.0%} busy"
         )
 
 
@@ -80,6 +82,11 @@ class Service:
         for line in self.process.stdout:
             if b"press Ctrl-C" in line:
                 break
+
+    def cpu_seconds(self) -> float:
+        """The service process's CPU time so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         self.process.terminate()
@@ -264,6 +271,7 @@ def scenario(
     service = Service(model, *serve_options)
     try:
         for contender in contenders:
+            service_cpu = service.cpu_seconds()
             if contender == "batchrunner":
                 figures = run_batchrunner(data, service, size, concurrency, folder, extra or [])
             elif contender == "other":
@@ -283,6 +291,9 @@ def scenario(
                 figures = run_baseline(
                     "requests", "baseline_requests.py", data, service, size, concurrency, folder
                 )
+            # The service's CPU over the contender's whole command: near 100% of a core, the
+            # service (one process) was the bottleneck, not the contender.
+            figures.service_cpu_s = service.cpu_seconds() - service_cpu
             if limit_concurrency is not None:
                 figures.concurrency = limit_concurrency  # the ratio is to the service's limit
             print(figures.line(), flush=True)
