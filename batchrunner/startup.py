@@ -127,7 +127,7 @@ class _WithoutCaBundle(importlib.abc.Loader):
             return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
         create, verify_paths = ssl.create_default_context, ssl.SSLContext.set_default_verify_paths
-        ssl.create_default_context = trusting_no_ca  # type: ignore[assignment]
+        ssl.create_default_context = trusting_no_ca
         ssl.SSLContext.set_default_verify_paths = lambda self: None  # type: ignore[method-assign]
         try:
             self._loader.exec_module(module)
