@@ -8,9 +8,12 @@ serve`` with injected latency), then runs, one after the other, each contender a
 command in a child process: batchrunner, the careful hand-written asyncio script
 (``baseline_asyncio.py``) and the ``requests`` thread pool of the vendor's docs
 (``baseline_requests.py``). It prints, per contender: rows/s, requests/s, the ratio to the
-limit (concurrency / mean latency, the latency the client saw), CPU microseconds per row
+limit (concurrency / mean latency, the latency the client saw), the whole command's wall time
+(start to output written; with the rows/s it makes, end to end), CPU microseconds per row
 (the client's own, the whole command: on a loaded machine, the steadier figure), its peak
-RSS and the requests answered 429. ``--other-tree`` runs another checkout (main's) beside.
+RSS, the requests answered 429, and how busy the service's process was over the active
+window (near 100% of a core: the service, not the contender, set the pace). ``--other-tree``
+runs another checkout (main's) beside.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Figures:
         return (
             f"  {self.contender:<12} {rows_per_s:>11,.0f} rows/s {requests_per_s:>8,.1f} req/s"
             f"  ratio {requests_per_s / limit:5.2f}  wall {self.wall_s:6.2f} s"
+            f" ({self.rows / self.wall_s:>9,.0f} rows/s)"
             f"  cpu/row {1e6 * self.cpu_s / max(self.rows, 1):7.2f} us"
             f"  rss {self.peak_rss_mb:6.0f} MB  429s {self.throttled}"
             f"  service {self.service_cpu_s / self.active_s:4.0%} busy"
