@@ -16,8 +16,10 @@ boto3's paginator (pyarrow's ``get_file_info`` has no paged form: it returns a w
 level at once), each with the size, time and ETag the listing gives.
 
 ``get_object`` reads an object with one GET (Arrow's files ask for the size with a HEAD
-first: two round trips an image). boto3 is the ``s3`` extra; ``boto_client`` is None
-without it.
+first: two round trips an image). ``upload_stream`` puts a file in place whole or not at all
+(boto3's transfer manager: a multipart upload that fails is aborted, where Arrow's stream,
+closed by an exception, completes the parts it has sent). boto3 is the ``s3`` extra;
+``boto_client`` is None without it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Entry", "boto_client", "get_object", "is_boto_error", "local_order", "paged_entries"]
+__all__ = [
+    "Entry",
+    "boto_client",
+    "get_object",
+    "is_boto_error",
+    "local_order",
+    "paged_entries",
+    "upload_stream",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +179,31 @@ def get_object(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
             raise
         raise OSError(str(exc)) from None
     return data
+
+
+UPLOAD_PART = 8 << 20  # bytes a part (and the size from which an upload is multipart)
+UPLOAD_THREADS = 4  # parts sent at once; at most twice as many read ahead in memory
+
+
+def upload_stream(client: Any, source: Any, bucket: str, key: str) -> None:
+    """Put what ``source`` (a binary file) holds at ``key``: one PUT, or a multipart upload
+    completed only when every part is sent; on any failure (the store's, or the source's
+    read) the upload is aborted and nothing is left at ``key``. The client's errors as
+    ``OSError``."""
+    from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
+
+    config = TransferConfig(
+        multipart_threshold=UPLOAD_PART,
+        multipart_chunksize=UPLOAD_PART,
+        max_concurrency=UPLOAD_THREADS,
+    )
+    config.max_in_memory_upload_chunks = 2 * UPLOAD_THREADS
+    try:
+        client.upload_fileobj(source, bucket, key, Config=config)
+    except Exception as exc:
+        if not is_boto_error(exc) and not type(exc).__module__.startswith("s3transfer"):
+            raise
+        raise OSError(str(exc)) from None
 
 
 def is_boto_error(exc: Exception) -> bool:

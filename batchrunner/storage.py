@@ -11,8 +11,9 @@
 - ``walk`` lists a prefix as the local image walk lists a folder: one "folder" (common
   prefix) at a time, depth first, names sorted, never the whole tree up front.
 - ``upload`` puts a finished local file in place as one object: a single PUT, or a
-  multipart upload that the store makes visible only once it is complete, so the object is
-  whole or absent.
+  multipart upload that the store makes visible only once it is complete, and that is
+  aborted when anything fails mid-way (boto3's transfer manager), so the object is whole or
+  absent.
 
 Transient answers of the store (500, 503 SlowDown, a dropped connection) are retried by
 the AWS SDK inside Arrow (its standard retry strategy, ``RETRY_ATTEMPTS`` attempts with
@@ -43,6 +44,7 @@ from batchrunner.listing import (
     is_boto_error,
     local_order,
     paged_entries,
+    upload_stream,
 )
 
 __all__ = [
@@ -251,8 +253,12 @@ class ObjectStore:
         return f"ObjectStore(endpoint={self.endpoint!r}, region={self.region!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Ray ships sources to its workers; the keys travel inside Arrow's own pickle.
-        return (_rebuild, (self.endpoint, self.region, self.virtual, self.filesystem))
+        # Ray ships sources and the actors' secrets to its workers. The store goes with its
+        # options, keys included (as they would inside Arrow's own pickle of its filesystem),
+        # so that a worker fetches an image with one GET (boto3), as here, not with Arrow's
+        # HEAD and GET.
+        state = (self.endpoint, self.region, self.virtual, self.keys_from, self._options)
+        return (_rebuild, state)
 
     @property
     def filesystem(self) -> pafs.S3FileSystem:
@@ -424,14 +430,22 @@ class ObjectStore:
     # -- writing ---------------------------------------------------------------------------
 
     def upload(self, local: Path, target: ObjectPath) -> None:
-        """Put the finished file ``local`` at ``target``, whole or not at all."""
+        """Put the finished file ``local`` at ``target``, whole or not at all.
+
+        With boto3 (the ``s3`` extra), its transfer manager, which aborts a multipart upload
+        that fails, whatever failed. Without it, Arrow's stream: closed by an exception
+        that is not its own (a failed read of ``local``, an interruption), it completes the
+        parts sent so far (it has no abort), so a partial object may be left at
+        ``target``."""
+        client = self.lister()
         try:
-            with (
-                pa.OSFile(str(local), "rb") as source,
-                self.filesystem.open_output_stream(target.location, metadata={}) as sink,
-            ):
-                while chunk := source.read(8 << 20):
-                    sink.write(chunk)
+            with pa.OSFile(str(local), "rb") as source:
+                if client is not None:
+                    upload_stream(client, source, target.bucket, target.key)
+                    return
+                with self.filesystem.open_output_stream(target.location, metadata={}) as sink:
+                    while chunk := source.read(8 << 20):
+                        sink.write(chunk)
         except OSError as exc:
             raise StorageAbort(
                 f"cannot upload the output to {target}: {self.explain(target, exc)}"
@@ -501,11 +515,14 @@ class ObjectStore:
 
 
 def _rebuild(
-    endpoint: str | None, region: str | None, virtual: bool, filesystem: pafs.S3FileSystem
+    endpoint: str | None,
+    region: str | None,
+    virtual: bool,
+    keys_from: str,
+    options: dict[str, Any],
 ) -> ObjectStore:
-    store = ObjectStore(endpoint=endpoint, region=region, virtual=virtual)
-    store._fs = filesystem
-    store.paged = False  # the keys travel inside Arrow's filesystem only
+    store = ObjectStore(endpoint=endpoint, region=region, virtual=virtual, keys_from=keys_from)
+    store._options = dict(options)
     return store
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -178,8 +179,19 @@ def test_a_manifest_of_keys_and_uris(invoke, s3: S3) -> None:
     ]
 
 
-def test_virtual_hosted_addressing(invoke, s3: S3) -> None:
-    # The bucket goes in the host name (OBS requires it): *.localhost resolves to loopback.
+def test_virtual_hosted_addressing(invoke, s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bucket goes in the host name (OBS requires it): *.localhost is loopback (RFC 6761),
+    # as Arrow's curl resolves it; Python's resolver (boto3's: the upload) is told so here.
+    import socket
+
+    resolve = socket.getaddrinfo
+
+    def loopback(host: object, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".localhost"):
+            host = "127.0.0.1"
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback)
     s3.bucket("vhost")
     s3.put("vhost/iris.csv", iris_bytes())
     endpoint = f"http://localhost:{s3.port}"
@@ -317,3 +329,52 @@ def test_threads_fetching_at_once_share_one_client(monkeypatch: pytest.MonkeyPat
     for thread in threads:
         thread.join()
     assert len(made) == 1 and clients == made * 8
+
+
+def test_an_upload_that_fails_mid_way_leaves_nothing_at_the_target(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A multipart upload (three parts and more) whose third read of the local file fails:
+    # nothing at the target (not the parts sent so far, completed), and no upload left
+    # pending on the store (its parts abandoned there, billed).
+    import os
+
+    import pyarrow as pa
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    import batchrunner.storage as storage
+    from batchrunner.storage import StorageAbort
+    from tests.s3 import ACCESS_KEY, SECRET_KEY
+
+    s3.bucket("out")
+    local = Path("big.parquet")
+    local.write_bytes(os.urandom(26 << 20))
+    opened = pa.OSFile
+
+    class FailingRead:
+        def __init__(self, *args: object) -> None:
+            self.file = opened(*args)
+            self.reads = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.file, name)
+
+        def __enter__(self) -> FailingRead:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def read(self, size: int = -1) -> bytes:
+            self.reads += 1
+            if self.reads == 3:
+                raise OSError("Input/output error")
+            return self.file.read(size)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(storage.pa, "OSFile", FailingRead)
+    store = ObjectStore(endpoint=s3.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    with pytest.raises(StorageAbort, match=r"cannot upload the output to s3://out/o\.parquet"):
+        store.upload(local, store.locate("s3://out/o.parquet"))
+    assert s3.keys("out") == []
+    assert not get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"].buckets["out"].multiparts

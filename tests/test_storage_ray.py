@@ -135,3 +135,41 @@ def test_a_table_in_a_bucket_on_ray_gives_the_rows_of_the_local_engine(
         "data/out/local.csv",
         "data/out/local.csv.summary.json",
     ]
+
+
+def test_each_image_object_is_fetched_by_the_actors_with_one_request(
+    invoke, local_ray, s3: S3
+) -> None:
+    # As on the local engine: one GET an image, not a HEAD for its size and then a GET.
+    from tests.s3 import FaultyProxy
+
+    s3.bucket("photos")
+    keys = [f"p{index}/{color}.png" for index in range(2) for color in ("red", "blue")]
+    for key in keys:
+        s3.put(f"photos/in/{key}", image(COLORS[key.split("/")[1][:-4]]))
+    asked: list[tuple[str, str]] = []
+
+    def record(number: int, method: str, path: str) -> None:
+        asked.append((method, path))
+
+    with (
+        FaultyProxy(s3.endpoint, record) as proxy,
+        ThreadedService(ServiceOptions(model="colors", token=TOKEN)) as service,
+    ):
+        write_job(
+            Path("photos.toml"),
+            f'name = "photos"\n[input]\npath = "s3://photos/in/"\n'
+            f'[service]\nurl = "{service.url}"\n[batch]\nconcurrency = 2\n'
+            '[output]\npath = "s3://photos/out/photos.parquet"\n' + storage_section(proxy.endpoint),
+        )
+        result = invoke("run", "photos.toml", "--engine", "ray")
+    assert result.exit_code == 0, result.stderr
+    fetched = sorted(
+        (method, path.removeprefix("/photos/in/"))
+        for method, path in asked
+        if path.endswith(".png")
+    )
+    assert fetched == sorted(("GET", key) for key in keys)
+    assert {
+        row["_key"]: row["predicted_label"] for row in read_object(s3, "photos/out/photos.parquet")
+    } == {key: key.split("/")[1][:-4] for key in keys}

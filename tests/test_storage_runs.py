@@ -7,6 +7,7 @@ import io
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -341,3 +342,64 @@ def test_a_run_killed_mid_way_resumes_into_the_bucket(invoke, s3: S3) -> None:
     clean = invoke("run", "job.toml", "--output", "clean.parquet", "--set", "run.state_dir=s2")
     assert clean.exit_code == 0, clean.stderr
     assert results(rows) == results(pq.read_table("clean.parquet").to_pylist())
+
+
+# -- a large prefix: memory does not grow with the count ------------------------------------
+
+MEASURE_RUN = """
+import gc, sys, time
+import orjson
+import batchrunner
+job = batchrunner.load_job(sys.argv[1])
+samples = []
+def sample(snapshot):
+    # Cheap figures (tracemalloc would make this run three times slower): the interpreter's
+    # allocated blocks and the objects the collector tracks.
+    done = snapshot.rows_ok + snapshot.rows_error
+    samples.append((done, sys.getallocatedblocks(), len(gc.get_objects())))
+report = batchrunner.run(job, resume=False, on_progress=sample, progress_interval=0.2)
+print(orjson.dumps({"samples": samples, "ok": report.rows_ok}).decode())
+"""
+LARGE_PREFIX = 10_000
+
+
+@pytest.mark.slow
+def test_a_run_over_10000_image_objects_holds_flat_memory(s3: S3) -> None:
+    # The issue's 10,000 small image objects, each fetched from the server, sent to the
+    # service and written, in a process of its own (the server keeps this one). Objects are
+    # put straight into the server's store: over HTTP one by one they take a minute.
+    # About 35 s on two cores: moto's GET costs ~1.3 ms of its process, boto3's ~1.3 ms of
+    # the run's, the rest of the run ~1.4 ms an image.
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    s3.bucket("many")
+    backend = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
+    picture = image(COLORS["red"])
+    for index in range(LARGE_PREFIX):
+        backend.put_object("many", f"in/{index // 1000}/photo-{index:05d}.png", picture)
+    write_job(
+        Path("job.toml"),
+        'name = "many"\n[input]\npath = "s3://many/in/"\n[service]\nurl = "embedded:colors"\n'
+        '[batch]\nconcurrency = 8\n[output]\npath = "s3://many/out/many.parquet"\n'
+        + storage_section(s3.endpoint),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_RUN, "job.toml"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    measured = orjson.loads(done.stdout)
+    assert measured["ok"] == LARGE_PREFIX
+    assert pq.read_table(io.BytesIO(s3.get("many/out/many.parquet"))).num_rows == LARGE_PREFIX
+    samples = measured["samples"]
+    early = [s for s in samples if 1_000 <= s[0] <= 3_000]
+    late = [s for s in samples if s[0] >= 6_000]
+    assert early and late, samples
+    # Flat, window against window (medians: a journal's part being written holds ~3% more
+    # for a moment, wherever it falls): within 1% of the ~190,000 objects the collector
+    # tracks (one kept per image would add 4,000 and more), 2% of the ~865,000 blocks.
+    for column, margin in ((1, 1.02), (2, 1.01)):
+        before = statistics.median(s[column] for s in early)
+        assert statistics.median(s[column] for s in late) < before * margin, samples
