@@ -77,12 +77,16 @@ def moto_server() -> Iterator[tuple[str, int]]:
     it), every request handed to S3 straight away: moto's dispatcher finds the service of
     each request by listing moto's ~200 service folders on disk under a lock, about half of
     its time serving a GET (its S3 answers are the same)."""
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
+    try:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+    except ImportError:  # moto's internals moved: its public threaded server, slower
+        yield from _public_moto_server()
+        return
 
     class S3Only(DomainDispatcherApplication):
         def get_application(self, environ: dict[str, object]) -> object:
@@ -103,6 +107,17 @@ def moto_server() -> Iterator[tuple[str, int]]:
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def _public_moto_server() -> Iterator[tuple[str, int]]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield server.get_host_and_port()
+    finally:
+        server.stop()
 
 
 # -- a proxy in front of the server that makes the store misbehave ------------------------
