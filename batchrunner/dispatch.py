@@ -203,7 +203,10 @@ class Dispatcher:
                 try:
                     request = await self._encode(batch)
                 except RequestError as unfit:
-                    # Nothing of this attempt was sent; the same item would fail the same way.
+                    # Nothing of this attempt was sent; the same item would fail the same way,
+                    # and every item would, when the store refused the keys (fatal).
+                    if unfit.fatal:
+                        raise self._gate.bar(fatal_error(unfit)) from None
                     return self._failed(batch, unfit, attempt, last_latency, None, None), unfit
                 if len(request.body) > self._max_request_bytes:
                     too_big = RequestError(

@@ -480,6 +480,13 @@ class ObjectStore:
 
     # -- messages --------------------------------------------------------------------------
 
+    @staticmethod
+    def keys_refused(exc: OSError) -> bool:
+        """Whether the store refused the keys themselves (unknown, wrongly signed with, or
+        expired), not one object's access (``AccessDenied``: its policy or ACL)."""
+        lowered = str(exc).lower()
+        return any(code in lowered for code in _KEYS_REFUSED)
+
     def explain(self, path: ObjectPath, exc: OSError) -> str:
         """What Arrow's error means for ``path``, and what to do; never a key."""
         text = str(exc)
@@ -512,6 +519,16 @@ class ObjectStore:
                 f"{self.endpoint or 'AWS S3'}; check [storage] endpoint and the network"
             )
         return f"{path}: {_scrub(text, self._options)}"
+
+
+# S3's error codes for keys it does not take, whatever the object.
+_KEYS_REFUSED = (
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "expiredtoken",
+    "invalidtoken",
+    "tokenrefreshrequired",
+)
 
 
 def _rebuild(

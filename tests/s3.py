@@ -126,13 +126,20 @@ SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-SLOW_DOWN, DROP = "slowdown", "drop"
+# What a store answers when it does not know the keys (revoked, or expired mid-run).
+KEYS_UNKNOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
+    b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message>"
+    b"</Error>"
+)
+SLOW_DOWN, DROP, REFUSED = "slowdown", "drop", "refused"
 Fault = Callable[[int, str, str], str | None]  # (request number, method, path) -> fault
 
 
 class FaultyProxy:
     """Forwards every request to the S3 server, except those ``fault`` picks: answered with
-    ``503 SlowDown``, or their connection dropped before any answer."""
+    ``503 SlowDown`` or ``403 InvalidAccessKeyId``, or their connection dropped before any
+    answer."""
 
     def __init__(self, target: str, fault: Fault) -> None:
         self.target = target
@@ -190,6 +197,9 @@ class FaultyProxy:
         if fault == SLOW_DOWN:
             self.faults.append(fault)
             return web.Response(status=503, body=SLOWDOWN, content_type="application/xml")
+        if fault == REFUSED:
+            self.faults.append(fault)
+            return web.Response(status=403, body=KEYS_UNKNOWN, content_type="application/xml")
         if fault == DROP:
             self.faults.append(fault)
             assert request.transport is not None

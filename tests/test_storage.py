@@ -378,3 +378,17 @@ def test_an_upload_that_fails_mid_way_leaves_nothing_at_the_target(
         store.upload(local, store.locate("s3://out/o.parquet"))
     assert s3.keys("out") == []
     assert not get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"].buckets["out"].multiparts
+
+
+@pytest.mark.parametrize(
+    ("answer", "refused"),
+    [
+        ("InvalidAccessKeyId: The AWS Access Key Id you provided does not exist", True),
+        ("SignatureDoesNotMatch: The request signature we calculated does not match", True),
+        ("ExpiredToken: The provided token has expired.", True),
+        ("AccessDenied: Access Denied", False),  # this object's policy: its own error row
+        ("NoSuchKey: The specified key does not exist.", False),
+    ],
+)
+def test_keys_refused_or_one_objects_access(answer: str, refused: bool) -> None:
+    assert ObjectStore.keys_refused(OSError(answer)) is refused

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.conftest import write_job
 from tests.s3 import (
     ACCESS_KEY,
     DROP,
+    REFUSED,
     S3,
     SECRET_KEY,
     SLOW_DOWN,
@@ -403,3 +405,47 @@ def test_a_run_over_10000_image_objects_holds_flat_memory(s3: S3) -> None:
     for column, margin in ((1, 1.02), (2, 1.01)):
         before = statistics.median(s[column] for s in early)
         assert statistics.median(s[column] for s in late) < before * margin, samples
+
+
+def test_keys_refused_mid_run_stop_it_with_exit_3_and_a_rerun_resumes(invoke, s3: S3) -> None:
+    # The keys stop working after the 12th image (revoked, or expired): every later image
+    # would fail alike, so the run stops at once, its finished batches kept, rather than
+    # writing an error row per image. (A single object refused with AccessDenied, its ACL,
+    # stays that image's error.)
+    s3.bucket("data")
+    keys = [f"p{i // 10}/{i:02d}.png" for i in range(40)]
+    for index, key in enumerate(keys):
+        s3.put(f"data/in/{key}", image(COLORS["red" if index % 2 else "blue"]))
+    fetched: list[int] = []
+    keys_work_again = False
+
+    def revoked(number: int, method: str, path: str) -> str | None:
+        if method == "GET" and path.endswith(".png") and not keys_work_again:
+            fetched.append(number)
+            return REFUSED if len(fetched) > 12 else None
+        return None
+
+    with FaultyProxy(s3.endpoint, revoked) as proxy:
+        write_job(
+            Path("job.toml"),
+            'name = "j"\n[input]\npath = "s3://data/in/"\n[service]\nurl = "embedded:colors"\n'
+            '[batch]\nconcurrency = 2\n[output]\npath = "s3://data/out/j.parquet"\n'
+            + storage_section(proxy.endpoint),
+        )
+        stopped = invoke("run", "job.toml")
+        first = read_object_table(s3, "data/out/j.parquet")
+        keys_work_again = True
+        resumed = invoke("run", "job.toml")
+    assert stopped.exit_code == 3, stopped.stderr
+    assert "the store refused the credentials" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert len(fetched) < 20  # it stopped, it did not try every image
+    # As any aborted run: the finished rows, the rest not sent (never one error row per
+    # image for keys that no image would have been read with).
+    statuses = Counter((row["_status"], row["_error_kind"]) for row in first)
+    assert set(statuses) == {("ok", None), ("error", "not_sent")}, statuses
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    rows = read_object_table(s3, "data/out/j.parquet")
+    assert [row["_key"] for row in rows] == keys
+    assert all(row["_status"] == "ok" for row in rows)
