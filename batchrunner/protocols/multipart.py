@@ -160,15 +160,16 @@ def _read_object(path: ObjectPath, max_bytes: int) -> bytes:
     except ValueError as exc:
         raise too_large(int(exc.args[0]), max_bytes) from None
     except OSError as exc:
-        error = _unreadable(path.store.explain(path, exc))
         # The keys themselves refused (not this object's access): every object would be,
         # so the run stops, its finished batches kept for a re-run.
-        error.fatal = path.store.keys_refused(exc)
-        raise error from None
+        fatal = path.store.keys_refused(exc)
+        raise _unreadable(path.store.explain(path, exc), fatal=fatal) from None
 
 
-def _unreadable(reason: str) -> RequestError:
-    return RequestError(f"cannot read the file: {reason}", kind=UNREADABLE, retryable=False)
+def _unreadable(reason: str, *, fatal: bool = False) -> RequestError:
+    return RequestError(
+        f"cannot read the file: {reason}", kind=UNREADABLE, retryable=False, fatal=fatal
+    )
 
 
 def too_large(size: int, max_bytes: int) -> RequestError:
